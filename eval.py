@@ -1,0 +1,35 @@
+r"""Evaluates a train.py checkpoint on the validation split at the eval capacity factor.
+
+  python eval.py --workdir=runs/default [--step=1500]
+
+Prints one JSON object and writes it to <workdir>/eval_<step>.json. The run's config is read
+from <workdir>/config.json.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from stmoe_jax import evaluation
+from stmoe_jax.config import ConfigError
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation batches.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value)
+  except (ConfigError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+  print(json.dumps(metrics))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,38 @@
+"""Causal multi-head self-attention with rotary positions.
+
+Einsum letters: B batch, L length, D model dim, H heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stmoe_jax import layers
+from stmoe_jax.config import ModelConfig
+
+
+class CausalSelfAttention(nnx.Module):
+  """Multi-head attention where position t attends to positions <= t: [B, L, D] -> [B, L, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+    init_in = layers.switch_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
+    self.w_q = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
+    self.w_k = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
+    self.w_v = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
+    init_out = layers.switch_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
+    self.w_o = layers.param(rngs, init_out, (H, K, D), ('heads', 'kv', 'embed'))
+    self.rope_max_wavelength = cfg.rope_max_wavelength
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    x_BLD = x_BLD.astype(self.dtype)
+    project = lambda w: jnp.einsum('bld,dhk->blhk', x_BLD, w[...].astype(self.dtype))
+    q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
+    k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
+    v_BLHK = project(self.w_v)
+    # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
+    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+    return jnp.einsum('blhk,hkd->bld', out_BLHK, self.w_o[...].astype(self.dtype))

@@ -1,0 +1,127 @@
+"""Config validation and the one factory from ConfigDict to frozen model configs.
+
+Modules never read the ml_collections config: `model_config(config)` turns it into the frozen
+`ModelConfig`/`MoeConfig` dataclasses they take. `validate(config)` checks every field the
+library reads and raises `ConfigError` with one line naming the field, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field has a value the library cannot use; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts settings; see configs/default.py for what each field means."""
+  enabled: bool = True
+  every: int = 2
+  num_experts: int = 8
+  top_k: int = 2
+  expert_d_ff: int = 512
+  group_size: int = 1024
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  capacity_scaled_by_k: bool = True
+  min_capacity: int = 4
+  renormalize_gates: bool = True
+  router_jitter: float = 0.0
+  aux_loss_coef: float = 1e-2
+  z_loss_coef: float = 1e-3
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether FFN `layer` (0-based) is sparse: every `every`-th layer, counting from 1."""
+    return self.every > 0 and layer % self.every == self.every - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Transformer settings; see configs/default.py for what each field means."""
+  vocab_size: int = 259
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  head_dim: int = 64
+  d_ff: int = 1024
+  activation: str = 'geglu'
+  rope_max_wavelength: float = 10_000
+  init_scale: float = 0.1
+  dtype: str = 'float32'
+  moe: MoeConfig = MoeConfig()
+
+  def ffn_kind(self, layer: int) -> str:
+    """'moe' for a sparse layer, 'dense' otherwise; 'dense_matched' replaces MoE when disabled."""
+    if not self.moe.is_moe_layer(layer):
+      return 'dense'
+    return 'moe' if self.moe.enabled else 'dense_matched'
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.ffn_kind(i) == 'moe' for i in range(self.num_layers))
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Builds the frozen ModelConfig from `config.model` and `config.moe` (validated first)."""
+  validate(config)
+  moe = MoeConfig(**{f.name: config.moe[f.name] for f in dataclasses.fields(MoeConfig)})
+  fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != 'moe']
+  return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe)
+
+
+def _check(ok: bool, field: str, value, expected: str):
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r} is invalid: expected {expected}.')
+
+
+def _positive_ints(section, prefix, names):
+  for name in names:
+    value = section[name]
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+           f'{prefix}.{name}', value, 'a positive integer')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field whose value cannot work.
+
+  Only checks that need no devices or data; batch-vs-mesh checks happen when the mesh is built.
+  """
+  m, moe, opt = config.model, config.moe, config.opt
+  _positive_ints(m, 'model', ['vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim',
+                              'd_ff'])
+  _check(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary pairs)')
+  _check(m.activation in ('gelu', 'geglu'), 'model.activation', m.activation, "'gelu' or 'geglu'")
+  _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
+  _check(m.init_scale > 0, 'model.init_scale', m.init_scale, 'a positive number')
+  _positive_ints(moe, 'moe', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
+  _check(isinstance(moe.every, int) and moe.every >= 0, 'moe.every', moe.every,
+         'an integer >= 0 (0 = no MoE layers)')
+  _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
+         f'at least moe.top_k={moe.top_k}')
+  for name in ('train_capacity_factor', 'eval_capacity_factor'):
+    _check(moe[name] > 0, f'moe.{name}', moe[name], 'a number > 0')
+  _check(0 <= moe.router_jitter < 1, 'moe.router_jitter', moe.router_jitter, 'in [0, 1)')
+  for name in ('aux_loss_coef', 'z_loss_coef'):
+    _check(moe[name] >= 0, f'moe.{name}', moe[name], 'a number >= 0')
+  _positive_ints(config, 'config', ['batch_size', 'num_train_steps', 'log_every_steps',
+                                    'eval_every_steps', 'checkpoint_every_steps',
+                                    'keep_checkpoints'])
+  _positive_ints(config.data, 'data', ['seq_len'])
+  _check(config.eval_batches >= 0, 'eval_batches', config.eval_batches, 'an integer >= 0')
+  tokens = config.batch_size * config.data.seq_len
+  _check(tokens % moe.group_size == 0, 'moe.group_size', moe.group_size,
+         f'a divisor of batch_size * seq_len = {tokens}')
+  _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
+  _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
+  _check(opt.schedule in ('cosine', 'rsqrt'), 'opt.schedule', opt.schedule, "'cosine' or 'rsqrt'")
+  _check(opt.warmup_steps >= 0, 'opt.warmup_steps', opt.warmup_steps, 'an integer >= 0')
+  _check(0 <= opt.final_lr_fraction <= 1, 'opt.final_lr_fraction', opt.final_lr_fraction,
+         'in [0, 1]')
+  _check(opt.grad_clip_norm >= 0, 'opt.grad_clip_norm', opt.grad_clip_norm, 'a number >= 0')
+  _check(math.isfinite(opt.weight_decay) and opt.weight_decay >= 0, 'opt.weight_decay',
+         opt.weight_decay, 'a number >= 0')

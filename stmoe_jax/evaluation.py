@@ -1,0 +1,105 @@
+"""Validation metrics at the eval capacity factor, and the `eval.py` entry point's logic.
+
+bits/byte = total cross-entropy over all target tokens (in bits) / number of byte targets; the
+two specials per document (BOS/EOS) cost bits but are not bytes, so they count against the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from stmoe_jax.config import ModelConfig
+from stmoe_jax.data import tokenizer
+
+
+def eval_step(params, batch, *, graphdef) -> dict:
+  """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
+  and the per-MoE-layer routing stats [M] / [M, E] of `Transformer.__call__`."""
+  model = nnx.merge(graphdef, params)
+  logits_BLV, moe_stats = model(batch['inputs'], train=False)
+  targets_BL, weights_BL = batch['targets'], batch['weights']
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  return {
+      'ce_sum': jnp.sum(ce_BL * weights_BL),
+      'num_tokens': jnp.sum(weights_BL),
+      'num_correct': jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL),
+      'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
+      **moe_stats,
+  }
+
+
+def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
+             cfg: ModelConfig) -> dict:
+  """Runs `run_step` (a jitted `eval_step` with params bound) over `batches` and reduces.
+
+  Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
+  z_loss (summed over MoE layers, as in the train loss), and `moe_layers`: one entry per MoE
+  layer with its transformer `layer` index, `expert_load` (E fractions summing to 1) and
+  `dropped_fraction` (share of token-choices dropped at the eval capacity factor), each
+  averaged over batches.
+  """
+  totals, routing, num_batches = None, None, 0
+  for batch in batches:
+    out = jax.device_get(run_step(batch))
+    sums = {k: float(out[k]) for k in ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes')}
+    stats = {k: np.asarray(out[k], np.float64) for k in
+             ('balance_loss', 'z_loss', 'dropped_fraction', 'expert_load')}
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    routing = stats if routing is None else {k: routing[k] + stats[k] for k in stats}
+    num_batches += 1
+  if not num_batches:
+    raise ValueError('the evaluation split produced no batches')
+  routing = {k: v / num_batches for k, v in routing.items()}
+  moe_layers = [i for i in range(cfg.num_layers) if cfg.ffn_kind(i) == 'moe']
+  return {
+      'loss': totals['ce_sum'] / totals['num_tokens'],
+      'bits_per_byte': totals['ce_sum'] / math.log(2) / max(totals['num_bytes'], 1.0),
+      'accuracy': totals['num_correct'] / totals['num_tokens'],
+      'num_tokens': int(totals['num_tokens']),
+      'balance_loss': float(np.sum(routing['balance_loss'])),
+      'z_loss': float(np.sum(routing['z_loss'])),
+      'moe_layers': [
+          {'layer': layer, 'expert_load': routing['expert_load'][m].round(6).tolist(),
+           'dropped_fraction': float(routing['dropped_fraction'][m])}
+          for m, layer in enumerate(moe_layers)],
+  }
+
+
+def evaluate_workdir(workdir: str, step: int | None = None,
+                     max_batches: int | None = None) -> dict:
+  """Restores `step` (default: the latest) from a train.py workdir and evaluates it.
+
+  The config comes from `workdir/config.json`. Writes `workdir/eval_<step>.json` (process 0)
+  and returns the metrics with `step` added. Raises FileNotFoundError naming the path when the
+  workdir, its config or the checkpoint is missing.
+  """
+  from stmoe_jax import train_lib  # Imported here: train_lib imports this module.
+
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
+  config = train_lib.load_config(workdir)
+  trainer = train_lib.Trainer(config, workdir)
+  steps = trainer.checkpointer.all_steps()
+  ckpt_dir = trainer.checkpointer.directory
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise FileNotFoundError(f'no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}')
+  state, _ = trainer.checkpointer.restore(step, trainer.abstract_state)
+  metrics = {'step': step, **trainer.evaluate(state.params, max_batches)}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
+      json.dump(metrics, f, indent=2)
+  trainer.checkpointer.close()
+  return metrics

@@ -1,0 +1,91 @@
+"""Decoder-only transformer whose every `moe.every`-th FFN is a mixture of experts.
+
+Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> FFN or MoE -> residual), rotary
+positions, untied output head. Einsum letters: B batch, L length, D model dim, V vocabulary,
+M MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stmoe_jax import layers
+from stmoe_jax.attention import CausalSelfAttention
+from stmoe_jax.config import ModelConfig
+from stmoe_jax.experts import Mlp
+from stmoe_jax.moe import MoeLayer
+
+
+class Block(nnx.Module):
+  """One pre-norm transformer layer; its FFN is dense or MoE as `cfg.ffn_kind(layer)` says."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    self.attn = CausalSelfAttention(cfg, rngs=rngs)
+    self.ffn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    kind = cfg.ffn_kind(layer)
+    if kind == 'moe':
+      self.ffn = MoeLayer(cfg, rngs=rngs)
+    else:
+      # 'dense_matched' stands in for an MoE layer at equal active FLOPs: width k * expert width.
+      d_ff = cfg.d_ff if kind == 'dense' else cfg.moe.top_k * cfg.moe.expert_d_ff
+      self.ffn = Mlp(cfg.d_model, d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
+    self.is_moe = kind == 'moe'
+
+  def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None):
+    """Returns ([B, L, D] output, MoE routing stats or None for a dense layer)."""
+    x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+    h_BLD = self.ffn_norm(x_BLD)
+    if self.is_moe:
+      y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng)
+    else:
+      y_BLD, stats = self.ffn(h_BLD), None
+    return x_BLD + y_BLD.astype(x_BLD.dtype), stats
+
+
+class Transformer(nnx.Module):
+  """Byte-level decoder-only language model: tokens [B, L] -> logits [B, L, V] (float32)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0),
+                              (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
+                                (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.num_experts = cfg.moe.num_experts
+
+  def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Forward pass.
+
+    Args:
+      tokens_BL: int32 token ids [B, L].
+      train: training capacity factor and router jitter if True, eval capacity factor if False.
+      rng: PRNG key, needed only when router jitter is on.
+    Returns:
+      (logits_BLV in float32, moe_stats) where moe_stats stacks each MoE layer's
+      `moe.routing_stats`: `balance_loss`, `z_loss`, `dropped_fraction` [M] and
+      `expert_load` [M, E] (M = number of MoE layers, possibly 0).
+    """
+    positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
+    per_layer = []
+    for i, block in enumerate(self.blocks):
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x_BLD, stats = block(x_BLD, positions_BL, train=train, rng=layer_rng)
+      if stats is not None:
+        per_layer.append(stats)
+    x_BLD = self.final_norm(x_BLD)
+    logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.lm_head[...].astype(self.dtype))
+    if per_layer:
+      moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    else:
+      moe_stats = {'balance_loss': jnp.zeros((0,)), 'z_loss': jnp.zeros((0,)),
+                   'dropped_fraction': jnp.zeros((0,)),
+                   'expert_load': jnp.zeros((0, self.num_experts))}
+    return logits_BLV.astype(jnp.float32), moe_stats
