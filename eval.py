@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from stmoe_jax import evaluation
 from stmoe_jax.config import ConfigError
@@ -24,6 +25,7 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
   try:
     metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value)
   except (ConfigError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from stmoe_jax import train_lib
@@ -20,14 +21,33 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and m
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _one_line(error: Exception) -> str:
+  return ' '.join(str(error).replace('\\n', ' ').replace("\\'", '').replace("'", '').split())
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a bad --config.x override reported in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')] or argv[1:]
+    sys.exit(f'error: bad flag among {bad}: {_one_line(e)}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.get('seed')  # A config file that failed to load raises on first use.
+  except OSError as e:
+    sys.exit(f'error: {_one_line(e)}')
+  try:
+    train_lib.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -21,15 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
   data.feature_key = 'text'  # Which string feature of each example to train on.
   data.train_split = 'train'
   data.eval_split = 'validation'
-  data.seq_len = 256  # Tokens (bytes) per training sequence.
+  data.seq_len = 128  # Tokens (bytes) per training sequence.
 
   config.model = model = ml_collections.ConfigDict()
   model.vocab_size = 259  # 256 bytes + pad/bos/eos (stmoe_jax.data.tokenizer).
-  model.d_model = 256
+  model.d_model = 128
   model.num_layers = 4
   model.num_heads = 4
-  model.head_dim = 64
-  model.d_ff = 1024  # Hidden width of the dense FFN layers.
+  model.head_dim = 32
+  model.d_ff = 512  # Hidden width of the dense FFN layers.
   model.activation = 'geglu'  # 'gelu' or 'geglu', for dense FFNs and experts alike.
   model.rope_max_wavelength = 10_000
   model.init_scale = 0.1  # Switch Transformer: truncated normal, std sqrt(init_scale / fan_in).
@@ -40,8 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   moe.every = 2  # Layer i is MoE when i % every == every - 1 (every=2: layers 1, 3, ...).
   moe.num_experts = 8
   moe.top_k = 2  # 1 = Switch, 2 = ST-MoE/GShard.
-  moe.expert_d_ff = 512  # Hidden width of each expert.
-  moe.group_size = 1024  # Tokens per routing group: capacity and balance are computed per group.
+  moe.expert_d_ff = 256  # Hidden width of each expert.
+  moe.group_size = 256  # Tokens per routing group: capacity and balance are computed per group.
+  moe.dispatch = 'scatter'  # 'scatter' (index gather/scatter) or 'einsum' (one-hot masks, GShard).
   moe.train_capacity_factor = 1.25  # ST-MoE: 1.25 in training...
   moe.eval_capacity_factor = 2.0  # ...and 2.0 at evaluation.
   moe.capacity_scaled_by_k = True  # C = CF * k * S / E (MaxText, ST-MoE); False: CF * S / E (flaxformer).
@@ -54,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.opt = opt = ml_collections.ConfigDict()
   opt.name = 'adamw'  # 'adamw' or 'adafactor'.
   opt.lr = 3e-3  # Peak learning rate.
-  opt.warmup_steps = 100
+  opt.warmup_steps = 50
   opt.schedule = 'cosine'  # 'cosine' (to final_lr_fraction * lr) or 'rsqrt' (inverse square root).
   opt.final_lr_fraction = 0.1
   opt.b1 = 0.9
@@ -71,10 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   ]
 
   config.batch_size = 32  # Global batch, in sequences.
-  config.num_train_steps = 1_500
+  config.num_train_steps = 750
   config.log_every_steps = 50
-  config.eval_every_steps = 500
+  config.eval_every_steps = 250
   config.eval_batches = 40  # Validation batches per periodic eval; 0 = the whole split.
-  config.checkpoint_every_steps = 500
+  config.checkpoint_every_steps = 250
   config.keep_checkpoints = 3
   return config

@@ -29,10 +29,10 @@ class CausalSelfAttention(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
     x_BLD = x_BLD.astype(self.dtype)
-    project = lambda w: jnp.einsum('bld,dhk->blhk', x_BLD, w[...].astype(self.dtype))
+    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
     q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
     k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
     v_BLHK = project(self.w_v)
     # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
-    return jnp.einsum('blhk,hkd->bld', out_BLHK, self.w_o[...].astype(self.dtype))
+    return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)

@@ -26,6 +26,7 @@ class MoeConfig:
   top_k: int = 2
   expert_d_ff: int = 512
   group_size: int = 1024
+  dispatch: str = 'scatter'
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   capacity_scaled_by_k: bool = True
@@ -103,6 +104,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'an integer >= 0 (0 = no MoE layers)')
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
          f'at least moe.top_k={moe.top_k}')
+  _check(moe.dispatch in ('einsum', 'scatter'), 'moe.dispatch', moe.dispatch,
+         "'einsum' or 'scatter'")
   for name in ('train_capacity_factor', 'eval_capacity_factor'):
     _check(moe[name] > 0, f'moe.{name}', moe[name], 'a number > 0')
   _check(0 <= moe.router_jitter < 1, 'moe.router_jitter', moe.router_jitter, 'in [0, 1)')
@@ -113,9 +116,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                     'keep_checkpoints'])
   _positive_ints(config.data, 'data', ['seq_len'])
   _check(config.eval_batches >= 0, 'eval_batches', config.eval_batches, 'an integer >= 0')
-  tokens = config.batch_size * config.data.seq_len
-  _check(tokens % moe.group_size == 0, 'moe.group_size', moe.group_size,
-         f'a divisor of batch_size * seq_len = {tokens}')
+  tokens, seq_len = config.batch_size * config.data.seq_len, config.data.seq_len
+  _check(tokens % moe.group_size == 0 and (seq_len % moe.group_size == 0 or
+                                           moe.group_size % seq_len == 0),
+         'moe.group_size', moe.group_size,
+         f'a divisor or multiple of data.seq_len={seq_len} dividing batch_size * seq_len = {tokens}')
   _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
   _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
   _check(opt.schedule in ('cosine', 'rsqrt'), 'opt.schedule', opt.schedule, "'cosine' or 'rsqrt'")

@@ -1,7 +1,8 @@
 """Validation metrics at the eval capacity factor, and the `eval.py` entry point's logic.
 
 bits/byte = total cross-entropy over all target tokens (in bits) / number of byte targets; the
-two specials per document (BOS/EOS) cost bits but are not bytes, so they count against the model.
+EOS target ending each document costs bits but is not a byte, so it counts against the model
+(BOS targets carry weight 0 in evaluation batches: predicting BOS after EOS is trivial).
 """
 
 from __future__ import annotations

@@ -34,11 +34,10 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    h_up = jnp.einsum('...d,df->...f', x, self.w_up[...].astype(self.dtype))
+    h_up = layers.dense(x, self.w_up[...].astype(self.dtype))
     h_gate = (None if self.w_gate is None else
-              jnp.einsum('...d,df->...f', x, self.w_gate[...].astype(self.dtype)))
-    h = activate(h_up, h_gate)
-    return jnp.einsum('...f,fd->...d', h, self.w_down[...].astype(self.dtype))
+              layers.dense(x, self.w_gate[...].astype(self.dtype)))
+    return layers.dense(activate(h_up, h_gate), self.w_down[...].astype(self.dtype))
 
 
 class Experts(nnx.Module):

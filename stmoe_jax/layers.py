@@ -7,6 +7,7 @@ the single rules table in the config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -31,6 +32,20 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None]
   # Not sharded eagerly: the names are logical, and `sharding` places whole states at once.
   return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes),
                    eager_sharding=False)
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """Contracts the last `contract` dims of x with the first `contract` dims of w.
+
+  [..., *w.shape[:contract]] x [*w.shape[:contract], *out] -> [..., *out], computed as one 2-D
+  matmul: XLA:CPU ran the equivalent 3-D einsum (and its weight gradient) 1.7x slower.
+  """
+  lead, inner = x.shape[:x.ndim - contract], w.shape[:contract]
+  if x.shape[x.ndim - contract:] != inner:
+    raise ValueError(f'cannot contract {x.shape} with {w.shape}')
+  out = w.shape[contract:]
+  y = x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)
+  return y.reshape(*lead, *out)
 
 
 class RMSNorm(nnx.Module):

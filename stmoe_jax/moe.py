@@ -1,12 +1,13 @@
 """The sparse MoE layer: route, dispatch, run experts, combine.
 
 Einsum letters: B batch, L length, G routing groups, S tokens per group, K choices per token,
-E experts, C capacity, D model dim.
+E experts, C capacity, X = E*C expert slots, D model dim.
 
 The five steps, each a small function so that dispatch strategies can be swapped:
-  1. group tokens [B, L, D] -> [G, S, D] (capacity and balance are per group, as in ST-MoE);
+  1. `to_groups`: tokens [B, L, D] -> [G, S, D] (capacity and balance are per group, as in
+     ST-MoE), ordered so that capacity competition is causal;
   2. router logits in float32 and `routing.tokens_choose_top_k`;
-  3. `dispatch_einsum`: one-hot [G, S, E, C] masks gather tokens into expert buffers [E, G*C, D];
+  3. `dispatch_einsum`: one-hot [G, S, E*C] masks gather tokens into expert buffers [E, G*C, D];
   4. `experts.Experts` on the buffers;
   5. `combine_einsum`: weighted sum back to [G, S, D]; a dropped choice contributes exactly zero,
      so a token dropped by every choice leaves the block as its residual.
@@ -35,24 +36,95 @@ def dispatch_einsum(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
     capacity: C, slots per expert and group.
   Returns:
     (x_ECD, combine_GSEC): expert inputs [E, G*C, D] (empty slots are zero) and the combine
-    tensor [G, S, E, C] holding each kept choice's gate at its (expert, slot).
+    tensor [G, S, E*C] (flattened (E, C)) holding each kept choice's gate at its slot.
   """
   G, S, D = x_GSD.shape
-  expert_GSKE = jax.nn.one_hot(route.expert_index, num_experts, dtype=jnp.float32)
-  # A dropped choice (position >= C) one-hots to all zeros, so it occupies no slot.
-  slot_GSKC = jax.nn.one_hot(route.position, capacity, dtype=jnp.float32)
-  combine_GSEC = jnp.einsum('gske,gskc,gsk->gsec', expert_GSKE, slot_GSKC, route.gate)
-  dispatch_GSEC = jnp.einsum('gske,gskc->gsec', expert_GSKE, slot_GSKC).astype(x_GSD.dtype)
-  x_GECD = jnp.einsum('gsec,gsd->gecd', dispatch_GSEC, x_GSD)
-  x_ECD = jnp.transpose(x_GECD, (1, 0, 2, 3)).reshape(num_experts, G * capacity, D)
-  return x_ECD, combine_GSEC
+  E, C = num_experts, capacity
+  # Each kept choice owns one of the E*C slots; a dropped choice points past the end, where
+  # one_hot yields an all-zero row, so it occupies no slot and contributes nothing.
+  slot_GSK = _slots(route, E, C)
+  slot_mask_GSKX = jax.nn.one_hot(slot_GSK, E * C, dtype=jnp.float32)
+  dispatch_GSX = jnp.sum(slot_mask_GSKX, axis=2).astype(x_GSD.dtype)
+  combine_GSX = jnp.einsum('gskx,gsk->gsx', slot_mask_GSKX, route.gate)
+  x_GXD = jnp.einsum('gsx,gsd->gxd', dispatch_GSX, x_GSD)
+  x_ECD = jnp.transpose(x_GXD.reshape(G, E, C, D), (1, 0, 2, 3)).reshape(E, G * C, D)
+  return x_ECD, combine_GSX
 
 
-def combine_einsum(y_ECD: jax.Array, combine_GSEC: jax.Array) -> jax.Array:
+def combine_einsum(y_ECD: jax.Array, combine_GSX: jax.Array) -> jax.Array:
   """Weighted sum of expert outputs back to token order: [E, G*C, D] -> [G, S, D]."""
-  G, _, E, C = combine_GSEC.shape
-  y_GECD = jnp.transpose(y_ECD.reshape(E, G, C, -1), (1, 0, 2, 3))
-  return jnp.einsum('gsec,gecd->gsd', combine_GSEC.astype(y_ECD.dtype), y_GECD)
+  G, _, X = combine_GSX.shape
+  E = y_ECD.shape[0]
+  y_GXD = jnp.transpose(y_ECD.reshape(E, G, X // E, -1), (1, 0, 2, 3)).reshape(G, X, -1)
+  return jnp.einsum('gsx,gxd->gsd', combine_GSX.astype(y_ECD.dtype), y_GXD)
+
+
+def to_groups(x_BLD: jax.Array, group_size: int) -> jax.Array:
+  """[B, L, D] -> routing groups [G, S, D] in arrival order, position-major.
+
+  A group is S/L whole sequences (or, when S < L, S consecutive positions of one sequence),
+  ordered by position first: all sequences' token 0, then all token 1, ... Since capacity is
+  first come first served, a token then competes only with tokens at the same or earlier
+  positions, so logits at position t never depend on any token after t, in any sequence.
+  """
+  B, L, D = x_BLD.shape
+  S = group_size
+  if S % L and L % S or (B * L) % S:
+    raise ValueError(f'moe.group_size={S} must divide or be a multiple of seq_len={L}, and '
+                     f'divide the {B * L} tokens of a [{B}, {L}] batch')
+  if S <= L:
+    return x_BLD.reshape(-1, S, D)
+  return jnp.swapaxes(x_BLD.reshape(-1, S // L, L, D), 1, 2).reshape(-1, S, D)
+
+
+def from_groups(y_GSD: jax.Array, shape_BLD: tuple[int, int, int]) -> jax.Array:
+  """Inverse of `to_groups`: [G, S, D] -> [B, L, D]."""
+  B, L, D = shape_BLD
+  G, S, _ = y_GSD.shape
+  if S <= L:
+    return y_GSD.reshape(B, L, D)
+  return jnp.swapaxes(y_GSD.reshape(G, L, S // L, D), 1, 2).reshape(B, L, D)
+
+
+def _slots(route: routing.Routing, num_experts: int, capacity: int) -> jax.Array:
+  """int32 [G, S, K]: flat slot expert * C + position of each kept choice; E*C if dropped."""
+  return jnp.where(route.kept, route.expert_index * capacity + route.position,
+                   num_experts * capacity)
+
+
+def dispatch_scatter(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
+                     capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Gathers tokens into per-expert buffers by index: no [S, E*C] mask, O(S*K) index work.
+
+  Args and buffer layout as `dispatch_einsum`.
+  Returns:
+    (x_ECD, slot_GSK): expert inputs [E, G*C, D] and each choice's flat slot (E*C = dropped),
+    which `combine_scatter` uses to gather the outputs back.
+  """
+  G, S, D = x_GSD.shape
+  E, C = num_experts, capacity
+  K = route.expert_index.shape[-1]
+  slot_GSK = _slots(route, E, C)
+  # token_of_slot[g, x] = the token in slot x, or S (a zero row) for an empty slot. Dropped
+  # choices all write to the extra slot E*C, which is cut off.
+  token_GSK = jnp.broadcast_to(jnp.arange(S)[None, :, None], (G, S, K))
+  token_of_slot_GX = jnp.full((G, E * C + 1), S, jnp.int32)
+  token_of_slot_GX = token_of_slot_GX.at[jnp.arange(G)[:, None, None], slot_GSK].set(token_GSK)
+  x_padded = jnp.concatenate([x_GSD, jnp.zeros((G, 1, D), x_GSD.dtype)], axis=1)
+  x_GXD = jnp.take_along_axis(x_padded, token_of_slot_GX[:, :E * C, None], axis=1)
+  x_ECD = jnp.transpose(x_GXD.reshape(G, E, C, D), (1, 0, 2, 3)).reshape(E, G * C, D)
+  return x_ECD, slot_GSK
+
+
+def combine_scatter(y_ECD: jax.Array, slot_GSK: jax.Array, gate_GSK: jax.Array) -> jax.Array:
+  """Gathers each choice's expert output and sums them with the gates: -> [G, S, D]."""
+  G, S, K = slot_GSK.shape
+  E, _, D = y_ECD.shape
+  y_GXD = jnp.transpose(y_ECD.reshape(E, G, -1, D), (1, 0, 2, 3)).reshape(G, -1, D)
+  y_padded = jnp.concatenate([y_GXD, jnp.zeros((G, 1, D), y_GXD.dtype)], axis=1)
+  y_GSKD = jnp.take_along_axis(y_padded, slot_GSK.reshape(G, S * K, 1), axis=1)
+  y_GSKD = y_GSKD.reshape(G, S, K, D)
+  return jnp.einsum('gskd,gsk->gsd', y_GSKD, gate_GSK.astype(y_GSKD.dtype))
 
 
 def routing_stats(route: routing.Routing) -> dict[str, jax.Array]:
@@ -96,20 +168,21 @@ class MoeLayer(nnx.Module):
 
     `rng` is needed only for router jitter in training.
     """
-    B, L, D = x_BLD.shape
     moe = self.moe
-    if (B * L) % moe.group_size:
-      raise ValueError(f'moe.group_size={moe.group_size} does not divide the {B * L} tokens '
-                       f'of a [{B}, {L}] batch')
-    x_GSD = x_BLD.reshape(-1, moe.group_size, D)
+    x_GSD = to_groups(x_BLD, moe.group_size)
     router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
     if train and moe.router_jitter > 0:
       router_in *= jax.random.uniform(rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
-    logits_GSE = jnp.einsum('gsd,de->gse', router_in, self.router[...])
+    logits_GSE = layers.dense(router_in, self.router[...])
     capacity = self.capacity(train)
     route = routing.tokens_choose_top_k(logits_GSE, top_k=moe.top_k, capacity=capacity,
                                         renormalize=moe.renormalize_gates)
-    x_ECD, combine_GSEC = dispatch_einsum(x_GSD, route, moe.num_experts, capacity)
-    y_GSD = combine_einsum(self.experts(x_ECD), combine_GSEC)
-    return y_GSD.reshape(B, L, D).astype(x_BLD.dtype), routing_stats(route)
+    if moe.dispatch == 'einsum':
+      x_ECD, combine_GSX = dispatch_einsum(x_GSD, route, moe.num_experts, capacity)
+      y_GSD = combine_einsum(self.experts(x_ECD), combine_GSX)
+    else:
+      x_ECD, slot_GSK = dispatch_scatter(x_GSD, route, moe.num_experts, capacity)
+      y_GSD = combine_scatter(self.experts(x_ECD), slot_GSK, route.gate)
+    y_BLD = from_groups(y_GSD, x_BLD.shape)
+    return y_BLD.astype(x_BLD.dtype), routing_stats(route)

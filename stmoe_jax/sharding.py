@@ -74,3 +74,10 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict:
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Sharding of [batch, length] input arrays: batch over the mesh axis of 'batch'."""
   return NamedSharding(mesh, logical_to_spec(('batch', None), rules))
+
+
+def num_shards(mesh: Mesh, spec_entry) -> int:
+  """How many pieces one PartitionSpec entry (None, an axis, or a tuple of axes) cuts a dim into."""
+  axes = () if spec_entry is None else (spec_entry if isinstance(spec_entry, tuple)
+                                        else (spec_entry,))
+  return int(np.prod([mesh.shape[a] for a in axes]))

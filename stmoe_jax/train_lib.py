@@ -140,26 +140,28 @@ class Trainer:
     self.model_cfg = model_config(config)
     self.mesh = sharding.make_mesh(config.mesh)
     rules = config.logical_axis_rules
-    data_shards = self.mesh.shape['data'] * self.mesh.shape['expert']
-    if config.batch_size % max(data_shards, jax.process_count()):
+    self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
+    batch_shards = sharding.num_shards(self.mesh, self.batch_sharding.spec[0])
+    if config.batch_size % max(batch_shards, jax.process_count()):
       raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
-                        f'{data_shards} data shards of mesh {dict(self.mesh.shape)}')
+                        f'{batch_shards} batch shards of mesh {dict(self.mesh.shape)}')
     self.local_batch_size = config.batch_size // jax.process_count()
     self.tx, self.schedule = make_optimizer(config.opt, config.num_train_steps)
     self.graphdef, abstract_params = abstract_model(self.model_cfg)
     param_shardings = sharding.state_shardings(abstract_params, self.mesh, rules)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     abstract = jax.eval_shape(lambda: init_state(self.model_cfg, self.tx, config.seed))
-    # Optimizer moments are sharded like the parameters they track; counters are replicated.
+    # Optimizer moments are sharded like the parameters they track; counters and Adafactor's
+    # factored (lower-rank) moments are replicated.
     opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract.opt_state, param_shardings,
+        self.tx, lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
+        abstract.opt_state, abstract.params, param_shardings,
         transform_non_params=lambda _: replicated)
     self.state_shardings = TrainState(step=replicated, params=param_shardings,
                                       opt_state=opt_shardings, rng=replicated)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_shardings)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
     self._init = jax.jit(functools.partial(init_state, self.model_cfg, self.tx, config.seed),
                          out_shardings=self.state_shardings)
     step_fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
@@ -237,13 +239,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = trainer.init()
   start = int(state.step)
   tokens_per_step = config.batch_size * config.data.seq_len
-  eval_metrics, pending, window = {}, None, []
+  eval_metrics, pending = {}, None
+  window, timed_steps = [], 0
   bar = tqdm.tqdm(range(start, config.num_train_steps), initial=start,
                   total=config.num_train_steps, disable=jax.process_index() != 0,
                   dynamic_ncols=True, unit='step')
   t0 = time.perf_counter()
   for step in bar:
     state, metrics = trainer.train_step(state, trainer.global_batch(next(train_iter)))
+    if step == start:  # Keep compilation out of the throughput numbers.
+      jax.block_until_ready(metrics)
+      t0 = time.perf_counter()
+    else:
+      timed_steps += 1
     # Fetch the previous step's metrics only now, so the host never stalls the device queue.
     if pending is not None:
       window.append(_check_finite(jax.device_get(pending), step - 1))
@@ -253,16 +261,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = None
       elapsed = time.perf_counter() - t0
       summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      summary['tokens_per_sec'] = len(window) * tokens_per_step / elapsed
+      summary['tokens_per_sec'] = timed_steps * tokens_per_step / elapsed
       writer.write(done, 'train', summary)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
-      window, t0 = [], time.perf_counter()
+      window, timed_steps, t0 = [], 0, time.perf_counter()
     if done % config.eval_every_steps == 0 or done == config.num_train_steps:
       eval_metrics = trainer.evaluate(state.params, config.eval_batches or None)
       writer.write(done, 'eval', eval_metrics)
       bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
                 f"{eval_metrics['bits_per_byte']:.3f} bits/byte")
-      t0 = time.perf_counter()
+      timed_steps, t0 = 0, time.perf_counter()
     trainer.checkpointer.save(done, state, train_iter.get_state(),
                               force=done == config.num_train_steps)
   trainer.checkpointer.wait()

@@ -81,7 +81,7 @@ class Transformer(nnx.Module):
       if stats is not None:
         per_layer.append(stats)
     x_BLD = self.final_norm(x_BLD)
-    logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.lm_head[...].astype(self.dtype))
+    logits_BLV = layers.dense(x_BLD, self.lm_head[...].astype(self.dtype))
     if per_layer:
       moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     else:

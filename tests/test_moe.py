@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from stmoe_jax.config import MoeConfig, ModelConfig
-from stmoe_jax.moe import MoeLayer
+from stmoe_jax.moe import MoeLayer, from_groups, to_groups
 from stmoe_jax.transformer import Block
 
 
@@ -43,10 +43,11 @@ def numpy_moe(layer: MoeLayer, x_BLD, k, renormalize):
   return y.reshape(x_BLD.shape)
 
 
+@pytest.mark.parametrize('dispatch', ['einsum', 'scatter'])
 @pytest.mark.parametrize('k,activation,renormalize', [(1, 'gelu', True), (2, 'geglu', True),
                                                       (2, 'gelu', False), (3, 'geglu', True)])
-def test_moe_layer_matches_per_token_loop(k, activation, renormalize):
-  cfg = dataclasses.replace(tiny_cfg(top_k=k, renormalize_gates=renormalize,
+def test_moe_layer_matches_per_token_loop(k, activation, renormalize, dispatch):
+  cfg = dataclasses.replace(tiny_cfg(top_k=k, renormalize_gates=renormalize, dispatch=dispatch,
                                      eval_capacity_factor=8.0), activation=activation)
   layer = MoeLayer(cfg, rngs=nnx.Rngs(k))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, cfg.d_model))
@@ -56,9 +57,10 @@ def test_moe_layer_matches_per_token_loop(k, activation, renormalize):
   np.testing.assert_allclose(np.sum(stats['expert_load']), 1.0, rtol=1e-6)
 
 
-def test_dropped_token_output_is_exactly_zero():
+@pytest.mark.parametrize('dispatch', ['einsum', 'scatter'])
+def test_dropped_token_output_is_exactly_zero(dispatch):
   # Identical tokens all pick the same two experts; capacity 1 keeps only the first token.
-  cfg = tiny_cfg(top_k=2, train_capacity_factor=0.01)
+  cfg = tiny_cfg(top_k=2, train_capacity_factor=0.01, dispatch=dispatch)
   layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
   assert layer.capacity(train=True) == 1
   x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(2), (cfg.d_model,)), (1, 8, 8))
@@ -66,6 +68,30 @@ def test_dropped_token_output_is_exactly_zero():
   assert np.abs(np.asarray(y[0, 0])).sum() > 0
   np.testing.assert_array_equal(np.asarray(y[0, 1:]), 0.0)
   np.testing.assert_allclose(stats['dropped_fraction'], 7 / 8)
+
+
+def test_einsum_and_scatter_agree_under_capacity_limits():
+  # Capacity 0.5x the load: many choices drop; both paths must drop the same ones and give the
+  # same outputs and gradients.
+  cfg = tiny_cfg(top_k=2, train_capacity_factor=0.5, dispatch='einsum')
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 8, cfg.d_model))
+  results = []
+  for dispatch in ('einsum', 'scatter'):
+    layer = MoeLayer(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch)),
+                     rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+      y, stats = nnx.merge(graphdef, params)(x, train=True)
+      return jnp.sum(jnp.sin(y)), stats
+
+    (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, x)
+    results.append((value, stats, grads))
+  (v1, s1, g1), (v2, s2, g2) = results
+  assert float(s1['dropped_fraction']) > 0.2
+  assert float(s1['dropped_fraction']) == float(s2['dropped_fraction'])
+  np.testing.assert_allclose(v1, v2, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
 
 
 def test_block_returns_residual_for_dropped_token():
@@ -80,7 +106,32 @@ def test_block_returns_residual_for_dropped_token():
   assert not np.array_equal(np.asarray(out[0, 0]), np.asarray(after_attention[0, 0]))
 
 
-def test_group_size_must_divide_tokens():
+def test_group_size_must_fit_the_batch():
   layer = MoeLayer(tiny_cfg(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='group_size=8'):
     layer(jnp.zeros((1, 6, 8)), train=False)
+
+
+@pytest.mark.parametrize('group_size', [2, 4, 8, 12])
+def test_groups_are_position_major_and_invertible(group_size):
+  x = jnp.arange(6 * 4 * 2, dtype=jnp.float32).reshape(6, 4, 2)  # B=6, L=4, D=2
+  groups = to_groups(x, group_size)
+  np.testing.assert_array_equal(from_groups(groups, x.shape), x)
+  if group_size > 4:  # Whole sequences per group: position 0 of each, then position 1, ...
+    expected = np.asarray(x[:group_size // 4]).transpose(1, 0, 2).reshape(group_size, 2)
+    np.testing.assert_array_equal(groups[0], expected)
+
+
+def test_router_stays_float32_under_bfloat16_compute():
+  cfg32 = tiny_cfg(eval_capacity_factor=8.0)
+  cfg16 = dataclasses.replace(cfg32, dtype='bfloat16')
+  layer32, layer16 = MoeLayer(cfg32, rngs=nnx.Rngs(0)), MoeLayer(cfg16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, cfg32.d_model))
+  y32, stats32 = layer32(x, train=False)
+  y16, stats16 = layer16(x, train=False)
+  assert y16.dtype == jnp.float32  # Output returns in the input dtype.
+  # Routing is computed in float32 in both: identical choices and identical z-loss bits.
+  assert float(stats16['z_loss']) == float(stats32['z_loss'])
+  np.testing.assert_array_equal(stats16['expert_load'], stats32['expert_load'])
+  np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.02)  # Experts ran in bfloat16.
+  assert not np.array_equal(np.asarray(y16), np.asarray(y32))
