@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   ]
 
   config.batch_size = 32  # Global batch, in sequences.
-  config.num_train_steps = 750
+  config.num_train_steps = 750  # Length of the learning-rate schedule and of the run.
+  config.stop_at_step = 0  # Exit early (after a checkpoint) at this step, e.g. for job slices; 0 = off.
   config.log_every_steps = 50
   config.eval_every_steps = 250
   config.eval_batches = 40  # Validation batches per periodic eval; 0 = the whole split.

@@ -30,6 +30,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether `step` falls on the save interval."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> bool:
     """Saves (asynchronously) if `step` is on the save interval or `force`; True if it saved."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),

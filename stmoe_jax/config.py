@@ -115,6 +115,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                     'eval_every_steps', 'checkpoint_every_steps',
                                     'keep_checkpoints'])
   _positive_ints(config.data, 'data', ['seq_len'])
+  _check(isinstance(config.stop_at_step, int) and config.stop_at_step >= 0, 'stop_at_step',
+         config.stop_at_step, 'an integer >= 0 (0 = run to num_train_steps)')
   _check(config.eval_batches >= 0, 'eval_batches', config.eval_batches, 'an integer >= 0')
   tokens, seq_len = config.batch_size * config.data.seq_len, config.data.seq_len
   _check(tokens % moe.group_size == 0 and (seq_len % moe.group_size == 0 or
@@ -130,3 +132,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(opt.grad_clip_norm >= 0, 'opt.grad_clip_norm', opt.grad_clip_norm, 'a number >= 0')
   _check(math.isfinite(opt.weight_decay) and opt.weight_decay >= 0, 'opt.weight_decay',
          opt.weight_decay, 'a number >= 0')
+
+
+# Fields a resumed run must share with the run that wrote the checkpoint: they fix parameter
+# shapes, optimizer state structure or the data stream. Everything else (steps, capacity
+# factors, learning rate, logging) may change between restarts.
+RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.expert_d_ff',
+                 'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
+                 'data.train_split')
+
+
+def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
+                    where: str) -> None:
+  """Raises ConfigError naming the first RESUME_FIELDS entry where `config` differs from the
+  config `saved` with the checkpoints at `where`."""
+  def flat(node, prefix):
+    if isinstance(node, (dict, ml_collections.ConfigDict)):
+      for key in node.keys():
+        yield from flat(node[key], f'{prefix}.{key}')
+    else:
+      yield prefix, node
+
+  for field in RESUME_FIELDS:
+    section, _, key = field.partition('.')
+    now = config[section][key] if key else config[section]
+    then = saved[section][key] if key else saved[section]
+    for (name, a), (_, b) in zip(flat(now, field), flat(then, field)):
+      if a != b:
+        raise ConfigError(f'config.{name}={a!r} differs from {b!r} in the run saved at {where}; '
+                          'use a new --workdir to train a different model')

@@ -24,16 +24,19 @@ from stmoe_jax.data import tokenizer
 
 def eval_step(params, batch, *, graphdef) -> dict:
   """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
-  and the per-MoE-layer routing stats [M] / [M, E] of `Transformer.__call__`."""
+  num_routed (non-padding inputs) and the per-MoE-layer routing stats [M] / [M, E] of
+  `Transformer.__call__`, which cover non-padding inputs only."""
   model = nnx.merge(graphdef, params)
-  logits_BLV, moe_stats = model(batch['inputs'], train=False)
   targets_BL, weights_BL = batch['targets'], batch['weights']
+  real_BL = batch['inputs'] != tokenizer.PAD_ID
+  logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
   return {
       'ce_sum': jnp.sum(ce_BL * weights_BL),
       'num_tokens': jnp.sum(weights_BL),
       'num_correct': jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL),
       'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
+      'num_routed': jnp.sum(real_BL),
       **moe_stats,
   }
 
@@ -46,20 +49,21 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   z_loss (summed over MoE layers, as in the train loss), and `moe_layers`: one entry per MoE
   layer with its transformer `layer` index, `expert_load` (E fractions summing to 1) and
   `dropped_fraction` (share of token-choices dropped at the eval capacity factor), each
-  averaged over batches.
+  averaged over all real tokens.
   """
-  totals, routing, num_batches = None, None, 0
+  totals, routing = None, None
   for batch in batches:
     out = jax.device_get(run_step(batch))
-    sums = {k: float(out[k]) for k in ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes')}
-    stats = {k: np.asarray(out[k], np.float64) for k in
+    sums = {k: float(out[k]) for k in
+            ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', 'num_routed')}
+    # Routing stats are per-batch means over real tokens: weight them by that count.
+    stats = {k: np.asarray(out[k], np.float64) * sums['num_routed'] for k in
              ('balance_loss', 'z_loss', 'dropped_fraction', 'expert_load')}
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     routing = stats if routing is None else {k: routing[k] + stats[k] for k in stats}
-    num_batches += 1
-  if not num_batches:
-    raise ValueError('the evaluation split produced no batches')
-  routing = {k: v / num_batches for k, v in routing.items()}
+  if totals is None or not totals['num_tokens']:
+    raise ValueError('the evaluation split produced no tokens')
+  routing = {k: v / totals['num_routed'] for k, v in routing.items()}
   moe_layers = [i for i in range(cfg.num_layers) if cfg.ffn_kind(i) == 'moe']
   return {
       'loss': totals['ce_sum'] / totals['num_tokens'],
@@ -88,11 +92,13 @@ def evaluate_workdir(workdir: str, step: int | None = None,
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir!r} does not exist')
   config = train_lib.load_config(workdir)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):  # Check before creating anything.
+    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')
   trainer = train_lib.Trainer(config, workdir)
   steps = trainer.checkpointer.all_steps()
-  ckpt_dir = trainer.checkpointer.directory
   if not steps:
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')
+    raise FileNotFoundError(f'no complete checkpoint in {ckpt_dir}: train first with train.py')
   if step is None:
     step = max(steps)
   elif step not in steps:

@@ -127,19 +127,23 @@ def combine_scatter(y_ECD: jax.Array, slot_GSK: jax.Array, gate_GSK: jax.Array) 
   return jnp.einsum('gskd,gsk->gsd', y_GSKD, gate_GSK.astype(y_GSKD.dtype))
 
 
-def routing_stats(route: routing.Routing) -> dict[str, jax.Array]:
-  """Per-layer losses and telemetry from one routing decision.
+def routing_stats(route: routing.Routing, mask_GS: jax.Array | None = None
+                  ) -> dict[str, jax.Array]:
+  """Per-layer losses and telemetry from one routing decision, over real (unmasked) tokens.
 
   Returns float32 scalars `balance_loss`, `z_loss`, `dropped_fraction` (share of token-choices
   that found their expert full) and `expert_load` [E] (share of token-choices sent to each
   expert, before drops; sums to 1).
   """
-  E = route.probs.shape[-1]
+  G, S, E = route.probs.shape
+  m_GS = jnp.ones((G, S), jnp.float32) if mask_GS is None else mask_GS.astype(jnp.float32)
+  num_choices = jnp.maximum(jnp.sum(m_GS) * route.kept.shape[-1], 1.0)
+  choices_E = jnp.einsum('gske,gs->e', jax.nn.one_hot(route.expert_index, E), m_GS)
   return {
-      'balance_loss': routing.load_balancing_loss(route.probs, route.expert_index),
-      'z_loss': routing.router_z_loss(route.logits),
-      'dropped_fraction': 1.0 - jnp.mean(route.kept.astype(jnp.float32)),
-      'expert_load': jnp.mean(jax.nn.one_hot(route.expert_index, E), axis=(0, 1, 2)),
+      'balance_loss': routing.load_balancing_loss(route.probs, route.expert_index, m_GS),
+      'z_loss': routing.router_z_loss(route.logits, m_GS),
+      'dropped_fraction': 1.0 - jnp.sum(route.kept) / num_choices,
+      'expert_load': choices_E / num_choices,
   }
 
 
@@ -162,14 +166,16 @@ class MoeLayer(nnx.Module):
                                    scaled_by_k=moe.capacity_scaled_by_k,
                                    min_capacity=moe.min_capacity)
 
-  def __call__(self, x_BLD: jax.Array, *, train: bool,
-               rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns the MoE output [B, L, D] and `routing_stats` for this layer.
 
-    `rng` is needed only for router jitter in training.
+    `rng` is needed only for router jitter in training. `mask_BL` (optional, [B, L]) marks real
+    tokens: padding takes no expert capacity, gets a zero output and is left out of the stats.
     """
     moe = self.moe
     x_GSD = to_groups(x_BLD, moe.group_size)
+    mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
     router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
     if train and moe.router_jitter > 0:
       router_in *= jax.random.uniform(rng, router_in.shape, jnp.float32,
@@ -177,7 +183,7 @@ class MoeLayer(nnx.Module):
     logits_GSE = layers.dense(router_in, self.router[...])
     capacity = self.capacity(train)
     route = routing.tokens_choose_top_k(logits_GSE, top_k=moe.top_k, capacity=capacity,
-                                        renormalize=moe.renormalize_gates)
+                                        renormalize=moe.renormalize_gates, mask_GS=mask_GS)
     if moe.dispatch == 'einsum':
       x_ECD, combine_GSX = dispatch_einsum(x_GSD, route, moe.num_experts, capacity)
       y_GSD = combine_einsum(self.experts(x_ECD), combine_GSX)
@@ -185,4 +191,4 @@ class MoeLayer(nnx.Module):
       x_ECD, slot_GSK = dispatch_scatter(x_GSD, route, moe.num_experts, capacity)
       y_GSD = combine_scatter(self.experts(x_ECD), slot_GSK, route.gate)
     y_BLD = from_groups(y_GSD, x_BLD.shape)
-    return y_BLD.astype(x_BLD.dtype), routing_stats(route)
+    return y_BLD.astype(x_BLD.dtype), routing_stats(route, mask_GS)

@@ -53,7 +53,7 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
 
 
 def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
-                        renormalize: bool = True) -> Routing:
+                        renormalize: bool = True, mask_GS: jax.Array | None = None) -> Routing:
   """Each token picks its top-k experts; an expert keeps the first `capacity` that arrive.
 
   Arrival order is token order, and within a token its choices in rank order (token-major, as
@@ -67,6 +67,8 @@ def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
     renormalize: combine weights are the chosen probabilities divided by their sum (mesh-tf,
       ST-MoE, MaxText) rather than raw softmax probabilities (flaxformer). At k=1 the raw
       probability is always used: renormalised it would be 1 and the router would get no gradient.
+    mask_GS: optional bool [G, S]; False marks padding, which takes no capacity and is never
+      dispatched.
   Returns:
     A `Routing` record.
   """
@@ -77,15 +79,18 @@ def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
   if renormalize and top_k > 1:
     gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
   # Token-major arrival order: flatten (S, K) with K minor, count earlier arrivals per expert.
-  choice_mask = jax.nn.one_hot(index_GSK, E, dtype=jnp.int32).reshape(G, S * top_k, E)
+  valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+  choice_GSKE = jax.nn.one_hot(index_GSK, E, dtype=jnp.int32) * valid_GS[:, :, None, None]
+  choice_mask = choice_GSKE.reshape(G, S * top_k, E)
   arrivals_before = jnp.cumsum(choice_mask, axis=1) - choice_mask
   position_GSK = jnp.sum(arrivals_before * choice_mask, axis=-1).reshape(G, S, top_k)
-  kept_GSK = position_GSK < capacity
+  kept_GSK = (position_GSK < capacity) & valid_GS[:, :, None]
   return Routing(expert_index=index_GSK, gate=gate_GSK * kept_GSK, position=position_GSK,
                  kept=kept_GSK, probs=probs_GSE, logits=logits_GSE)
 
 
-def load_balancing_loss(probs_GSE: jax.Array, expert_index_GSK: jax.Array) -> jax.Array:
+def load_balancing_loss(probs_GSE: jax.Array, expert_index_GSK: jax.Array,
+                        mask_GS: jax.Array | None = None) -> jax.Array:
   """Switch Transformer auxiliary loss, E * sum_i f_i * P_i, averaged over groups.
 
   f_i is the fraction of the group's token-choices assigned to expert i (before capacity drops,
@@ -95,24 +100,33 @@ def load_balancing_loss(probs_GSE: jax.Array, expert_index_GSK: jax.Array) -> ja
   Args:
     probs_GSE: float32 router probabilities [G, S, E].
     expert_index_GSK: int32 chosen experts [G, S, K].
+    mask_GS: optional [G, S]; only tokens where it is nonzero count (padding is excluded).
   Returns:
     Scalar float32 loss.
   """
-  E = probs_GSE.shape[-1]
-  f_GE = jnp.mean(jax.nn.one_hot(expert_index_GSK, E, dtype=jnp.float32), axis=(1, 2))
-  p_GE = jnp.mean(probs_GSE, axis=1)
+  G, S, E = probs_GSE.shape
+  K = expert_index_GSK.shape[-1]
+  m_GS = jnp.ones((G, S), jnp.float32) if mask_GS is None else mask_GS.astype(jnp.float32)
+  tokens_G = jnp.maximum(jnp.sum(m_GS, axis=1), 1.0)
+  choices_GE = jnp.einsum('gske,gs->ge', jax.nn.one_hot(expert_index_GSK, E), m_GS)
+  f_GE = choices_GE / (K * tokens_G[:, None])
+  p_GE = jnp.einsum('gse,gs->ge', probs_GSE, m_GS) / tokens_G[:, None]
   return jnp.mean(E * jnp.sum(f_GE * p_GE, axis=-1))
 
 
-def router_z_loss(logits_GSE: jax.Array) -> jax.Array:
+def router_z_loss(logits_GSE: jax.Array, mask_GS: jax.Array | None = None) -> jax.Array:
   """ST-MoE router z-loss, mean over tokens of logsumexp(logits)^2 (ST-MoE eq. 5).
 
   Penalises large router logits, which overflow bfloat16 and destabilise training.
 
   Args:
     logits_GSE: router logits [G, S, E].
+    mask_GS: optional [G, S]; only tokens where it is nonzero count.
   Returns:
     Scalar float32 loss.
   """
-  log_z = jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1)
-  return jnp.mean(log_z**2)
+  log_z_GS = jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1)
+  if mask_GS is None:
+    return jnp.mean(log_z_GS**2)
+  m_GS = mask_GS.astype(jnp.float32)
+  return jnp.sum(log_z_GS**2 * m_GS) / jnp.maximum(jnp.sum(m_GS), 1.0)

@@ -26,8 +26,10 @@ from flax import nnx
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax import sharding
-from stmoe_jax.config import ConfigError, MoeConfig, ModelConfig, model_config, validate
+from stmoe_jax.config import (ConfigError, MoeConfig, ModelConfig, check_resumable, model_config,
+                              validate)
 from stmoe_jax.data import input_pipeline
+from stmoe_jax.data import tokenizer
 from stmoe_jax.metrics import MetricsWriter
 from stmoe_jax.transformer import Transformer
 
@@ -50,7 +52,8 @@ class TrainState:
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int):
   """Linear warmup to `opt.lr`, then cosine decay to `final_lr_fraction * lr` or rsqrt decay."""
-  warmup = optax.linear_schedule(0.0, opt.lr, max(opt.warmup_steps, 1))
+  # Step s of the warmup uses lr * (s + 1) / warmup_steps, so even the first step learns.
+  warmup = lambda s: opt.lr * jnp.minimum(1.0, (s + 1.0) / max(opt.warmup_steps, 1))
   if opt.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(opt.lr, max(num_train_steps - opt.warmup_steps, 1),
                                         alpha=opt.final_lr_fraction)
@@ -67,8 +70,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int):
     base = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
   else:
-    base = optax.adafactor(schedule, weight_decay_rate=opt.weight_decay or None,
-                           weight_decay_mask=decay_mask)
+    # optax adds Adafactor's decay after the learning-rate scaling: scale it by the schedule,
+    # as AdamW does, or weight_decay=0.1 would shrink every matrix by 10% per step.
+    decay = (lambda step: opt.weight_decay * schedule(step)) if opt.weight_decay else None
+    base = optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=decay_mask)
   clip = optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity()
   return optax.chain(clip, base), schedule
 
@@ -94,8 +99,9 @@ def compute_loss(params, graphdef, batch, rng, moe: MoeConfig, *, train: bool = 
   Switch/ST-MoE). Returns (loss, metrics) with float32 scalars.
   """
   model = nnx.merge(graphdef, params)
-  logits_BLV, moe_stats = model(batch['inputs'], train=train, rng=rng)
   weights_BL = batch['weights']
+  real_BL = batch['inputs'] != tokenizer.PAD_ID  # Padding never takes expert capacity.
+  logits_BLV, moe_stats = model(batch['inputs'], train=train, rng=rng, mask_BL=real_BL)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets'])
   num_tokens = jnp.maximum(jnp.sum(weights_BL), 1.0)
   ce = jnp.sum(ce_BL * weights_BL) / num_tokens
@@ -171,9 +177,13 @@ class Trainer:
                               donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(evaluation.eval_step, graphdef=self.graphdef),
                              in_shardings=(param_shardings, self.batch_sharding))
-    self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
-        save_every=config.checkpoint_every_steps)
+
+  @functools.cached_property
+  def checkpointer(self) -> checkpointing.Checkpointer:
+    """Created on first use, so a run refused before that leaves no directory behind."""
+    return checkpointing.Checkpointer(
+        os.path.join(self.workdir, 'checkpoints'), keep=self.config.keep_checkpoints,
+        save_every=self.config.checkpoint_every_steps)
 
   def init(self) -> TrainState:
     return self._init()
@@ -225,23 +235,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
-  save_config(config, workdir)
-  writer = MetricsWriter(workdir)
   train_iter = trainer.train_iterator()
-  # Resume order: arrays (params, optimizer, RNG, step) restored onto this mesh's shardings,
-  # then the data iterator moved to where that step left it.
+  # Resume order: check the config still fits the checkpoint, restore the arrays (params,
+  # optimizer, RNG, step) onto this mesh's shardings, then move the data iterator to where that
+  # step left it. config.json is rewritten only after that, so it always matches the checkpoints.
   latest = trainer.checkpointer.latest_step()
   if latest is not None:
+    check_resumable(config, load_config(workdir), os.path.join(workdir, 'config.json'))
     state, data_state = trainer.checkpointer.restore(latest, trainer.abstract_state)
     train_iter.set_state(data_state)
     print(f'Resumed from {trainer.checkpointer.directory}/{latest}')
   else:
     state = trainer.init()
-  start = int(state.step)
+  save_config(config, workdir)
+  writer = MetricsWriter(workdir)
+  start, end = int(state.step), config.stop_at_step or config.num_train_steps
   tokens_per_step = config.batch_size * config.data.seq_len
   eval_metrics, pending = {}, None
   window, timed_steps = [], 0
-  bar = tqdm.tqdm(range(start, config.num_train_steps), initial=start,
+  bar = tqdm.tqdm(range(start, end), initial=start,
                   total=config.num_train_steps, disable=jax.process_index() != 0,
                   dynamic_ncols=True, unit='step')
   t0 = time.perf_counter()
@@ -271,8 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
                 f"{eval_metrics['bits_per_byte']:.3f} bits/byte")
       timed_steps, t0 = 0, time.perf_counter()
-    trainer.checkpointer.save(done, state, train_iter.get_state(),
-                              force=done == config.num_train_steps)
+    if trainer.checkpointer.should_save(done) or done == end:
+      trainer.checkpointer.save(done, state, train_iter.get_state(), force=True)
   trainer.checkpointer.wait()
   trainer.checkpointer.close()
   return eval_metrics

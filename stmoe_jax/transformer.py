@@ -35,12 +35,12 @@ class Block(nnx.Module):
       self.ffn = Mlp(cfg.d_model, d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
     self.is_moe = kind == 'moe'
 
-  def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None):
+  def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None):
     """Returns ([B, L, D] output, MoE routing stats or None for a dense layer)."""
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
     h_BLD = self.ffn_norm(x_BLD)
     if self.is_moe:
-      y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng)
+      y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng, mask_BL=mask_BL)
     else:
       y_BLD, stats = self.ffn(h_BLD), None
     return x_BLD + y_BLD.astype(x_BLD.dtype), stats
@@ -60,13 +60,16 @@ class Transformer(nnx.Module):
     self.num_experts = cfg.moe.num_experts
 
   def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
-               rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               rng: jax.Array | None = None,
+               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward pass.
 
     Args:
       tokens_BL: int32 token ids [B, L].
       train: training capacity factor and router jitter if True, eval capacity factor if False.
       rng: PRNG key, needed only when router jitter is on.
+      mask_BL: optional [B, L], nonzero for real tokens: padding is never routed to an expert
+        and is left out of the routing stats.
     Returns:
       (logits_BLV in float32, moe_stats) where moe_stats stacks each MoE layer's
       `moe.routing_stats`: `balance_loss`, `z_loss`, `dropped_fraction` [M] and
@@ -77,15 +80,16 @@ class Transformer(nnx.Module):
     per_layer = []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BLD, stats = block(x_BLD, positions_BL, train=train, rng=layer_rng)
+      x_BLD, stats = block(x_BLD, positions_BL, train=train, rng=layer_rng, mask_BL=mask_BL)
       if stats is not None:
         per_layer.append(stats)
-    x_BLD = self.final_norm(x_BLD)
-    logits_BLV = layers.dense(x_BLD, self.lm_head[...].astype(self.dtype))
+    # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
+    x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
+    logits_BLV = layers.dense(x_BLD, self.lm_head[...])
     if per_layer:
       moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     else:
       moe_stats = {'balance_loss': jnp.zeros((0,)), 'z_loss': jnp.zeros((0,)),
                    'dropped_fraction': jnp.zeros((0,)),
                    'expert_load': jnp.zeros((0, self.num_experts))}
-    return logits_BLV.astype(jnp.float32), moe_stats
+    return logits_BLV, moe_stats

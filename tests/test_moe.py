@@ -126,12 +126,29 @@ def test_router_stays_float32_under_bfloat16_compute():
   cfg32 = tiny_cfg(eval_capacity_factor=8.0)
   cfg16 = dataclasses.replace(cfg32, dtype='bfloat16')
   layer32, layer16 = MoeLayer(cfg32, rngs=nnx.Rngs(0)), MoeLayer(cfg16, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, cfg32.d_model))
+  # bfloat16 activations, as the layer sees them inside a bfloat16 model.
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, cfg32.d_model)).astype(jnp.bfloat16)
   y32, stats32 = layer32(x, train=False)
   y16, stats16 = layer16(x, train=False)
-  assert y16.dtype == jnp.float32  # Output returns in the input dtype.
+  assert y16.dtype == jnp.bfloat16
   # Routing is computed in float32 in both: identical choices and identical z-loss bits.
   assert float(stats16['z_loss']) == float(stats32['z_loss'])
   np.testing.assert_array_equal(stats16['expert_load'], stats32['expert_load'])
-  np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.02)  # Experts ran in bfloat16.
-  assert not np.array_equal(np.asarray(y16), np.asarray(y32))
+  y16, y32 = np.asarray(y16, np.float32), np.asarray(y32, np.float32)
+  np.testing.assert_allclose(y16, y32, rtol=0.05, atol=0.02)  # Experts ran in bfloat16...
+  assert not np.array_equal(y16, y32)  # ...so their outputs differ in the last bits.
+
+
+def test_padding_takes_no_capacity_and_is_not_counted():
+  # Identical tokens, top-1, capacity 1: the first real token gets the only slot.
+  cfg = tiny_cfg(top_k=1, train_capacity_factor=0.01)
+  layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
+  x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(6), (cfg.d_model,)), (1, 8, 8))
+  mask = jnp.asarray([[False, False, True, True, True, True, True, True]])
+  y, stats = layer(x, train=True, mask_BL=mask)
+  y = np.asarray(y[0])
+  np.testing.assert_array_equal(y[:2], 0.0)  # Padding is never dispatched.
+  assert np.abs(y[2]).sum() > 0  # The first real token got the slot padding did not take.
+  np.testing.assert_array_equal(y[3:], 0.0)
+  np.testing.assert_allclose(stats['dropped_fraction'], 5 / 6)  # 6 real tokens, 1 kept.
+  np.testing.assert_allclose(np.max(stats['expert_load']), 1.0)

@@ -94,6 +94,18 @@ def test_balance_loss_hand_computed():
   np.testing.assert_allclose(routing.load_balancing_loss(uniform, balanced), 1.0, rtol=1e-6)
 
 
+def test_balance_loss_top2_hand_computed_with_mask():
+  # 3 tokens, 3 experts, top-2; the last token is padding and must not count.
+  probs = jnp.asarray([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.9, 0.05, 0.05]]])
+  index = jnp.asarray([[[0, 1], [1, 2], [0, 1]]])
+  mask = jnp.asarray([[True, True, False]])
+  # Real choices: experts 0, 1, 1, 2 -> f = [1/4, 2/4, 1/4]; P = mean of rows 0, 1 =
+  # [0.3, 0.45, 0.25]; loss = 3 * (0.075 + 0.225 + 0.0625) = 1.0875.
+  np.testing.assert_allclose(routing.load_balancing_loss(probs, index, mask), 1.0875, rtol=1e-6)
+  np.testing.assert_allclose(routing.load_balancing_loss(probs[:, :2], index[:, :2]), 1.0875,
+                             rtol=1e-6)
+
+
 def test_z_loss_hand_computed():
   logits = jnp.asarray([[[0.0, 0.0], [1.0, 2.0]]])
   expected = (math.log(2) ** 2 + math.log(math.e + math.e**2) ** 2) / 2

@@ -51,8 +51,8 @@ def test_learning_rate_schedules():
   opt = tiny.get_config().opt
   opt.update(lr=1.0, warmup_steps=10, final_lr_fraction=0.1, schedule='cosine')
   cosine = train_lib.learning_rate_schedule(opt, num_train_steps=110)
-  np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)],
-                             [0.0, 0.5, 1.0, 0.55, 0.1], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose([cosine(0), cosine(4), cosine(9), cosine(10), cosine(60),
+                              cosine(110)], [0.1, 0.5, 1.0, 1.0, 0.55, 0.1], rtol=1e-5)
   opt.schedule = 'rsqrt'
   rsqrt = train_lib.learning_rate_schedule(opt, num_train_steps=110)
   # After warmup: lr / sqrt(1 + (step - warmup) / warmup).
@@ -63,14 +63,17 @@ def test_learning_rate_schedules():
 def test_adafactor_trains(stdlib_data_dir, tmp_path):
   config = tiny.get_config()
   config.data.data_dir = stdlib_data_dir
-  config.opt.update(name='adafactor', schedule='rsqrt')
+  config.opt.update(name='adafactor', schedule='rsqrt', weight_decay=0.1)
   trainer = train_lib.Trainer(config, str(tmp_path))
   state, data = trainer.init(), trainer.train_iterator()
   batch = trainer.global_batch(next(data))
-  losses = []
-  for _ in range(5):  # Same batch: the loss on it must fall.
+  losses, param_norms = [], []
+  for _ in range(10):  # Same batch: the loss on it must fall.
     state, metrics = trainer.train_step(state, batch)
     losses.append(float(metrics['loss']))
+    param_norms.append(float(metrics['param_norm']))
   # Adafactor scales steps by each parameter's RMS (small under the Switch init): slow but steady.
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
-  assert losses[-1] < losses[0] - 0.03, losses
+  assert losses[-1] < losses[0] - 0.05, losses
+  # Decoupled weight decay is lr-scaled (3e-4 per step here), not 10% of every weight per step.
+  assert param_norms[-1] > 0.95 * param_norms[0], param_norms

@@ -26,6 +26,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from stmoe_jax.config import ConfigError
 from stmoe_jax.data import stdlib_corpus
 from stmoe_jax.data import tokenizer
 
@@ -77,7 +78,12 @@ def get_data_source(
           raise
         builder = stdlib_corpus.StdlibPy(data_dir=data_dir)
   else:
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise FileNotFoundError(
+          f'TFDS dataset {name!r} is neither registered with tensorflow-datasets nor '
+          f'prepared in data_dir={data_dir or "~/tensorflow_datasets"!r}') from e
     if not builder.is_prepared():
       root = os.fspath(builder.data_dir_root)
       raise FileNotFoundError(
@@ -91,6 +97,13 @@ def get_data_source(
         f'{fmt.value}; random access needs array_record: rebuild with '
         f'`tfds build {name} --file_format=array_record`.')
   return builder.as_data_source(split=split)
+
+
+def _check_feature(source, name: str, feature_key: str) -> None:
+  """Refuses a feature key the dataset does not have, before any batch is built."""
+  if len(source) and feature_key not in source[0]:
+    raise ConfigError(f'config.data.feature_key={feature_key!r} is not a feature of {name!r}; '
+                      f'it has {sorted(source[0])}')
 
 
 def _shard(ds: grain.MapDataset, process_index: int, process_count: int):
@@ -211,6 +224,7 @@ def make_train_iterator(
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'Need seq_len, batch_size >= 1: {seq_len}, {batch_size}')
   source = get_data_source(name, split, data_dir)
+  _check_feature(source, name, feature_key)
   ds = _shard(grain.MapDataset.source(source), process_index, process_count)
   if len(ds) == 0:
     raise ValueError(f'Process {process_index} has no documents of {name}.')
@@ -366,6 +380,7 @@ def make_eval_iterator(
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'Need seq_len, batch_size >= 1: {seq_len}, {batch_size}')
   source = get_data_source(name, split, data_dir)
+  _check_feature(source, name, feature_key)
   return EvalIterable(source, feature_key=feature_key, seq_len=seq_len,
                       batch_size=batch_size, process_index=process_index,
                       process_count=process_count, max_batches=max_batches)
