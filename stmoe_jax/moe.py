@@ -7,10 +7,13 @@ The five steps, each a small function so that dispatch strategies can be swapped
   1. `to_groups`: tokens [B, L, D] -> [G, S, D] (capacity and balance are per group, as in
      ST-MoE), ordered so that capacity competition is causal;
   2. router logits in float32 and `routing.tokens_choose_top_k`;
-  3. `dispatch_einsum`: one-hot [G, S, E*C] masks gather tokens into expert buffers [E, G*C, D];
+  3. dispatch into expert buffers [E, G*C, D], by `moe.dispatch`: `dispatch_scatter` (index
+     gather, the default: O(S*K) index work) or `dispatch_einsum` (GShard one-hot [G, S, E*C]
+     masks, matmul-only, but its cost grows with S*E*C);
   4. `experts.Experts` on the buffers;
-  5. `combine_einsum`: weighted sum back to [G, S, D]; a dropped choice contributes exactly zero,
-     so a token dropped by every choice leaves the block as its residual.
+  5. `combine_scatter` / `combine_einsum`: gate-weighted sum back to [G, S, D]; a dropped choice
+     contributes exactly zero, so a token dropped by every choice leaves the block as its
+     residual.
 """
 
 from __future__ import annotations
@@ -23,40 +26,6 @@ from stmoe_jax import layers
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Experts
-
-
-def dispatch_einsum(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
-                    capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Gathers tokens into per-expert buffers with one-hot masks (the GShard/TPU form).
-
-  Args:
-    x_GSD: tokens [G, S, D].
-    route: routing record with [G, S, K] fields.
-    num_experts: E.
-    capacity: C, slots per expert and group.
-  Returns:
-    (x_ECD, combine_GSEC): expert inputs [E, G*C, D] (empty slots are zero) and the combine
-    tensor [G, S, E*C] (flattened (E, C)) holding each kept choice's gate at its slot.
-  """
-  G, S, D = x_GSD.shape
-  E, C = num_experts, capacity
-  # Each kept choice owns one of the E*C slots; a dropped choice points past the end, where
-  # one_hot yields an all-zero row, so it occupies no slot and contributes nothing.
-  slot_GSK = _slots(route, E, C)
-  slot_mask_GSKX = jax.nn.one_hot(slot_GSK, E * C, dtype=jnp.float32)
-  dispatch_GSX = jnp.sum(slot_mask_GSKX, axis=2).astype(x_GSD.dtype)
-  combine_GSX = jnp.einsum('gskx,gsk->gsx', slot_mask_GSKX, route.gate)
-  x_GXD = jnp.einsum('gsx,gsd->gxd', dispatch_GSX, x_GSD)
-  x_ECD = jnp.transpose(x_GXD.reshape(G, E, C, D), (1, 0, 2, 3)).reshape(E, G * C, D)
-  return x_ECD, combine_GSX
-
-
-def combine_einsum(y_ECD: jax.Array, combine_GSX: jax.Array) -> jax.Array:
-  """Weighted sum of expert outputs back to token order: [E, G*C, D] -> [G, S, D]."""
-  G, _, X = combine_GSX.shape
-  E = y_ECD.shape[0]
-  y_GXD = jnp.transpose(y_ECD.reshape(E, G, X // E, -1), (1, 0, 2, 3)).reshape(G, X, -1)
-  return jnp.einsum('gsx,gxd->gsd', combine_GSX.astype(y_ECD.dtype), y_GXD)
 
 
 def to_groups(x_BLD: jax.Array, group_size: int) -> jax.Array:
@@ -90,6 +59,40 @@ def _slots(route: routing.Routing, num_experts: int, capacity: int) -> jax.Array
   """int32 [G, S, K]: flat slot expert * C + position of each kept choice; E*C if dropped."""
   return jnp.where(route.kept, route.expert_index * capacity + route.position,
                    num_experts * capacity)
+
+
+def dispatch_einsum(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
+                    capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Gathers tokens into per-expert buffers with one-hot masks (the GShard/TPU form).
+
+  Args:
+    x_GSD: tokens [G, S, D].
+    route: routing record with [G, S, K] fields.
+    num_experts: E.
+    capacity: C, slots per expert and group.
+  Returns:
+    (x_ECD, combine_GSX): expert inputs [E, G*C, D] (empty slots are zero) and the combine
+    tensor [G, S, E*C] (flattened (E, C)) holding each kept choice's gate at its slot.
+  """
+  G, S, D = x_GSD.shape
+  E, C = num_experts, capacity
+  # Each kept choice owns one of the E*C slots; a dropped choice points past the end, where
+  # one_hot yields an all-zero row, so it occupies no slot and contributes nothing.
+  slot_GSK = _slots(route, E, C)
+  slot_mask_GSKX = jax.nn.one_hot(slot_GSK, E * C, dtype=jnp.float32)
+  dispatch_GSX = jnp.sum(slot_mask_GSKX, axis=2).astype(x_GSD.dtype)
+  combine_GSX = jnp.einsum('gskx,gsk->gsx', slot_mask_GSKX, route.gate)
+  x_GXD = jnp.einsum('gsx,gsd->gxd', dispatch_GSX, x_GSD)
+  x_ECD = jnp.transpose(x_GXD.reshape(G, E, C, D), (1, 0, 2, 3)).reshape(E, G * C, D)
+  return x_ECD, combine_GSX
+
+
+def combine_einsum(y_ECD: jax.Array, combine_GSX: jax.Array) -> jax.Array:
+  """Weighted sum of expert outputs back to token order: [E, G*C, D] -> [G, S, D]."""
+  G, _, X = combine_GSX.shape
+  E = y_ECD.shape[0]
+  y_GXD = jnp.transpose(y_ECD.reshape(E, G, X // E, -1), (1, 0, 2, 3)).reshape(G, X, -1)
+  return jnp.einsum('gsx,gxd->gsd', combine_GSX.astype(y_ECD.dtype), y_GXD)
 
 
 def dispatch_scatter(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
