@@ -92,7 +92,7 @@ def init_state(cfg: ModelConfig, tx, seed: int) -> TrainState:
                     rng=rng)
 
 
-def compute_loss(params, graphdef, batch, rng, moe: MoeConfig, *, train: bool = True):
+def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
   """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z, averaged over target tokens.
 
   Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
@@ -101,7 +101,7 @@ def compute_loss(params, graphdef, batch, rng, moe: MoeConfig, *, train: bool = 
   model = nnx.merge(graphdef, params)
   weights_BL = batch['weights']
   real_BL = batch['inputs'] != tokenizer.PAD_ID  # Padding never takes expert capacity.
-  logits_BLV, moe_stats = model(batch['inputs'], train=train, rng=rng, mask_BL=real_BL)
+  logits_BLV, moe_stats = model(batch['inputs'], train=True, rng=rng, mask_BL=real_BL)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets'])
   num_tokens = jnp.maximum(jnp.sum(weights_BL), 1.0)
   ce = jnp.sum(ce_BL * weights_BL) / num_tokens
@@ -168,7 +168,8 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_shardings)
-    self._init = jax.jit(functools.partial(init_state, self.model_cfg, self.tx, config.seed),
+    # init() -> TrainState: fresh state, created directly in its shardings.
+    self.init = jax.jit(functools.partial(init_state, self.model_cfg, self.tx, config.seed),
                          out_shardings=self.state_shardings)
     step_fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
                                 schedule=self.schedule, moe=self.model_cfg.moe)
@@ -184,9 +185,6 @@ class Trainer:
     return checkpointing.Checkpointer(
         os.path.join(self.workdir, 'checkpoints'), keep=self.config.keep_checkpoints,
         save_every=self.config.checkpoint_every_steps)
-
-  def init(self) -> TrainState:
-    return self._init()
 
   def global_batch(self, local_batch: dict) -> dict:
     """This process's numpy batch -> global jax arrays sharded over the batch axis."""
