@@ -1,6 +1,7 @@
 r"""Evaluates a train.py checkpoint on the validation split at the eval capacity factor.
 
   python eval.py --workdir=runs/default [--step=1500]
+  python eval.py --workdir=runs/default --eval_capacity_factors=1.0,1.25,2.0,dropless
 
 Prints one JSON object and writes it to <workdir>/eval_<step>.json. The run's config is read
 from <workdir>/config.json.
@@ -19,6 +20,9 @@ from stmoe_jax.config import ConfigError
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation batches.')
+_CAPACITY_FACTORS = flags.DEFINE_string(
+    'eval_capacity_factors', '', "Also evaluate at these capacity factors, e.g. "
+    "'1.0,1.25,2.0,dropless' (ST-MoE: eval capacity is a free lever).")
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -27,8 +31,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
   try:
-    metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value)
-  except (ConfigError, FileNotFoundError) as e:
+    factors = (evaluation.parse_capacity_factors(_CAPACITY_FACTORS.value)
+               if _CAPACITY_FACTORS.value else ())
+    metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
+                                          factors)
+  except (ConfigError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(metrics))
 

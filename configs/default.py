@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_heads = 4
   model.head_dim = 32
   model.d_ff = 512  # Hidden width of the dense FFN layers.
-  model.activation = 'geglu'  # 'gelu' or 'geglu', for dense FFNs and experts alike.
+  model.activation = 'geglu'  # 'gelu', 'geglu' or 'geglu_mult_bias' (ST-MoE), for dense FFNs and experts.
   model.rope_max_wavelength = 10_000
   model.init_scale = 0.1  # Switch Transformer: truncated normal, std sqrt(init_scale / fan_in).
   model.dtype = 'float32'  # Activation/compute dtype: 'float32' or 'bfloat16'. Router is float32.
@@ -43,13 +43,21 @@ def get_config() -> ml_collections.ConfigDict:
   moe.top_k = 2  # 1 = Switch, 2 = ST-MoE/GShard.
   moe.expert_d_ff = 256  # Hidden width of each expert.
   moe.group_size = 256  # Tokens per routing group: capacity and balance are computed per group.
-  moe.dispatch = 'scatter'  # 'scatter' (index gather/scatter) or 'einsum' (one-hot masks, GShard).
+  moe.router = 'tokens_choose'  # Each token picks top_k experts. 'expert_choice' is non-causal: refused here.
+  moe.dispatch = 'scatter'  # 'scatter' (index gather), 'einsum' (one-hot masks, GShard) or 'dropless' (ragged_dot).
   moe.train_capacity_factor = 1.25  # ST-MoE: 1.25 in training...
-  moe.eval_capacity_factor = 2.0  # ...and 2.0 at evaluation.
+  moe.eval_capacity_factor = 2.0  # ...and 2.0 at evaluation. Both ignored by 'dropless'.
   moe.capacity_scaled_by_k = True  # C = CF * k * S / E (MaxText, ST-MoE); False: CF * S / E (flaxformer).
   moe.min_capacity = 4  # Floor on per-expert capacity, so tiny groups still route.
   moe.renormalize_gates = True  # Combine weights renormalised over the chosen k (no effect at k=1).
+  moe.second_expert_threshold = 0.0  # ST-MoE policy: route choice 2..k w.p. min(1, gate/threshold) (0.2); 0 = always.
+  moe.batch_prioritized_routing = False  # Capacity to the most confident tokens first; non-causal: refused here.
   moe.router_jitter = 0.0  # Multiplicative uniform jitter on router inputs in training (Switch); 0 = off.
+  moe.bias_balancer_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing bias step (1e-3); 0 = off.
+  moe.num_shared_experts = 0  # Experts every token passes through, added to the routed output.
+  moe.shared_expert_d_ff = 0  # Hidden width of each shared expert; 0 = expert_d_ff.
+  moe.expert_dropout = 0.0  # Dropout on expert hidden units in training (Switch fine-tuning: 0.4).
+  moe.extra_dense_ffn = 'none'  # ST-MoE sparse-dense stacking: 'before' or 'after' each MoE FFN, or 'none'.
   moe.aux_loss_coef = 1e-2  # Switch load-balancing loss weight.
   moe.z_loss_coef = 1e-3  # ST-MoE router z-loss weight.
 

@@ -26,15 +26,28 @@ class MoeConfig:
   top_k: int = 2
   expert_d_ff: int = 512
   group_size: int = 1024
+  router: str = 'tokens_choose'
   dispatch: str = 'scatter'
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   capacity_scaled_by_k: bool = True
   min_capacity: int = 4
   renormalize_gates: bool = True
+  second_expert_threshold: float = 0.0
+  batch_prioritized_routing: bool = False
   router_jitter: float = 0.0
+  bias_balancer_rate: float = 0.0
+  num_shared_experts: int = 0
+  shared_expert_d_ff: int = 0
+  expert_dropout: float = 0.0
+  extra_dense_ffn: str = 'none'
   aux_loss_coef: float = 1e-2
   z_loss_coef: float = 1e-3
+
+  @property
+  def shared_d_ff(self) -> int:
+    """Hidden width of each shared expert (`shared_expert_d_ff`, 0 = `expert_d_ff`)."""
+    return self.shared_expert_d_ff or self.expert_d_ff
 
   def is_moe_layer(self, layer: int) -> bool:
     """Whether FFN `layer` (0-based) is sparse: every `every`-th layer, counting from 1."""
@@ -75,6 +88,16 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe)
 
 
+ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
+ROUTERS = ('tokens_choose', 'expert_choice')
+DISPATCHES = ('einsum', 'scatter', 'dropless')
+EXTRA_DENSE_FFN = ('none', 'before', 'after')
+
+
+def _one_of(options) -> str:
+  return 'one of ' + ', '.join(repr(o) for o in options)
+
+
 def _check(ok: bool, field: str, value, expected: str):
   if not ok:
     raise ConfigError(f'config.{field}={value!r} is invalid: expected {expected}.')
@@ -96,7 +119,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_ints(m, 'model', ['vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim',
                               'd_ff'])
   _check(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary pairs)')
-  _check(m.activation in ('gelu', 'geglu'), 'model.activation', m.activation, "'gelu' or 'geglu'")
+  _check(m.activation in ACTIVATIONS, 'model.activation', m.activation, _one_of(ACTIVATIONS))
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
   _check(m.init_scale > 0, 'model.init_scale', m.init_scale, 'a positive number')
   _positive_ints(moe, 'moe', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
@@ -104,8 +127,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'an integer >= 0 (0 = no MoE layers)')
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
          f'at least moe.top_k={moe.top_k}')
-  _check(moe.dispatch in ('einsum', 'scatter'), 'moe.dispatch', moe.dispatch,
-         "'einsum' or 'scatter'")
+  _check(moe.router in ROUTERS, 'moe.router', moe.router, _one_of(ROUTERS))
+  _check(moe.dispatch in DISPATCHES, 'moe.dispatch', moe.dispatch, _one_of(DISPATCHES))
+  # The decoder is causal: a router that ranks a group's tokens against each other would let a
+  # token's output depend on later tokens (and leak them into next-token prediction).
+  _check(moe.router == 'tokens_choose', 'moe.router', moe.router,
+         "'tokens_choose' in this causal decoder (expert_choice sees later tokens of the group; "
+         'MoeLayer(causal=False) allows it for non-causal use)')
+  _check(not moe.batch_prioritized_routing, 'moe.batch_prioritized_routing',
+         moe.batch_prioritized_routing,
+         'False in this causal decoder (it ranks tokens by confidence across the whole group; '
+         'MoeLayer(causal=False) allows it for non-causal use)')
+  _check(0 <= moe.second_expert_threshold < 1, 'moe.second_expert_threshold',
+         moe.second_expert_threshold, 'in [0, 1) (0 = always route all k choices; ST-MoE: 0.2)')
+  _check(moe.bias_balancer_rate >= 0, 'moe.bias_balancer_rate', moe.bias_balancer_rate,
+         'a number >= 0 (0 = off; DeepSeek-V3: 1e-3)')
+  _check(0 <= moe.expert_dropout < 1, 'moe.expert_dropout', moe.expert_dropout, 'in [0, 1)')
+  for name in ('num_shared_experts', 'shared_expert_d_ff'):
+    _check(isinstance(moe[name], int) and not isinstance(moe[name], bool) and moe[name] >= 0,
+           f'moe.{name}', moe[name], 'an integer >= 0')
+  _check(moe.extra_dense_ffn in EXTRA_DENSE_FFN, 'moe.extra_dense_ffn', moe.extra_dense_ffn,
+         _one_of(EXTRA_DENSE_FFN))
   for name in ('train_capacity_factor', 'eval_capacity_factor'):
     _check(moe[name] > 0, f'moe.{name}', moe[name], 'a number > 0')
   _check(0 <= moe.router_jitter < 1, 'moe.router_jitter', moe.router_jitter, 'in [0, 1)')
@@ -138,6 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # shapes, optimizer state structure or the data stream. Everything else (steps, capacity
 # factors, learning rate, logging) may change between restarts.
 RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.expert_d_ff',
+                 'moe.num_shared_experts', 'moe.shared_expert_d_ff', 'moe.extra_dense_ffn',
                  'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
                  'data.train_split')
 

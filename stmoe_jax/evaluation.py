@@ -7,10 +7,11 @@ EOS target ending each document costs bits but is not a byte, so it counts again
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,11 @@ from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import tokenizer
 
 
-def eval_step(params, batch, *, graphdef) -> dict:
+def eval_step(params, buffers, batch, *, graphdef) -> dict:
   """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
-  num_routed (non-padding inputs) and the per-MoE-layer routing stats [M] / [M, E] of
+  num_routed (non-padding inputs) and the per-MoE-layer routing stats [M, ...] of
   `Transformer.__call__`, which cover non-padding inputs only."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, buffers)
   targets_BL, weights_BL = batch['targets'], batch['weights']
   real_BL = batch['inputs'] != tokenizer.PAD_ID
   logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
@@ -46,10 +47,12 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   """Runs `run_step` (a jitted `eval_step` with params bound) over `batches` and reduces.
 
   Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
-  z_loss (summed over MoE layers, as in the train loss), and `moe_layers`: one entry per MoE
-  layer with its transformer `layer` index, `expert_load` (E fractions summing to 1) and
-  `dropped_fraction` (share of token-choices dropped at the eval capacity factor), each
-  averaged over all real tokens.
+  z_loss (summed over MoE layers, as in the train loss), dropped_fraction (mean over layers),
+  and `moe_layers`: one entry per MoE layer with its transformer `layer` index and its routing
+  telemetry averaged over all real tokens: `expert_load` (E fractions summing to 1),
+  `max_load_ratio`, `dropped_fraction` (share of assigned choices dropped at the eval capacity
+  factor), `dropped_fraction_per_slot` (1st, 2nd, ... choice), `router_z` (mean
+  logsumexp^2), `router_entropy` (nats) and `router_bias` (the aux-loss-free balancer's bias).
   """
   totals, routing = None, None
   for batch in batches:
@@ -57,8 +60,7 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
     sums = {k: float(out[k]) for k in
             ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', 'num_routed')}
     # Routing stats are per-batch means over real tokens: weight them by that count.
-    stats = {k: np.asarray(out[k], np.float64) * sums['num_routed'] for k in
-             ('balance_loss', 'z_loss', 'dropped_fraction', 'expert_load')}
+    stats = {k: np.asarray(out[k], np.float64) * sums['num_routed'] for k in _LAYER_STATS}
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     routing = stats if routing is None else {k: routing[k] + stats[k] for k in stats}
   if totals is None or not totals['num_tokens']:
@@ -72,19 +74,68 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
       'num_tokens': int(totals['num_tokens']),
       'balance_loss': float(np.sum(routing['balance_loss'])),
       'z_loss': float(np.sum(routing['z_loss'])),
-      'moe_layers': [
-          {'layer': layer, 'expert_load': routing['expert_load'][m].round(6).tolist(),
-           'dropped_fraction': float(routing['dropped_fraction'][m])}
-          for m, layer in enumerate(moe_layers)],
+      'dropped_fraction': float(np.mean(routing['dropped_fraction'])) if moe_layers else 0.0,
+      'moe_layers': [_layer_report(layer, {k: v[m] for k, v in routing.items()})
+                     for m, layer in enumerate(moe_layers)],
   }
 
 
-def evaluate_workdir(workdir: str, step: int | None = None,
-                     max_batches: int | None = None) -> dict:
+# Per-MoE-layer stats of `Transformer.__call__` that evaluation averages over real tokens.
+_LAYER_STATS = ('balance_loss', 'z_loss', 'expert_load', 'dropped_fraction',
+                'dropped_fraction_per_slot', 'router_entropy', 'router_bias')
+
+
+def _layer_report(layer: int, stats: dict) -> dict:
+  load = stats['expert_load']
+  as_list = lambda x: np.round(x, 6).tolist()
+  return {
+      'layer': layer, 'expert_load': as_list(load),
+      # From the averaged load: the mean of per-batch ratios would overstate imbalance.
+      'max_load_ratio': float(np.max(load) * len(load)),
+      'dropped_fraction': float(stats['dropped_fraction']),
+      'dropped_fraction_per_slot': as_list(stats['dropped_fraction_per_slot']),
+      'router_z': float(stats['z_loss']), 'router_entropy': float(stats['router_entropy']),
+      'router_bias': as_list(stats['router_bias']),
+  }
+
+
+def parse_capacity_factors(text: str) -> list[float | str]:
+  """'1.0,1.25,dropless' -> [1.0, 1.25, 'dropless']; ValueError naming a bad entry."""
+  factors = []
+  for item in text.split(','):
+    item = item.strip()
+    if item == 'dropless':
+      factors.append(item)
+      continue
+    try:
+      value = float(item)
+    except ValueError:
+      value = float('nan')
+    if not value > 0:
+      raise ValueError(f'--eval_capacity_factors entry {item!r} is invalid: expected a number '
+                       "> 0 or 'dropless'")
+    factors.append(value)
+  return factors
+
+
+def with_eval_capacity(cfg: ModelConfig, factor: float | str) -> ModelConfig:
+  """`cfg` evaluated at capacity factor `factor`, or with dropless dispatch for 'dropless'."""
+  if factor == 'dropless':
+    moe = dataclasses.replace(cfg.moe, dispatch='dropless')
+  else:
+    moe = dataclasses.replace(cfg.moe, eval_capacity_factor=float(factor))
+  return dataclasses.replace(cfg, moe=moe)
+
+
+def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | None = None,
+                     capacity_factors: Sequence[float | str] = ()) -> dict:
   """Restores `step` (default: the latest) from a train.py workdir and evaluates it.
 
-  The config comes from `workdir/config.json`. Writes `workdir/eval_<step>.json` (process 0)
-  and returns the metrics with `step` added. Raises FileNotFoundError naming the path when the
+  The config comes from `workdir/config.json`. With `capacity_factors` (numbers or
+  'dropless') the checkpoint is also evaluated at each of them and `capacity_sweep` lists, per
+  factor, loss, bits_per_byte and dropped fractions (overall and per choice slot): ST-MoE treats
+  the eval capacity factor as a free lever. Writes `workdir/eval_<step>.json` (process 0) and
+  returns the metrics with `step` added. Raises FileNotFoundError naming the path when the
   workdir, its config or the checkpoint is missing.
   """
   from stmoe_jax import train_lib  # Imported here: train_lib imports this module.
@@ -104,7 +155,15 @@ def evaluate_workdir(workdir: str, step: int | None = None,
   elif step not in steps:
     raise FileNotFoundError(f'no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}')
   state, _ = trainer.checkpointer.restore(step, trainer.abstract_state)
-  metrics = {'step': step, **trainer.evaluate(state.params, max_batches)}
+  metrics = {'step': step, **trainer.evaluate(state, max_batches)}
+  if capacity_factors:
+    metrics['capacity_sweep'] = []
+    for factor in capacity_factors:
+      m = trainer.evaluate(state, max_batches, with_eval_capacity(trainer.model_cfg, factor))
+      metrics['capacity_sweep'].append({
+          'eval_capacity_factor': factor, 'loss': m['loss'],
+          'bits_per_byte': m['bits_per_byte'], 'dropped_fraction': m['dropped_fraction'],
+          'dropped_fraction_per_slot': [l['dropped_fraction_per_slot'] for l in m['moe_layers']]})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
       json.dump(metrics, f, indent=2)

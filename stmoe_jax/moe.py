@@ -1,19 +1,17 @@
 """The sparse MoE layer: route, dispatch, run experts, combine.
 
 Einsum letters: B batch, L length, G routing groups, S tokens per group, K choices per token,
-E experts, C capacity, X = E*C expert slots, D model dim.
+E experts, C capacity, X dispatched rows, D model dim.
 
-The five steps, each a small function so that dispatch strategies can be swapped:
-  1. `to_groups`: tokens [B, L, D] -> [G, S, D] (capacity and balance are per group, as in
-     ST-MoE), ordered so that capacity competition is causal;
-  2. router logits in float32 and `routing.tokens_choose_top_k`;
-  3. dispatch into expert buffers [E, G*C, D], by `moe.dispatch`: `dispatch_scatter` (index
-     gather, the default: O(S*K) index work) or `dispatch_einsum` (GShard one-hot [G, S, E*C]
-     masks, matmul-only, but its cost grows with S*E*C);
-  4. `experts.Experts` on the buffers;
-  5. `combine_scatter` / `combine_einsum`: gate-weighted sum back to [G, S, D]; a dropped choice
-     contributes exactly zero, so a token dropped by every choice leaves the block as its
-     residual.
+`MoeLayer.__call__` runs five steps, each a small function elsewhere so that routers and
+dispatch strategies can be swapped:
+  1. `to_groups`: tokens [B, L, D] -> [G, S, D]; capacity and balance are per group (the ST-MoE
+     scope), ordered so that capacity competition is causal;
+  2. float32 router logits and a router from `routing` (`moe.router`);
+  3. dispatch into expert inputs, by `moe.dispatch` (`stmoe_jax.dispatch`);
+  4. `experts.Experts` on them (plus shared experts that see every token);
+  5. combine back to [G, S, D] and `from_groups`; a dropped choice contributes exactly zero, so
+     a token dropped by every choice leaves the block as its residual.
 """
 
 from __future__ import annotations
@@ -22,10 +20,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax import dispatch
 from stmoe_jax import layers
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
-from stmoe_jax.experts import Experts
+from stmoe_jax.experts import Experts, Mlp
+
+
+class RouterBias(nnx.Variable):
+  """Per-expert routing bias of aux-loss-free balancing: not a Param, so no optimizer touches
+  it; `MoeLayer` updates it in the train forward pass and the train step carries it along."""
 
 
 def to_groups(x_BLD: jax.Array, group_size: int) -> jax.Array:
@@ -55,143 +59,103 @@ def from_groups(y_GSD: jax.Array, shape_BLD: tuple[int, int, int]) -> jax.Array:
   return jnp.swapaxes(y_GSD.reshape(G, L, S // L, D), 1, 2).reshape(B, L, D)
 
 
-def _slots(route: routing.Routing, num_experts: int, capacity: int) -> jax.Array:
-  """int32 [G, S, K]: flat slot expert * C + position of each kept choice; E*C if dropped."""
-  return jnp.where(route.kept, route.expert_index * capacity + route.position,
-                   num_experts * capacity)
-
-
-def dispatch_einsum(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
-                    capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Gathers tokens into per-expert buffers with one-hot masks (the GShard/TPU form).
-
-  Args:
-    x_GSD: tokens [G, S, D].
-    route: routing record with [G, S, K] fields.
-    num_experts: E.
-    capacity: C, slots per expert and group.
-  Returns:
-    (x_ECD, combine_GSX): expert inputs [E, G*C, D] (empty slots are zero) and the combine
-    tensor [G, S, E*C] (flattened (E, C)) holding each kept choice's gate at its slot.
-  """
-  G, S, D = x_GSD.shape
-  E, C = num_experts, capacity
-  # Each kept choice owns one of the E*C slots; a dropped choice points past the end, where
-  # one_hot yields an all-zero row, so it occupies no slot and contributes nothing.
-  slot_GSK = _slots(route, E, C)
-  slot_mask_GSKX = jax.nn.one_hot(slot_GSK, E * C, dtype=jnp.float32)
-  dispatch_GSX = jnp.sum(slot_mask_GSKX, axis=2).astype(x_GSD.dtype)
-  combine_GSX = jnp.einsum('gskx,gsk->gsx', slot_mask_GSKX, route.gate)
-  x_GXD = jnp.einsum('gsx,gsd->gxd', dispatch_GSX, x_GSD)
-  x_ECD = jnp.transpose(x_GXD.reshape(G, E, C, D), (1, 0, 2, 3)).reshape(E, G * C, D)
-  return x_ECD, combine_GSX
-
-
-def combine_einsum(y_ECD: jax.Array, combine_GSX: jax.Array) -> jax.Array:
-  """Weighted sum of expert outputs back to token order: [E, G*C, D] -> [G, S, D]."""
-  G, _, X = combine_GSX.shape
-  E = y_ECD.shape[0]
-  y_GXD = jnp.transpose(y_ECD.reshape(E, G, X // E, -1), (1, 0, 2, 3)).reshape(G, X, -1)
-  return jnp.einsum('gsx,gxd->gsd', combine_GSX.astype(y_ECD.dtype), y_GXD)
-
-
-def dispatch_scatter(x_GSD: jax.Array, route: routing.Routing, num_experts: int,
-                     capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Gathers tokens into per-expert buffers by index: no [S, E*C] mask, O(S*K) index work.
-
-  Args and buffer layout as `dispatch_einsum`.
-  Returns:
-    (x_ECD, slot_GSK): expert inputs [E, G*C, D] and each choice's flat slot (E*C = dropped),
-    which `combine_scatter` uses to gather the outputs back.
-  """
-  G, S, D = x_GSD.shape
-  E, C = num_experts, capacity
-  K = route.expert_index.shape[-1]
-  slot_GSK = _slots(route, E, C)
-  # token_of_slot[g, x] = the token in slot x, or S (a zero row) for an empty slot. Dropped
-  # choices all write to the extra slot E*C, which is cut off.
-  token_GSK = jnp.broadcast_to(jnp.arange(S)[None, :, None], (G, S, K))
-  token_of_slot_GX = jnp.full((G, E * C + 1), S, jnp.int32)
-  token_of_slot_GX = token_of_slot_GX.at[jnp.arange(G)[:, None, None], slot_GSK].set(token_GSK)
-  x_padded = jnp.concatenate([x_GSD, jnp.zeros((G, 1, D), x_GSD.dtype)], axis=1)
-  x_GXD = jnp.take_along_axis(x_padded, token_of_slot_GX[:, :E * C, None], axis=1)
-  x_ECD = jnp.transpose(x_GXD.reshape(G, E, C, D), (1, 0, 2, 3)).reshape(E, G * C, D)
-  return x_ECD, slot_GSK
-
-
-def combine_scatter(y_ECD: jax.Array, slot_GSK: jax.Array, gate_GSK: jax.Array) -> jax.Array:
-  """Gathers each choice's expert output and sums them with the gates: -> [G, S, D]."""
-  G, S, K = slot_GSK.shape
-  E, _, D = y_ECD.shape
-  y_GXD = jnp.transpose(y_ECD.reshape(E, G, -1, D), (1, 0, 2, 3)).reshape(G, -1, D)
-  y_padded = jnp.concatenate([y_GXD, jnp.zeros((G, 1, D), y_GXD.dtype)], axis=1)
-  y_GSKD = jnp.take_along_axis(y_padded, slot_GSK.reshape(G, S * K, 1), axis=1)
-  y_GSKD = y_GSKD.reshape(G, S, K, D)
-  return jnp.einsum('gskd,gsk->gsd', y_GSKD, gate_GSK.astype(y_GSKD.dtype))
-
-
-def routing_stats(route: routing.Routing, mask_GS: jax.Array | None = None
-                  ) -> dict[str, jax.Array]:
-  """Per-layer losses and telemetry from one routing decision, over real (unmasked) tokens.
-
-  Returns float32 scalars `balance_loss`, `z_loss`, `dropped_fraction` (share of token-choices
-  that found their expert full) and `expert_load` [E] (share of token-choices sent to each
-  expert, before drops; sums to 1).
-  """
-  G, S, E = route.probs.shape
-  m_GS = jnp.ones((G, S), jnp.float32) if mask_GS is None else mask_GS.astype(jnp.float32)
-  num_choices = jnp.maximum(jnp.sum(m_GS) * route.kept.shape[-1], 1.0)
-  choices_E = jnp.einsum('gske,gs->e', jax.nn.one_hot(route.expert_index, E), m_GS)
-  return {
-      'balance_loss': routing.load_balancing_loss(route.probs, route.expert_index, m_GS),
-      'z_loss': routing.router_z_loss(route.logits, m_GS),
-      'dropped_fraction': 1.0 - jnp.sum(route.kept) / num_choices,
-      'expert_load': choices_E / num_choices,
-  }
+def balanced_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """DeepSeek-V3 aux-loss-free update: bias_i + rate * sign(mean_load - load_i), float32 [E]."""
+  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
 
 
 class MoeLayer(nnx.Module):
-  """Tokens-choose top-k mixture of experts replacing one FFN: [B, L, D] -> [B, L, D]."""
+  """Mixture of experts replacing one FFN: [B, L, D] -> [B, L, D] (see module docstring).
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  `causal=True` (the decoder) refuses routers whose choice for a token depends on later tokens:
+  expert-choice and Batch Prioritized Routing. Encoder-style users pass `causal=False`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
     moe = cfg.moe
+    if causal and (moe.router == 'expert_choice' or moe.batch_prioritized_routing):
+      bad = ("moe.router='expert_choice'" if moe.router == 'expert_choice'
+             else 'moe.batch_prioritized_routing=True')
+      raise ValueError(f'{bad} looks at the whole routing group, later tokens included, so it '
+                       'cannot be used in a causal decoder; use tokens_choose routing there')
+    dtype = jnp.dtype(cfg.dtype)
     self.router = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                (cfg.d_model, moe.num_experts), ('embed', None))
+    self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
     self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
-                           cfg.init_scale, jnp.dtype(cfg.dtype), rngs=rngs)
+                           cfg.init_scale, dtype, dropout=moe.expert_dropout, rngs=rngs)
+    # Shared experts (DeepSeek-MoE): one dense FFN as wide as all of them, seen by every token.
+    self.shared = (Mlp(cfg.d_model, moe.num_shared_experts * moe.shared_d_ff, cfg.activation,
+                       cfg.init_scale, dtype, rngs=rngs)
+                   if moe.num_shared_experts else None)
     self.moe = moe
 
   def capacity(self, train: bool) -> int:
-    """Expert capacity for the train or eval capacity factor."""
+    """Expert capacity per group at the train or eval capacity factor (S when dropless)."""
     moe = self.moe
+    if moe.dispatch == 'dropless':
+      return moe.group_size  # No expert can get more than S choices of a group: nothing drops.
     factor = moe.train_capacity_factor if train else moe.eval_capacity_factor
     return routing.expert_capacity(moe.group_size, moe.num_experts, moe.top_k, factor,
                                    scaled_by_k=moe.capacity_scaled_by_k,
                                    min_capacity=moe.min_capacity)
 
-  def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
-               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns the MoE output [B, L, D] and `routing_stats` for this layer.
-
-    `rng` is needed only for router jitter in training. `mask_BL` (optional, [B, L]) marks real
-    tokens: padding takes no expert capacity, gets a zero output and is left out of the stats.
-    """
+  def route(self, x_GSD: jax.Array, *, train: bool, rng: jax.Array | None,
+            mask_GS: jax.Array | None) -> routing.Routing:
+    """Router logits in float32 and the configured router: -> `routing.Routing`."""
     moe = self.moe
-    x_GSD = to_groups(x_BLD, moe.group_size)
-    mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
+    jitter_rng, policy_rng = (None, None) if rng is None else jax.random.split(rng)
     router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
     if train and moe.router_jitter > 0:
-      router_in *= jax.random.uniform(rng, router_in.shape, jnp.float32,
+      router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
     logits_GSE = layers.dense(router_in, self.router[...])
-    capacity = self.capacity(train)
-    route = routing.tokens_choose_top_k(logits_GSE, top_k=moe.top_k, capacity=capacity,
-                                        renormalize=moe.renormalize_gates, mask_GS=mask_GS)
-    if moe.dispatch == 'einsum':
-      x_ECD, combine_GSX = dispatch_einsum(x_GSD, route, moe.num_experts, capacity)
-      y_GSD = combine_einsum(self.experts(x_ECD), combine_GSX)
+    if moe.router == 'expert_choice':
+      return routing.expert_choice(logits_GSE, capacity=self.capacity(train), mask_GS=mask_GS)
+    return routing.tokens_choose_top_k(
+        logits_GSE, top_k=moe.top_k, capacity=self.capacity(train),
+        renormalize=moe.renormalize_gates, mask_GS=mask_GS,
+        bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
+        second_expert_threshold=moe.second_expert_threshold,
+        batch_prioritized=moe.batch_prioritized_routing, train=train, rng=policy_rng)
+
+  def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns the MoE output [B, L, D] and this layer's `routing.routing_stats`.
+
+    Args:
+      x_BLD: input tokens [B, L, D].
+      train: training capacity factor, jitter, sampled second-expert policy, expert dropout and
+        bias-balancer update; evaluation settings otherwise.
+      rng: PRNG key; needed in training when jitter, the sampled policy or dropout is on.
+      mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
+        no routed output and is left out of the stats.
+    Returns:
+      (y_BLD, stats) with stats as `routing.routing_stats` plus `router_bias` [E].
+    """
+    moe = self.moe
+    route_rng, dropout_rng = (None, None) if rng is None else jax.random.split(rng)
+    if not train:
+      dropout_rng = None
+    x_GSD = to_groups(x_BLD, moe.group_size)
+    mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
+    route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
+    if moe.dispatch == 'dropless':
+      x_XD, group_sizes_E, plan = dispatch.dispatch_dropless(x_GSD, route, moe.num_experts)
+      y_XD = self.experts.grouped(x_XD, group_sizes_E, dropout_rng=dropout_rng)
+      y_GSD = dispatch.combine_dropless(y_XD, plan)
     else:
-      x_ECD, slot_GSK = dispatch_scatter(x_GSD, route, moe.num_experts, capacity)
-      y_GSD = combine_scatter(self.experts(x_ECD), slot_GSK, route.gate)
-    y_BLD = from_groups(y_GSD, x_BLD.shape)
-    return y_BLD.astype(x_BLD.dtype), routing_stats(route, mask_GS)
+      dispatch_fn, combine_fn = {
+          'einsum': (dispatch.dispatch_einsum, dispatch.combine_einsum),
+          'scatter': (dispatch.dispatch_scatter, dispatch.combine_scatter)}[moe.dispatch]
+      x_ECD, plan = dispatch_fn(x_GSD, route, moe.num_experts, self.capacity(train))
+      y_GSD = combine_fn(self.experts(x_ECD, dropout_rng=dropout_rng), plan)
+    y_BLD = from_groups(y_GSD, x_BLD.shape).astype(x_BLD.dtype)
+    if self.shared is not None:
+      y_BLD += self.shared(x_BLD).astype(x_BLD.dtype)
+    stats = routing.routing_stats(route, mask_GS)
+    stats['router_bias'] = self.router_bias[...]
+    if train and moe.bias_balancer_rate > 0:
+      self.router_bias[...] = balanced_bias(self.router_bias[...], stats['expert_load'],
+                                            moe.bias_balancer_rate)
+    return y_BLD, stats

@@ -1,12 +1,20 @@
-"""Tokens-choose top-k routing (Switch, GShard, ST-MoE) and the router losses.
+"""Routers: which expert each token goes to, with what weight, into which buffer slot.
 
 Einsum letters: G routing groups, S tokens per group, K choices per token, E experts,
 C expert capacity (buffer slots per expert and group).
 
-Routing is split from dispatch: the router returns, for every (token, choice), which expert it
-goes to, with what combine weight, and which slot of that expert's buffer it takes. Any dispatch
-strategy (one-hot einsum masks here) consumes that record. Everything here runs in float32
-because the softmax and logsumexp exponentiate (Switch "selective precision", ST-MoE).
+Routing is split from dispatch: a router returns a `Routing` record saying, for every
+(token, choice), which expert it goes to, with what combine weight and which slot of that
+expert's buffer it takes; any dispatch strategy (`stmoe_jax.dispatch`) consumes that record.
+
+  - `tokens_choose_top_k`: each token picks k experts (Switch k=1, GShard/ST-MoE k=2), with the
+    ST-MoE second-expert policy, an optional selection bias (aux-loss-free balancing) and
+    first-come or Batch Prioritized capacity.
+  - `expert_choice`: each expert picks its top-C tokens (Zhou et al. 2022), written as K = E
+    choices per token so that the same dispatch code applies.
+
+Everything runs in float32 because the softmax and logsumexp exponentiate (Switch "selective
+precision", ST-MoE).
 """
 
 from __future__ import annotations
@@ -20,19 +28,22 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class Routing:
-  """Where each token's k choices go.
+  """Where each token's choices go.
 
   Attributes:
-    expert_index: int32 [G, S, K], chosen experts, highest probability first.
-    gate: float32 [G, S, K], combine weight of each choice; 0 where the choice was dropped.
-    position: int32 [G, S, K], slot of the choice in its expert's buffer (may be >= capacity).
-    kept: bool [G, S, K], position < capacity: the choice reaches its expert.
+    expert_index: int32 [G, S, K], chosen experts (tokens-choose: highest score first).
+    gate: float32 [G, S, K], combine weight of each choice; 0 where the choice was not kept.
+    position: int32 [G, S, K], slot of the choice in its expert's buffer (>= C if over capacity).
+    assigned: bool [G, S, K], the router sent this choice (a real token, not dropped by the
+      second-expert policy); what expert load is measured on.
+    kept: bool [G, S, K], assigned and within capacity: the choice reaches its expert.
     probs: float32 [G, S, E], router softmax probabilities.
     logits: float32 [G, S, E], router logits.
   """
   expert_index: jax.Array
   gate: jax.Array
   position: jax.Array
+  assigned: jax.Array
   kept: jax.Array
   probs: jax.Array
   logits: jax.Array
@@ -52,13 +63,56 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
   return int(min(group_size, max(min_capacity, capacity)))
 
 
-def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
-                        renormalize: bool = True, mask_GS: jax.Array | None = None) -> Routing:
-  """Each token picks its top-k experts; an expert keeps the first `capacity` that arrive.
+def second_expert_policy(gate_GSK: jax.Array, threshold: float, *, train: bool,
+                         rng: jax.Array | None) -> jax.Array:
+  """ST-MoE/mesh-tf policy for choices 2..k: bool [G, S, K], True where the choice is routed.
+
+  In training choice j >= 2 is routed with probability min(1, gate_j / threshold), so a token
+  whose second expert barely matters does not spend that expert's capacity. At evaluation the
+  rule is deterministic: routed iff gate_j >= threshold (mesh-tf's 'threshold' policy). The
+  first choice is always routed.
+  """
+  if train:
+    if rng is None:
+      raise ValueError('the sampled second-expert policy needs an rng in training')
+    use_GSK = jax.random.uniform(rng, gate_GSK.shape) < gate_GSK / threshold
+  else:
+    use_GSK = gate_GSK >= threshold
+  return use_GSK.at[..., 0].set(True)
+
+
+def positions_in_arrival_order(expert_index_GSK: jax.Array, assigned_GSK: jax.Array,
+                               num_experts: int, priority_GS: jax.Array | None = None
+                               ) -> jax.Array:
+  """int32 [G, S, K]: how many assigned choices reached each choice's expert before it.
 
   Arrival order is token order, and within a token its choices in rank order (token-major, as
   in MaxText). Unlike GShard's slot-major order (all first choices before any second choice),
-  this never lets a later token displace an earlier one, so a causal decoder stays causal.
+  a later token never displaces an earlier one, so a causal decoder stays causal. With
+  `priority_GS` (Batch Prioritized Routing, Riquelme et al. 2021) tokens arrive in decreasing
+  priority instead, which looks at the whole group and is therefore not causal.
+  """
+  G, S, K = expert_index_GSK.shape
+  choice_GSKE = jax.nn.one_hot(expert_index_GSK, num_experts, dtype=jnp.int32)
+  choice_GSKE *= assigned_GSK[..., None].astype(jnp.int32)
+  if priority_GS is not None:
+    order_GS = jnp.argsort(-priority_GS, axis=1, stable=True)
+    choice_GSKE = jnp.take_along_axis(choice_GSKE, order_GS[:, :, None, None], axis=1)
+  choice_GXE = choice_GSKE.reshape(G, S * K, num_experts)
+  before_GXE = jnp.cumsum(choice_GXE, axis=1) - choice_GXE
+  position_GSK = jnp.sum(before_GXE * choice_GXE, axis=-1).reshape(G, S, K)
+  if priority_GS is not None:
+    position_GSK = jnp.take_along_axis(position_GSK, jnp.argsort(order_GS, axis=1)[..., None],
+                                       axis=1)
+  return position_GSK
+
+
+def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
+                        renormalize: bool = True, mask_GS: jax.Array | None = None,
+                        bias_E: jax.Array | None = None, second_expert_threshold: float = 0.0,
+                        batch_prioritized: bool = False, train: bool = False,
+                        rng: jax.Array | None = None) -> Routing:
+  """Each token picks its top-k experts; an expert keeps the first `capacity` that arrive.
 
   Args:
     logits_GSE: router logits [G, S, E]; cast to float32.
@@ -69,48 +123,101 @@ def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
       probability is always used: renormalised it would be 1 and the router would get no gradient.
     mask_GS: optional bool [G, S]; False marks padding, which takes no capacity and is never
       dispatched.
+    bias_E: optional float32 [E] added to the probabilities for *choosing* only (DeepSeek-V3
+      aux-loss-free balancing); combine weights stay the unbiased probabilities.
+    second_expert_threshold: > 0 enables `second_expert_policy` for choices 2..k (ST-MoE: 0.2).
+    batch_prioritized: capacity goes to the most confident tokens first (highest top-1
+      probability) instead of first-come: Batch Prioritized Routing, for non-causal use only.
+    train: sampled (True) or deterministic (False) second-expert policy.
+    rng: PRNG key for the sampled policy.
   Returns:
-    A `Routing` record.
+    A `Routing` record with K = top_k.
   """
   logits_GSE = logits_GSE.astype(jnp.float32)
   G, S, E = logits_GSE.shape
   probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-  gate_GSK, index_GSK = jax.lax.top_k(probs_GSE, top_k)
+  scores_GSE = probs_GSE if bias_E is None else probs_GSE + bias_E.astype(jnp.float32)
+  _, index_GSK = jax.lax.top_k(jax.lax.stop_gradient(scores_GSE), top_k)
+  gate_GSK = jnp.take_along_axis(probs_GSE, index_GSK, axis=-1)
   if renormalize and top_k > 1:
     gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
-  # Token-major arrival order: flatten (S, K) with K minor, count earlier arrivals per expert.
   valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
-  choice_GSKE = jax.nn.one_hot(index_GSK, E, dtype=jnp.int32) * valid_GS[:, :, None, None]
-  choice_mask = choice_GSKE.reshape(G, S * top_k, E)
-  arrivals_before = jnp.cumsum(choice_mask, axis=1) - choice_mask
-  position_GSK = jnp.sum(arrivals_before * choice_mask, axis=-1).reshape(G, S, top_k)
-  kept_GSK = (position_GSK < capacity) & valid_GS[:, :, None]
+  assigned_GSK = jnp.broadcast_to(valid_GS[..., None], (G, S, top_k))
+  if second_expert_threshold > 0 and top_k > 1:
+    assigned_GSK &= second_expert_policy(jax.lax.stop_gradient(gate_GSK),
+                                         second_expert_threshold, train=train, rng=rng)
+  priority_GS = jnp.max(probs_GSE, axis=-1) if batch_prioritized else None
+  position_GSK = positions_in_arrival_order(index_GSK, assigned_GSK, E, priority_GS)
+  kept_GSK = assigned_GSK & (position_GSK < capacity)
   return Routing(expert_index=index_GSK, gate=gate_GSK * kept_GSK, position=position_GSK,
-                 kept=kept_GSK, probs=probs_GSE, logits=logits_GSE)
+                 assigned=assigned_GSK, kept=kept_GSK, probs=probs_GSE, logits=logits_GSE)
+
+
+def expert_choice(logits_GSE: jax.Array, *, capacity: int,
+                  mask_GS: jax.Array | None = None) -> Routing:
+  """Each expert takes the `capacity` tokens of its group with the highest router probability.
+
+  Expert-choice routing (Zhou et al. 2022): every expert is exactly full, so load is perfectly
+  balanced without an auxiliary loss; a token may be taken by several experts or by none. The
+  choice of a token depends on every other token in its group, so it is not causal. Returned
+  with K = E: choice e of a token is expert e, kept when expert e took the token, with the
+  token's softmax probability for e as combine weight.
+
+  Args:
+    logits_GSE: router logits [G, S, E]; cast to float32.
+    capacity: tokens each expert takes per group (at most S).
+    mask_GS: optional bool [G, S]; padding is never taken.
+  Returns:
+    A `Routing` record with K = E.
+  """
+  logits_GSE = logits_GSE.astype(jnp.float32)
+  G, S, E = logits_GSE.shape
+  probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+  scores_GES = jnp.swapaxes(jax.lax.stop_gradient(probs_GSE), 1, 2)
+  if mask_GS is not None:
+    scores_GES = jnp.where(mask_GS[:, None, :].astype(bool), scores_GES, -1.0)
+  _, token_GEC = jax.lax.top_k(scores_GES, capacity)
+  # position[g, s, e] = rank of token s among expert e's picks, or `capacity` if not picked.
+  rank_GEC = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), token_GEC.shape)
+  position_GES = jnp.full((G, E, S), capacity, jnp.int32)
+  position_GES = position_GES.at[jnp.arange(G)[:, None, None], jnp.arange(E)[None, :, None],
+                                 token_GEC].set(rank_GEC)
+  position_GSE = jnp.swapaxes(position_GES, 1, 2)
+  kept_GSE = position_GSE < capacity
+  if mask_GS is not None:
+    kept_GSE &= mask_GS[..., None].astype(bool)
+  index_GSE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
+  return Routing(expert_index=index_GSE, gate=probs_GSE * kept_GSE, position=position_GSE,
+                 assigned=kept_GSE, kept=kept_GSE, probs=probs_GSE, logits=logits_GSE)
 
 
 def load_balancing_loss(probs_GSE: jax.Array, expert_index_GSK: jax.Array,
-                        mask_GS: jax.Array | None = None) -> jax.Array:
+                        mask_GS: jax.Array | None = None,
+                        assigned_GSK: jax.Array | None = None) -> jax.Array:
   """Switch Transformer auxiliary loss, E * sum_i f_i * P_i, averaged over groups.
 
-  f_i is the fraction of the group's token-choices assigned to expert i (before capacity drops,
-  normalised over all k choices so that sum_i f_i = 1), P_i the mean router probability of
-  expert i. A perfectly uniform router gives exactly 1.0 for any k. Switch eq. (4)-(6).
+  f_i is the fraction of the group's assigned token-choices that went to expert i (before
+  capacity drops, normalised so that sum_i f_i = 1), P_i the mean router probability of expert
+  i over real tokens. A uniform router gives exactly 1.0 for any k. Switch eq. (4)-(6).
 
   Args:
     probs_GSE: float32 router probabilities [G, S, E].
     expert_index_GSK: int32 chosen experts [G, S, K].
-    mask_GS: optional [G, S]; only tokens where it is nonzero count (padding is excluded).
+    mask_GS: optional [G, S]; only tokens where it is nonzero count (towards P and f).
+    assigned_GSK: optional bool [G, S, K], which choices count towards f (see
+      `Routing.assigned`); default: every choice of a real token.
   Returns:
     Scalar float32 loss.
   """
   G, S, E = probs_GSE.shape
-  K = expert_index_GSK.shape[-1]
   m_GS = jnp.ones((G, S), jnp.float32) if mask_GS is None else mask_GS.astype(jnp.float32)
-  tokens_G = jnp.maximum(jnp.sum(m_GS, axis=1), 1.0)
-  choices_GE = jnp.einsum('gske,gs->ge', jax.nn.one_hot(expert_index_GSK, E), m_GS)
-  f_GE = choices_GE / (K * tokens_G[:, None])
-  p_GE = jnp.einsum('gse,gs->ge', probs_GSE, m_GS) / tokens_G[:, None]
+  w_GSK = jnp.broadcast_to(m_GS[..., None], expert_index_GSK.shape)
+  if assigned_GSK is not None:
+    w_GSK = w_GSK * assigned_GSK
+  choices_GE = jnp.einsum('gske,gsk->ge', jax.nn.one_hot(expert_index_GSK, E), w_GSK)
+  f_GE = choices_GE / jnp.maximum(jnp.sum(choices_GE, axis=-1, keepdims=True), 1.0)
+  p_GE = (jnp.einsum('gse,gs->ge', probs_GSE, m_GS) /
+          jnp.maximum(jnp.sum(m_GS, axis=1), 1.0)[:, None])
   return jnp.mean(E * jnp.sum(f_GE * p_GE, axis=-1))
 
 
@@ -126,7 +233,42 @@ def router_z_loss(logits_GSE: jax.Array, mask_GS: jax.Array | None = None) -> ja
     Scalar float32 loss.
   """
   log_z_GS = jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1)
+  return _masked_mean(log_z_GS**2, mask_GS)
+
+
+def _masked_mean(x_GS: jax.Array, mask_GS: jax.Array | None) -> jax.Array:
   if mask_GS is None:
-    return jnp.mean(log_z_GS**2)
+    return jnp.mean(x_GS)
   m_GS = mask_GS.astype(jnp.float32)
-  return jnp.sum(log_z_GS**2 * m_GS) / jnp.maximum(jnp.sum(m_GS), 1.0)
+  return jnp.sum(x_GS * m_GS) / jnp.maximum(jnp.sum(m_GS), 1.0)
+
+
+def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Losses and telemetry of one routing decision, over real (unmasked) tokens.
+
+  Returns float32 values:
+    balance_loss, z_loss: the two router losses (scalars);
+    expert_load [E]: share of assigned token-choices sent to each expert (sums to 1);
+    max_load_ratio: max / mean of expert_load (1 = balanced, E = collapsed onto one expert);
+    dropped_fraction: share of assigned choices that found their expert full;
+    dropped_fraction_per_slot [K]: the same for the 1st, 2nd, ... choice;
+    router_entropy: mean entropy (nats) of the router distribution per token.
+  """
+  G, S, E = route.probs.shape
+  assigned_GSK = route.assigned.astype(jnp.float32)
+  kept_GSK = route.kept.astype(jnp.float32)
+  load_E = jnp.einsum('gske,gsk->e', jax.nn.one_hot(route.expert_index, E), assigned_GSK)
+  load_E = load_E / jnp.maximum(jnp.sum(load_E), 1.0)
+  assigned_K = jnp.sum(assigned_GSK, axis=(0, 1))
+  dropped_K = jnp.sum(assigned_GSK - kept_GSK, axis=(0, 1))
+  entropy_GS = -jnp.sum(route.probs * jnp.log(jnp.maximum(route.probs, 1e-30)), axis=-1)
+  return {
+      'balance_loss': load_balancing_loss(route.probs, route.expert_index, mask_GS,
+                                          route.assigned),
+      'z_loss': router_z_loss(route.logits, mask_GS),
+      'expert_load': load_E,
+      'max_load_ratio': jnp.max(load_E) * E,
+      'dropped_fraction': jnp.sum(dropped_K) / jnp.maximum(jnp.sum(assigned_K), 1.0),
+      'dropped_fraction_per_slot': dropped_K / jnp.maximum(assigned_K, 1.0),
+      'router_entropy': _masked_mean(entropy_GS, mask_GS),
+  }

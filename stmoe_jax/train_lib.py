@@ -31,6 +31,7 @@ from stmoe_jax.config import (ConfigError, MoeConfig, ModelConfig, check_resumab
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import tokenizer
 from stmoe_jax.metrics import MetricsWriter
+from stmoe_jax.moe import RouterBias
 from stmoe_jax.transformer import Transformer
 
 
@@ -40,12 +41,15 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, number of completed train steps.
-    params: pure dict of float32 parameter arrays (`nnx.to_pure_dict` of the model's state).
+    params: pure dict of float32 parameter arrays (`nnx.to_pure_dict` of the model's Params).
+    buffers: pure dict of the model's non-trainable state (each MoE layer's `RouterBias`),
+      updated by the forward pass, never by the optimizer.
     opt_state: optax state for `params`.
     rng: uint32 [2] base key; step s uses `fold_in(rng, s)`, so resuming replays the same noise.
   """
   step: jax.Array
   params: Any
+  buffers: Any
   opt_state: Any
   rng: jax.Array
 
@@ -78,9 +82,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int):
   return optax.chain(clip, base), schedule
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graphdef and shape-only state, without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """The model's graphdef and shape-only (params, buffers) states, allocating nothing."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
 def init_state(cfg: ModelConfig, tx, seed: int) -> TrainState:
@@ -88,17 +92,19 @@ def init_state(cfg: ModelConfig, tx, seed: int) -> TrainState:
   params_key, rng = jax.random.split(jax.random.PRNGKey(seed))
   model = Transformer(cfg, rngs=nnx.Rngs(params=params_key))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=rng)
+  buffers = nnx.to_pure_dict(nnx.state(model, RouterBias))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                    opt_state=tx.init(params), rng=rng)
 
 
-def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
+def compute_loss(params, buffers, graphdef, batch, rng, moe: MoeConfig):
   """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z, averaged over target tokens.
 
   Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
-  Switch/ST-MoE). Returns (loss, metrics) with float32 scalars.
+  Switch/ST-MoE). Returns (loss, (metrics, new_buffers)): float32 scalar metrics plus per-layer
+  telemetry arrays (`moe_metrics`), and the buffers as the forward pass left them.
   """
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, buffers)
   weights_BL = batch['weights']
   real_BL = batch['inputs'] != tokenizer.PAD_ID  # Padding never takes expert capacity.
   logits_BLV, moe_stats = model(batch['inputs'], train=True, rng=rng, mask_BL=real_BL)
@@ -112,25 +118,46 @@ def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
       'accuracy': jnp.sum(correct * weights_BL) / num_tokens,
-      'dropped_fraction': jnp.mean(moe_stats['dropped_fraction']) if moe_stats[
-          'dropped_fraction'].size else jnp.zeros(()),
-      # max/mean expert load over the layers: 1.0 is perfect balance, E is total collapse.
-      'max_expert_load': (jnp.max(moe_stats['expert_load']) * moe_stats['expert_load'].shape[-1]
-                          if moe_stats['expert_load'].size else jnp.zeros(())),
+      **moe_metrics(moe_stats),
   }
-  return loss, metrics
+  return loss, (metrics, nnx.to_pure_dict(nnx.state(model, RouterBias)))
+
+
+def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Routing telemetry for logs: scalars over all MoE layers plus per-layer arrays.
+
+  Scalars: `dropped_fraction` (mean over layers) and `max_expert_load` (worst layer's max/mean
+  load ratio: 1 is perfect balance, E total collapse). Per layer (leading axis M): `expert_load`
+  [M, E], `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
+  (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E].
+  """
+  if not moe_stats['expert_load'].shape[0]:
+    return {}
+  return {
+      'dropped_fraction': jnp.mean(moe_stats['dropped_fraction']),
+      'max_expert_load': jnp.max(moe_stats['max_load_ratio']),
+      'expert_load': moe_stats['expert_load'],
+      'layer_dropped_fraction': moe_stats['dropped_fraction'],
+      'dropped_fraction_per_slot': moe_stats['dropped_fraction_per_slot'],
+      'router_z': moe_stats['z_loss'],
+      'router_entropy': moe_stats['router_entropy'],
+      'max_load_ratio': moe_stats['max_load_ratio'],
+      'router_bias': moe_stats['router_bias'],
+  }
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConfig):
   """One optimizer step: (state, batch) -> (new state, metrics dict of float32 scalars)."""
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, graphdef, batch, rng, moe)
+  (_, (metrics, buffers)), grads = grad_fn(state.params, state.buffers, graphdef, batch, rng,
+                                           moe)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
                  param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, buffers=buffers,
+                       opt_state=opt_state), metrics
 
 
 class Trainer:
@@ -153,8 +180,9 @@ class Trainer:
                         f'{batch_shards} batch shards of mesh {dict(self.mesh.shape)}')
     self.local_batch_size = config.batch_size // jax.process_count()
     self.tx, self.schedule = make_optimizer(config.opt, config.num_train_steps)
-    self.graphdef, abstract_params = abstract_model(self.model_cfg)
+    self.graphdef, abstract_params, abstract_buffers = abstract_model(self.model_cfg)
     param_shardings = sharding.state_shardings(abstract_params, self.mesh, rules)
+    buffer_shardings = sharding.state_shardings(abstract_buffers, self.mesh, rules)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     abstract = jax.eval_shape(lambda: init_state(self.model_cfg, self.tx, config.seed))
     # Optimizer moments are sharded like the parameters they track; counters and Adafactor's
@@ -164,6 +192,7 @@ class Trainer:
         abstract.opt_state, abstract.params, param_shardings,
         transform_non_params=lambda _: replicated)
     self.state_shardings = TrainState(step=replicated, params=param_shardings,
+                                      buffers=buffer_shardings,
                                       opt_state=opt_shardings, rng=replicated)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -176,8 +205,9 @@ class Trainer:
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, replicated),
                               donate_argnums=0)
+    self.eval_step_in_shardings = (param_shardings, buffer_shardings, self.batch_sharding)
     self.eval_step = jax.jit(functools.partial(evaluation.eval_step, graphdef=self.graphdef),
-                             in_shardings=(param_shardings, self.batch_sharding))
+                             in_shardings=self.eval_step_in_shardings)
 
   @functools.cached_property
   def checkpointer(self) -> checkpointing.Checkpointer:
@@ -202,12 +232,22 @@ class Trainer:
     return input_pipeline.make_train_iterator(**self.data_kwargs(self.config.data.train_split),
                                               seed=self.config.seed)
 
-  def evaluate(self, params, max_batches: int | None = None) -> dict:
-    """Validation metrics at the eval capacity factor (see `evaluation.evaluate`)."""
+  def evaluate(self, state: TrainState, max_batches: int | None = None,
+               model_cfg: ModelConfig | None = None) -> dict:
+    """Validation metrics at the eval capacity factor (see `evaluation.evaluate`).
+
+    `model_cfg` evaluates the same parameters under other routing settings (e.g. another eval
+    capacity factor or dropless dispatch; parameter shapes must not change): it is compiled anew.
+    """
     batches = input_pipeline.make_eval_iterator(**self.data_kwargs(self.config.data.eval_split),
                                                 max_batches=max_batches)
-    return evaluation.evaluate(lambda b: self.eval_step(params, self.global_batch(b)), batches,
-                               self.model_cfg)
+    eval_step = self.eval_step
+    if model_cfg is not None:
+      graphdef = abstract_model(model_cfg)[0]
+      eval_step = jax.jit(functools.partial(evaluation.eval_step, graphdef=graphdef),
+                          in_shardings=self.eval_step_in_shardings)
+    run_step = lambda b: eval_step(state.params, state.buffers, self.global_batch(b))
+    return evaluation.evaluate(run_step, batches, model_cfg or self.model_cfg)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -276,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
       window, timed_steps, t0 = [], 0, time.perf_counter()
     if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-      eval_metrics = trainer.evaluate(state.params, config.eval_batches or None)
+      eval_metrics = trainer.evaluate(state, config.eval_batches or None)
       writer.write(done, 'eval', eval_metrics)
       bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
                 f"{eval_metrics['bits_per_byte']:.3f} bits/byte")

@@ -30,20 +30,32 @@ class Block(nnx.Module):
     if kind == 'moe':
       self.ffn = MoeLayer(cfg, rngs=rngs)
     else:
-      # 'dense_matched' stands in for an MoE layer at equal active FLOPs: width k * expert width.
-      d_ff = cfg.d_ff if kind == 'dense' else cfg.moe.top_k * cfg.moe.expert_d_ff
+      # 'dense_matched' stands in for an MoE layer at equal active FLOPs: width k * expert width
+      # (plus the shared experts, which every token also passes through).
+      d_ff = (cfg.d_ff if kind == 'dense' else
+              cfg.moe.top_k * cfg.moe.expert_d_ff + cfg.moe.num_shared_experts * cfg.moe.shared_d_ff)
       self.ffn = Mlp(cfg.d_model, d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
     self.is_moe = kind == 'moe'
+    # ST-MoE sparse-dense stacking: an extra dense FFN sublayer right before or after the MoE.
+    self.extra_dense = cfg.moe.extra_dense_ffn if kind != 'dense' else 'none'
+    if self.extra_dense != 'none':
+      self.extra_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+      self.extra_ffn = Mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None):
     """Returns ([B, L, D] output, MoE routing stats or None for a dense layer)."""
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+    if self.extra_dense == 'before':
+      x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     h_BLD = self.ffn_norm(x_BLD)
     if self.is_moe:
       y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng, mask_BL=mask_BL)
     else:
       y_BLD, stats = self.ffn(h_BLD), None
-    return x_BLD + y_BLD.astype(x_BLD.dtype), stats
+    x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
+    if self.extra_dense == 'after':
+      x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
+    return x_BLD, stats
 
 
 class Transformer(nnx.Module):
@@ -57,7 +69,7 @@ class Transformer(nnx.Module):
     self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
     self.dtype = jnp.dtype(cfg.dtype)
-    self.num_experts = cfg.moe.num_experts
+    self.num_experts, self.top_k, self.router = cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router
 
   def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None,
@@ -66,14 +78,16 @@ class Transformer(nnx.Module):
 
     Args:
       tokens_BL: int32 token ids [B, L].
-      train: training capacity factor and router jitter if True, eval capacity factor if False.
-      rng: PRNG key, needed only when router jitter is on.
+      train: training settings of the MoE layers (capacity factor, jitter, sampled
+        second-expert policy, expert dropout, bias-balancer update) if True, eval otherwise.
+      rng: PRNG key, needed in training when any of those random features is on.
       mask_BL: optional [B, L], nonzero for real tokens: padding is never routed to an expert
         and is left out of the routing stats.
     Returns:
-      (logits_BLV in float32, moe_stats) where moe_stats stacks each MoE layer's
-      `moe.routing_stats`: `balance_loss`, `z_loss`, `dropped_fraction` [M] and
-      `expert_load` [M, E] (M = number of MoE layers, possibly 0).
+      (logits_BLV in float32, moe_stats) where moe_stats stacks each MoE layer's stats
+      (`routing.routing_stats` plus `router_bias`) along a leading axis M (the MoE layers,
+      possibly 0): e.g. `balance_loss` [M], `expert_load` [M, E],
+      `dropped_fraction_per_slot` [M, K].
     """
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
@@ -89,7 +103,10 @@ class Transformer(nnx.Module):
     if per_layer:
       moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     else:
-      moe_stats = {'balance_loss': jnp.zeros((0,)), 'z_loss': jnp.zeros((0,)),
-                   'dropped_fraction': jnp.zeros((0,)),
-                   'expert_load': jnp.zeros((0, self.num_experts))}
+      E = self.num_experts
+      K = E if self.router == 'expert_choice' else self.top_k
+      moe_stats = {name: jnp.zeros((0, *shape)) for name, shape in (
+          ('balance_loss', ()), ('z_loss', ()), ('expert_load', (E,)), ('max_load_ratio', ()),
+          ('dropped_fraction', ()), ('dropped_fraction_per_slot', (K,)),
+          ('router_entropy', ()), ('router_bias', (E,)))}
     return logits_BLV, moe_stats
