@@ -310,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window.append(_check_finite(jax.device_get(pending), step))
       pending = None
       elapsed = time.perf_counter() - t0
-      summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      # Per-layer telemetry arrays are averaged elementwise over the window.
+      summary = {k: np.mean(np.stack([m[k] for m in window]), axis=0) for k in window[0]}
       summary['tokens_per_sec'] = timed_steps * tokens_per_step / elapsed
       writer.write(done, 'train', summary)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")

@@ -1,6 +1,7 @@
 """train.py and eval.py as a user runs them: subprocesses on the tiny config."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_resume_with_a_different_model_is_refused(trained, stdlib_data_dir):
 
 def test_eval_prints_json_with_routing_stats(trained):
   workdir = trained[0]
-  result = run('eval.py', f'--workdir={workdir}')
+  result = run('eval.py', f'--workdir={workdir}', '--eval_capacity_factors=0.5,2.0,dropless')
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['step'] == 8
   assert 0 < report['bits_per_byte'] < 9 and 0 <= report['accuracy'] <= 1
@@ -72,6 +73,19 @@ def test_eval_prints_json_with_routing_stats(trained):
     assert len(layer['expert_load']) == 4
     assert abs(sum(layer['expert_load']) - 1) < 1e-4
     assert 0 <= layer['dropped_fraction'] < 1
+    assert len(layer['dropped_fraction_per_slot']) == 2 and len(layer['router_bias']) == 4
+    assert 1 <= layer['max_load_ratio'] <= 4 and 0 < layer['router_entropy'] <= math.log(4)
+    assert layer['router_z'] >= 0
+  # The capacity sweep: tiny's eval capacity factor is 2.0, so that entry repeats the report.
+  sweep = {str(entry['eval_capacity_factor']): entry for entry in report['capacity_sweep']}
+  assert sweep['2.0']['loss'] == report['loss']
+  assert sweep['dropless']['dropped_fraction'] == 0.0
+  assert sweep['0.5']['dropped_fraction'] > sweep['2.0']['dropped_fraction']
+  assert sweep['0.5']['dropped_fraction_per_slot'][0][1] > 0  # Second choices drop first.
+  # Training logged the same per-layer telemetry: [M=1, E=4] loads summing to 1.
+  train = metrics(workdir, 'train')[-1]
+  assert len(train['expert_load']) == 1 and abs(sum(train['expert_load'][0]) - 1) < 1e-4
+  assert len(train['router_entropy']) == 1 and len(train['dropped_fraction_per_slot'][0]) == 2
   with open(os.path.join(workdir, 'eval_8.json')) as f:
     assert json.load(f) == report
   # bits/byte and loss describe the same cross-entropy: bpb = loss / ln 2 * tokens / bytes.
@@ -93,6 +107,13 @@ def test_bad_config_fails_with_one_line(flags, message, tmp_path, stdlib_data_di
   assert message in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_eval_refuses_a_bad_capacity_factor(tmp_path):
+  result = run('eval.py', f'--workdir={tmp_path}', '--eval_capacity_factors=1.0,abc', check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip() == ("error: --eval_capacity_factors entry 'abc' is invalid: "
+                                   "expected a number > 0 or 'dropless'")
 
 
 def test_eval_without_checkpoint_names_the_path(tmp_path):

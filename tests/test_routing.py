@@ -118,3 +118,96 @@ def test_router_grads_flow_at_top1():
   grad = jax.grad(lambda l: jnp.sum(routing.tokens_choose_top_k(
       l, top_k=1, capacity=8, renormalize=True).gate))(logits)
   assert np.abs(np.asarray(grad)).sum() > 0
+
+
+def test_second_expert_policy_hand_worked_at_eval():
+  # Renormalised gates: token 0 [0.9, 0.1], token 1 [0.7, 0.3]. Threshold 0.2 at eval routes a
+  # later choice iff its gate >= 0.2: only token 1's second choice goes.
+  probs = np.asarray([[[0.9, 0.1, 0.0], [0.0, 0.7, 0.3]]]) + 1e-9
+  route = routing.tokens_choose_top_k(jnp.log(jnp.asarray(probs)), top_k=2, capacity=2,
+                                      second_expert_threshold=0.2, train=False)
+  np.testing.assert_array_equal(route.assigned[0], [[True, False], [True, True]])
+  np.testing.assert_allclose(route.gate[0], [[0.9, 0.0], [0.7, 0.3]], atol=1e-6)
+
+
+def test_second_expert_policy_samples_with_probability_gate_over_threshold():
+  logits = jnp.asarray(np.random.RandomState(0).randn(4, 256, 8) * 1.5, jnp.float32)
+  rng = jax.random.PRNGKey(7)
+  route = routing.tokens_choose_top_k(logits, top_k=3, capacity=256, second_expert_threshold=0.2,
+                                      train=True, rng=rng)
+  # Reference: the same uniform draws against min(1, gate / 0.2), written out here.
+  full = routing.tokens_choose_top_k(logits, top_k=3, capacity=256)
+  u = np.asarray(jax.random.uniform(rng, (4, 256, 3)))
+  expected = u < np.asarray(full.gate) / 0.2
+  expected[..., 0] = True
+  np.testing.assert_array_equal(route.assigned, expected)
+  # Statistically: the routed share of later choices is the mean of min(1, gate / 0.2).
+  p = np.minimum(1.0, np.asarray(full.gate)[..., 1:] / 0.2)
+  np.testing.assert_allclose(np.mean(route.assigned[..., 1:]), p.mean(), atol=0.02)
+
+
+def test_policy_dropped_choices_take_no_capacity():
+  # Token 0's second choice (expert 1, gate 0.1) is not routed, so token 1's first choice of
+  # expert 1 still finds the single slot free.
+  probs = np.asarray([[[0.9, 0.1, 0.0], [0.0, 0.7, 0.3]]]) + 1e-9
+  route = routing.tokens_choose_top_k(jnp.log(jnp.asarray(probs)), top_k=2, capacity=1,
+                                      second_expert_threshold=0.2, train=False)
+  np.testing.assert_array_equal(route.kept[0], [[True, False], [True, True]])
+
+
+def test_batch_prioritized_routing_keeps_the_most_confident():
+  # Four tokens all choose expert 0 (top-1), capacity 2: BPR keeps the two with the highest
+  # probability (tokens 2 and 0), first-come would keep tokens 0 and 1.
+  logits = jnp.asarray([[[3.0, 1.0], [2.0, 1.0], [4.0, 0.0], [1.0, 0.5]]])
+  first_come = routing.tokens_choose_top_k(logits, top_k=1, capacity=2)
+  bpr = routing.tokens_choose_top_k(logits, top_k=1, capacity=2, batch_prioritized=True)
+  np.testing.assert_array_equal(first_come.kept[0, :, 0], [True, True, False, False])
+  np.testing.assert_array_equal(bpr.kept[0, :, 0], [True, False, True, False])
+  np.testing.assert_array_equal(bpr.position[0, :, 0], [1, 2, 0, 3])
+
+
+def numpy_expert_choice(logits, capacity):
+  """Loop reference: each expert takes the `capacity` tokens with the highest probability."""
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  G, S, E = probs.shape
+  taken = np.zeros((G, S, E), bool)
+  for g in range(G):
+    for e in range(E):
+      taken[g, np.argsort(-probs[g, :, e], kind='stable')[:capacity], e] = True
+  return taken, probs
+
+
+def test_expert_choice_matches_numpy_and_is_exactly_balanced():
+  logits = np.random.RandomState(3).randn(2, 16, 4).astype(np.float32)
+  route = routing.expert_choice(jnp.asarray(logits), capacity=5)
+  taken, probs = numpy_expert_choice(logits, 5)
+  np.testing.assert_array_equal(route.kept, taken)
+  np.testing.assert_allclose(route.gate, probs * taken, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.sum(route.kept, axis=1), 5)  # Every expert exactly full.
+  stats = routing.routing_stats(route)
+  np.testing.assert_allclose(stats['expert_load'], 0.25, rtol=1e-6)
+  np.testing.assert_allclose(stats['max_load_ratio'], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(stats['dropped_fraction'], 0.0)
+
+
+def test_selection_bias_moves_choices_but_not_gates():
+  logits = jnp.log(jnp.asarray([[[0.5, 0.3, 0.2]]]))
+  route = routing.tokens_choose_top_k(logits, top_k=1, capacity=1,
+                                      bias_E=jnp.asarray([0.0, 0.0, 0.35]))
+  assert int(route.expert_index[0, 0, 0]) == 2  # 0.2 + 0.35 beats 0.5.
+  np.testing.assert_allclose(route.gate[0, 0, 0], 0.2, rtol=1e-6)  # The unbiased probability.
+
+
+def test_routing_stats_hand_worked():
+  # 1 group, 4 tokens, 2 experts, top-1, capacity 1. Probs: three tokens prefer expert 0.
+  probs = np.asarray([[[0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.9, 0.1]]])
+  route = routing.tokens_choose_top_k(jnp.log(jnp.asarray(probs)), top_k=1, capacity=1)
+  stats = routing.routing_stats(route)
+  np.testing.assert_allclose(stats['expert_load'], [0.75, 0.25], rtol=1e-6)
+  np.testing.assert_allclose(stats['max_load_ratio'], 1.5, rtol=1e-6)
+  np.testing.assert_allclose(stats['dropped_fraction'], 0.5, rtol=1e-6)  # Tokens 1 and 3.
+  np.testing.assert_allclose(stats['dropped_fraction_per_slot'], [0.5], rtol=1e-6)
+  entropy = -np.sum(probs * np.log(probs), axis=-1).mean()
+  np.testing.assert_allclose(stats['router_entropy'], entropy, rtol=1e-5)
+  np.testing.assert_allclose(stats['z_loss'], 0.0, atol=1e-6)  # logsumexp(log p) = log 1.

@@ -13,6 +13,7 @@ def trainer(stdlib_data_dir, tmp_path_factory):
   config = tiny.get_config()
   config.data.data_dir = stdlib_data_dir
   config.num_train_steps = 40
+  config.moe.bias_balancer_rate = 1e-3  # So that checkpoints must carry the router biases.
   return train_lib.Trainer(config, str(tmp_path_factory.mktemp('workdir')))
 
 
@@ -35,6 +36,7 @@ def test_save_restore_gives_identical_params_and_next_loss(trainer):
   trainer.checkpointer.wait()
   restored, data_state = trainer.checkpointer.restore(3, trainer.abstract_state)
   assert int(restored.step) == 3
+  assert np.abs(jax.tree.leaves(restored.buffers)[0]).sum() > 0  # Biases moved and were saved.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
 
   resumed_data = trainer.train_iterator()
@@ -45,6 +47,22 @@ def test_save_restore_gives_identical_params_and_next_loss(trainer):
   _, resumed_metrics = trainer.train_step(restored, trainer.global_batch(resumed_batch))
   assert float(metrics['loss']) == float(resumed_metrics['loss'])
 
+
+def test_bias_balancer_update_is_rate_times_sign_of_load_gap(trainer):
+  state, data = trainer.init(), trainer.train_iterator()
+  for _ in range(2):
+    old = jax.device_get(state.buffers)
+    state, metrics = trainer.train_step(state, trainer.global_batch(next(data)))
+  new = jax.device_get(state.buffers)
+  load = np.asarray(metrics['expert_load'])  # [M, E]: this step's load, before the update.
+  expected = np.asarray(metrics['router_bias']) + 1e-3 * np.sign(load.mean(-1, keepdims=True) - load)
+  moe_layers = [i for i in range(trainer.model_cfg.num_layers)
+                if trainer.model_cfg.ffn_kind(i) == 'moe']
+  for m, layer in enumerate(moe_layers):
+    bias = new['blocks'][layer]['ffn']['router_bias']
+    np.testing.assert_allclose(bias, expected[m], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(metrics['router_bias'])[m],
+                               old['blocks'][layer]['ffn']['router_bias'])
 
 
 def test_learning_rate_schedules():

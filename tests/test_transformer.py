@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
+from configs import default, tiny
 from stmoe_jax.config import MoeConfig, ModelConfig, model_config
 from stmoe_jax.transformer import Transformer
 
@@ -19,19 +19,27 @@ def small_cfg(**moe):
                                              group_size=32, min_capacity=1), **moe}))
 
 
-@pytest.mark.parametrize('train', [True, False])
-def test_changing_a_later_token_never_changes_earlier_logits(train):
+@pytest.mark.parametrize('train,moe', [
+    (True, {}), (False, {}),
+    (True, dict(second_expert_threshold=0.2, router_jitter=0.1, num_shared_experts=1)),
+    (True, dict(dispatch='dropless', bias_balancer_rate=0.01, extra_dense_ffn='before')),
+])
+def test_changing_a_later_token_never_changes_earlier_logits(train, moe):
   # Capacity factor 0.5 forces drops, so the test also covers token-order capacity: a later
   # token must never take an earlier token's expert slot.
-  cfg = small_cfg(train_capacity_factor=0.5, eval_capacity_factor=0.5)
+  cfg = small_cfg(train_capacity_factor=0.5, eval_capacity_factor=0.5, **moe)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 259)
-  logits, stats = model(tokens, train=train)
-  assert float(jnp.max(stats['dropped_fraction'])) > 0
+  rng = jax.random.PRNGKey(1)  # The same noise for every call: only the token changes.
+  graphdef, state = nnx.split(model)
+  state = nnx.to_pure_dict(state)  # merge() of a pure dict copies: the balancer mutates biases.
+  run = lambda t: nnx.merge(graphdef, state)(t, train=train, rng=rng)
+  logits, stats = run(tokens)
+  assert moe.get('dispatch') == 'dropless' or float(jnp.max(stats['dropped_fraction'])) > 0
   # Both sequences share one routing group, so this also covers the other sequence.
   for b, t in [(0, 3), (0, 9), (1, 2), (1, 15)]:
     changed = tokens.at[b, t].set((tokens[b, t] + 1) % 259)
-    logits_changed, _ = model(changed, train=train)
+    logits_changed, _ = run(changed)
     np.testing.assert_array_equal(np.asarray(logits[:, :t]), np.asarray(logits_changed[:, :t]))
     assert not np.allclose(np.asarray(logits[b, t:]), np.asarray(logits_changed[b, t:]))
 
@@ -69,3 +77,50 @@ def test_parameters_carry_logical_axis_names():
     assert axes is not None and len(axes) == len(variable.shape), path
   experts = model.blocks[1].ffn.experts
   assert experts.w_up.get_metadata()['out_sharding'] == ('expert', 'embed', 'mlp')
+
+
+# (field, value, what must differ): each routing field flipped through the ConfigDict path.
+FIELD_FLIPS = [
+    ('moe.second_expert_threshold', 0.9, 'logits'),  # Init gates are ~0.5: some drop.
+    ('moe.router_jitter', 0.5, 'logits'),
+    ('moe.renormalize_gates', False, 'logits'),
+    ('moe.dispatch', 'dropless', 'logits'),
+    ('moe.train_capacity_factor', 0.5, 'logits'),
+    ('moe.capacity_scaled_by_k', False, 'logits'),
+    ('moe.min_capacity', 32, 'logits'),  # Raises capacity from 16 to the whole group.
+    ('moe.expert_dropout', 0.5, 'logits'),
+    ('moe.bias_balancer_rate', 0.05, 'buffers'),
+    ('moe.num_shared_experts', 1, 'params'),
+    ('moe.shared_expert_d_ff', 8, 'params'),
+    ('moe.extra_dense_ffn', 'after', 'params'),
+    ('model.activation', 'geglu_mult_bias', 'params'),
+]
+
+
+@pytest.mark.parametrize('field,value,what', FIELD_FLIPS)
+def test_every_routing_field_reaches_the_model(field, value, what):
+  def run(config):
+    model = Transformer(model_config(config), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 32), 0, 259)
+    logits, _ = model(tokens, train=True, rng=jax.random.PRNGKey(1))
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    buffers = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+    return logits, {'/'.join(map(str, p)): v.shape for p, v in params}, buffers
+
+  config = tiny.get_config()
+  config.moe.update(group_size=32, min_capacity=2, train_capacity_factor=1.0)
+  if field == 'moe.shared_expert_d_ff':
+    config.moe.num_shared_experts = 1
+  base_logits, base_params, base_buffers = run(config)
+  section, key = field.split('.')
+  config[section][key] = value
+  logits, params, buffers = run(config)
+  if what == 'logits':
+    assert params == base_params
+    assert not np.allclose(logits, base_logits)
+  elif what == 'buffers':  # Same forward pass, but the balancer moved the biases.
+    np.testing.assert_array_equal(logits, base_logits)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).sum(), buffers,
+                                        base_buffers))[0] > 0
+  else:  # The field adds or reshapes parameters.
+    assert params != base_params
