@@ -78,6 +78,9 @@ class MoeLayer(nnx.Module):
              else 'moe.batch_prioritized_routing=True')
       raise ValueError(f'{bad} looks at the whole routing group, later tokens included, so it '
                        'cannot be used in a causal decoder; use tokens_choose routing there')
+    if moe.router == 'expert_choice' and moe.dispatch == 'dropless':
+      raise ValueError("moe.router='expert_choice' fixes every expert's load at its capacity; "
+                       "use moe.dispatch='scatter' or 'einsum' with it, not 'dropless'")
     dtype = jnp.dtype(cfg.dtype)
     self.router = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                (cfg.d_model, moe.num_experts), ('embed', None))
