@@ -1,0 +1,109 @@
+r"""Whole-model train-step throughput: the default MoE config vs the dense config of equal active FLOPs.
+
+  python benchmarks/train_step.py                               # configs/default.py vs configs/dense.py
+  python benchmarks/train_step.py --quick                       # configs/tiny.py, a smoke test
+  python benchmarks/train_step.py --override=model.dtype=bfloat16
+
+Prints one JSON line per config: seconds per step (median of --steps after two warm-up steps),
+tokens/s, model FLOPs per token (`stmoe_jax.flops`: active parameters and attention, training =
+3x forward) and model FLOPs utilisation against the device's datasheet peak when known (GPU,
+TPU) and against a plain matmul measured in this process (`mfu_vs_measured_matmul`, the only
+peak a CPU has). The last line is the MoE/dense tokens/s ratio. Uses random tokens: the
+data pipeline is not part of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import default, dense, tiny  # noqa: E402
+from stmoe_jax import flops  # noqa: E402
+from stmoe_jax import train_lib  # noqa: E402
+
+
+def measured_matmul_peak(d: int, dtype) -> float:
+  """FLOP/s of a [4096, d] x [d, 4d] matmul's forward+backward, the best of 5."""
+  x, w = jnp.ones((4096, d), dtype), jnp.ones((d, 4 * d), dtype)
+  fn = jax.jit(jax.grad(lambda x, w: jnp.sum(x @ w), (0, 1)))
+  jax.block_until_ready(fn(x, w))
+  best = float('inf')
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(x, w))
+    best = min(best, time.perf_counter() - start)
+  return 3 * 2 * 4096 * d * 4 * d / best
+
+
+def apply_override(config, text: str):
+  key, _, value = text.partition('=')
+  *sections, name = key.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == 'True'
+
+
+def benchmark(name: str, config, steps: int) -> dict:
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = train_lib.Trainer(config, workdir)
+    state = trainer.init()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
+    batch = trainer.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+                                  'weights': np.ones(tokens[:, 1:].shape, np.float32)})
+    times = []
+    for i in range(steps + 2):
+      start = time.perf_counter()
+      state, metrics = trainer.train_step(state, batch)
+      jax.block_until_ready(metrics)
+      if i >= 2:  # Two warm-up steps: compilation and first-touch allocation.
+        times.append(time.perf_counter() - start)
+  seconds = statistics.median(times)
+  tokens_per_step = config.batch_size * config.data.seq_len
+  flops_per_token = flops.train_flops_per_token(trainer.model_cfg, config.data.seq_len)
+  achieved = flops_per_token * tokens_per_step / seconds
+  measured = measured_matmul_peak(config.model.d_model, jnp.dtype(config.model.dtype))
+  datasheet = flops.peak_flops_per_device(jax.devices()[0].device_kind)
+  return {'config': name, 'device': jax.devices()[0].device_kind, 'dtype': config.model.dtype,
+          'seconds_per_step': seconds, 'tokens_per_sec': tokens_per_step / seconds,
+          'model_flops_per_token': flops_per_token, 'model_flops_per_sec': achieved,
+          'mfu_vs_measured_matmul': achieved / measured,
+          'mfu_vs_datasheet': achieved / (datasheet * jax.device_count()) if datasheet else None}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--override', action='append', default=[],
+                      help='config field=value applied to both configs, e.g. model.dtype=bfloat16')
+  parser.add_argument('--quick', action='store_true')
+  args = parser.parse_args(argv)
+  pairs = [('tiny', tiny.get_config()), ('tiny_dense', tiny.get_config())] if args.quick else [
+      ('default', default.get_config()), ('dense', dense.get_config())]
+  pairs[1][1].moe.enabled = False
+  results = []
+  for name, config in pairs:
+    for text in args.override:
+      apply_override(config, text)
+    if args.quick:
+      config.batch_size = 4
+    results.append(benchmark(name, config, 2 if args.quick else args.steps))
+    print(json.dumps(results[-1]), flush=True)
+  print(json.dumps({'moe_over_dense_tokens_per_sec':
+                    results[0]['tokens_per_sec'] / results[1]['tokens_per_sec']}))
+
+
+if __name__ == '__main__':
+  main()
