@@ -13,8 +13,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax.config import ConfigError
+from stmoe_jax.data import input_pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
@@ -28,7 +30,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
   try:
     metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError, checkpointing.CheckpointError,
+          input_pipeline.DataError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(metrics))
 
