@@ -45,7 +45,7 @@ def start(script, *flags, workdir):
   out, err = open(log + '.out', 'w'), open(log + '.err', 'w')
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags,
                            f'--workdir={workdir}'], cwd=ROOT, stdout=out, stderr=err, text=True)
-  proc.logs = (log + '.out', log + '.err')
+  proc.logs, proc.workdir = (log + '.out', log + '.err'), workdir
   return proc
 
 
@@ -93,16 +93,36 @@ def resumed_step(stdout):
 
 
 @pytest.fixture(scope='module')
-def reference(stdlib_data_dir, tmp_path_factory):
-  """One uninterrupted 12-step run: {step: loss} and its workdir."""
-  workdir = str(tmp_path_factory.mktemp('reference') / 'run')
-  rc, _, err = run('train.py', *common_flags(stdlib_data_dir), workdir=workdir)
-  assert rc == 0, err[-3000:]
-  return losses(records(workdir)), workdir
+def background(stdlib_data_dir, tmp_path_factory):
+  """Starts the runs that need no interaction at once, so they overlap the interrupted sequence:
+  the uninterrupted reference and the two NaN-guard runs."""
+  base = tmp_path_factory.mktemp('background')
+  flags = common_flags(stdlib_data_dir)
+  procs = {
+      'reference': start('train.py', *flags, workdir=str(base / 'reference')),
+      'nan_stop': start('train.py', *flags, '--config.on_nonfinite=stop',
+                        '--config.debug.nan_at_step=6', workdir=str(base / 'nan_stop')),
+      'nan_skip': start('train.py', *flags, '--config.on_nonfinite=skip',
+                        '--config.debug.nan_at_step=3', '--config.debug.nan_term=z_loss',
+                        '--config.stop_at_step=5', workdir=str(base / 'nan_skip')),
+  }
+  yield procs
+  for proc in procs.values():
+    if proc.poll() is None:
+      proc.kill()
 
 
 @pytest.fixture(scope='module')
-def interrupted(stdlib_data_dir, tmp_path_factory):
+def reference(background):
+  """One uninterrupted 12-step run: {step: loss} and its workdir."""
+  proc = background['reference']
+  rc, _, err = finish(proc)
+  assert rc == 0, err[-3000:]
+  return losses(records(proc.workdir)), proc.workdir
+
+
+@pytest.fixture(scope='module')
+def interrupted(stdlib_data_dir, tmp_path_factory, background):
   """The same run SIGKILLed after step 5, restarted, SIGTERMed after step 9, restarted."""
   workdir = str(tmp_path_factory.mktemp('interrupted') / 'run')
   flags = [*common_flags(stdlib_data_dir), '--config.debug.step_sleep_s=0.2']
@@ -122,7 +142,7 @@ def interrupted(stdlib_data_dir, tmp_path_factory):
   return workdir, killed, terminated, third, segments
 
 
-def test_sigkill_and_sigterm_resume_exactly(reference, interrupted):
+def test_sigkill_and_sigterm_resume_exactly(interrupted, reference):
   """Deliver 1 and 2: determinism, exact resume after SIGKILL, checkpoint-and-exit on SIGTERM."""
   ref_losses, ref_dir = reference
   workdir, killed, terminated, third, (first, second, last) = interrupted
@@ -206,12 +226,11 @@ def test_eval_refuses_a_checkpoint_from_another_config(interrupted, tmp_path):
                       err.strip().splitlines()[-1]), err[-2000:]
 
 
-def test_nan_stop_saves_last_good_state_and_exits(reference, stdlib_data_dir, tmp_path):
+def test_nan_stop_saves_last_good_state_and_exits(reference, background):
   """Deliver 4, stop mode: exit 1 naming step and terms; the checkpoint holds step 5's state."""
   ref_losses, _ = reference
-  workdir = str(tmp_path / 'run')
-  rc, _, err = run('train.py', *common_flags(stdlib_data_dir), '--config.on_nonfinite=stop',
-                   '--config.debug.nan_at_step=6', workdir=workdir)
+  workdir = background['nan_stop'].workdir
+  rc, _, err = finish(background['nan_stop'])
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   assert rc == 1
   assert err.strip().splitlines()[-1] == (
@@ -234,13 +253,11 @@ def test_nan_stop_saves_last_good_state_and_exits(reference, stdlib_data_dir, tm
   trainer.checkpointer.close()
 
 
-def test_nan_skip_drops_the_update_and_goes_on(reference, stdlib_data_dir, tmp_path):
+def test_nan_skip_drops_the_update_and_goes_on(reference, background):
   """Deliver 4, skip mode: the bad step is logged and counted, training continues."""
   ref_losses, _ = reference
-  workdir = str(tmp_path / 'run')
-  rc, _, err = run('train.py', *common_flags(stdlib_data_dir), '--config.on_nonfinite=skip',
-                   '--config.debug.nan_at_step=3', '--config.debug.nan_term=z_loss',
-                   '--config.stop_at_step=5', workdir=workdir)
+  workdir = background['nan_skip'].workdir
+  rc, _, err = finish(background['nan_skip'])
   assert rc == 0, err[-3000:]
   assert ('warning: non-finite z_loss, grad_norm at step 3: update skipped (1 skipped so far)'
           in err)
