@@ -284,8 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
+  train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
   ckpt = trainer.checkpointer
-  train_iter = trainer.train_iterator()
   log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
   # Resume order: check the config still fits the checkpoints, restore the newest readable step
   # (arrays: params, optimizer, RNG, step, guard counters) onto this mesh's shardings, setting
