@@ -14,8 +14,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax.config import ConfigError
+from stmoe_jax.data import input_pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
@@ -35,7 +37,8 @@ def main(argv):
                if _CAPACITY_FACTORS.value else ())
     metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
                                           factors)
-  except (ConfigError, FileNotFoundError, ValueError) as e:
+  except (ConfigError, FileNotFoundError, ValueError, checkpointing.CheckpointError,
+          input_pipeline.DataError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps(metrics))
 

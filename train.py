@@ -13,8 +13,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from stmoe_jax import checkpointing
+from stmoe_jax import guards
 from stmoe_jax import train_lib
 from stmoe_jax.config import ConfigError
+from stmoe_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -43,9 +46,11 @@ def main(argv):
     config.get('seed')  # A config file that failed to load raises on first use.
   except OSError as e:
     sys.exit(f'error: {_one_line(e)}')
+  # Every failure the library can name exits 1 with one line; SIGTERM saves and exits 0.
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError, checkpointing.CheckpointError, guards.NonFiniteError,
+          input_pipeline.DataError) as e:
     sys.exit(f'error: {e}')
 
 

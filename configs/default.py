@@ -88,4 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batches = 40  # Validation batches per periodic eval; 0 = the whole split.
   config.checkpoint_every_steps = 425
   config.keep_checkpoints = 3
+  # Non-finite loss or gradients: 'skip' drops that update (counted and logged), 'stop' saves
+  # the last good state and exits non-zero naming the step and the bad terms.
+  config.on_nonfinite = 'stop'
+  config.loss_spike_factor = 2.0  # Log a loss above this x the median of the last 32 steps; 0 = off.
+  config.debug = debug = ml_collections.ConfigDict()
+  debug.nan_at_step = 0  # Poison step n's (1-based) debug.nan_term with NaN, to test the guard; 0 = off.
+  debug.nan_term = 'cross_entropy'  # 'cross_entropy', 'balance_loss', 'z_loss' or 'grad_norm'.
+  debug.step_sleep_s = 0.0  # Host sleep after each step, so tests can kill a run at a chosen step.
   return config

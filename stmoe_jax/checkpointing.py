@@ -1,17 +1,56 @@
 """Orbax checkpoints of the train state plus the data iterator's position.
 
-Layout: `workdir/checkpoints/<step>/{state, data}`; Orbax writes each step to a temporary
-directory and renames it when complete, so an interrupted save never replaces the last good one.
-The data iterator state is saved as JSON beside the arrays so a resumed run sees exactly the
-batches an uninterrupted run would have.
+Layout: `workdir/checkpoints/<step>/{state, data}`. Orbax writes each step into
+`<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when every item is written, so a
+process killed mid-save leaves the previous steps as they were (tests/test_reliability.py proves
+it by killing a save half way). The data iterator state is saved as JSON beside the arrays so a
+resumed run sees exactly the batches an uninterrupted run would have.
+
+Failures are reported by path: a save that fails (disk full) raises `CheckpointError` naming
+the directory and the steps still intact; a step that cannot be read raises `CheckpointError`
+naming its directory, and `restore_latest` then falls back to the next newest step; a step
+whose arrays do not fit the model raises `IncompatibleCheckpointError` naming the array.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
+
+from stmoe_jax.config import ConfigError
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read; the message names the path."""
+
+
+class IncompatibleCheckpointError(ConfigError):
+  """A readable checkpoint whose arrays do not fit the configured model or optimizer."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Pytree of arrays / ShapeDtypeStructs / Orbax ArrayMetadata -> {'params/embed/...': (shape,
+  dtype)}. Keys drop the pytree node kinds, so a dataclass field and a dict key of the same name
+  (what Orbax's metadata records for it) read the same."""
+  def name(key) -> str:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+  return {'/'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in leaves if hasattr(leaf, 'shape')}
 
 
 class Checkpointer:
@@ -19,41 +58,134 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1):
     self.directory = os.path.abspath(directory)
+    # cleanup_tmp_directories: a save interrupted by a kill leaves `<step>.orbax-checkpoint-tmp`;
+    # it was never a checkpoint, and removing it lets that step be saved again.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                           create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data'))
+                                           create=True, cleanup_tmp_directories=True)
+    # Handlers named up front (not inferred from the first save) so a fresh manager can read a
+    # step's metadata before restoring it.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
+
+    self._saving = None  # The step of the newest save, perhaps still being written.
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
   def should_save(self, step: int) -> bool:
     """Whether `step` falls on the save interval."""
     return self.manager.should_save(step)
 
+  def _save_failed(self, step: int | str, error: OSError) -> CheckpointError:
+    why = 'disk full' if error.errno == errno.ENOSPC else _first_line(error)
+    return CheckpointError(
+        f'saving checkpoint step {step} to {self.directory} failed ({why}); the steps saved '
+        f'before it are intact: {self.all_steps()}')
+
   def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> bool:
-    """Saves (asynchronously) if `step` is on the save interval or `force`; True if it saved."""
+    """Saves (asynchronously) if `step` is on the save interval or `force`; True if it saved.
+
+    Raises CheckpointError if this or the previous asynchronous save failed (e.g. disk full).
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=force)
+    try:
+      saved = self.manager.save(step, args=args, force=force)
+    except OSError as e:  # Orbax re-raises a failed earlier async save here.
+      raise self._save_failed(f'{self._saving} or {step}', e) from e
+    if saved:
+      self._saving = step
+    return saved
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are committed; CheckpointError if one failed."""
+    try:
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise self._save_failed(self._saving, e) from e
+
+  def check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Raises IncompatibleCheckpointError naming the first array of `abstract_state` that
+    `step` lacks or stores with another shape or dtype; CheckpointError if its metadata is
+    unreadable."""
+    path = self.step_path(step)
+    try:
+      saved = _flat_shapes(self.manager.item_metadata(step)['state'].tree)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'checkpoint {path} is unreadable: {_first_line(e)}') from e
+    for name, (shape, dtype) in _flat_shapes(abstract_state).items():
+      if name not in saved:
+        raise IncompatibleCheckpointError(
+            f'checkpoint {path} has no array {name}, which this config\'s model needs')
+      if saved[name] != (shape, dtype):
+        raise IncompatibleCheckpointError(
+            f'checkpoint {path} stores {name} as {saved[name][1]}{list(saved[name][0])} but this '
+            f'config needs {dtype}{list(shape)}')
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` onto the shapes, dtypes and shardings of `abstract_state`.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set, so the same
-    checkpoint restores onto any mesh.
+    checkpoint restores onto any mesh. Raises IncompatibleCheckpointError (the arrays do not fit)
+    or CheckpointError (missing or damaged files), both naming the step's directory.
     """
+    self.check_compatible(step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
-    restored = self.manager.restore(step, args=args)
+    try:
+      restored = self.manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'checkpoint {self.step_path(step)} is unreadable: '
+                            f'{_first_line(e)}') from e
+    if not isinstance(restored['data'], dict):
+      raise CheckpointError(f'checkpoint {self.step_path(step)} has no data iterator state')
     return restored['state'], restored['data']
 
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are committed."""
-    self.manager.wait_until_finished()
+  def restore_latest(self, abstract_state: Any, *, set_aside_damaged: bool = False,
+                     warn: Callable[[str], None] | None = None) -> tuple[int, Any, dict]:
+    """Restores the newest readable step: (step, state, data_state).
+
+    Steps are tried newest to oldest; each unreadable one is reported through `warn` (default:
+    stderr) with its path and, if `set_aside_damaged`, renamed to `<step>.corrupt` (kept for
+    inspection, no longer a step) once an older good step is found, so training can save that
+    step again. An incompatible
+    checkpoint is not skipped: older steps of the same run would not fit either. Raises
+    CheckpointError listing every failure when no step is readable.
+    """
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    failures, damaged = [], []
+    for step in reversed(self.all_steps()):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except CheckpointError as e:
+        failures.append(str(e))
+        damaged.append(step)
+        warn(f'warning: {e}; falling back to an older checkpoint')
+        continue
+      # Only once a good step is found: with none, the run must fail, not start over.
+      for bad in damaged if set_aside_damaged else []:
+        self._set_aside(bad)
+      return step, state, data_state
+    raise CheckpointError(f'no readable checkpoint in {self.directory}: ' + '; '.join(failures)
+                          if failures else f'no checkpoint in {self.directory}')
+
+  def _set_aside(self, step: int) -> None:
+    path = self.step_path(step)
+    if jax.process_index() == 0:
+      target = f'{path}.corrupt'
+      suffix = 1
+      while os.path.exists(target):
+        target, suffix = f'{path}.corrupt{suffix}', suffix + 1
+      os.rename(path, target)
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import ml_collections
 
@@ -107,22 +108,95 @@ def _positive_ints(section, prefix, names):
   for name in names:
     value = section[name]
     _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-           f'{prefix}.{name}', value, 'a positive integer')
+           f'{prefix}{name}', value, 'a positive integer')
+
+
+# Every field outside `model`/`moe` (those are the dataclasses above) and its type; `validate`
+# refuses unknown, missing and mistyped fields. A new config field must be added here.
+_FIELDS = {
+    'seed': int,
+    'data': {'name': str, 'data_dir': str, 'feature_key': str, 'train_split': str,
+             'eval_split': str, 'seq_len': int},
+    'opt': {'name': str, 'lr': float, 'warmup_steps': int, 'schedule': str,
+            'final_lr_fraction': float, 'b1': float, 'b2': float, 'weight_decay': float,
+            'grad_clip_norm': float},
+    'mesh': dict, 'logical_axis_rules': list,
+    'batch_size': int, 'num_train_steps': int, 'stop_at_step': int, 'log_every_steps': int,
+    'eval_every_steps': int, 'eval_batches': int, 'checkpoint_every_steps': int,
+    'keep_checkpoints': int, 'on_nonfinite': str, 'loss_spike_factor': float,
+    'debug': {'nan_at_step': int, 'nan_term': str, 'step_sleep_s': float},
+}
+_TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
+               dict: 'a dict', list: 'a list'}
+# Terms the non-finite guard reports, and that `debug.nan_term` can poison.
+NONFINITE_TERMS = ('cross_entropy', 'balance_loss', 'z_loss', 'grad_norm')
+
+
+def _schema() -> dict:
+  sections = {'model': ModelConfig, 'moe': MoeConfig}
+  schema = {name: {f: t for f, t in typing.get_type_hints(cls).items() if f != 'moe'}
+            for name, cls in sections.items()}
+  return {**_FIELDS, **schema}
+
+
+def _type_ok(value, expected: type) -> bool:
+  if expected is float:  # An int is a fine float (lr=1); a bool is neither.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if expected is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if expected is dict:
+    return isinstance(value, (dict, ml_collections.ConfigDict))
+  if expected is list:
+    return isinstance(value, (list, tuple))
+  return isinstance(value, expected)
+
+
+def _check_fields(node, schema: dict, prefix: str) -> None:
+  """Unknown keys, missing keys and wrong types, in schema order (one line per error)."""
+  keys = list(node.keys())
+  for key in keys:
+    if key not in schema:
+      raise ConfigError(f'config.{prefix}{key} is not a field stmoe_jax knows: expected one of '
+                        f'{sorted(schema)}.')
+  for key, expected in schema.items():
+    if key not in keys:
+      raise ConfigError(f'config.{prefix}{key} is missing: every config needs it (see '
+                        'configs/default.py).')
+    value = node[key]
+    if isinstance(expected, dict):
+      _check(_type_ok(value, dict), f'{prefix}{key}', value, 'a section (ConfigDict)')
+      _check_fields(value, expected, f'{prefix}{key}.')
+    else:
+      _check(_type_ok(value, expected), f'{prefix}{key}', value, _TYPE_NAMES[expected])
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value cannot work.
 
-  Only checks that need no devices or data; batch-vs-mesh checks happen when the mesh is built.
+  First structure (unknown, missing or mistyped fields), then ranges, divisibility and
+  combinations. Only checks that need no devices or data; batch-vs-mesh checks happen when the
+  mesh is built.
   """
+  from stmoe_jax.data import tokenizer  # Not at module level: the data package imports this one.
+
+  _check_fields(config, _schema(), '')
+  for axis, size in config.mesh.items():
+    _check(_type_ok(size, int) and (size > 0 or size == -1), f'mesh.{axis}', size,
+           'a positive integer or -1 (all remaining devices)')
+  for rule in config.logical_axis_rules:
+    _check(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str) and
+           (rule[1] is None or isinstance(rule[1], str)), 'logical_axis_rules', rule,
+           '(logical name, mesh axis or None) pairs')
   m, moe, opt = config.model, config.moe, config.opt
-  _positive_ints(m, 'model', ['vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim',
+  _check(m.vocab_size >= tokenizer.VOCAB_SIZE, 'model.vocab_size', m.vocab_size,
+         f'at least {tokenizer.VOCAB_SIZE} (bytes + pad/bos/eos; smaller would clip token ids)')
+  _positive_ints(m, 'model.', ['vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim',
                               'd_ff'])
   _check(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary pairs)')
   _check(m.activation in ACTIVATIONS, 'model.activation', m.activation, _one_of(ACTIVATIONS))
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
   _check(m.init_scale > 0, 'model.init_scale', m.init_scale, 'a positive number')
-  _positive_ints(moe, 'moe', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
+  _positive_ints(moe, 'moe.', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
   _check(isinstance(moe.every, int) and moe.every >= 0, 'moe.every', moe.every,
          'an integer >= 0 (0 = no MoE layers)')
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
@@ -153,10 +227,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0 <= moe.router_jitter < 1, 'moe.router_jitter', moe.router_jitter, 'in [0, 1)')
   for name in ('aux_loss_coef', 'z_loss_coef'):
     _check(moe[name] >= 0, f'moe.{name}', moe[name], 'a number >= 0')
-  _positive_ints(config, 'config', ['batch_size', 'num_train_steps', 'log_every_steps',
+  _positive_ints(config, '', ['batch_size', 'num_train_steps', 'log_every_steps',
                                     'eval_every_steps', 'checkpoint_every_steps',
                                     'keep_checkpoints'])
-  _positive_ints(config.data, 'data', ['seq_len'])
+  _positive_ints(config.data, 'data.', ['seq_len'])
   _check(isinstance(config.stop_at_step, int) and config.stop_at_step >= 0, 'stop_at_step',
          config.stop_at_step, 'an integer >= 0 (0 = run to num_train_steps)')
   _check(config.eval_batches >= 0, 'eval_batches', config.eval_batches, 'an integer >= 0')
@@ -174,6 +248,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(opt.grad_clip_norm >= 0, 'opt.grad_clip_norm', opt.grad_clip_norm, 'a number >= 0')
   _check(math.isfinite(opt.weight_decay) and opt.weight_decay >= 0, 'opt.weight_decay',
          opt.weight_decay, 'a number >= 0')
+  _check(config.stop_at_step <= config.num_train_steps, 'stop_at_step', config.stop_at_step,
+         f'at most num_train_steps={config.num_train_steps}')
+  _check(moe.every <= m.num_layers or not moe.enabled, 'moe.every', moe.every,
+         f'at most model.num_layers={m.num_layers} while moe.enabled=True (no layer would be '
+         'MoE; set moe.enabled=False for a dense model)')
+  _check(config.on_nonfinite in ('skip', 'stop'), 'on_nonfinite', config.on_nonfinite,
+         "'skip' (drop the update) or 'stop' (checkpoint the last good state and exit)")
+  _check(config.loss_spike_factor == 0 or config.loss_spike_factor > 1, 'loss_spike_factor',
+         config.loss_spike_factor, 'a number > 1, or 0 = off')
+  debug = config.debug
+  _check(0 <= debug.nan_at_step <= config.num_train_steps, 'debug.nan_at_step',
+         debug.nan_at_step, f'a step in [1, num_train_steps={config.num_train_steps}], or 0 = off')
+  _check(debug.step_sleep_s >= 0, 'debug.step_sleep_s', debug.step_sleep_s, 'a number >= 0')
+  _check(debug.nan_term in NONFINITE_TERMS, 'debug.nan_term', debug.nan_term,
+         f'one of {list(NONFINITE_TERMS)}')
 
 
 # Fields a resumed run must share with the run that wrote the checkpoint: they fix parameter

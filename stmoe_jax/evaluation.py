@@ -150,11 +150,12 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   steps = trainer.checkpointer.all_steps()
   if not steps:
     raise FileNotFoundError(f'no complete checkpoint in {ckpt_dir}: train first with train.py')
-  if step is None:
-    step = max(steps)
+  if step is None:  # The newest readable step; a damaged newer one is reported on stderr.
+    step, state, _ = trainer.checkpointer.restore_latest(trainer.abstract_state)
   elif step not in steps:
     raise FileNotFoundError(f'no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}')
-  state, _ = trainer.checkpointer.restore(step, trainer.abstract_state)
+  else:
+    state, _ = trainer.checkpointer.restore(step, trainer.abstract_state)
   metrics = {'step': step, **trainer.evaluate(state, max_batches)}
   if capacity_factors:
     metrics['capacity_sweep'] = []

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -25,9 +25,10 @@ from flax import nnx
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import guards
 from stmoe_jax import sharding
-from stmoe_jax.config import (ConfigError, MoeConfig, ModelConfig, check_resumable, model_config,
-                              validate)
+from stmoe_jax.config import (NONFINITE_TERMS, ConfigError, MoeConfig, ModelConfig,
+                              check_resumable, model_config, validate)
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import tokenizer
 from stmoe_jax.metrics import MetricsWriter
@@ -46,12 +47,17 @@ class TrainState:
       updated by the forward pass, never by the optimizer.
     opt_state: optax state for `params`.
     rng: uint32 [2] base key; step s uses `fold_in(rng, s)`, so resuming replays the same noise.
+    skipped_steps: int32 scalar, updates dropped for a non-finite loss or gradient (skip mode).
+    halted_at: int32 scalar, the 1-based step whose loss or gradient went non-finite in stop
+      mode, 0 while training is healthy; while set, `train_step` leaves the state unchanged.
   """
   step: jax.Array
   params: Any
   buffers: Any
   opt_state: Any
   rng: jax.Array
+  skipped_steps: jax.Array
+  halted_at: jax.Array
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int):
@@ -94,7 +100,8 @@ def init_state(cfg: ModelConfig, tx, seed: int) -> TrainState:
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   buffers = nnx.to_pure_dict(nnx.state(model, RouterBias))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                    opt_state=tx.init(params), rng=rng)
+                    opt_state=tx.init(params), rng=rng, skipped_steps=jnp.zeros((), jnp.int32),
+                    halted_at=jnp.zeros((), jnp.int32))
 
 
 def compute_loss(params, buffers, graphdef, batch, rng, moe: MoeConfig):
@@ -146,18 +153,53 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConfig):
-  """One optimizer step: (state, batch) -> (new state, metrics dict of float32 scalars)."""
+def _poison(metrics: dict, grads, now: jax.Array, term: str):
+  """`debug.nan_at_step`: NaN in `term` (and so in the loss) and in every gradient when `now`,
+  as a real overflow would give; 'grad_norm' poisons the gradients only."""
+  nan = jnp.where(now, jnp.nan, 0.0).astype(jnp.float32)
+  if term != 'grad_norm':
+    metrics = {**metrics, term: metrics[term] + nan, 'loss': metrics['loss'] + nan}
+  return metrics, jax.tree.map(lambda g: g + nan.astype(g.dtype), grads)
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConfig,
+               on_nonfinite: str = 'stop', nan_at_step: int = 0,
+               nan_term: str = 'cross_entropy'):
+  """One optimizer step: (state, batch) -> (new state, metrics dict of float32 arrays).
+
+  Non-finite guard, on device (no host sync): if the loss, a loss term or the gradient norm is
+  not finite, params/opt_state stay as they were. `on_nonfinite='skip'` still advances the step
+  (the batch is consumed) and counts it in `skipped_steps`; 'stop' keeps the whole state and sets
+  `halted_at`, after which every step is a no-op, so the host, which reads metrics a step late,
+  still holds the last good state to checkpoint. metrics['nonfinite'] is 1.0 for such a step.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (_, (metrics, buffers)), grads = grad_fn(state.params, state.buffers, graphdef, batch, rng,
                                            moe)
+  if nan_at_step:
+    metrics, grads = _poison(metrics, grads, state.step + 1 == nan_at_step, nan_term)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
                  param_norm=optax.global_norm(params), learning_rate=schedule(state.step))
-  return state.replace(step=state.step + 1, params=params, buffers=buffers,
-                       opt_state=opt_state), metrics
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[k]))
+                              for k in ('loss', *NONFINITE_TERMS) if k in metrics]))
+  updated = state.replace(step=state.step + 1, params=params, buffers=buffers,
+                          opt_state=opt_state)
+  if on_nonfinite == 'skip':
+    ok = finite
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
+    new_state = new_state.replace(step=state.step + 1,
+                                  skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+  else:
+    ok = finite & (state.halted_at == 0)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
+    new_state = new_state.replace(halted_at=jnp.where(
+        (state.halted_at == 0) & ~finite, state.step + 1, state.halted_at))
+  metrics.update(nonfinite=(~finite).astype(jnp.float32),
+                 skipped_steps=new_state.skipped_steps.astype(jnp.float32))
+  return new_state, metrics
 
 
 class Trainer:
@@ -192,8 +234,9 @@ class Trainer:
         abstract.opt_state, abstract.params, param_shardings,
         transform_non_params=lambda _: replicated)
     self.state_shardings = TrainState(step=replicated, params=param_shardings,
-                                      buffers=buffer_shardings,
-                                      opt_state=opt_shardings, rng=replicated)
+                                      buffers=buffer_shardings, opt_state=opt_shardings,
+                                      rng=replicated, skipped_steps=replicated,
+                                      halted_at=replicated)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_shardings)
@@ -201,7 +244,10 @@ class Trainer:
     self.init = jax.jit(functools.partial(init_state, self.model_cfg, self.tx, config.seed),
                          out_shardings=self.state_shardings)
     step_fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
-                                schedule=self.schedule, moe=self.model_cfg.moe)
+                                schedule=self.schedule, moe=self.model_cfg.moe,
+                                on_nonfinite=config.on_nonfinite,
+                                nan_at_step=config.debug.nan_at_step,
+                                nan_term=config.debug.nan_term)
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, replicated),
                               donate_argnums=0)
@@ -266,71 +312,109 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains for `config.num_train_steps`, resuming from the newest checkpoint in `workdir`.
 
-  Returns the last evaluation metrics (a dict; see `evaluation.evaluate`).
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains for `config.num_train_steps`, resuming from the newest good checkpoint in `workdir`.
+
+  Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM it saves
+  a checkpoint at the current step and returns. Raises `guards.NonFiniteError` (stop mode, after
+  saving the last good state), `checkpointing.CheckpointError` (no readable checkpoint to resume,
+  or a failed save) and ConfigError (a config that does not fit the saved run).
   """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
-  train_iter = trainer.train_iterator()
-  # Resume order: check the config still fits the checkpoint, restore the arrays (params,
-  # optimizer, RNG, step) onto this mesh's shardings, then move the data iterator to where that
-  # step left it. config.json is rewritten only after that, so it always matches the checkpoints.
-  latest = trainer.checkpointer.latest_step()
-  if latest is not None:
+  train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
+  ckpt = trainer.checkpointer
+  log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
+  # Resume order: check the config still fits the checkpoints, restore the newest readable step
+  # (arrays: params, optimizer, RNG, step, guard counters) onto this mesh's shardings, setting
+  # damaged newer steps aside, then move the data iterator to where that step left it.
+  # config.json is rewritten only after that, so it always matches the checkpoints.
+  if ckpt.all_steps():
     check_resumable(config, load_config(workdir), os.path.join(workdir, 'config.json'))
-    state, data_state = trainer.checkpointer.restore(latest, trainer.abstract_state)
+    restored, state, data_state = ckpt.restore_latest(trainer.abstract_state,
+                                                      set_aside_damaged=True, warn=log)
     train_iter.set_state(data_state)
-    print(f'Resumed from {trainer.checkpointer.directory}/{latest}')
+    print(f'Resumed from {ckpt.step_path(restored)}', flush=True)
   else:
     state = trainer.init()
   save_config(config, workdir)
   writer = MetricsWriter(workdir)
+  monitor = guards.StepMonitor(config.on_nonfinite, config.loss_spike_factor, log)
+  monitor.skipped_steps = int(state.skipped_steps)
   start, end = int(state.step), config.stop_at_step or config.num_train_steps
   tokens_per_step = config.batch_size * config.data.seq_len
   eval_metrics, pending = {}, None
-  window, timed_steps = [], 0
+  # Stop mode checkpoints the state before the bad step, so it needs the data position there.
+  data_before: dict[int, dict] = {}
+  timed_steps = 0
   bar = tqdm.tqdm(range(start, end), initial=start,
                   total=config.num_train_steps, disable=jax.process_index() != 0,
                   dynamic_ncols=True, unit='step')
-  t0 = time.perf_counter()
-  for step in bar:
-    state, metrics = trainer.train_step(state, trainer.global_batch(next(train_iter)))
-    if step == start:  # Keep compilation out of the throughput numbers.
-      jax.block_until_ready(metrics)
-      t0 = time.perf_counter()
-    else:
-      timed_steps += 1
-    # Fetch the previous step's metrics only now, so the host never stalls the device queue.
-    if pending is not None:
-      window.append(_check_finite(jax.device_get(pending), step - 1))
-    pending, done = metrics, step + 1
-    if done % config.log_every_steps == 0 or done == config.num_train_steps:
-      window.append(_check_finite(jax.device_get(pending), step))
-      pending = None
-      elapsed = time.perf_counter() - t0
-      # Per-layer telemetry arrays are averaged elementwise over the window.
-      summary = {k: np.mean(np.stack([m[k] for m in window]), axis=0) for k in window[0]}
-      summary['tokens_per_sec'] = timed_steps * tokens_per_step / elapsed
-      writer.write(done, 'train', summary)
-      bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
-      window, timed_steps, t0 = [], 0, time.perf_counter()
-    if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-      eval_metrics = trainer.evaluate(state, config.eval_batches or None)
-      writer.write(done, 'eval', eval_metrics)
-      bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
-                f"{eval_metrics['bits_per_byte']:.3f} bits/byte")
-      timed_steps, t0 = 0, time.perf_counter()
-    if trainer.checkpointer.should_save(done) or done == end:
-      trainer.checkpointer.save(done, state, train_iter.get_state(), force=True)
-  trainer.checkpointer.wait()
-  trainer.checkpointer.close()
+
+  def flush():
+    """Reads the pending step's metrics; in stop mode a bad step saves the last good state."""
+    nonlocal pending
+    if pending is None:
+      return
+    metrics, step = pending
+    pending = None
+    try:
+      monitor.observe(jax.device_get(metrics), step)
+    except guards.NonFiniteError as e:
+      good = int(state.step)  # Halted: the state after step `good`, untouched since.
+      if good and good not in ckpt.all_steps():
+        ckpt.save(good, state.replace(halted_at=jnp.zeros((), jnp.int32)), data_before[good],
+                  force=True)
+      ckpt.wait()
+      ckpt.close()
+      where = ckpt.step_path(good) if good else 'nowhere (no good step yet)'
+      raise guards.NonFiniteError(f'{e}; the last good state is checkpoint {where}') from None
+
+  with guards.sigterm_flag() as preempted:
+    t0 = time.perf_counter()
+    for step in bar:
+      if config.on_nonfinite == 'stop':
+        data_before = {step: train_iter.get_state(), **{k: v for k, v in data_before.items()
+                                                        if k == step - 1}}
+      state, metrics = trainer.train_step(state, trainer.global_batch(next(train_iter)))
+      if step == start:  # Keep compilation out of the throughput numbers.
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+      else:
+        timed_steps += 1
+      # Read the previous step's metrics only now, so the host never stalls the device queue.
+      flush()
+      pending, done = (metrics, step + 1), step + 1
+      if done % config.log_every_steps == 0 or done == config.num_train_steps:
+        flush()
+        summary = monitor.summary() or {'skipped_steps': monitor.skipped_steps}
+        summary['tokens_per_sec'] = timed_steps * tokens_per_step / (time.perf_counter() - t0)
+        writer.write(done, 'train', summary)
+        if 'loss' in summary:
+          bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
+        timed_steps, t0 = 0, time.perf_counter()
+      if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+        flush()
+        eval_metrics = trainer.evaluate(state, config.eval_batches or None)
+        writer.write(done, 'eval', eval_metrics)
+        bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
+                  f"{eval_metrics['bits_per_byte']:.3f} bits/byte")
+        timed_steps, t0 = 0, time.perf_counter()
+      if config.debug.step_sleep_s:
+        time.sleep(config.debug.step_sleep_s)
+      # SIGTERM may arrive at any point of the step, so the check reads the flag only once.
+      stop_now = preempted.is_set()
+      if ckpt.should_save(done) or done == end or stop_now:
+        flush()  # Never checkpoint a halted state under a later step's number.
+        ckpt.save(done, state, train_iter.get_state(), force=True)
+      if stop_now:
+        ckpt.wait()
+        log(f'SIGTERM: saved checkpoint {ckpt.step_path(done)} and stopped; rerun the same '
+            'command to continue.')
+        break
+  flush()
+  ckpt.wait()
+  ckpt.close()
   return eval_metrics
-
-
-def _check_finite(metrics: dict, step: int) -> dict:
-  if not math.isfinite(float(metrics['loss'])):
-    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
-    raise FloatingPointError(f'non-finite loss at step {step + 1}; non-finite terms: {bad}')
-  return metrics

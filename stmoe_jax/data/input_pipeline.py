@@ -99,6 +99,48 @@ def get_data_source(
   return builder.as_data_source(split=split)
 
 
+class DataError(ValueError):
+  """A dataset, split or record the pipeline cannot use; the message names the record."""
+
+
+class _CheckedSource:
+  """Random access to `source` that names the record when one cannot be used.
+
+  Record i that cannot be read (a damaged file), lacks `feature_key`, or whose feature is not
+  text (bytes/str) raises DataError naming `name[split] record i`, instead of an error from deep
+  inside grain or, worse, a silently wrong batch.
+  """
+
+  def __init__(self, source, name: str, split: str, feature_key: str):
+    self._source, self._where, self._key = source, f'{name}[{split}]', feature_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    where = f'{self._where} record {index}'
+    try:
+      record = self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f'{where} cannot be read: {type(e).__name__}: {e}') from e
+    if not isinstance(record, Mapping) or self._key not in record:
+      keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+      raise DataError(f'{where} has no feature {self._key!r} (it has {keys})')
+    if not isinstance(record[self._key], (bytes, str)):
+      raise DataError(f'{where}: feature {self._key!r} is a {type(record[self._key]).__name__}, '
+                      'not text (bytes or str)')
+    return record
+
+
+def _checked_source(name: str, split: str, data_dir, feature_key: str) -> _CheckedSource:
+  """`get_data_source` with the feature key checked and every record checked on read."""
+  source = get_data_source(name, split, data_dir)
+  if not len(source):
+    raise DataError(f'{name}[{split}] has no records: nothing to train or evaluate on')
+  _check_feature(source, name, feature_key)
+  return _CheckedSource(source, name, split, feature_key)
+
+
 def _check_feature(source, name: str, feature_key: str) -> None:
   """Refuses a feature key the dataset does not have, before any batch is built."""
   if len(source) and feature_key not in source[0]:
@@ -223,11 +265,11 @@ def make_train_iterator(
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'Need seq_len, batch_size >= 1: {seq_len}, {batch_size}')
-  source = get_data_source(name, split, data_dir)
-  _check_feature(source, name, feature_key)
+  source = _checked_source(name, split, data_dir, feature_key)
   ds = _shard(grain.MapDataset.source(source), process_index, process_count)
   if len(ds) == 0:
-    raise ValueError(f'Process {process_index} has no documents of {name}.')
+    raise DataError(f'{name}[{split}] has {len(source)} records: none for process '
+                    f'{process_index} of {process_count}')
   # shuffle before repeat: repeat reseeds the shuffle per epoch, so every
   # epoch is a fresh permutation and epochs never mix.
   ds = ds.shuffle(seed=seed).repeat(None).map(_ToTokens(feature_key))
@@ -379,8 +421,7 @@ def make_eval_iterator(
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'Need seq_len, batch_size >= 1: {seq_len}, {batch_size}')
-  source = get_data_source(name, split, data_dir)
-  _check_feature(source, name, feature_key)
+  source = _checked_source(name, split, data_dir, feature_key)
   return EvalIterable(source, feature_key=feature_key, seq_len=seq_len,
                       batch_size=batch_size, process_index=process_index,
                       process_count=process_count, max_batches=max_batches)

@@ -1,0 +1,101 @@
+"""Host side of the training guards: non-finite steps, loss spikes, and SIGTERM preemption.
+
+The device side is in `train_lib.train_step`: a non-finite step never changes the parameters.
+Here the loop's one-step-late metrics are read: a skipped update or a loss spike is logged, a
+non-finite step in stop mode raises `NonFiniteError`, and `sigterm_flag` turns the preemption
+signal into a flag the loop checks after each step.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+
+from stmoe_jax.config import NONFINITE_TERMS
+
+
+class NonFiniteError(FloatingPointError):
+  """Stop mode met a non-finite loss or gradient; the message names the step and the terms."""
+
+
+def nonfinite_terms(metrics: dict) -> list[str]:
+  """Names of the NONFINITE_TERMS (or 'loss' when only the total is bad) holding a NaN/inf.
+
+  Values may be scalars or arrays (per-layer telemetry): any non-finite entry counts.
+  """
+  bad = [k for k in NONFINITE_TERMS if k in metrics and not np.all(np.isfinite(metrics[k]))]
+  return bad or ['loss']
+
+
+def is_spike(loss: float, recent: list[float], factor: float) -> bool:
+  """Whether `loss` exceeds `factor` x the median of `recent` (a full window of past losses)."""
+  return bool(factor) and bool(recent) and loss > factor * float(np.median(recent))
+
+
+class StepMonitor:
+  """Reads each step's fetched metrics: logs skips and spikes, raises in stop mode, averages.
+
+  `observe(metrics, step)` takes one step's metrics (numpy, any shapes) with its 1-based step;
+  `summary()` returns the mean of the healthy steps since the last summary (arrays averaged
+  elementwise) plus the run's `skipped_steps` and `loss_spikes` counts, or None if none.
+  """
+
+  SPIKE_WINDOW = 32
+
+  def __init__(self, on_nonfinite: str, spike_factor: float, log: Callable[[str], None]):
+    self.on_nonfinite, self.spike_factor, self.log = on_nonfinite, spike_factor, log
+    self.recent = collections.deque(maxlen=self.SPIKE_WINDOW)
+    self.window: list[dict] = []
+    self.skipped_steps = self.loss_spikes = 0
+
+  def observe(self, metrics: dict, step: int) -> None:
+    if float(metrics['nonfinite']):
+      terms = ', '.join(nonfinite_terms(metrics))
+      if self.on_nonfinite == 'stop':
+        raise NonFiniteError(f'non-finite {terms} at step {step} (config.on_nonfinite=stop)')
+      self.skipped_steps = int(metrics['skipped_steps'])
+      self.log(f'warning: non-finite {terms} at step {step}: update skipped '
+               f'({self.skipped_steps} skipped so far)')
+      return
+    loss = float(metrics['loss'])
+    if len(self.recent) == self.recent.maxlen and is_spike(loss, list(self.recent),
+                                                           self.spike_factor):
+      self.loss_spikes += 1
+      self.log(f'warning: loss spike at step {step}: {loss:.4f} > {self.spike_factor} x median '
+               f'{np.median(self.recent):.4f} of the previous {len(self.recent)} steps')
+    self.recent.append(loss)
+    self.window.append(metrics)
+
+  def summary(self) -> dict | None:
+    if not self.window:
+      return None
+    summary = {}
+    for key in self.window[0]:
+      if key in ('nonfinite', 'skipped_steps'):
+        continue
+      mean = np.mean(np.stack([np.asarray(m[key], np.float64) for m in self.window]), axis=0)
+      summary[key] = float(mean) if mean.ndim == 0 else mean
+    summary.update(skipped_steps=self.skipped_steps, loss_spikes=self.loss_spikes)
+    self.window = []
+    return summary
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[threading.Event]:
+  """While active, SIGTERM (what cloud/TPU preemption sends) sets the yielded event instead of
+  killing the process; the previous handler is restored on exit. Outside the main thread
+  (where signals cannot be caught) the event is never set."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
