@@ -1,0 +1,43 @@
+"""The benchmarks still run (tiny sizes) and their numbers are self-consistent. Not timed."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script, *flags):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+
+
+def test_moe_layer_benchmark_quick():
+  records = run_benchmark('moe_layer.py', '--quick')
+  peak = [r for r in records if r['kind'] == 'matmul_peak']
+  layers = [r for r in records if r['kind'] == 'layer']
+  assert len(peak) == 1 and peak[0]['flops_per_sec'] > 0
+  # A dense FFN plus (2 expert counts x 3 dispatch strategies).
+  assert [(r['layer'], r['num_experts']) for r in layers] == [('dense_ffn', None)] + [
+      (d, e) for e in (4, 8) for d in ('scatter', 'einsum', 'dropless')]
+  for r in layers:
+    assert abs(r['tokens_per_sec'] * r['seconds'] - r['tokens']) < 1e-6 * r['tokens']
+    # Active FLOPs: fwd+bwd (3) x k experts x 3 GEGLU matmuls x 2 FLOPs per multiply-add.
+    flops = 3 * r['top_k'] * 3 * 2 * r['tokens'] * r['d_model'] * r['expert_d_ff']
+    assert abs(r['active_flops_per_sec'] * r['seconds'] / flops - 1) < 1e-6
+    assert r['temp_bytes'] > 0
+
+
+def test_train_step_benchmark_quick():
+  records = run_benchmark('train_step.py', '--quick')
+  moe, dense, ratio = records
+  assert (moe['config'], dense['config']) == ('tiny', 'tiny_dense')
+  for r in (moe, dense):
+    assert r['tokens_per_sec'] == 4 * 32 / r['seconds_per_step']
+    assert r['model_flops_per_sec'] == r['model_flops_per_token'] * r['tokens_per_sec']
+  # Equal active FLOPs per token by construction (dense width = k x expert width).
+  assert moe['model_flops_per_token'] == dense['model_flops_per_token']
+  assert ratio['moe_over_dense_tokens_per_sec'] == moe['tokens_per_sec'] / dense['tokens_per_sec']
