@@ -26,7 +26,7 @@ from flax import nnx
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax import sharding
-from stmoe_jax.config import (ConfigError, MoeConfig, ModelConfig, check_resumable, model_config,
+from stmoe_jax.config import (AttentionConfig, ConfigError, MoeConfig, ModelConfig, check_resumable, model_config,
                               validate)
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import tokenizer
@@ -92,7 +92,8 @@ def init_state(cfg: ModelConfig, tx, seed: int) -> TrainState:
                     rng=rng)
 
 
-def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
+def compute_loss(params, graphdef, batch, rng, moe: MoeConfig,
+                 attention: AttentionConfig = AttentionConfig()):
   """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z, averaged over target tokens.
 
   Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
@@ -108,6 +109,13 @@ def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
   balance = jnp.sum(moe_stats['balance_loss'])
   z = jnp.sum(moe_stats['z_loss'])
   loss = ce + moe.aux_loss_coef * balance + moe.z_loss_coef * z
+  # Attention losses (sparse-attention branch): head-routed layers' balance and z-losses summed
+  # over those layers, the attention-logit z-loss summed over all layers.
+  attn_balance = jnp.sum(moe_stats['attn_balance_loss'])
+  attn_z = jnp.sum(moe_stats['attn_z_loss'])
+  attn_logit_z = jnp.sum(moe_stats['attn_logit_z_loss'])
+  loss += (attention.head_aux_loss_coef * attn_balance + attention.head_z_loss_coef * attn_z +
+           attention.logit_z_loss_coef * attn_logit_z)
   correct = jnp.argmax(logits_BLV, axis=-1) == batch['targets']
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
@@ -117,15 +125,20 @@ def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
       # max/mean expert load over the layers: 1.0 is perfect balance, E is total collapse.
       'max_expert_load': (jnp.max(moe_stats['expert_load']) * moe_stats['expert_load'].shape[-1]
                           if moe_stats['expert_load'].size else jnp.zeros(())),
+      'attn_balance_loss': attn_balance, 'attn_z_loss': attn_z,
+      'attn_logit_z_loss': attn_logit_z,
+      'max_head_load': (jnp.max(moe_stats['attn_head_load']) * moe_stats['attn_head_load'].shape[-1]
+                        if moe_stats['attn_head_load'].size else jnp.zeros(())),
   }
   return loss, metrics
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConfig):
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConfig,
+               attention: AttentionConfig = AttentionConfig()):
   """One optimizer step: (state, batch) -> (new state, metrics dict of float32 scalars)."""
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, graphdef, batch, rng, moe)
+  (_, metrics), grads = grad_fn(state.params, graphdef, batch, rng, moe, attention)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
@@ -172,7 +185,8 @@ class Trainer:
     self.init = jax.jit(functools.partial(init_state, self.model_cfg, self.tx, config.seed),
                          out_shardings=self.state_shardings)
     step_fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
-                                schedule=self.schedule, moe=self.model_cfg.moe)
+                                schedule=self.schedule, moe=self.model_cfg.moe,
+                                attention=self.model_cfg.attention)
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, replicated),
                               donate_argnums=0)
