@@ -1,8 +1,7 @@
 """Pattern-sparse causal attention computed block by block: `local`, `strided`, `block_sparse`.
 
 Einsum letters: B batch, L length, H heads, K head dim, N query blocks, T tokens per block,
-J key blocks one query block sees, S keys one query sees, R stride residues, A positions per
-residue, Q queries.
+S keys one query sees, R stride residues, A positions per residue, Q queries.
 
 The patterns (query at position i, key at position j; every pattern is causal, j <= i):
   dense:        every j <= i;
@@ -14,8 +13,9 @@ The patterns (query at position i, key at position j; every pattern is causal, j
                 a causal model has no use for BigBird's random blocks' lookahead).
 
 Why work is skipped rather than masked: queries are cut into blocks of T = `block_size` tokens,
-and each query block gathers only the key blocks its pattern can reach (a static [N, J] table),
-so logits are [B, N, H, T, J*T]: time and memory O(L * J * T), never [L, L]. Strided's far part
+and each query block takes only the key blocks its pattern can reach (J local blocks by static
+shifted slices, G global blocks by broadcast), so logits are [B, H, N, T, (G + J) * T]: time and
+memory O(L * (G + J) * T), never [L, L]. Strided's far part
 groups positions by their residue mod `stride`: each residue class is a causal sequence of
 L / stride tokens, so it costs L^2 / stride (the Sparse Transformer takes stride ~ sqrt(L)).
 A sequence whose length is not a multiple of the block is padded with masked keys.
@@ -60,51 +60,55 @@ def pattern_mask(kind: str, att: AttentionConfig, q_pos: jax.Array, k_pos: jax.A
   raise ValueError(f'attention kind {kind!r} is not one of {PATTERN_KINDS}')
 
 
+def _block_layout(kind: str, att: AttentionConfig, num_blocks: int) -> tuple[int, int]:
+  """(G, J): leading global key blocks, then J local key blocks ending at the query's block."""
+  if kind in ('local', 'strided'):
+    return 0, min(-(-(att.window - 1) // att.block_size) + 1, num_blocks)
+  if kind == 'block_sparse':
+    return (min(att.num_global_blocks, num_blocks),
+            min(att.num_local_blocks, num_blocks))
+  if kind == 'dense':
+    return 0, num_blocks
+  raise ValueError(f'attention kind {kind!r} is not one of {PATTERN_KINDS}')
+
+
 def key_block_table(kind: str, att: AttentionConfig, num_blocks: int) -> np.ndarray:
-  """int [N, J]: the key blocks query block n can see, each once; -1 pads short rows.
+  """int [N, G + J]: the key blocks query block n sees, each once; -1 where a column is unused.
 
-  local/strided: the ceil((window - 1) / T) blocks before n that hold its window, and n.
-  block_sparse: the global blocks, then the `num_local_blocks` blocks ending at n.
-  dense: every block <= n (J = N; a reference, no work skipped).
+  Columns 0..G-1 are the global blocks (block_sparse), shown only where not already local;
+  columns G..G+J-1 are blocks n-J+1..n: for local/strided the ceil((window - 1) / T) blocks
+  holding n's window and n itself, for block_sparse the `num_local_blocks` blocks ending at n,
+  for dense all blocks (a reference, no work skipped).
   """
-  rows = []
-  for n in range(num_blocks):
-    if kind in ('local', 'strided'):
-      back = -(-(att.window - 1) // att.block_size)
-      row = list(range(max(n - back, 0), n + 1))
-    elif kind == 'block_sparse':
-      local = list(range(max(n - att.num_local_blocks + 1, 0), n + 1))
-      row = [g for g in range(min(att.num_global_blocks, n + 1)) if g not in local] + local
-    elif kind == 'dense':
-      row = list(range(n + 1))
-    else:
-      raise ValueError(f'attention kind {kind!r} is not one of {PATTERN_KINDS}')
-    rows.append(row)
-  width = max(len(r) for r in rows)
-  return np.array([r + [-1] * (width - len(r)) for r in rows], np.int32)
+  G, J = _block_layout(kind, att, num_blocks)
+  n = np.arange(num_blocks)[:, None]
+  local = n - J + 1 + np.arange(J)[None, :]
+  glob = np.broadcast_to(np.arange(G)[None, :], (num_blocks, G))
+  table = np.concatenate([np.where(glob < n - J + 1, glob, -1), np.where(local >= 0, local, -1)],
+                         axis=1)
+  return table.astype(np.int32)
 
 
-def _masked_partial(q_QHK, k_SHK, v_SHK, mask_QS):
+def _masked_partial(q_QK, k_SK, v_SK, mask_QS):
   """Unnormalised softmax attention over one key set, for merging with `_merge`.
 
-  Leading dims (written `...`) are shared batch dims. q is already scaled by 1/sqrt(K).
-  Returns (m [..., Q, H] running max, l [..., Q, H] sum of exp(logit - m),
-  acc [..., Q, H, K] float32 sum of exp(logit - m) * v), with masked keys contributing 0.
+  Leading dims (written `...`, batch and heads first) are shared; q is already scaled by
+  1/sqrt(K). Returns (m [..., Q] running max, l [..., Q] sum of exp(logit - m), acc [..., Q, K]
+  float32 sum of exp(logit - m) * v), with masked keys contributing 0.
   """
-  logits = jnp.einsum('...qhk,...shk->...hqs', q_QHK, k_SHK, preferred_element_type=jnp.float32)
-  mask = mask_QS[..., None, :, :]
-  logits = jnp.where(mask, logits, _MASKED)
+  logits = jnp.einsum('...qk,...sk->...qs', q_QK, k_SK, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask_QS, logits, _MASKED)
   # The max only keeps exp() in range; lse = m + log(l) is exact for any constant m, so no
   # gradient needs to flow through it.
   m = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-  p = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
-  acc = jnp.einsum('...hqs,...shk->...qhk', p.astype(v_SHK.dtype), v_SHK,
+  p = jnp.where(mask_QS, jnp.exp(logits - m[..., None]), 0.0)
+  acc = jnp.einsum('...qs,...sk->...qk', p.astype(v_SK.dtype), v_SK,
                    preferred_element_type=jnp.float32)
-  return jnp.swapaxes(m, -1, -2), jnp.swapaxes(jnp.sum(p, axis=-1), -1, -2), acc
+  return m, jnp.sum(p, axis=-1), acc
 
 
 def _merge(parts):
-  """Merges `_masked_partial` results over disjoint key sets into (out [..., Q, H, K], lse)."""
+  """Merges `_masked_partial` results over disjoint key sets into (out [..., Q, K], lse [..., Q])."""
   m = parts[0][0]
   for part in parts[1:]:
     m = jnp.maximum(m, part[0])
@@ -114,46 +118,64 @@ def _merge(parts):
   return out, m + jnp.log(jnp.maximum(l, 1e-30))
 
 
-def _pad_length(x_BLHK, length):
-  return jnp.pad(x_BLHK, ((0, 0), (0, length - x_BLHK.shape[1]), (0, 0), (0, 0)))
+def _pad_length(x_BHLK, length):
+  return jnp.pad(x_BHLK, ((0, 0), (0, 0), (0, length - x_BHLK.shape[2]), (0, 0)))
 
 
-def _block_partial(q_BLHK, k_BLHK, v_BLHK, kind, att):
-  """The pattern over gathered key blocks: partial results in [B, L, H(, K)] layout."""
-  B, L, H, K = q_BLHK.shape
+def _block_partial(q_BHLK, k_BHLK, v_BHLK, kind, att):
+  """The pattern over the key blocks it reaches: partial results [B, H, L(, K)]."""
+  B, H, L, K = q_BHLK.shape
   T = att.block_size
   N = -(-L // T)
-  table_NJ = key_block_table(kind, att, N)
-  J = table_NJ.shape[1]
-  q_BNTHK = _pad_length(q_BLHK, N * T).reshape(B, N, T, H, K)
-  gather = lambda x: jnp.take(_pad_length(x, N * T).reshape(B, N, T, H, K),
-                              np.maximum(table_NJ, 0), axis=1).reshape(B, N, J * T, H, K)
-  k_BNSHK, v_BNSHK = gather(k_BLHK), gather(v_BLHK)
+  G, J = _block_layout(kind, att, N)
+  blocks = lambda x: _pad_length(x, N * T).reshape(B, H, N, T, K)
+
+  def keys_of_each_block(x_BHLK):  # -> [B, H, N, (G + J) * T, K]
+    x_BHNTK = blocks(x_BHLK)
+    # Local column j holds block n - J + 1 + j: static shifted slices, so the backward pass is
+    # slicing too (a gather's backward would be a scatter-add).
+    shifted = jnp.pad(x_BHNTK, ((0, 0), (0, 0), (J - 1, 0), (0, 0), (0, 0)))
+    cols = [jnp.broadcast_to(x_BHNTK[:, :, None, :G], (B, H, N, G, T, K))] if G else []
+    cols.append(jnp.stack([shifted[:, :, j:j + N] for j in range(J)], axis=3))
+    return jnp.concatenate(cols, axis=3).reshape(B, H, N, (G + J) * T, K)
+
   # Positions from iota, not numpy constants: XLA computes the [N, T, S] mask on the fly.
+  table = jnp.asarray(key_block_table(kind, att, N))
   q_pos_NT = jnp.arange(N * T).reshape(N, T)
-  table = jnp.asarray(table_NJ)
-  k_pos_NS = (jnp.maximum(table, 0)[:, :, None] * T + jnp.arange(T)).reshape(N, J * T)
+  k_pos_NS = (jnp.maximum(table, 0)[:, :, None] * T + jnp.arange(T)).reshape(N, -1)
   k_ok_NS = jnp.repeat(table >= 0, T, axis=1) & (k_pos_NS < L)
   mask_NTS = pattern_mask(kind, att, q_pos_NT, k_pos_NS) & k_ok_NS[:, None, :]
-  m, l, acc = _masked_partial(q_BNTHK, k_BNSHK, v_BNSHK, mask_NTS)
-  return (m.reshape(B, N * T, H)[:, :L], l.reshape(B, N * T, H)[:, :L],
-          acc.reshape(B, N * T, H, K)[:, :L])
+  m, l, acc = _masked_partial(blocks(q_BHLK), keys_of_each_block(k_BHLK),
+                              keys_of_each_block(v_BHLK), mask_NTS)
+  return (m.reshape(B, H, N * T)[:, :, :L], l.reshape(B, H, N * T)[:, :, :L],
+          acc.reshape(B, H, N * T, K)[:, :, :L])
 
 
-def _residue_partial(q_BLHK, k_BLHK, v_BLHK, att):
+def _residue_partial(q_BHLK, k_BHLK, v_BHLK, att):
   """Strided's far keys (i - j >= window, (i - j) % stride == 0), one residue class at a time."""
-  B, L, H, K = q_BLHK.shape
+  B, H, L, K = q_BHLK.shape
   s = att.stride
   A = -(-L // s)
-  # Position a * s + r sits at [a, r]; move the residue r next to the batch.
-  split = lambda x: jnp.swapaxes(_pad_length(x, A * s).reshape(B, A, s, H, K), 1, 2)
+  # Position a * s + r sits at [a, r]; move the residue r next to the heads: [B, H, R, A, K].
+  split = lambda x: jnp.swapaxes(_pad_length(x, A * s).reshape(B, H, A, s, K), 2, 3)
   a = jnp.arange(A)
   far_AA = (a[:, None] - a[None, :]) * s >= att.window
   k_ok_RA = a[None, :] * s + jnp.arange(s)[:, None] < L
   mask_RAA = far_AA[None] & k_ok_RA[:, None, :]
-  m, l, acc = _masked_partial(split(q_BLHK), split(k_BLHK), split(v_BLHK), mask_RAA)
-  unsplit = lambda x: jnp.swapaxes(x, 1, 2).reshape(B, A * s, *x.shape[3:])[:, :L]
+  m, l, acc = _masked_partial(split(q_BHLK), split(k_BHLK), split(v_BHLK), mask_RAA)
+  unsplit = lambda x: jnp.swapaxes(x, 2, 3).reshape(B, H, A * s, *x.shape[4:])[:, :, :L]
   return unsplit(m), unsplit(l), unsplit(acc)
+
+
+def _heads_major(q_BLHK, k_BLHK, v_BLHK):
+  """[B, L, H, K] -> [B, H, L, K] (q scaled by 1/sqrt(K)): matmul batch dims lead."""
+  scale = jnp.asarray(1 / math.sqrt(q_BLHK.shape[-1]), q_BLHK.dtype)
+  return [jnp.swapaxes(x, 1, 2) for x in (q_BLHK * scale, k_BLHK, v_BLHK)]
+
+
+def _finish(parts, dtype):
+  out_BHLK, lse_BHL = _merge(parts)
+  return jnp.swapaxes(out_BHLK, 1, 2).astype(dtype), jnp.swapaxes(lse_BHL, 1, 2)
 
 
 def sparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, kind: str,
@@ -170,19 +192,16 @@ def sparse_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, ki
   Returns:
     (out [B, L, H, K] in q's dtype, lse [B, L, H] float32 log-sum-exp of each query's logits).
   """
-  q_BLHK = q_BLHK * jnp.asarray(1 / math.sqrt(q_BLHK.shape[-1]), q_BLHK.dtype)
+  q, k, v = _heads_major(q_BLHK, k_BLHK, v_BLHK)
   if kind == 'dense':
-    L = q_BLHK.shape[1]
-    pos = jnp.arange(L)
-    parts = [_masked_partial(q_BLHK, k_BLHK, v_BLHK, pattern_mask('dense', att, pos, pos))]
+    pos = jnp.arange(q.shape[2])
+    parts = [_masked_partial(q, k, v, pattern_mask('dense', att, pos, pos))]
   elif kind == 'strided':
     # Window and far stride positions are disjoint key sets: merge their two softmax sums.
-    parts = [_block_partial(q_BLHK, k_BLHK, v_BLHK, 'local', att),
-             _residue_partial(q_BLHK, k_BLHK, v_BLHK, att)]
+    parts = [_block_partial(q, k, v, 'local', att), _residue_partial(q, k, v, att)]
   else:
-    parts = [_block_partial(q_BLHK, k_BLHK, v_BLHK, kind, att)]
-  out, lse = _merge(parts)
-  return out.astype(q_BLHK.dtype), lse
+    parts = [_block_partial(q, k, v, kind, att)]
+  return _finish(parts, q_BLHK.dtype)
 
 
 def attend_at_positions(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
@@ -200,10 +219,9 @@ def attend_at_positions(q_BQHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
   Returns:
     (out [B, Q, H, K], lse [B, Q, H]).
   """
-  q_BQHK = q_BQHK * jnp.asarray(1 / math.sqrt(q_BQHK.shape[-1]), q_BQHK.dtype)
+  q, k, v = _heads_major(q_BQHK, k_BSHK, v_BSHK)
   mask_BQS = pattern_mask(kind, att, q_pos_BQ, k_pos_BS) & (k_pos_BS >= 0)[:, None, :]
-  out, lse = _merge([_masked_partial(q_BQHK, k_BSHK, v_BSHK, mask_BQS)])
-  return out.astype(q_BQHK.dtype), lse
+  return _finish([_masked_partial(q, k, v, mask_BQS[:, None])], q_BQHK.dtype)
 
 
 def logit_z_loss(lse_BLH: jax.Array, mask_BL: jax.Array | None = None) -> jax.Array:

@@ -146,10 +146,10 @@ def test_key_block_tables():
   att = AttentionConfig(block_size=4, window=6, num_local_blocks=2, num_global_blocks=1)
   # Window 6 reaches back ceil(5 / 4) = 2 blocks.
   np.testing.assert_array_equal(key_block_table('local', att, 4),
-                                [[0, -1, -1], [0, 1, -1], [0, 1, 2], [1, 2, 3]])
-  # The global block 0 first, once, even where it is also local.
+                                [[-1, -1, 0], [-1, 0, 1], [0, 1, 2], [1, 2, 3]])
+  # The global block 0 in its own column, used only where it is not also local.
   np.testing.assert_array_equal(key_block_table('block_sparse', att, 5),
-                                [[0, -1, -1], [0, 1, -1], [0, 1, 2], [0, 2, 3], [0, 3, 4]])
+                                [[-1, -1, 0], [-1, 0, 1], [0, 1, 2], [0, 2, 3], [0, 3, 4]])
 
 
 def rotary(x_LK, positions, max_wavelength):
