@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stmoe_jax import attention  # pylint: disable=g-import-not-at-top,wrong-import-position
-from stmoe_jax.config import AttentionConfig, ModelConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from stmoe_jax import attention
+from stmoe_jax.config import AttentionConfig, ModelConfig
 
 ALL_KINDS = ('dense', 'local', 'strided', 'block_sparse', 'head_routed')
 

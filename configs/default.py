@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   att.block_size = 64  # Query/key block of the pattern kinds; also block_sparse's pattern block.
   att.window = 256  # local and strided: a token sees itself and the window - 1 before it.
   att.stride = 64  # strided: also every stride-th earlier token (Sparse Transformer).
-  att.num_local_blocks = 3  # block_sparse: a query block sees itself and the blocks before it, this many in all...
+  att.num_local_blocks = 3  # block_sparse: a query block sees its block and the ones before, this many...
   att.num_global_blocks = 1  # ...plus the first this many blocks (global tokens, BigBird).
   att.head_top_k = 2  # head_routed: heads each token runs (of model.num_heads; MoA, SwitchHead).
   att.head_capacity_factor = 2.0  # head_routed: head capacity = ceil(CF * k * seq_len / num_heads).

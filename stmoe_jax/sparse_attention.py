@@ -1,13 +1,14 @@
 """Pattern-sparse causal attention computed block by block: `local`, `strided`, `block_sparse`.
 
 Einsum letters: B batch, L length, H heads, K head dim, N query blocks, T tokens per block,
-S keys one query sees, R stride residues, A positions per residue, Q queries.
+G global and J local key blocks per query block, S keys one query sees, R stride residues,
+A positions per residue, Q queries.
 
 The patterns (query at position i, key at position j; every pattern is causal, j <= i):
   dense:        every j <= i;
   local:        i - j < window (a causal sliding window, Longformer);
   strided:      i - j < window, or (i - j) % stride == 0: the Sparse Transformer's strided
-                factorisation (Child et al. 2019, section 4.2), both parts in one softmax;
+                factorisation (Child et al. 2019), both parts in one softmax;
   block_sparse: j's block is one of the `num_local_blocks` blocks ending with i's block, or one
                 of the first `num_global_blocks` blocks (BigBird's sliding and global blocks;
                 a causal model has no use for BigBird's random blocks' lookahead).
@@ -15,9 +16,9 @@ The patterns (query at position i, key at position j; every pattern is causal, j
 Why work is skipped rather than masked: queries are cut into blocks of T = `block_size` tokens,
 and each query block takes only the key blocks its pattern can reach (J local blocks by static
 shifted slices, G global blocks by broadcast), so logits are [B, H, N, T, (G + J) * T]: time and
-memory O(L * (G + J) * T), never [L, L]. Strided's far part
-groups positions by their residue mod `stride`: each residue class is a causal sequence of
-L / stride tokens, so it costs L^2 / stride (the Sparse Transformer takes stride ~ sqrt(L)).
+memory O(L * (G + J) * T), never [L, L]. Strided's far part groups positions by their residue
+mod `stride`: each residue class is a causal sequence of L / stride tokens, so it costs
+L^2 / stride (the Sparse Transformer takes stride ~ sqrt(L)).
 A sequence whose length is not a multiple of the block is padded with masked keys.
 
 `pattern_mask` is the single definition of each pattern; `attend_at_positions` applies it to
@@ -108,7 +109,7 @@ def _masked_partial(q_QK, k_SK, v_SK, mask_QS):
 
 
 def _merge(parts):
-  """Merges `_masked_partial` results over disjoint key sets into (out [..., Q, K], lse [..., Q])."""
+  """Merges `_masked_partial` results over disjoint key sets: (out [..., Q, K], lse [..., Q])."""
   m = parts[0][0]
   for part in parts[1:]:
     m = jnp.maximum(m, part[0])

@@ -26,8 +26,8 @@ from flax import nnx
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax import sharding
-from stmoe_jax.config import (AttentionConfig, ConfigError, MoeConfig, ModelConfig, check_resumable, model_config,
-                              validate)
+from stmoe_jax.config import (AttentionConfig, ConfigError, MoeConfig, ModelConfig,
+                              check_resumable, model_config, validate)
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import tokenizer
 from stmoe_jax.metrics import MetricsWriter

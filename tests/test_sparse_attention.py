@@ -266,7 +266,8 @@ def test_train_py_trains_a_sparse_attention_config(stdlib_data_dir, tmp_path):
 
 def test_benchmark_quick_prints_json_lines():
   result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'attention.py'),
-                           '--quick', '--kinds=dense,local,head_routed'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           '--quick', '--kinds=dense,local,head_routed'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
   assert [(r['kind'], r['seq_len']) for r in rows] == [
