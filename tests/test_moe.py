@@ -100,7 +100,7 @@ def test_block_returns_residual_for_dropped_token():
   assert block.is_moe
   x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(3), (cfg.d_model,)), (1, 8, 8))
   positions = jnp.arange(8)[None]
-  out, _ = block(x, positions, train=True)
+  out = block(x, positions, train=True)[0]  # (output, MoE stats, attention stats)
   after_attention = x + block.attn(block.attn_norm(x), positions)
   np.testing.assert_array_equal(np.asarray(out[0, 1:]), np.asarray(after_attention[0, 1:]))
   assert not np.array_equal(np.asarray(out[0, 0]), np.asarray(after_attention[0, 0]))
