@@ -61,6 +61,22 @@ def get_config() -> ml_collections.ConfigDict:
   moe.aux_loss_coef = 1e-2  # Switch load-balancing loss weight.
   moe.z_loss_coef = 1e-3  # ST-MoE router z-loss weight.
 
+  # Attention per layer (README "Sparse attention"). The pattern kinds compute only the key
+  # blocks their pattern touches; head_routed picks top-k of model.num_heads heads per token.
+  config.attention = att = ml_collections.ConfigDict()
+  att.kind = 'dense'  # 'dense', 'local', 'strided', 'block_sparse' or 'head_routed'.
+  att.layer_kinds = ''  # Kinds cycled over layers, e.g. 'local,local,local,dense'; '' = all `kind`.
+  att.block_size = 64  # Query/key block of the pattern kinds; also block_sparse's pattern block.
+  att.window = 256  # local and strided: a token sees itself and the window - 1 before it.
+  att.stride = 64  # strided: also every stride-th earlier token (Sparse Transformer).
+  att.num_local_blocks = 3  # block_sparse: a query block sees its block and the ones before, this many...
+  att.num_global_blocks = 1  # ...plus the first this many blocks (global tokens, BigBird).
+  att.head_top_k = 2  # head_routed: heads each token runs (of model.num_heads; MoA, SwitchHead).
+  att.head_capacity_factor = 2.0  # head_routed: head capacity = ceil(CF * k * seq_len / num_heads).
+  att.head_aux_loss_coef = 1e-2  # head_routed: Switch balance loss over heads.
+  att.head_z_loss_coef = 1e-3  # head_routed: router z-loss over heads.
+  att.logit_z_loss_coef = 0.0  # mean logsumexp(attention logits)^2, every layer (ST-MoE); 0 = off.
+
   config.opt = opt = ml_collections.ConfigDict()
   opt.name = 'adamw'  # 'adamw' or 'adafactor'.
   opt.lr = 3e-3  # Peak learning rate.

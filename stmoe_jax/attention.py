@@ -36,3 +36,25 @@ class CausalSelfAttention(nnx.Module):
     # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
+
+
+def make_attention(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The attention module of `layer`, as `cfg.attention.layer_kind(layer)` says.
+
+  Plain dense attention returns [B, L, D]; every other module (a sparse pattern, head-routed,
+  or dense with the logit z-loss on) returns ([B, L, D], stats dict) and takes `mask_BL`.
+  """
+  # Imported here: both modules build on CausalSelfAttention from this one.
+  from stmoe_jax.head_routing import HeadRoutedAttention  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.sparse_attention import PatternAttention  # pylint: disable=g-import-not-at-top
+  kind = cfg.attention.layer_kind(layer)
+  if kind == 'head_routed':
+    return HeadRoutedAttention(cfg, rngs=rngs)
+  if kind == 'dense' and not cfg.attention.logit_z_loss_coef:
+    return CausalSelfAttention(cfg, rngs=rngs)
+  return PatternAttention(cfg, kind, rngs=rngs)
+
+
+def returns_stats(cfg: ModelConfig, layer: int) -> bool:
+  """Whether `make_attention(cfg, layer)` returns (output, stats) rather than the output alone."""
+  return cfg.attention.layer_kind(layer) != 'dense' or bool(cfg.attention.logit_z_loss_coef)

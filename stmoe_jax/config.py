@@ -55,6 +55,33 @@ class MoeConfig:
     return self.every > 0 and layer % self.every == self.every - 1
 
 
+ATTENTION_KINDS = ('dense', 'local', 'strided', 'block_sparse', 'head_routed')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Attention kind per layer and each kind's settings; see configs/default.py `attention`."""
+  kind: str = 'dense'
+  layer_kinds: str = ''
+  block_size: int = 64
+  window: int = 256
+  stride: int = 64
+  num_local_blocks: int = 3
+  num_global_blocks: int = 1
+  head_top_k: int = 2
+  head_capacity_factor: float = 2.0
+  head_aux_loss_coef: float = 1e-2
+  head_z_loss_coef: float = 1e-3
+  logit_z_loss_coef: float = 0.0
+
+  def layer_kind(self, layer: int) -> str:
+    """The attention kind of `layer` (0-based): `layer_kinds` cycled over layers, else `kind`."""
+    if not self.layer_kinds:
+      return self.kind
+    kinds = [k.strip() for k in self.layer_kinds.split(',')]
+    return kinds[layer % len(kinds)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Transformer settings; see configs/default.py for what each field means."""
@@ -69,6 +96,7 @@ class ModelConfig:
   init_scale: float = 0.1
   dtype: str = 'float32'
   moe: MoeConfig = MoeConfig()
+  attention: AttentionConfig = AttentionConfig()
 
   def ffn_kind(self, layer: int) -> str:
     """'moe' for a sparse layer, 'dense' otherwise; 'dense_matched' replaces MoE when disabled."""
@@ -80,13 +108,24 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     return sum(self.ffn_kind(i) == 'moe' for i in range(self.num_layers))
 
+  @property
+  def head_routed_layers(self) -> list[int]:
+    """Indices of the layers whose attention is head-routed."""
+    return [i for i in range(self.num_layers) if self.attention.layer_kind(i) == 'head_routed']
+
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """Builds the frozen ModelConfig from `config.model` and `config.moe` (validated first)."""
+  """Builds the frozen ModelConfig from `config.model`, `config.moe` and `config.attention`
+  (validated first; a config saved before `attention` existed means dense attention)."""
   validate(config)
   moe = MoeConfig(**{f.name: config.moe[f.name] for f in dataclasses.fields(MoeConfig)})
-  fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != 'moe']
-  return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe)
+  attention = AttentionConfig()
+  if 'attention' in config:
+    attention = AttentionConfig(**{f.name: config.attention[f.name]
+                                   for f in dataclasses.fields(AttentionConfig)})
+  fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ('moe', 'attention')]
+  return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe,
+                     attention=attention)
 
 
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
@@ -111,7 +150,7 @@ def _positive_ints(section, prefix, names):
            f'{prefix}{name}', value, 'a positive integer')
 
 
-# Every field outside `model`/`moe` (those are the dataclasses above) and its type; `validate`
+# Every field outside `model`/`moe`/`attention` (those are the dataclasses above) and its type; `validate`
 # refuses unknown, missing and mistyped fields. A new config field must be added here.
 _FIELDS = {
     'seed': int,
@@ -133,8 +172,9 @@ NONFINITE_TERMS = ('cross_entropy', 'balance_loss', 'z_loss', 'grad_norm')
 
 
 def _schema() -> dict:
-  sections = {'model': ModelConfig, 'moe': MoeConfig}
-  schema = {name: {f: t for f, t in typing.get_type_hints(cls).items() if f != 'moe'}
+  sections = {'model': ModelConfig, 'moe': MoeConfig, 'attention': AttentionConfig}
+  schema = {name: {f: t for f, t in typing.get_type_hints(cls).items()
+                   if f not in ('moe', 'attention')}
             for name, cls in sections.items()}
   return {**_FIELDS, **schema}
 
@@ -239,6 +279,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                            moe.group_size % seq_len == 0),
          'moe.group_size', moe.group_size,
          f'a divisor or multiple of data.seq_len={seq_len} dividing batch_size * seq_len = {tokens}')
+  if 'attention' in config:
+    _validate_attention(config.attention, m.num_heads)
   _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
   _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
   _check(opt.schedule in ('cosine', 'rsqrt'), 'opt.schedule', opt.schedule, "'cosine' or 'rsqrt'")
@@ -265,13 +307,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'one of {list(NONFINITE_TERMS)}')
 
 
+def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
+  """The `config.attention` checks of `validate`."""
+  expected_kind = ' or '.join(repr(k) for k in ATTENTION_KINDS)
+  _check(att.kind in ATTENTION_KINDS, 'attention.kind', att.kind, expected_kind)
+  _check(isinstance(att.layer_kinds, str), 'attention.layer_kinds', att.layer_kinds,
+         'a comma-separated string of kinds')
+  if att.layer_kinds:
+    for kind in att.layer_kinds.split(','):
+      _check(kind.strip() in ATTENTION_KINDS, 'attention.layer_kinds', att.layer_kinds,
+             f'comma-separated kinds, each {expected_kind}')
+  _positive_ints(att, 'attention.', ['block_size', 'window', 'stride', 'num_local_blocks',
+                                    'head_top_k'])
+  _check(isinstance(att.num_global_blocks, int) and att.num_global_blocks >= 0,
+         'attention.num_global_blocks', att.num_global_blocks, 'an integer >= 0')
+  _check(att.head_top_k <= num_heads, 'attention.head_top_k', att.head_top_k,
+         f'at most model.num_heads={num_heads}')
+  _check(att.head_capacity_factor > 0, 'attention.head_capacity_factor',
+         att.head_capacity_factor, 'a number > 0')
+  for name in ('head_aux_loss_coef', 'head_z_loss_coef', 'logit_z_loss_coef'):
+    _check(att[name] >= 0, f'attention.{name}', att[name], 'a number >= 0')
+
+
 # Fields a resumed run must share with the run that wrote the checkpoint: they fix parameter
 # shapes, optimizer state structure or the data stream. Everything else (steps, capacity
 # factors, learning rate, logging) may change between restarts.
 RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.expert_d_ff',
                  'moe.num_shared_experts', 'moe.shared_expert_d_ff', 'moe.extra_dense_ffn',
                  'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
-                 'data.train_split')
+                 'data.train_split', 'attention.kind', 'attention.layer_kinds')
 
 
 def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
@@ -287,6 +351,8 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
 
   for field in RESUME_FIELDS:
     section, _, key = field.partition('.')
+    if section not in config or section not in saved:  # A run saved before the section existed.
+      continue
     now = config[section][key] if key else config[section]
     then = saved[section][key] if key else saved[section]
     for (name, a), (_, b) in zip(flat(now, field), flat(then, field)):

@@ -27,7 +27,7 @@ from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax import guards
 from stmoe_jax import sharding
-from stmoe_jax.config import (NONFINITE_TERMS, ConfigError, MoeConfig, ModelConfig,
+from stmoe_jax.config import (NONFINITE_TERMS, ConfigError, ModelConfig,
                               check_resumable, model_config, validate)
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import tokenizer
@@ -104,7 +104,7 @@ def init_state(cfg: ModelConfig, tx, seed: int) -> TrainState:
                     halted_at=jnp.zeros((), jnp.int32))
 
 
-def compute_loss(params, buffers, graphdef, batch, rng, moe: MoeConfig):
+def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z, averaged over target tokens.
 
   Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
@@ -120,12 +120,24 @@ def compute_loss(params, buffers, graphdef, batch, rng, moe: MoeConfig):
   ce = jnp.sum(ce_BL * weights_BL) / num_tokens
   balance = jnp.sum(moe_stats['balance_loss'])
   z = jnp.sum(moe_stats['z_loss'])
+  moe, attention = cfg.moe, cfg.attention
   loss = ce + moe.aux_loss_coef * balance + moe.z_loss_coef * z
+  # Attention losses (sparse-attention branch): head-routed layers' balance and z-losses summed
+  # over those layers, the attention-logit z-loss summed over all layers.
+  attn_balance = jnp.sum(moe_stats['attn_balance_loss'])
+  attn_z = jnp.sum(moe_stats['attn_z_loss'])
+  attn_logit_z = jnp.sum(moe_stats['attn_logit_z_loss'])
+  loss += (attention.head_aux_loss_coef * attn_balance + attention.head_z_loss_coef * attn_z +
+           attention.logit_z_loss_coef * attn_logit_z)
   correct = jnp.argmax(logits_BLV, axis=-1) == batch['targets']
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
       'accuracy': jnp.sum(correct * weights_BL) / num_tokens,
       **moe_metrics(moe_stats),
+      'attn_balance_loss': attn_balance, 'attn_z_loss': attn_z,
+      'attn_logit_z_loss': attn_logit_z,
+      'max_head_load': (jnp.max(moe_stats['attn_head_load']) * moe_stats['attn_head_load'].shape[-1]
+                        if moe_stats['attn_head_load'].size else jnp.zeros(())),
   }
   return loss, (metrics, nnx.to_pure_dict(nnx.state(model, RouterBias)))
 
@@ -162,7 +174,7 @@ def _poison(metrics: dict, grads, now: jax.Array, term: str):
   return metrics, jax.tree.map(lambda g: g + nan.astype(g.dtype), grads)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConfig,
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, cfg: ModelConfig,
                on_nonfinite: str = 'stop', nan_at_step: int = 0,
                nan_term: str = 'cross_entropy'):
   """One optimizer step: (state, batch) -> (new state, metrics dict of float32 arrays).
@@ -176,7 +188,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, moe: MoeConf
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (_, (metrics, buffers)), grads = grad_fn(state.params, state.buffers, graphdef, batch, rng,
-                                           moe)
+                                           cfg)
   if nan_at_step:
     metrics, grads = _poison(metrics, grads, state.step + 1 == nan_at_step, nan_term)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -244,7 +256,7 @@ class Trainer:
     self.init = jax.jit(functools.partial(init_state, self.model_cfg, self.tx, config.seed),
                          out_shardings=self.state_shardings)
     step_fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
-                                schedule=self.schedule, moe=self.model_cfg.moe,
+                                schedule=self.schedule, cfg=self.model_cfg,
                                 on_nonfinite=config.on_nonfinite,
                                 nan_at_step=config.debug.nan_at_step,
                                 nan_term=config.debug.nan_term)

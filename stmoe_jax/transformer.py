@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stmoe_jax import layers
-from stmoe_jax.attention import CausalSelfAttention
+from stmoe_jax import attention
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Mlp
 from stmoe_jax.moe import MoeLayer
@@ -24,7 +24,8 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     self.attn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.attn = CausalSelfAttention(cfg, rngs=rngs)
+    self.attn = attention.make_attention(cfg, layer, rngs=rngs)
+    self.attn_returns_stats = attention.returns_stats(cfg, layer)
     self.ffn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     kind = cfg.ffn_kind(layer)
     if kind == 'moe':
@@ -43,8 +44,14 @@ class Block(nnx.Module):
       self.extra_ffn = Mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None):
-    """Returns ([B, L, D] output, MoE routing stats or None for a dense layer)."""
-    x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+    """Returns ([B, L, D] output, MoE routing stats or None for a dense layer, attention stats:
+    {} for plain dense attention, else `logit_z_loss` and, if head-routed, its routing stats)."""
+    h_BLD = self.attn_norm(x_BLD)
+    if self.attn_returns_stats:
+      a_BLD, attn_stats = self.attn(h_BLD, positions_BL, mask_BL=mask_BL)
+    else:
+      a_BLD, attn_stats = self.attn(h_BLD, positions_BL), {}
+    x_BLD = x_BLD + a_BLD.astype(x_BLD.dtype)
     if self.extra_dense == 'before':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     h_BLD = self.ffn_norm(x_BLD)
@@ -55,7 +62,7 @@ class Block(nnx.Module):
     x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
     if self.extra_dense == 'after':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
-    return x_BLD, stats
+    return x_BLD, stats, attn_stats
 
 
 class Transformer(nnx.Module):
@@ -70,6 +77,7 @@ class Transformer(nnx.Module):
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
     self.dtype = jnp.dtype(cfg.dtype)
     self.num_experts, self.top_k, self.router = cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router
+    self.num_heads = cfg.num_heads
 
   def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None,
@@ -87,16 +95,20 @@ class Transformer(nnx.Module):
       (logits_BLV in float32, moe_stats) where moe_stats stacks each MoE layer's stats
       (`routing.routing_stats` plus `router_bias`) along a leading axis M (the MoE layers,
       possibly 0): e.g. `balance_loss` [M], `expert_load` [M, E],
-      `dropped_fraction_per_slot` [M, K].
+      `dropped_fraction_per_slot` [M, K]; and the attention stats `attn_logit_z_loss`
+      [num_layers] (0 where not computed) and, stacked over the A head-routed layers,
+      `attn_balance_loss`, `attn_z_loss`, `attn_dropped_fraction` [A] and `attn_head_load` [A, H].
     """
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
-    per_layer = []
+    per_layer, attn_per_layer = [], []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BLD, stats = block(x_BLD, positions_BL, train=train, rng=layer_rng, mask_BL=mask_BL)
+      x_BLD, stats, attn_stats = block(x_BLD, positions_BL, train=train, rng=layer_rng,
+                                       mask_BL=mask_BL)
       if stats is not None:
         per_layer.append(stats)
+      attn_per_layer.append(attn_stats)
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
     x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
     logits_BLV = layers.dense(x_BLD, self.lm_head[...])
@@ -109,4 +121,17 @@ class Transformer(nnx.Module):
           ('balance_loss', ()), ('z_loss', ()), ('expert_load', (E,)), ('max_load_ratio', ()),
           ('dropped_fraction', ()), ('dropped_fraction_per_slot', (K,)),
           ('router_entropy', ()), ('router_bias', (E,)))}
+    moe_stats.update(_attention_stats(attn_per_layer, self.num_heads))
     return logits_BLV, moe_stats
+
+
+def _attention_stats(per_layer: list[dict], num_heads: int) -> dict[str, jax.Array]:
+  """Stacks the blocks' attention stats: logit z-loss per layer, routing stats per routed layer."""
+  stats = {'attn_logit_z_loss': jnp.stack([s.get('logit_z_loss', jnp.zeros(()))
+                                           for s in per_layer])}
+  routed = [s for s in per_layer if 'head_load' in s]
+  for key, empty in (('balance_loss', (0,)), ('z_loss', (0,)), ('dropped_fraction', (0,)),
+                     ('head_load', (0, num_heads))):
+    stats[f'attn_{key}'] = (jnp.stack([s[key] for s in routed]) if routed
+                            else jnp.zeros(empty))
+  return stats

@@ -77,7 +77,7 @@ def test_block_returns_residual_for_dropped_token():
   assert block.is_moe
   x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(3), (cfg.d_model,)), (1, 8, 8))
   positions = jnp.arange(8)[None]
-  out, _ = block(x, positions, train=True)
+  out = block(x, positions, train=True)[0]  # (output, MoE stats, attention stats)
   after_attention = x + block.attn(block.attn_norm(x), positions)
   np.testing.assert_array_equal(np.asarray(out[0, 1:]), np.asarray(after_attention[0, 1:]))
   assert not np.array_equal(np.asarray(out[0, 0]), np.asarray(after_attention[0, 0]))
@@ -221,7 +221,7 @@ def test_extra_dense_ffn_sits_before_or_after_the_moe(where):
   assert block.is_moe
   x = jax.random.normal(jax.random.PRNGKey(3), (1, 8, cfg.d_model))
   positions = jnp.arange(8)[None]
-  out, _ = block(x, positions, train=False)
+  out, _, _ = block(x, positions, train=False)
   h = x + block.attn(block.attn_norm(x), positions)
   dense = lambda h: h + block.extra_ffn(block.extra_norm(h))
   moe = lambda h: h + block.ffn(block.ffn_norm(h), train=False)[0]

@@ -300,7 +300,7 @@ def test_train_step_guards_leave_the_state_untouched(tiny_trainer):
                                               s2_host.params))) > 0
 
   stop_step = jax.jit(lambda state, batch: train_lib.train_step(
-      state, batch, graphdef=t.graphdef, tx=t.tx, schedule=t.schedule, moe=t.model_cfg.moe,
+      state, batch, graphdef=t.graphdef, tx=t.tx, schedule=t.schedule, cfg=t.model_cfg,
       on_nonfinite='stop', nan_at_step=2, nan_term='grad_norm'))
   s1, _ = stop_step(t.init(), batches[0])
   s1_host = jax.device_get(s1)
