@@ -25,6 +25,8 @@ from flax import nnx
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import flops
+from stmoe_jax import sampling
 from stmoe_jax import sharding
 from stmoe_jax.config import (ConfigError, MoeConfig, ModelConfig, check_resumable, model_config,
                               validate)
@@ -117,6 +119,8 @@ def compute_loss(params, graphdef, batch, rng, moe: MoeConfig):
       # max/mean expert load over the layers: 1.0 is perfect balance, E is total collapse.
       'max_expert_load': (jnp.max(moe_stats['expert_load']) * moe_stats['expert_load'].shape[-1]
                           if moe_stats['expert_load'].size else jnp.zeros(())),
+      'expert_load': moe_stats['expert_load'],  # [M, E]
+      'layer_dropped_fraction': moe_stats['dropped_fraction'],  # [M]
   }
   return loss, metrics
 
@@ -249,6 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricsWriter(workdir)
   start, end = int(state.step), config.stop_at_step or config.num_train_steps
   tokens_per_step = config.batch_size * config.data.seq_len
+  flops_per_token = flops.train_flops_per_token(trainer.model_cfg, config.data.seq_len)
+  peak = (config.get('peak_flops_per_device') or
+          flops.peak_flops_per_device(jax.devices()[0].device_kind))
+  peak_flops = peak * jax.device_count() if peak else None
+  sample_tokens, sampler = config.get('eval_sample_tokens', 128), None
   eval_metrics, pending = {}, None
   window, timed_steps = [], 0
   bar = tqdm.tqdm(range(start, end), initial=start,
@@ -270,8 +279,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window.append(_check_finite(jax.device_get(pending), step))
       pending = None
       elapsed = time.perf_counter() - t0
-      summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      summary = {k: np.mean(np.stack([m[k] for m in window]), axis=0) for k in window[0]}
       summary['tokens_per_sec'] = timed_steps * tokens_per_step / elapsed
+      summary['model_flops_per_sec'] = summary['tokens_per_sec'] * flops_per_token
+      mfu = flops.model_flops_utilization(summary['tokens_per_sec'], flops_per_token, peak_flops)
+      if mfu is not None:
+        summary['mfu'] = mfu
       writer.write(done, 'train', summary)
       bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
       window, timed_steps, t0 = [], 0, time.perf_counter()
@@ -280,11 +293,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(done, 'eval', eval_metrics)
       bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
                 f"{eval_metrics['bits_per_byte']:.3f} bits/byte")
+      if sample_tokens:  # A text sample from the start of a file, for TensorBoard.
+        sampler = sampler or sampling.Sampler(trainer.model_cfg, config.data.seq_len)
+        prompt = config.get('eval_sample_prompt', 'def ')
+        writer.write_text(done, 'eval/sample', prompt + sampler.generate_text(
+            state.params, prompt, sample_tokens, seed=done))
       timed_steps, t0 = 0, time.perf_counter()
     if trainer.checkpointer.should_save(done) or done == end:
       trainer.checkpointer.save(done, state, train_iter.get_state(), force=True)
   trainer.checkpointer.wait()
   trainer.checkpointer.close()
+  writer.close()
   return eval_metrics
 
 
