@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   peak = (config.get('peak_flops_per_device') or
           flops.peak_flops_per_device(jax.devices()[0].device_kind))
   peak_flops = peak * jax.device_count() if peak else None
-  sample_tokens, sampler = config.get('eval_sample_tokens', 128), None
+  sample_tokens, sampler = config.get('eval_sample_tokens', 64), None
   eval_metrics, pending = {}, None
   window, timed_steps = [], 0
   bar = tqdm.tqdm(range(start, end), initial=start,
