@@ -104,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batches = 40  # Validation batches per periodic eval; 0 = the whole split.
   config.checkpoint_every_steps = 425
   config.keep_checkpoints = 3
+  config.eval_sample_tokens = 64  # Bytes generated at each eval (TensorBoard text); 0 = off.
+  config.eval_sample_prompt = 'def '
+  config.peak_flops_per_device = 0.0  # For the MFU metric; 0 = the datasheet peak if known (not CPUs).
   # Non-finite loss or gradients: 'skip' drops that update (counted and logged), 'stop' saves
   # the last good state and exits non-zero naming the step and the bad terms.
   config.on_nonfinite = 'stop'

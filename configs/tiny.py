@@ -20,4 +20,5 @@ def get_config():
   config.eval_batches = 2
   config.checkpoint_every_steps = 4
   config.keep_checkpoints = 2
+  config.eval_sample_tokens = 0  # No sampler compile in every test run.
   return config

@@ -1,7 +1,48 @@
 """stmoe_jax: sparse Mixture-of-Experts transformers (ST-MoE, Switch, GShard) in JAX/Flax NNX.
 
+Library API (each name's docstring says more; imported on first use, so `import stmoe_jax`
+stays light):
+
+  model_config(config) -> ModelConfig      ConfigDict -> frozen model config (validated)
+  Transformer(cfg, rngs=nnx.Rngs(0))        the model: tokens [B, L] -> (logits, moe stats)
+  train_and_evaluate(config, workdir)       train (resuming), log, evaluate; returns eval metrics
+  Trainer(config, workdir)                  jitted init/train/eval steps and checkpoints
+  evaluate_workdir(workdir)                 restore a checkpoint, evaluate the validation split
+  load_checkpoint(workdir) -> (config, state) a checkpoint's TrainState
+  Sampler(cfg, context_len)                 KV-cache text generation: .generate_text(state.params, ..., buffers=state.buffers)
+  sample_workdir(workdir, prompt, n)        prompt + generated text from a checkpoint
+  plot                                      PNG plots of runs, routing plots for notebooks
+
 Modules, in reading order: routing (tokens-choose top-k, router losses), experts (batched expert
 FFNs), moe (route -> dispatch -> experts -> combine), attention, transformer, config (validation
 and frozen model configs), sharding (logical axes -> mesh), data (stdlib corpus, grain
-pipelines), train_lib, evaluation, checkpointing, metrics.
+pipelines), train_lib, evaluation, checkpointing, metrics (metrics.jsonl + TensorBoard), flops,
+sampling, plot, sweep.
 """
+
+import importlib
+
+_EXPORTS = {
+    'ConfigError': 'config', 'ModelConfig': 'config', 'MoeConfig': 'config',
+    'model_config': 'config', 'validate': 'config',
+    'Transformer': 'transformer',
+    'Trainer': 'train_lib', 'train_and_evaluate': 'train_lib', 'load_config': 'train_lib',
+    'evaluate_workdir': 'evaluation',
+    'Sampler': 'sampling', 'load_checkpoint': 'sampling', 'sample_workdir': 'sampling',
+    'MetricsWriter': 'metrics',
+}
+_SUBMODULES = ('plot', 'sweep', 'flops', 'sampling', 'train_lib', 'evaluation', 'metrics')
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'stmoe_jax.{_EXPORTS[name]}'), name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f'stmoe_jax.{name}')
+  raise AttributeError(f'module stmoe_jax has no attribute {name!r}')
+
+
+def __dir__():
+  return __all__

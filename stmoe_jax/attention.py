@@ -5,12 +5,33 @@ Einsum letters: B batch, L length, D model dim, H heads, K head dim.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from stmoe_jax import layers
 from stmoe_jax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of the positions decoded so far, for one attention layer.
+
+  Attributes:
+    k: [B, T, H, K] rotated keys; slot t holds position t (T = the cache length).
+    v: [B, T, H, K] values.
+    end: int32 scalar, number of filled slots (= the position of the next token).
+  """
+  k: jax.Array
+  v: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, length: int, cfg: ModelConfig) -> 'KVCache':
+    shape = (batch, length, cfg.num_heads, cfg.head_dim)
+    empty = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return cls(k=empty, v=empty, end=jnp.zeros((), jnp.int32))
 
 
 class CausalSelfAttention(nnx.Module):
@@ -37,6 +58,27 @@ class CausalSelfAttention(nnx.Module):
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
 
+  def decode(self, x_BLD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Attention for L new tokens at positions cache.end.. given the cached earlier ones.
+
+    Writes the new keys/values into `cache` and attends over its filled slots; the caller
+    keeps cache.end + L <= T. Returns ([B, L, D] output, updated cache).
+    """
+    x_BLD = x_BLD.astype(self.dtype)
+    B, L, _ = x_BLD.shape
+    positions_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
+    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
+    q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
+    k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
+    k_BTHK = jax.lax.dynamic_update_slice(cache.k, k_BLHK.astype(cache.k.dtype),
+                                          (0, cache.end, 0, 0))
+    v_BTHK = jax.lax.dynamic_update_slice(cache.v, project(self.w_v).astype(cache.v.dtype),
+                                          (0, cache.end, 0, 0))
+    # Slot t holds position t: a query sees the slots at or before its own position.
+    visible_BLT = jnp.arange(k_BTHK.shape[1]) <= positions_BL[..., None]
+    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BTHK, v_BTHK, mask=visible_BLT[:, None])
+    out_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
+    return out_BLD, KVCache(k=k_BTHK, v=v_BTHK, end=cache.end + L)
 
 def make_attention(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
   """The attention module of `layer`, as `cfg.attention.layer_kind(layer)` says.

@@ -163,6 +163,7 @@ _FIELDS = {
     'batch_size': int, 'num_train_steps': int, 'stop_at_step': int, 'log_every_steps': int,
     'eval_every_steps': int, 'eval_batches': int, 'checkpoint_every_steps': int,
     'keep_checkpoints': int, 'on_nonfinite': str, 'loss_spike_factor': float,
+    'eval_sample_tokens': int, 'eval_sample_prompt': str, 'peak_flops_per_device': float,
     'debug': {'nan_at_step': int, 'nan_term': str, 'step_sleep_s': float},
 }
 _TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
@@ -271,6 +272,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                     'eval_every_steps', 'checkpoint_every_steps',
                                     'keep_checkpoints'])
   _positive_ints(config.data, 'data.', ['seq_len'])
+  _check(config.eval_sample_tokens >= 0, 'eval_sample_tokens', config.eval_sample_tokens,
+         'an integer >= 0 (0 = no text sample at eval)')
+  _check(config.peak_flops_per_device >= 0, 'peak_flops_per_device', config.peak_flops_per_device,
+         'a number >= 0 (0 = the datasheet peak of the device, if known)')
   _check(isinstance(config.stop_at_step, int) and config.stop_at_step >= 0, 'stop_at_step',
          config.stop_at_step, 'an integer >= 0 (0 = run to num_train_steps)')
   _check(config.eval_batches >= 0, 'eval_batches', config.eval_batches, 'an integer >= 0')

@@ -25,7 +25,9 @@ from flax import nnx
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import flops
 from stmoe_jax import guards
+from stmoe_jax import sampling
 from stmoe_jax import sharding
 from stmoe_jax.config import (NONFINITE_TERMS, ConfigError, ModelConfig,
                               check_resumable, model_config, validate)
@@ -357,6 +359,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   monitor.skipped_steps = int(state.skipped_steps)
   start, end = int(state.step), config.stop_at_step or config.num_train_steps
   tokens_per_step = config.batch_size * config.data.seq_len
+  flops_per_token = flops.train_flops_per_token(trainer.model_cfg, config.data.seq_len)
+  peak = (config.peak_flops_per_device or
+          flops.peak_flops_per_device(jax.devices()[0].device_kind))
+  peak_flops = peak * jax.device_count() if peak else None
+  sample_tokens, sampler = config.eval_sample_tokens, None
   eval_metrics, pending = {}, None
   # Stop mode checkpoints the state before the bad step, so it needs the data position there.
   data_before: dict[int, dict] = {}
@@ -403,6 +410,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush()
         summary = monitor.summary() or {'skipped_steps': monitor.skipped_steps}
         summary['tokens_per_sec'] = timed_steps * tokens_per_step / (time.perf_counter() - t0)
+        summary['model_flops_per_sec'] = summary['tokens_per_sec'] * flops_per_token
+        mfu = flops.model_flops_utilization(summary['tokens_per_sec'], flops_per_token,
+                                            peak_flops)
+        if mfu is not None:
+          summary['mfu'] = mfu
         writer.write(done, 'train', summary)
         if 'loss' in summary:
           bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
@@ -413,6 +425,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(done, 'eval', eval_metrics)
         bar.write(f"step {done}: eval loss {eval_metrics['loss']:.4f}, "
                   f"{eval_metrics['bits_per_byte']:.3f} bits/byte")
+        if sample_tokens:  # A text sample from the start of a file, for TensorBoard.
+          sampler = sampler or sampling.Sampler(trainer.model_cfg, config.data.seq_len)
+          prompt = config.eval_sample_prompt
+          writer.write_text(done, 'eval/sample', prompt + sampler.generate_text(
+              state.params, prompt, sample_tokens, seed=done, buffers=state.buffers))
         timed_steps, t0 = 0, time.perf_counter()
       if config.debug.step_sleep_s:
         time.sleep(config.debug.step_sleep_s)
@@ -429,4 +446,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   flush()
   ckpt.wait()
   ckpt.close()
+  writer.close()
   return eval_metrics

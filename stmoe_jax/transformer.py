@@ -13,6 +13,7 @@ from flax import nnx
 
 from stmoe_jax import layers
 from stmoe_jax import attention
+from stmoe_jax.attention import KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Mlp
 from stmoe_jax.moe import MoeLayer
@@ -63,6 +64,19 @@ class Block(nnx.Module):
     if self.extra_dense == 'after':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     return x_BLD, stats, attn_stats
+
+  def decode(self, x_BLD, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """`__call__` at eval capacity for L new tokens after the cached ones (see `Transformer.decode`)."""
+    attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), cache)
+    x_BLD = x_BLD + attn_BLD.astype(x_BLD.dtype)
+    if self.extra_dense == 'before':
+      x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
+    h_BLD = self.ffn_norm(x_BLD)
+    y_BLD = self.ffn(h_BLD, train=False)[0] if self.is_moe else self.ffn(h_BLD)
+    x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
+    if self.extra_dense == 'after':
+      x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
+    return x_BLD, cache
 
 
 class Transformer(nnx.Module):
@@ -123,6 +137,27 @@ class Transformer(nnx.Module):
           ('router_entropy', ()), ('router_bias', (E,)))}
     moe_stats.update(_attention_stats(attn_per_layer, self.num_heads))
     return logits_BLV, moe_stats
+
+  def decode(self, tokens_BL: jax.Array,
+             caches: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """Incremental forward pass: logits [B, L, V] for L tokens that follow the cached ones.
+
+    `caches` holds one `KVCache` per layer (`init_caches`); call with the prompt first, then one
+    token at a time. MoE layers route at eval capacity with this model's `moe.group_size`, which
+    must fit [B, L] (sampling builds the model with group_size 1: dropless per-token routing).
+    """
+    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x_BLD, cache = block.decode(x_BLD, cache)
+      new_caches.append(cache)
+    x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
+    return layers.dense(x_BLD, self.lm_head[...]), tuple(new_caches)
+
+
+def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...]:
+  """Empty KV caches of `length` slots for each of the `cfg.num_layers` layers."""
+  return tuple(KVCache.zeros(batch, length, cfg) for _ in range(cfg.num_layers))
 
 
 def _attention_stats(per_layer: list[dict], num_heads: int) -> dict[str, jax.Array]:

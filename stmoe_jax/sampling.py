@@ -1,0 +1,163 @@
+"""Autoregressive text generation with a KV cache, and the logic of `sample.py`.
+
+Einsum letters: B batch, L length, V vocabulary.
+
+Decoding runs `Transformer.decode`: the prompt in one call, then one token per call, each
+attending over the cached keys/values. MoE layers route every token in its own group of one
+(`decoding_config`), so capacity is never short and nothing is dropped: a token's output is what
+a dropless forward pass gives, whatever else is in the batch. The cache holds the model's
+training window (`data.seq_len`); when it is full, the newest half of the text is prefilled
+into a fresh cache, so no position is ever past those seen in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stmoe_jax.config import ModelConfig, model_config
+from stmoe_jax.data import tokenizer
+from stmoe_jax.transformer import Transformer, init_caches
+
+
+def decoding_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with MoE routing groups of one token: dropless, valid for any [B, L] decode call.
+
+  A group of one token gets capacity min(group_size, ...) = 1 per expert, and a token's k
+  choices go to k different experts, so every choice is kept.
+  """
+  return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, group_size=1))
+
+
+def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array,
+                 top_p: jax.Array) -> jax.Array:
+  """Draws one token per row from float32 logits [B, V] -> int32 [B].
+
+  temperature 0 is greedy (argmax). Otherwise nucleus sampling (Holtzman et al. 2020): keep the
+  most probable tokens until their probability reaches `top_p` (always at least one), renormalise,
+  sample at `temperature`. PAD and BOS are never drawn: they do not occur inside a text.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  logits_BV = logits_BV.at[:, jnp.array([tokenizer.PAD_ID, tokenizer.BOS_ID])].set(-jnp.inf)
+  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+  probs_BV = jax.nn.softmax(scaled_BV, axis=-1)
+  sorted_BV = -jnp.sort(-probs_BV, axis=-1)
+  # A token is in the nucleus if the tokens more probable than it sum to less than top_p.
+  in_nucleus_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV < top_p
+  threshold_B = jnp.min(jnp.where(in_nucleus_BV, sorted_BV, jnp.inf), axis=-1)
+  nucleus_BV = jnp.where(probs_BV >= threshold_B[:, None], scaled_BV, -jnp.inf)
+  sampled_B = jax.random.categorical(rng, nucleus_BV, axis=-1)
+  return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+class Sampler:
+  """Generates text from a model's parameters; jitted functions are built once and reused.
+
+  Args:
+    cfg: the model's config (routing is switched to dropless groups of one token).
+    context_len: KV cache length, normally the training `data.seq_len`.
+  """
+
+  def __init__(self, cfg: ModelConfig, context_len: int):
+    if context_len < 2:
+      raise ValueError(f'context_len={context_len} is invalid: expected at least 2')
+    self.cfg = decoding_config(cfg)
+    self.context_len = context_len
+    self.graphdef, _, buffers = nnx.split(
+        nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    # Non-trainable state (router biases) for callers that pass parameters alone: zeros, what
+    # a model trained without the aux-loss-free balancer has.
+    self._zero_buffers = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                      nnx.to_pure_dict(buffers))
+    self._forward = jax.jit(functools.partial(_last_logits, self.graphdef))
+    self._sample = jax.jit(sample_token)
+
+  def generate_tokens(self, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8,
+                      top_p: float = 0.95, seed: int = 0, stop_at_eos: bool = True,
+                      buffers=None) -> np.ndarray:
+    """Continues `prompt_ids` (int [P], special tokens allowed) by up to `max_new_tokens`.
+
+    `params` is the model's parameter dict (`TrainState.params`); `buffers` its non-trainable
+    state (`TrainState.buffers`: router biases), needed when the aux-loss-free balancer was on.
+
+    Returns the new token ids, int32 [N] with N <= max_new_tokens (fewer if EOS came first;
+    the EOS is not included).
+    """
+    if max_new_tokens < 0 or not 0 < top_p <= 1 or temperature < 0:
+      raise ValueError(f'max_new_tokens={max_new_tokens}, top_p={top_p}, '
+                       f'temperature={temperature}: expected >= 0, in (0, 1], >= 0')
+    context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
+    variables = (params, self._zero_buffers if buffers is None else buffers)
+    window, keep = self.context_len, self.context_len // 2
+    if len(context) >= window:
+      context = context[-keep:]
+    logits_BV, caches = self._prefill(variables, context)
+    rng = jax.random.PRNGKey(seed)
+    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    new_tokens = []
+    for i in range(max_new_tokens):
+      token = int(self._sample(logits_BV, jax.random.fold_in(rng, i), temperature, top_p)[0])
+      if stop_at_eos and token == tokenizer.EOS_ID:
+        break
+      new_tokens.append(token)
+      context.append(token)
+      if len(context) > window:  # Cache full: restart it from the newest half of the text.
+        context = context[-keep:]
+        logits_BV, caches = self._prefill(variables, context)
+      else:
+        logits_BV, caches = self._forward(variables, jnp.array([[token]], jnp.int32), caches)
+    return np.asarray(new_tokens, np.int32)
+
+  def generate_text(self, params, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The generated continuation of `prompt` (read as the start of a file: BOS first), decoded
+    as utf-8 (invalid bytes become U+FFFD). kwargs as `generate_tokens`."""
+    prompt_ids = [tokenizer.BOS_ID, *tokenizer.encode(prompt).tolist()]
+    return tokenizer.decode(self.generate_tokens(params, prompt_ids, max_new_tokens, **kwargs))
+
+  def _prefill(self, variables, context: list[int]):
+    caches = init_caches(self.cfg, 1, self.context_len)
+    return self._forward(variables, jnp.array([context], jnp.int32), caches)
+
+
+def _last_logits(graphdef, variables, tokens_BL, caches):
+  """Runs `Transformer.decode` and keeps the logits of the last position: [B, V]."""
+  params, buffers = variables
+  logits_BLV, caches = nnx.merge(graphdef, params, buffers).decode(tokens_BL, caches)
+  return logits_BLV[:, -1], caches
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(config, TrainState) of a train.py workdir's checkpoint `step` (default: the latest).
+
+  Raises FileNotFoundError naming the path when the workdir or checkpoint is missing.
+  """
+  from stmoe_jax import train_lib  # Heavy (data, Orbax): only needed when reading a workdir.
+
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
+  config = train_lib.load_config(workdir)
+  trainer = train_lib.Trainer(config, workdir)
+  steps = trainer.checkpointer.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {trainer.checkpointer.directory}: train first')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'no checkpoint for step {step} in {trainer.checkpointer.directory};'
+                            f' have {sorted(steps)}')
+  state, _ = trainer.checkpointer.restore(step or max(steps), trainer.abstract_state)
+  trainer.checkpointer.close()
+  return config, state
+
+
+def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int | None = None,
+                   **kwargs) -> str:
+  """Restores a workdir's checkpoint and returns `prompt` followed by its continuation."""
+  config, state = load_checkpoint(workdir, step)
+  sampler = Sampler(model_config(config), config.data.seq_len)
+  return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,
+                                        buffers=state.buffers, **kwargs)
