@@ -71,7 +71,8 @@ def records(workdir, kind='train'):
         out.append(json.loads(line))
       except ValueError:  # The line the trainer is writing right now.
         pass
-  return [r for r in out if r['kind'] == kind]
+  # wall_time differs between runs by nature; everything else must match exactly.
+  return [{k: v for k, v in r.items() if k != 'wall_time'} for r in out if r['kind'] == kind]
 
 
 def wait_for_step(workdir, step, proc, timeout=300):
