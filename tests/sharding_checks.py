@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
 from stmoe_jax import train_lib
+from stmoe_jax.config import ConfigError
 
 MESHES = [{'data': 8}, {'expert': 8}, {'data': 2, 'expert': 4},
           {'data': 2, 'expert': 2, 'model': 2}]
@@ -63,8 +64,29 @@ def loss_and_grads(trainer, state, batch):
   return float(loss), metrics, jax.device_get(grads), hlo
 
 
+def config_errors() -> dict[str, str]:
+  """The ConfigError message of each bad setting; Trainer() raises before compiling anything."""
+  bad = {
+      'num_experts': ({'expert': 4}, lambda c: c.moe.update(num_experts=6, top_k=2)),
+      'batch_size': ({'data': 8}, lambda c: setattr(c, 'batch_size', 4)),
+      'mesh': ({'data': 4, 'expert': 4}, lambda c: None),
+      'logical_axis_rules': ({'data': 8}, lambda c: c.logical_axis_rules.append(('exprt', None))),
+      'groups': ({'expert': 8}, lambda c: c.moe.update(group_size=64)),
+  }
+  messages = {}
+  for key, (mesh, change) in bad.items():
+    config = make_config(mesh, 'scatter')
+    change(config)
+    try:
+      train_lib.Trainer(config, '/nonexistent')
+      messages[key] = 'no error'
+    except ConfigError as e:
+      messages[key] = str(e)
+  return messages
+
+
 def main():
-  results, refs = {}, {}
+  results, refs = {'errors': config_errors()}, {}
   for strategy in ('scatter', 'einsum', 'dropless'):
     config = make_config({}, strategy)
     ref = train_lib.Trainer(config, '/nonexistent')
