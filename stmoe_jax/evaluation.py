@@ -136,9 +136,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   'dropless') the checkpoint is also evaluated at each of them and `capacity_sweep` lists, per
   factor, loss, bits_per_byte and dropped fractions (overall and per choice slot): ST-MoE treats
   the eval capacity factor as a free lever. Writes `workdir/eval_<step>.json` (process 0) and
-  returns the metrics with `step` added. `mesh` (axis sizes) replaces the saved
-  `config.mesh`: checkpoints restore onto any mesh the model fits. Raises FileNotFoundError naming the path when the
-  workdir, its config or the checkpoint is missing.
+  returns the metrics with `step` added. `mesh` (axis sizes) replaces the saved `config.mesh`:
+  checkpoints restore onto any mesh the model fits. Raises FileNotFoundError naming the path
+  when the workdir, its config or the checkpoint is missing.
   """
   from stmoe_jax import train_lib  # Imported here: train_lib imports this module.
 
