@@ -2,6 +2,7 @@ r"""Evaluates a train.py checkpoint on the validation split at the eval capacity
 
   python eval.py --workdir=runs/default [--step=1500]
   python eval.py --workdir=runs/default --eval_capacity_factors=1.0,1.25,2.0,dropless
+  python eval.py --workdir=runs/default --mesh=data=2,expert=2   # another mesh than training's
 
 Prints one JSON object and writes it to <workdir>/eval_<step>.json. The run's config is read
 from <workdir>/config.json.
@@ -16,6 +17,7 @@ from absl import logging
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import sharding
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import input_pipeline
 
@@ -25,6 +27,9 @@ _MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation ba
 _CAPACITY_FACTORS = flags.DEFINE_string(
     'eval_capacity_factors', '', "Also evaluate at these capacity factors, e.g. "
     "'1.0,1.25,2.0,dropless' (ST-MoE: eval capacity is a free lever).")
+_MESH = flags.DEFINE_string(
+    'mesh', '', "Evaluate on this mesh instead of the run's config.mesh, e.g. 'data=2,expert=2' "
+    "(axes not named are 1; one may be -1); the checkpoint is resharded onto it.")
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -35,8 +40,9 @@ def main(argv):
   try:
     factors = (evaluation.parse_capacity_factors(_CAPACITY_FACTORS.value)
                if _CAPACITY_FACTORS.value else ())
+    mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
     metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
-                                          factors)
+                                          factors, mesh)
   except (ConfigError, FileNotFoundError, ValueError, checkpointing.CheckpointError,
           input_pipeline.DataError) as e:
     sys.exit(f'error: {e}')

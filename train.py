@@ -3,14 +3,21 @@ r"""Trains an ST-MoE language model; resumes from the newest checkpoint in --wor
   python train.py --config=configs/default.py --workdir=runs/default
   python train.py --config=configs/default.py --workdir=runs/e16 --config.moe.num_experts=16
 
+Multi-host (README "Scaling out"): run the same command on every host, adding
+  --distributed                        TPU pods, SLURM, Open MPI: JAX finds the cluster itself;
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I   anywhere else
+(or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+
 The logic lives in stmoe_jax.train_lib so that notebooks can import it.
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from stmoe_jax import checkpointing
@@ -21,7 +28,28 @@ from stmoe_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() before anything else (implied by '
+    '--coordinator_address or JAX_COORDINATOR_ADDRESS); alone, JAX detects TPU/SLURM/MPI.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS', ''),
+    'host:port of process 0, for multi-process runs (default $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None,
+    'Number of processes in a multi-process run (default $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', (int(os.environ['JAX_PROCESS_ID']) if 'JAX_PROCESS_ID' in os.environ
+                   else None),
+    'This process\'s index in [0, num_processes) (default $JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize when asked, before any JAX computation creates a backend."""
+  if not (_DISTRIBUTED.value or _COORDINATOR.value):
+    return
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value or None,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def _one_line(error: Exception) -> str:
@@ -46,6 +74,7 @@ def main(argv):
     config.get('seed')  # A config file that failed to load raises on first use.
   except OSError as e:
     sys.exit(f'error: {_one_line(e)}')
+  initialize_distributed()
   # Every failure the library can name exits 1 with one line; SIGTERM saves and exits 0.
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value)

@@ -89,10 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
   opt.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
 
   # Mesh axis sizes (-1 = all remaining devices) and the one table from logical axis names
-  # (on parameters and activations) to mesh axes; None = replicated.
+  # (on parameters and activations) to mesh axes, a tuple of axes, or None = replicated. The
+  # batch is split over data and expert axes: expert shards bring their own tokens (README
+  # "Scaling out"); experts over 'expert', expert and FFN hidden units over 'model'.
   config.mesh = ml_collections.ConfigDict({'data': -1, 'expert': 1, 'model': 1})
   config.logical_axis_rules = [
-      ('batch', 'data'), ('expert', 'expert'), ('mlp', 'model'), ('heads', 'model'),
+      ('batch', ('data', 'expert')), ('expert', 'expert'), ('mlp', 'model'), ('heads', 'model'),
       ('vocab', 'model'), ('embed', None), ('kv', None), ('length', None),
   ]
 

@@ -4,7 +4,9 @@ Layout: `workdir/checkpoints/<step>/{state, data}`. Orbax writes each step into
 `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when every item is written, so a
 process killed mid-save leaves the previous steps as they were (tests/test_reliability.py proves
 it by killing a save half way). The data iterator state is saved as JSON beside the arrays so a
-resumed run sees exactly the batches an uninterrupted run would have.
+resumed run sees exactly the batches an uninterrupted run would have. With several processes
+each reads its own documents, so every process's iterator state is gathered to process 0 (which
+writes the JSON) and each restores its own.
 
 Failures are reported by path: a save that fails (disk full) raises `CheckpointError` naming
 the directory and the steps still intact; a step that cannot be read raises `CheckpointError`
@@ -15,12 +17,15 @@ whose arrays do not fit the model raises `IncompatibleCheckpointError` naming th
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from stmoe_jax.config import ConfigError
 
@@ -51,6 +56,31 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
   return {'/'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
           for path, leaf in leaves if hasattr(leaf, 'shape')}
+
+
+def _gather_data_states(data_state: dict) -> dict:
+  """Collective: {'per_process': [state of process 0, 1, ...]} on every process; as is on one."""
+  if jax.process_count() == 1:
+    return data_state
+  blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
+  return {'per_process': [json.loads(row[:n].tobytes().decode())
+                          for row, n in zip(rows, sizes.reshape(-1))]}
+
+
+def _own_data_state(data: dict, path: str) -> dict:
+  """This process's entry of a gathered data state (see `_gather_data_states`)."""
+  if 'per_process' not in data:
+    return data
+  states = data['per_process']
+  if len(states) != jax.process_count():
+    raise IncompatibleCheckpointError(
+        f'checkpoint {path} holds the data positions of {len(states)} processes; this run has '
+        f'{jax.process_count()}: resume with as many')
+  return states[jax.process_index()]
 
 
 class Checkpointer:
@@ -95,8 +125,10 @@ class Checkpointer:
 
     Raises CheckpointError if this or the previous asynchronous save failed (e.g. disk full).
     """
+    if not (force or self.manager.should_save(step)):
+      return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state or {}))
+                              data=ocp.args.JsonSave(_gather_data_states(data_state or {})))
     try:
       saved = self.manager.save(step, args=args, force=force)
     except OSError as e:  # Orbax re-raises a failed earlier async save here.
@@ -147,7 +179,7 @@ class Checkpointer:
                             f'{_first_line(e)}') from e
     if not isinstance(restored['data'], dict):
       raise CheckpointError(f'checkpoint {self.step_path(step)} has no data iterator state')
-    return restored['state'], restored['data']
+    return restored['state'], _own_data_state(restored['data'], self.step_path(step))
 
   def restore_latest(self, abstract_state: Any, *, set_aside_damaged: bool = False,
                      warn: Callable[[str], None] | None = None) -> tuple[int, Any, dict]:

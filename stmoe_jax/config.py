@@ -97,6 +97,8 @@ class ModelConfig:
   dtype: str = 'float32'
   moe: MoeConfig = MoeConfig()
   attention: AttentionConfig = AttentionConfig()
+  # Not a config field: the Trainer sets a `sharding.MeshRules` here (None = one device).
+  mesh_rules: typing.Any = None
 
   def ffn_kind(self, layer: int) -> str:
     """'moe' for a sparse layer, 'dense' otherwise; 'dense_matched' replaces MoE when disabled."""
@@ -123,7 +125,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if 'attention' in config:
     attention = AttentionConfig(**{f.name: config.attention[f.name]
                                    for f in dataclasses.fields(AttentionConfig)})
-  fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ('moe', 'attention')]
+  fields = [f.name for f in dataclasses.fields(ModelConfig)
+            if f.name not in ('moe', 'attention', 'mesh_rules')]
   return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe,
                      attention=attention)
 
@@ -175,7 +178,7 @@ NONFINITE_TERMS = ('cross_entropy', 'balance_loss', 'z_loss', 'grad_norm')
 def _schema() -> dict:
   sections = {'model': ModelConfig, 'moe': MoeConfig, 'attention': AttentionConfig}
   schema = {name: {f: t for f, t in typing.get_type_hints(cls).items()
-                   if f not in ('moe', 'attention')}
+                   if f not in ('moe', 'attention', 'mesh_rules')}
             for name, cls in sections.items()}
   return {**_FIELDS, **schema}
 
@@ -226,8 +229,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a positive integer or -1 (all remaining devices)')
   for rule in config.logical_axis_rules:
     _check(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str) and
-           (rule[1] is None or isinstance(rule[1], str)), 'logical_axis_rules', rule,
-           '(logical name, mesh axis or None) pairs')
+           (rule[1] is None or isinstance(rule[1], str) or
+            isinstance(rule[1], (list, tuple)) and all(isinstance(a, str) for a in rule[1])),
+           'logical_axis_rules', rule,
+           '(logical name, mesh axis, tuple of mesh axes or None) pairs')
   m, moe, opt = config.model, config.moe, config.opt
   _check(m.vocab_size >= tokenizer.VOCAB_SIZE, 'model.vocab_size', m.vocab_size,
          f'at least {tokenizer.VOCAB_SIZE} (bytes + pad/bos/eos; smaller would clip token ids)')

@@ -128,21 +128,25 @@ def with_eval_capacity(cfg: ModelConfig, factor: float | str) -> ModelConfig:
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | None = None,
-                     capacity_factors: Sequence[float | str] = ()) -> dict:
+                     capacity_factors: Sequence[float | str] = (),
+                     mesh: dict[str, int] | None = None) -> dict:
   """Restores `step` (default: the latest) from a train.py workdir and evaluates it.
 
   The config comes from `workdir/config.json`. With `capacity_factors` (numbers or
   'dropless') the checkpoint is also evaluated at each of them and `capacity_sweep` lists, per
   factor, loss, bits_per_byte and dropped fractions (overall and per choice slot): ST-MoE treats
   the eval capacity factor as a free lever. Writes `workdir/eval_<step>.json` (process 0) and
-  returns the metrics with `step` added. Raises FileNotFoundError naming the path when the
-  workdir, its config or the checkpoint is missing.
+  returns the metrics with `step` added. `mesh` (axis sizes) replaces the saved `config.mesh`:
+  checkpoints restore onto any mesh the model fits. Raises FileNotFoundError naming the path
+  when the workdir, its config or the checkpoint is missing.
   """
   from stmoe_jax import train_lib  # Imported here: train_lib imports this module.
 
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir!r} does not exist')
   config = train_lib.load_config(workdir)
+  if mesh is not None:
+    config.mesh = dict(mesh)
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):  # Check before creating anything.
     raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stmoe_jax import dispatch
+from stmoe_jax import expert_parallel
 from stmoe_jax import layers
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
@@ -92,6 +93,8 @@ class MoeLayer(nnx.Module):
                        cfg.init_scale, dtype, rngs=rngs)
                    if moe.num_shared_experts else None)
     self.moe = moe
+    # Mesh and rules (set by the Trainer): with an expert axis > 1, step 3-5 run in shard_map.
+    self.mesh_rules = cfg.mesh_rules
 
   def capacity(self, train: bool) -> int:
     """Expert capacity per group at the train or eval capacity factor (S when dropless)."""
@@ -143,7 +146,11 @@ class MoeLayer(nnx.Module):
     x_GSD = to_groups(x_BLD, moe.group_size)
     mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
     route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
-    if moe.dispatch == 'dropless':
+    if expert_parallel.expert_axis(self.mesh_rules) is not None:
+      y_GSD = expert_parallel.run_experts(
+          self.experts, x_GSD, route, strategy=moe.dispatch, num_experts=moe.num_experts,
+          capacity=self.capacity(train), mesh_rules=self.mesh_rules, dropout_rng=dropout_rng)
+    elif moe.dispatch == 'dropless':
       x_XD, group_sizes_E, plan = dispatch.dispatch_dropless(x_GSD, route, moe.num_experts)
       y_XD = self.experts.grouped(x_XD, group_sizes_E, dropout_rng=dropout_rng)
       y_GSD = dispatch.combine_dropless(y_XD, plan)

@@ -1,13 +1,16 @@
 """Logical axis names -> mesh axes, through one rules table in the config.
 
 Parameters carry logical names in their `out_sharding` metadata (see `layers.param`); the
-config's `logical_axis_rules` maps each name to a mesh axis (or None: replicated). A mesh axis
+config's `logical_axis_rules` maps each name to a mesh axis, a tuple of mesh axes (the dim is
+split over their product, e.g. ('batch', ('data', 'expert'))) or None: replicated. A mesh axis
 of size 1 is harmless, so the same rules serve one CPU and a pod.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -17,12 +20,70 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from stmoe_jax.config import ConfigError
 
 MESH_AXES = ('data', 'expert', 'model')
+# Every logical name a parameter or activation carries; a rule for any other name is a typo.
+LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'expert', 'heads', 'kv', 'vocab')
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  """A rule's target (None, 'axis' or a list/tuple of axes) as a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def check_rules(rules: Sequence[Sequence]) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """Validates `config.logical_axis_rules` and returns it as a hashable tuple of pairs.
+
+  Raises ConfigError (one line naming the rule) for an unknown logical name, an unknown mesh
+  axis, a logical name listed twice, or a mesh axis used twice within one rule.
+  """
+  normalized, seen = [], set()
+  for rule in rules:
+    name, entry = rule
+    axes = _mesh_axes(entry)
+    if name not in LOGICAL_AXES:
+      raise ConfigError(f'config.logical_axis_rules entry {tuple(rule)!r} is invalid: unknown '
+                        f'logical name {name!r}; expected one of {LOGICAL_AXES}')
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise ConfigError(f'config.logical_axis_rules entry {tuple(rule)!r} is invalid: expected '
+                        f'distinct mesh axes from {MESH_AXES} or None')
+    if name in seen:
+      raise ConfigError(f'config.logical_axis_rules names {name!r} twice; keep one entry')
+    seen.add(name)
+    target = None if not axes else axes[0] if len(axes) == 1 else axes
+    normalized.append((name, target))
+  return tuple(normalized)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshRules:
+  """The device mesh and the (checked) rules table, as the model layers see them.
+
+  The Trainer puts one on `ModelConfig.mesh_rules`, so the MoE layer knows whether and over
+  which axes to run expert parallelism without global state; None there means one device.
+  """
+  mesh: Mesh
+  rules: tuple
+
+  def spec(self, axes: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec of a tuple of logical names (see `logical_to_spec`)."""
+    return logical_to_spec(axes, self.rules)
+
+  def mesh_axes(self, logical: str) -> tuple[str, ...]:
+    """The mesh axes a logical name maps to, as a tuple ((): replicated)."""
+    return _mesh_axes(dict(self.rules).get(logical))
+
+  def size(self, logical: str) -> int:
+    """How many shards the logical name's dim is cut into on this mesh."""
+    return int(np.prod([self.mesh.shape[a] for a in self.mesh_axes(logical)]))
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with axes ('data', 'expert', 'model'); one size may be -1 to take the rest.
 
-  Raises ConfigError naming `mesh.<axis>` when the sizes cannot tile the devices.
+  Raises ConfigError naming `config.mesh` when the sizes need more devices than there are (or,
+  with several processes, fewer: every process's devices must take part).
   """
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(mesh_shape) - set(MESH_AXES)
@@ -42,10 +103,30 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
                         f'axes {sizes} (product {known})')
     sizes[fill[0]] = len(devices) // known
   total = int(np.prod(list(sizes.values())))
-  if total != len(devices):
-    raise ConfigError(f'config.mesh {sizes} needs {total} devices; {len(devices)} available')
-  grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  if total > len(devices):
+    raise ConfigError(f'config.mesh={sizes} is invalid: it needs {total} devices; '
+                      f'{len(devices)} available')
+  if total < len(devices) and jax.process_count() > 1:
+    raise ConfigError(f'config.mesh={sizes} is invalid: a multi-process run must use all '
+                      f'{len(devices)} devices (set one axis to -1)')
+  # A smaller mesh on one process takes the first devices (e.g. evaluating on one device).
+  grid = np.asarray(devices[:total]).reshape([sizes[a] for a in MESH_AXES])
   return Mesh(grid, MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,expert=2' -> {'data': 2, 'expert': 2, 'model': 1}: axes not named are 1.
+
+  Raises ConfigError naming the bad entry (unknown axis, or a size that is not an integer).
+  """
+  sizes = {axis: 1 for axis in MESH_AXES}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    axis, _, size = item.partition('=')
+    if axis not in MESH_AXES or not size.lstrip('-').isdigit():
+      raise ConfigError(f'--mesh entry {item!r} is invalid: expected axis=size with axis one '
+                        f'of {MESH_AXES}')
+    sizes[axis] = int(size)
+  return sizes
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Sequence[Sequence]) -> PartitionSpec:
@@ -54,20 +135,29 @@ def logical_to_spec(axes: Sequence[str | None], rules: Sequence[Sequence]) -> Pa
   missing = [a for a in axes if a is not None and a not in table]
   if missing:
     raise ConfigError(f'logical axis names {missing} have no entry in config.logical_axis_rules')
-  return PartitionSpec(*(None if a is None else table[a] for a in axes))
+  entry = lambda a: tuple(table[a]) if isinstance(table[a], list) else table[a]
+  return PartitionSpec(*(None if a is None else entry(a) for a in axes))
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict:
   """NamedShardings for every variable of an (abstract) nnx.State, as a pure dict.
 
-  Variables without logical names are replicated.
+  Variables without logical names are replicated. Raises ConfigError, before compiling, when a
+  dim does not split evenly over the mesh axes its logical name maps to.
   """
-  def sharding_of(variable):
+  def sharding_of(path, variable):
     axes = variable.get_metadata().get('out_sharding') or (None,) * len(variable.shape)
-    return NamedSharding(mesh, logical_to_spec(axes, rules))
+    spec = logical_to_spec(axes, rules)
+    for dim, name, entry in zip(variable.shape, axes, spec):
+      if dim % num_shards(mesh, entry):
+        where = '.'.join(str(getattr(k, 'key', k)) for k in path)
+        raise ConfigError(f'parameter {where} dim {name!r} of size {dim} does not split over '
+                          f'mesh axes {entry} ({num_shards(mesh, entry)} shards): change '
+                          'config.mesh or map the name to None in config.logical_axis_rules')
+    return NamedSharding(mesh, spec)
 
-  shardings = jax.tree.map(sharding_of, abstract_state,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = jax.tree.map_with_path(sharding_of, abstract_state,
+                                     is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)
 
 

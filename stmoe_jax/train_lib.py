@@ -7,6 +7,7 @@ inside the step, so nothing stateful crosses the jit boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -25,6 +26,7 @@ from flax import nnx
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import expert_parallel
 from stmoe_jax import flops
 from stmoe_jax import guards
 from stmoe_jax import sampling
@@ -226,14 +228,21 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate(config)
     self.config, self.workdir = config, workdir
-    self.model_cfg = model_config(config)
+    rules = sharding.check_rules(config.logical_axis_rules)
     self.mesh = sharding.make_mesh(config.mesh)
-    rules = config.logical_axis_rules
+    # The MoE layers read mesh and rules from the model config (expert parallelism).
+    self.mesh_rules = sharding.MeshRules(self.mesh, rules)
+    self.model_cfg = dataclasses.replace(model_config(config), mesh_rules=self.mesh_rules)
     self.batch_sharding = sharding.batch_sharding(self.mesh, rules)
     batch_shards = sharding.num_shards(self.mesh, self.batch_sharding.spec[0])
-    if config.batch_size % max(batch_shards, jax.process_count()):
-      raise ConfigError(f'config.batch_size={config.batch_size} is not divisible by the '
-                        f'{batch_shards} batch shards of mesh {dict(self.mesh.shape)}')
+    shards = max(batch_shards, jax.process_count())
+    if config.batch_size % shards:
+      raise ConfigError(f'config.batch_size={config.batch_size} is invalid: expected a multiple '
+                        f'of the {shards} batch shards of mesh {dict(self.mesh.shape)} '
+                        f'and {jax.process_count()} processes')
+    if self.model_cfg.num_moe_layers:
+      num_groups = config.batch_size * config.data.seq_len // config.moe.group_size
+      expert_parallel.check(self.mesh_rules, config.moe.num_experts, num_groups)
     self.local_batch_size = config.batch_size // jax.process_count()
     self.tx, self.schedule = make_optimizer(config.opt, config.num_train_steps)
     self.graphdef, abstract_params, abstract_buffers = abstract_model(self.model_cfg)

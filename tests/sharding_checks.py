@@ -1,0 +1,144 @@
+"""Multi-device checks run by tests/test_sharding.py in a subprocess with 8 fake CPU devices.
+
+One process pays JAX start-up once and checks every mesh: for each dispatch strategy the loss
+and gradients of one step equal the single-device ones; parameters and optimizer moments are
+sharded as the rules declare; the compiled expert-parallel step contains an all-to-all. Prints
+one JSON line of results; assertion failures exit non-zero with the message.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import tiny
+from stmoe_jax import train_lib
+from stmoe_jax.config import ConfigError
+
+MESHES = [{'data': 8}, {'expert': 8}, {'data': 2, 'expert': 4},
+          {'data': 2, 'expert': 2, 'model': 2}]
+# Scatter on every mesh; einsum and dropless on the two meshes that exercise most (compiles on
+# 8 fake CPU devices are slow).
+STRATEGIES = {0: ('scatter',), 1: ('scatter', 'einsum', 'dropless'), 2: ('scatter',),
+              3: ('scatter', 'einsum', 'dropless')}
+RTOL, ATOL = 1e-5, 1e-6  # float32; reductions are split differently across shards.
+
+
+def make_config(mesh: dict, strategy: str):
+  config = tiny.get_config()
+  config.mesh = {'data': 1, 'expert': 1, 'model': 1, **mesh}
+  # 8 sequences of 32 tokens in groups of 32: 8 routing groups, one per token shard.
+  config.batch_size = 8
+  config.model.vocab_size = 260  # The vocab dim is split over 'model'.
+  config.model.num_layers = 1  # One block, and it is MoE.
+  config.moe.every = 1
+  config.moe.update(num_experts=8, group_size=32, dispatch=strategy,
+                    train_capacity_factor=1.0, min_capacity=2)
+  return config
+
+
+def make_batch(config):
+  rng = np.random.default_rng(0)
+  shape = (config.batch_size, config.data.seq_len)
+  inputs = rng.integers(3, 259, shape, dtype=np.int32)
+  return {'inputs': inputs, 'targets': np.roll(inputs, -1, axis=1),
+          'weights': np.ones(shape, np.float32)}
+
+
+def loss_and_grads(trainer, state, batch):
+  """Jitted value_and_grad of the train loss under the trainer's shardings."""
+  loss_fn = lambda params, buffers, batch, rng: train_lib.compute_loss(
+      params, buffers, trainer.graphdef, batch, rng, trainer.model_cfg)
+  fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+               in_shardings=(trainer.state_shardings.params, trainer.state_shardings.buffers,
+                             trainer.batch_sharding, None))
+  args = (state.params, state.buffers, trainer.global_batch(batch), jax.random.PRNGKey(1))
+  compiled = fn.lower(*args).compile()
+  (loss, (metrics, _)), grads = compiled(*args)
+  hlo = compiled.as_text()
+  return float(loss), metrics, jax.device_get(grads), hlo
+
+
+def config_errors() -> dict[str, str]:
+  """The ConfigError message of each bad setting; Trainer() raises before compiling anything."""
+  bad = {
+      'num_experts': ({'expert': 4}, lambda c: c.moe.update(num_experts=6, top_k=2)),
+      'batch_size': ({'data': 8}, lambda c: setattr(c, 'batch_size', 4)),
+      'mesh': ({'data': 4, 'expert': 4}, lambda c: None),
+      'logical_axis_rules': ({'data': 8}, lambda c: c.logical_axis_rules.append(('exprt', None))),
+      'groups': ({'expert': 8}, lambda c: c.moe.update(group_size=64)),
+  }
+  messages = {}
+  for key, (mesh, change) in bad.items():
+    config = make_config(mesh, 'scatter')
+    change(config)
+    try:
+      train_lib.Trainer(config, '/nonexistent')
+      messages[key] = 'no error'
+    except ConfigError as e:
+      messages[key] = str(e)
+  return messages
+
+
+def main():
+  results, refs = {'errors': config_errors()}, {}
+  for strategy in ('scatter', 'einsum', 'dropless'):
+    config = make_config({}, strategy)
+    ref = train_lib.Trainer(config, '/nonexistent')
+    ref_state = ref.init()
+    refs[strategy] = loss_and_grads(ref, ref_state, make_batch(config))[:3]
+  host_params = jax.device_get(ref_state.params)
+  expert_grads = refs['scatter'][2]['blocks'][0]['ffn']['experts']['w_up']
+  # Nonzero expert gradients, so a missing or extra 1/world_size factor could not pass.
+  assert np.all(np.abs(expert_grads).max(axis=(1, 2)) > 1e-6), 'an expert got no gradient'
+  for i, mesh in enumerate(MESHES):
+    state = None
+    for strategy in STRATEGIES[i]:
+      name = f'{strategy}:' + ','.join(f'{k}={v}' for k, v in mesh.items())
+      trainer = train_lib.Trainer(make_config(mesh, strategy), '/nonexistent')
+      if state is None:
+        state = trainer.init()
+        check_state(state, mesh, host_params, name)
+      ref_loss, ref_metrics, ref_grads = refs[strategy]
+      batch = make_batch(trainer.config)
+      loss, metrics, grads, hlo = loss_and_grads(trainer, state, batch)
+      # The same loss, dropped fraction and gradients as one device, within float32 tolerance.
+      np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=name)
+      np.testing.assert_allclose(metrics['dropped_fraction'], ref_metrics['dropped_fraction'],
+                                 rtol=RTOL, err_msg=name)
+      jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=ATOL,
+                                                           err_msg=name), grads, ref_grads)
+      all_to_all = 'all-to-all' in hlo
+      if strategy != 'dropless':  # Dropless exchanges by all-gather and reduce-scatter.
+        assert all_to_all == (mesh.get('expert', 1) > 1), (name, all_to_all)
+      results[name] = {'loss': loss, 'ref_loss': ref_loss, 'all_to_all': all_to_all,
+                       'dropped_fraction': float(metrics['dropped_fraction']),
+                       'max_grad_err': max(float(np.max(np.abs(g - r))) for g, r in zip(
+                           jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))}
+  print(json.dumps(results))
+
+
+def check_state(state, mesh, host_params, name):
+  """Initial parameters as on one device, sharded as declared; Adam moments like params."""
+  jax.tree.map(np.testing.assert_array_equal, host_params, jax.device_get(state.params))
+  w_up = state.params['blocks'][0]['ffn']['experts']['w_up']
+  assert w_up.sharding.spec == PartitionSpec('expert', None, 'model'), (name, w_up.sharding)
+  e_shard, _, f_shard = w_up.addressable_shards[0].data.shape
+  assert (e_shard, f_shard) == (8 // mesh.get('expert', 1), 32 // mesh.get('model', 1)), name
+  adam = state.opt_state[1][0]
+  for moment in (adam.mu, adam.nu):
+    jax.tree.map(lambda m, p: assert_same_sharding(m, p, name), moment, state.params)
+
+
+def assert_same_sharding(moment, param, name):
+  assert isinstance(moment.sharding, NamedSharding), name
+  assert moment.sharding.spec == param.sharding.spec, (name, moment.sharding, param.sharding)
+
+
+if __name__ == '__main__':
+  main()
