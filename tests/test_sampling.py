@@ -125,7 +125,8 @@ def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss)
       block.attn.router[...] *= 30.0
   graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 13), 0, 256)
-  full_logits, stats = jax.jit(lambda t: nnx.merge(graphdef, params, buffers)(t))(tokens)
+  forward = jax.jit(lambda t: nnx.merge(graphdef, params, buffers)(t))
+  full_logits, stats = forward(tokens)
   if 'head_routed' in kinds:
     assert float(jnp.max(stats['attn_dropped_fraction'])) == 0.0
     assert np.all(np.asarray(stats['attn_head_load']).max(-1) < 0.45)  # Heads really differ.
@@ -145,3 +146,17 @@ def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss)
     assert int(cache.end) == 13
     if kind == 'local':  # The newest 5 positions, position p in slot p % 5.
       assert np.asarray(cache.slot_positions()).tolist() == [10, 11, 12, 8, 9]
+  if 'local' not in kinds:
+    return
+  # The sampler over window-sized rings: 10 greedy tokens after a 3-token prompt are the argmax
+  # of the full forward pass over prompt + generated (13 tokens: the shape compiled above).
+  sampler = sampling.Sampler(cfg, 16)
+  prompt = tokens[0, :3].tolist()
+  generated = sampler.generate_tokens(params, prompt, 10, temperature=0.0, stop_at_eos=False)
+  text = jnp.array([prompt + generated.tolist()] * 2)
+  logits = np.array(forward(text)[0][0])
+  logits[:, [tokenizer.PAD_ID, tokenizer.BOS_ID]] = -np.inf
+  assert generated.tolist() == np.argmax(logits[2:12], axis=-1).tolist()
+  # Past the 16-position context it restarts from the newest 8 tokens and keeps going.
+  long = sampler.generate_tokens(params, prompt, 20, temperature=0.0, stop_at_eos=False)
+  assert long[:10].tolist() == generated.tolist() and len(long) == 20
