@@ -143,8 +143,9 @@ class Transformer(nnx.Module):
     """Incremental forward pass: logits [B, L, V] for L tokens that follow the cached ones.
 
     `caches` holds one `KVCache` per layer (`init_caches`, sized by each layer's attention kind);
-    call with the prompt first, then one token at a time. MoE layers route at eval capacity with this model's `moe.group_size`, which
-    must fit [B, L] (sampling builds the model with group_size 1: dropless per-token routing).
+    call with the prompt first, then one token at a time. MoE layers route at eval capacity with
+    this model's `moe.group_size`, which must fit [B, L] (sampling builds the model with
+    group_size 1: dropless per-token routing).
     """
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
     new_caches = []
