@@ -18,20 +18,44 @@ from stmoe_jax.config import ModelConfig
 class KVCache:
   """Keys and values of the positions decoded so far, for one attention layer.
 
+  Position p lives in slot p % T. A cache of the full length (T >= every position) therefore has
+  slot t = position t; a `local` layer's cache has T = window slots and is a ring buffer keeping
+  the newest T positions (`slot_positions` says which).
+
   Attributes:
-    k: [B, T, H, K] rotated keys; slot t holds position t (T = the cache length).
+    k: [B, T, H, K] rotated keys (H = 1 for head-routed attention's shared keys).
     v: [B, T, H, K] values.
-    end: int32 scalar, number of filled slots (= the position of the next token).
+    end: int32 scalar, the number of positions written so far (= the position of the next token).
   """
   k: jax.Array
   v: jax.Array
   end: jax.Array
 
   @classmethod
-  def zeros(cls, batch: int, length: int, cfg: ModelConfig) -> 'KVCache':
-    shape = (batch, length, cfg.num_heads, cfg.head_dim)
+  def zeros(cls, batch: int, length: int, cfg: ModelConfig,
+            num_heads: int | None = None) -> 'KVCache':
+    """An empty cache of `length` slots with `num_heads` key heads (default cfg.num_heads)."""
+    shape = (batch, length, cfg.num_heads if num_heads is None else num_heads, cfg.head_dim)
     empty = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     return cls(k=empty, v=empty, end=jnp.zeros((), jnp.int32))
+
+  def slot_positions(self) -> jax.Array:
+    """int32 [T]: the position each slot holds (the newest p < end with p % T == t), -1 if empty."""
+    T = self.k.shape[1]
+    newest_T = self.end - 1 - jnp.mod(self.end - 1 - jnp.arange(T), T)
+    return jnp.where(newest_T >= 0, newest_T, -1).astype(jnp.int32)
+
+  def append(self, k_BLHK: jax.Array, v_BLHK: jax.Array) -> 'KVCache':
+    """Writes L new positions end..end+L-1 into their slots; end advances by L.
+
+    Of more new positions than slots only the last T are written (in a ring buffer the earlier
+    ones would be overwritten anyway; writing them would make the scatter's indices collide).
+    """
+    T, L = self.k.shape[1], k_BLHK.shape[1]
+    kept = min(L, T)
+    slots = jnp.mod(self.end + (L - kept) + jnp.arange(kept), T)
+    write = lambda cache, new: cache.at[:, slots].set(new[:, L - kept:].astype(cache.dtype))
+    return KVCache(k=write(self.k, k_BLHK), v=write(self.v, v_BLHK), end=self.end + L)
 
 
 class CausalSelfAttention(nnx.Module):

@@ -6,7 +6,8 @@ per-head query and output projections depend on the routing, and only the chosen
 computed: token-choices are dispatched into per-head buffers exactly as MoE tokens are into
 expert buffers (`dispatch.dispatch_scatter`, capacity ceil(CF * k * L / H) per sequence, first come
 in token order, so it stays causal), projected by that head's W_q, attended over the shared keys
-in token order, projected by that head's W_o and combined with the router gates.
+in token order, projected by that head's W_o and combined with the router gates. Decoding caches
+the shared keys/values only ([B, T, 1, K]) and runs the chosen heads with grouped matmuls.
 
 Einsum letters: B batch, L length, D model dim, H heads (the experts), R chosen heads per token,
 C capacity (slots per head and sequence), K head dim.
@@ -22,6 +23,7 @@ from stmoe_jax import layers
 from stmoe_jax import dispatch
 from stmoe_jax import routing
 from stmoe_jax import sparse_attention
+from stmoe_jax.attention import KVCache
 from stmoe_jax.config import ModelConfig
 
 
@@ -101,3 +103,36 @@ class HeadRoutedAttention(nnx.Module):
     stats['logit_z_loss'] = (jnp.sum(jnp.square(lse_BLR) * kept_BLR) /
                              jnp.maximum(jnp.sum(kept_BLR), 1.0))
     return y_BLD.astype(x_BLD.dtype), stats
+
+  def decode(self, x_BLD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Head-routed attention for L new tokens at positions cache.end.. given the cached ones.
+
+    The call's tokens are routed with capacity L per sequence: a token's k choices are distinct
+    heads, so no head can overflow and every token gets the heads (and gates) of a forward pass
+    that drops nothing. The choices are sorted by head (`dispatch.dispatch_dropless`) and only
+    the chosen heads' W_q and W_o run, as grouped matmuls; all R query heads of a token attend
+    the one shared key head of `cache` ([B, T, 1, K], full length: the caller keeps
+    cache.end + L <= T). Returns ([B, L, D] output, updated cache).
+    """
+    B, L, _ = x_BLD.shape
+    R, K = self.att.head_top_k, self.w_q.shape[-1]
+    x_BLD = x_BLD.astype(self.dtype)
+    logits_BLH = layers.dense(x_BLD.astype(jnp.float32), self.router[...])  # Float32 router.
+    route = routing.tokens_choose_top_k(logits_BLH, top_k=R, capacity=L)
+    x_XD, sizes_H, plan = dispatch.dispatch_dropless(x_BLD, route, self.num_heads)
+    order_X = plan[0]
+    q_XK = jax.lax.ragged_dot(x_XD, self.w_q[...].astype(self.dtype), sizes_H)
+    q_BLRK = jnp.zeros_like(q_XK).at[order_X].set(q_XK).reshape(B, L, R, K)
+    q_pos_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
+    q_BLRK = layers.apply_rotary(q_BLRK, q_pos_BL, self.rope_max_wavelength)
+    shared = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))[:, :, None, :]
+    k_BL1K = layers.apply_rotary(shared(self.w_k), q_pos_BL, self.rope_max_wavelength)
+    cache = cache.append(k_BL1K, shared(self.w_v))
+    # One key head: the L*R chosen query heads are L*R queries of that head (no key copies).
+    T = cache.k.shape[1]
+    out_BX1K, _ = sparse_attention.attend_at_positions(
+        q_BLRK.reshape(B, L * R, 1, K), cache.k, cache.v, jnp.repeat(q_pos_BL, R, axis=1),
+        jnp.broadcast_to(cache.slot_positions(), (B, T)), 'dense', self.att)
+    o_XK = jnp.take(out_BX1K.reshape(B * L * R, K), order_X, axis=0)  # Sorted by head again.
+    y_XD = jax.lax.ragged_dot(o_XK, self.w_o[...].astype(self.dtype), sizes_H)
+    return dispatch.combine_dropless(y_XD, plan).astype(x_BLD.dtype), cache

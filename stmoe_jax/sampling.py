@@ -6,8 +6,9 @@ Decoding runs `Transformer.decode`: the prompt in one call, then one token per c
 attending over the cached keys/values. MoE layers route every token in its own group of one
 (`decoding_config`), so capacity is never short and nothing is dropped: a token's output is what
 a dropless forward pass gives, whatever else is in the batch. The cache holds the model's
-training window (`data.seq_len`); when it is full, the newest half of the text is prefilled
-into a fresh cache, so no position is ever past those seen in training.
+training context (`data.seq_len`, a `local` attention layer only its last `window` positions);
+when the text outgrows the context, the newest half of it is prefilled into fresh caches, so no
+position is ever past those seen in training.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Sampler:
 
   Args:
     cfg: the model's config (routing is switched to dropless groups of one token).
-    context_len: KV cache length, normally the training `data.seq_len`.
+    context_len: positions kept before a restart, normally the training `data.seq_len`: the KV
+      cache length of every layer but `local` ones, whose ring buffers hold `window` slots.
   """
 
   def __init__(self, cfg: ModelConfig, context_len: int):
@@ -94,8 +96,9 @@ class Sampler:
                        f'temperature={temperature}: expected >= 0, in (0, 1], >= 0')
     context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
     variables = (params, self._zero_buffers if buffers is None else buffers)
-    window, keep = self.context_len, self.context_len // 2
-    if len(context) >= window:
+    # Counted in text, not cache slots: a `local` layer's ring never fills, the others would.
+    context_len, keep = self.context_len, self.context_len // 2
+    if len(context) >= context_len:
       context = context[-keep:]
     logits_BV, caches = self._prefill(variables, context)
     rng = jax.random.PRNGKey(seed)
@@ -107,7 +110,7 @@ class Sampler:
         break
       new_tokens.append(token)
       context.append(token)
-      if len(context) > window:  # Cache full: restart it from the newest half of the text.
+      if len(context) > context_len:  # Context full: restart from the newest half of the text.
         context = context[-keep:]
         logits_BV, caches = self._prefill(variables, context)
       else:

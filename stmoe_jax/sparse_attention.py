@@ -23,6 +23,8 @@ A sequence whose length is not a multiple of the block is padded with masked key
 
 `pattern_mask` is the single definition of each pattern; `attend_at_positions` applies it to
 explicit query and key positions (a decode step: one query at t over cached keys).
+Decoding (`PatternAttention.decode`): `local` keeps a ring buffer of `window` keys per layer;
+the other kinds a full-length cache.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from stmoe_jax import layers
-from stmoe_jax.attention import CausalSelfAttention
+from stmoe_jax.attention import CausalSelfAttention, KVCache
 from stmoe_jax.config import AttentionConfig, ModelConfig
 
 PATTERN_KINDS = ('dense', 'local', 'strided', 'block_sparse')
@@ -263,3 +265,45 @@ class PatternAttention(CausalSelfAttention):
     out_BLHK, lse_BLH = sparse_attention(q_BLHK, k_BLHK, project(self.w_v), self.kind, self.att)
     y_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
     return y_BLD, {'logit_z_loss': logit_z_loss(lse_BLH, mask_BL)}
+
+  def decode(self, x_BLD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The pattern for L new tokens at positions cache.end.. given the cached earlier ones.
+
+    `local` caches only `window` slots (a ring buffer, see `KVCache`): the new queries attend the
+    ring as it was before this call plus the new keys among themselves (block by block), then
+    the ring keeps the last `window` keys, so a prompt longer than the window is exact too.
+    The other kinds write into a full-length cache (the caller keeps cache.end + L <= T) and
+    apply the pattern to the slots' positions. Returns ([B, L, D] output, updated cache).
+    """
+    x_BLD = x_BLD.astype(self.dtype)
+    B, L, _ = x_BLD.shape
+    q_pos_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
+    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
+    q_BLHK = layers.apply_rotary(project(self.w_q), q_pos_BL, self.rope_max_wavelength)
+    k_BLHK = layers.apply_rotary(project(self.w_k), q_pos_BL, self.rope_max_wavelength)
+    v_BLHK = project(self.w_v)
+    if self.kind == 'local':
+      out_BLHK = _local_over_ring(q_BLHK, k_BLHK, v_BLHK, q_pos_BL[0], cache, self.att)
+      cache = cache.append(k_BLHK, v_BLHK)
+    else:
+      cache = cache.append(k_BLHK, v_BLHK)
+      k_pos_BT = jnp.broadcast_to(cache.slot_positions(), (B, cache.k.shape[1]))
+      out_BLHK, _ = attend_at_positions(q_BLHK, cache.k, cache.v, q_pos_BL, k_pos_BT, self.kind,
+                                        self.att)
+    y_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
+    return y_BLD, cache
+
+
+def _local_over_ring(q_BLHK, k_BLHK, v_BLHK, q_pos_L, cache, att):
+  """`local` attention of L new tokens over the ring before them and themselves: [B, L, H, K].
+
+  The window depends on i - j only, so among the new tokens the block computation of
+  `sparse_attention` applies as is (O(L * window), no [L, L] logits for a long prompt).
+  """
+  q, k, v = _heads_major(q_BLHK, k_BLHK, v_BLHK)
+  ring_pos_T = cache.slot_positions()
+  ring_mask_LT = pattern_mask('local', att, q_pos_L, ring_pos_T) & (ring_pos_T >= 0)
+  ring_k, ring_v = (jnp.swapaxes(x, 1, 2).astype(q.dtype) for x in (cache.k, cache.v))
+  parts = [_block_partial(q, k, v, 'local', att),
+           _masked_partial(q, ring_k, ring_v, ring_mask_LT)]
+  return _finish(parts, q_BLHK.dtype)[0]

@@ -142,9 +142,10 @@ class Transformer(nnx.Module):
              caches: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """Incremental forward pass: logits [B, L, V] for L tokens that follow the cached ones.
 
-    `caches` holds one `KVCache` per layer (`init_caches`); call with the prompt first, then one
-    token at a time. MoE layers route at eval capacity with this model's `moe.group_size`, which
-    must fit [B, L] (sampling builds the model with group_size 1: dropless per-token routing).
+    `caches` holds one `KVCache` per layer (`init_caches`, sized by each layer's attention kind);
+    call with the prompt first, then one token at a time. MoE layers route at eval capacity with
+    this model's `moe.group_size`, which must fit [B, L] (sampling builds the model with
+    group_size 1: dropless per-token routing).
     """
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
     new_caches = []
@@ -156,8 +157,17 @@ class Transformer(nnx.Module):
 
 
 def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...]:
-  """Empty KV caches of `length` slots for each of the `cfg.num_layers` layers."""
-  return tuple(KVCache.zeros(batch, length, cfg) for _ in range(cfg.num_layers))
+  """Empty KV caches for `length` positions, one per layer, each sized by its attention kind.
+
+  A `local` layer keeps only min(window, length) slots (a ring buffer: memory O(window) at any
+  length); a head-routed layer one shared key/value head; every other layer `length` slots.
+  """
+  caches = []
+  for layer in range(cfg.num_layers):
+    kind = cfg.attention.layer_kind(layer)
+    slots = min(cfg.attention.window, length) if kind == 'local' else length
+    caches.append(KVCache.zeros(batch, slots, cfg, num_heads=1 if kind == 'head_routed' else None))
+  return tuple(caches)
 
 
 def _attention_stats(per_layer: list[dict], num_heads: int) -> dict[str, jax.Array]:

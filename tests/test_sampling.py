@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from stmoe_jax import sampling
-from stmoe_jax.config import MoeConfig, ModelConfig
+from stmoe_jax.config import AttentionConfig, MoeConfig, ModelConfig
 from stmoe_jax.data import tokenizer
 from stmoe_jax.transformer import Transformer, init_caches
 
@@ -102,3 +102,61 @@ def test_pad_and_bos_are_never_sampled():
 def test_bad_sampling_arguments_are_refused(model_and_params):
   with pytest.raises(ValueError, match='top_p=1.5'):
     sampling.Sampler(CFG, 8).generate_tokens(model_and_params[1], [1], 4, top_p=1.5)
+
+
+# Block 4 and window 5: the 13-token text is not a multiple of the block and wraps the ring.
+# 4 heads, top-2, capacity factor 2: head capacity = L, so the full forward drops nothing.
+DECODE_ATT = AttentionConfig(block_size=4, window=5, stride=3, num_local_blocks=2,
+                             num_global_blocks=1, head_top_k=2, head_capacity_factor=2.0)
+
+
+# Two models cover every kind (fewer compilations than one model per kind); with the logit
+# z-loss on, 'dense' is PatternAttention's (plain dense: the test above).
+@pytest.mark.parametrize('layer_kinds,z_loss', [('local,head_routed', 0.0),
+                                                ('strided,block_sparse,dense', 1e-3)])
+def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss):
+  kinds = layer_kinds.split(',')
+  att = dataclasses.replace(DECODE_ATT, layer_kinds=layer_kinds, logit_z_loss_coef=z_loss)
+  cfg = ModelConfig(vocab_size=259, d_model=16, num_layers=len(kinds), num_heads=4, head_dim=8,
+                    d_ff=32, moe=MoeConfig(enabled=False), attention=att)
+  model = Transformer(cfg, rngs=nnx.Rngs(5))
+  for block, kind in zip(model.blocks, kinds):
+    if kind == 'head_routed':  # Larger router weights, so that tokens disagree on their heads.
+      block.attn.router[...] *= 30.0
+  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 13), 0, 256)
+  forward = jax.jit(lambda t: nnx.merge(graphdef, params, buffers)(t))
+  full_logits, stats = forward(tokens)
+  if 'head_routed' in kinds:
+    assert float(jnp.max(stats['attn_dropped_fraction'])) == 0.0
+    assert np.all(np.asarray(stats['attn_head_load']).max(-1) < 0.45)  # Heads really differ.
+  decode = jax.jit(lambda t, c: nnx.merge(graphdef, params, buffers).decode(t, c))
+  caches = init_caches(cfg, 2, 16)
+  # A 7-token prompt (longer than the window), a 2-token call over a full ring, then 1 by 1.
+  chunks = [(0, 7), (7, 9)] + [(t, t + 1) for t in range(9, 13)]
+  step_logits = []
+  for start, stop in chunks:
+    logits, caches = decode(tokens[:, start:stop], caches)
+    step_logits.append(logits)
+  np.testing.assert_allclose(np.concatenate(step_logits, axis=1), full_logits, atol=2e-5,
+                             rtol=2e-5)
+  for cache, kind in zip(caches, kinds):
+    slots, heads = 5 if kind == 'local' else 16, 1 if kind == 'head_routed' else 4
+    assert cache.k.shape == cache.v.shape == (2, slots, heads, 8), kind
+    assert int(cache.end) == 13
+    if kind == 'local':  # The newest 5 positions, position p in slot p % 5.
+      assert np.asarray(cache.slot_positions()).tolist() == [10, 11, 12, 8, 9]
+  if 'local' not in kinds:
+    return
+  # The sampler over window-sized rings: 10 greedy tokens after a 3-token prompt are the argmax
+  # of the full forward pass over prompt + generated (13 tokens: the shape compiled above).
+  sampler = sampling.Sampler(cfg, 16)
+  prompt = tokens[0, :3].tolist()
+  generated = sampler.generate_tokens(params, prompt, 10, temperature=0.0, stop_at_eos=False)
+  text = jnp.array([prompt + generated.tolist()] * 2)
+  logits = np.array(forward(text)[0][0])
+  logits[:, [tokenizer.PAD_ID, tokenizer.BOS_ID]] = -np.inf
+  assert generated.tolist() == np.argmax(logits[2:12], axis=-1).tolist()
+  # Past the 16-position context it restarts from the newest 8 tokens and keeps going.
+  long = sampler.generate_tokens(params, prompt, 20, temperature=0.0, stop_at_eos=False)
+  assert long[:10].tolist() == generated.tolist() and len(long) == 20
