@@ -74,6 +74,10 @@ class MeshRules:
     """The mesh axes a logical name maps to, as a tuple ((): replicated)."""
     return _mesh_axes(dict(self.rules).get(logical))
 
+  def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` with a sharding constraint from its logical axis names (one per dim)."""
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(axes)))
+
   def size(self, logical: str) -> int:
     """How many shards the logical name's dim is cut into on this mesh."""
     return int(np.prod([self.mesh.shape[a] for a in self.mesh_axes(logical)]))

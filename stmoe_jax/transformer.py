@@ -92,6 +92,14 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.num_experts, self.top_k, self.router = cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router
     self.num_heads = cfg.num_heads
+    self.mesh_rules = cfg.mesh_rules
+
+  def constrain(self, x_BLD: jax.Array) -> jax.Array:
+    """The residual stream [B, L, D] sharded by its logical names (batch, length, embed) on the
+    Trainer's mesh, so that XLA keeps it data parallel between blocks; a no-op on one device."""
+    if self.mesh_rules is None:
+      return x_BLD
+    return self.mesh_rules.constrain(x_BLD, ('batch', 'length', 'embed'))
 
   def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None,
@@ -114,12 +122,13 @@ class Transformer(nnx.Module):
       `attn_balance_loss`, `attn_z_loss`, `attn_dropped_fraction` [A] and `attn_head_load` [A, H].
     """
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
+    x_BLD = self.constrain(jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype))
     per_layer, attn_per_layer = [], []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
       x_BLD, stats, attn_stats = block(x_BLD, positions_BL, train=train, rng=layer_rng,
                                        mask_BL=mask_BL)
+      x_BLD = self.constrain(x_BLD)
       if stats is not None:
         per_layer.append(stats)
       attn_per_layer.append(attn_stats)
