@@ -46,3 +46,14 @@ def test_train_step_benchmark_quick():
   assert moe['model_flops_per_token'] - dense['model_flops_per_token'] == 3 * 2 * 32 * 4
   assert ratio['moe_over_dense_tokens_per_sec'] == pytest.approx(
       moe['tokens_per_sec'] / dense['tokens_per_sec'], rel=1e-9)
+
+
+def test_expert_parallel_benchmark_quick():
+  records = run_benchmark('expert_parallel.py', '--quick')
+  assert [r['dispatch'] for r in records] == ['scatter', 'einsum', 'dropless']
+  for r in records:
+    assert r['mesh'] == {'data': 1, 'expert': 4, 'model': 1} and r['devices'] == 4
+  # Capacity dispatch exchanges by all-to-all; the dropless fallback by all-gather and
+  # reduce-scatter instead.
+  assert all(r['all_to_all_ops'] > 0 for r in records[:2])
+  assert records[2]['all_to_all_ops'] == 0 and records[2]['reduce_scatter_ops'] > 0
