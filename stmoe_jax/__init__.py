@@ -16,7 +16,7 @@ stays light):
 Modules, in reading order: routing (tokens-choose top-k, router losses), experts (batched expert
 FFNs), moe (route -> dispatch -> experts -> combine), attention, transformer, config (validation
 and frozen model configs), sharding (logical axes -> mesh), data (stdlib corpus, grain
-pipelines), train_lib, evaluation, checkpointing, metrics (metrics.jsonl + TensorBoard), flops,
+pipelines), losses, train_lib, evaluation, checkpointing, metrics (metrics.jsonl + TensorBoard), flops,
 sampling, plot, sweep.
 """
 

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
+from stmoe_jax import losses
 from stmoe_jax import train_lib
 from stmoe_jax.config import ConfigError
 
@@ -52,7 +53,7 @@ def make_batch(config):
 
 def loss_and_grads(trainer, state, batch):
   """Jitted value_and_grad of the train loss under the trainer's shardings."""
-  loss_fn = lambda params, buffers, batch, rng: train_lib.compute_loss(
+  loss_fn = lambda params, buffers, batch, rng: losses.compute_loss(
       params, buffers, trainer.graphdef, batch, rng, trainer.model_cfg)
   fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
                in_shardings=(trainer.state_shardings.params, trainer.state_shardings.buffers,

@@ -1,0 +1,77 @@
+"""The training loss: cross-entropy plus the router and attention auxiliary losses, and the
+routing telemetry that goes with it into the train metrics.
+
+Einsum letters: B batch, L length, V vocabulary, M MoE layers, E experts, K choices per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from stmoe_jax.config import ModelConfig
+from stmoe_jax.data import tokenizer
+from stmoe_jax.moe import RouterBias
+
+
+def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
+  """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z, averaged over target tokens.
+
+  Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
+  Switch/ST-MoE). Returns (loss, (metrics, new_buffers)): float32 scalar metrics plus per-layer
+  telemetry arrays (`moe_metrics`), and the buffers as the forward pass left them.
+  """
+  model = nnx.merge(graphdef, params, buffers)
+  weights_BL = batch['weights']
+  real_BL = batch['inputs'] != tokenizer.PAD_ID  # Padding never takes expert capacity.
+  logits_BLV, moe_stats = model(batch['inputs'], train=True, rng=rng, mask_BL=real_BL)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets'])
+  num_tokens = jnp.maximum(jnp.sum(weights_BL), 1.0)
+  ce = jnp.sum(ce_BL * weights_BL) / num_tokens
+  balance = jnp.sum(moe_stats['balance_loss'])
+  z = jnp.sum(moe_stats['z_loss'])
+  moe, attention = cfg.moe, cfg.attention
+  loss = ce + moe.aux_loss_coef * balance + moe.z_loss_coef * z
+  # Attention losses: head-routed layers' balance and z-losses summed over those layers, the
+  # attention-logit z-loss summed over all layers.
+  attn_balance = jnp.sum(moe_stats['attn_balance_loss'])
+  attn_z = jnp.sum(moe_stats['attn_z_loss'])
+  attn_logit_z = jnp.sum(moe_stats['attn_logit_z_loss'])
+  loss += (attention.head_aux_loss_coef * attn_balance + attention.head_z_loss_coef * attn_z +
+           attention.logit_z_loss_coef * attn_logit_z)
+  correct = jnp.argmax(logits_BLV, axis=-1) == batch['targets']
+  metrics = {
+      'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
+      'accuracy': jnp.sum(correct * weights_BL) / num_tokens,
+      **moe_metrics(moe_stats),
+      'attn_balance_loss': attn_balance, 'attn_z_loss': attn_z,
+      'attn_logit_z_loss': attn_logit_z,
+      'max_head_load': (jnp.max(moe_stats['attn_head_load']) * moe_stats['attn_head_load'].shape[-1]
+                        if moe_stats['attn_head_load'].size else jnp.zeros(())),
+  }
+  return loss, (metrics, nnx.to_pure_dict(nnx.state(model, RouterBias)))
+
+
+def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Routing telemetry for logs: scalars over all MoE layers plus per-layer arrays.
+
+  Scalars: `dropped_fraction` (mean over layers) and `max_expert_load` (worst layer's max/mean
+  load ratio: 1 is perfect balance, E total collapse). Per layer (leading axis M): `expert_load`
+  [M, E], `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
+  (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E].
+  """
+  if not moe_stats['expert_load'].shape[0]:
+    return {}
+  return {
+      'dropped_fraction': jnp.mean(moe_stats['dropped_fraction']),
+      'max_expert_load': jnp.max(moe_stats['max_load_ratio']),
+      'expert_load': moe_stats['expert_load'],
+      'layer_dropped_fraction': moe_stats['dropped_fraction'],
+      'dropped_fraction_per_slot': moe_stats['dropped_fraction_per_slot'],
+      'router_z': moe_stats['z_loss'],
+      'router_entropy': moe_stats['router_entropy'],
+      'max_load_ratio': moe_stats['max_load_ratio'],
+      'router_bias': moe_stats['router_bias'],
+  }
