@@ -72,12 +72,16 @@ class CausalSelfAttention(nnx.Module):
     self.rope_max_wavelength = cfg.rope_max_wavelength
     self.dtype = jnp.dtype(cfg.dtype)
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
+    """Rotated queries and keys and the values of x_BLD, each [B, L, H, K] in `self.dtype`."""
     x_BLD = x_BLD.astype(self.dtype)
-    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
+    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))
     q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
     k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
-    v_BLHK = project(self.w_v)
+    return q_BLHK, k_BLHK, project(self.w_v)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
     # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
@@ -88,15 +92,12 @@ class CausalSelfAttention(nnx.Module):
     Writes the new keys/values into `cache` and attends over its filled slots; the caller
     keeps cache.end + L <= T. Returns ([B, L, D] output, updated cache).
     """
-    x_BLD = x_BLD.astype(self.dtype)
     B, L, _ = x_BLD.shape
     positions_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
-    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
-    q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
-    k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
+    q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
     k_BTHK = jax.lax.dynamic_update_slice(cache.k, k_BLHK.astype(cache.k.dtype),
                                           (0, cache.end, 0, 0))
-    v_BTHK = jax.lax.dynamic_update_slice(cache.v, project(self.w_v).astype(cache.v.dtype),
+    v_BTHK = jax.lax.dynamic_update_slice(cache.v, v_BLHK.astype(cache.v.dtype),
                                           (0, cache.end, 0, 0))
     # Slot t holds position t: a query sees the slots at or before its own position.
     visible_BLT = jnp.arange(k_BTHK.shape[1]) <= positions_BL[..., None]

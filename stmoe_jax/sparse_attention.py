@@ -258,11 +258,8 @@ class PatternAttention(CausalSelfAttention):
 
     The pattern is over token index 0..L-1 (training/prefill); `positions_BL` feed rotary.
     """
-    x_BLD = x_BLD.astype(self.dtype)
-    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
-    q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
-    k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
-    out_BLHK, lse_BLH = sparse_attention(q_BLHK, k_BLHK, project(self.w_v), self.kind, self.att)
+    q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
+    out_BLHK, lse_BLH = sparse_attention(q_BLHK, k_BLHK, v_BLHK, self.kind, self.att)
     y_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
     return y_BLD, {'logit_z_loss': logit_z_loss(lse_BLH, mask_BL)}
 
@@ -275,13 +272,9 @@ class PatternAttention(CausalSelfAttention):
     The other kinds write into a full-length cache (the caller keeps cache.end + L <= T) and
     apply the pattern to the slots' positions. Returns ([B, L, D] output, updated cache).
     """
-    x_BLD = x_BLD.astype(self.dtype)
     B, L, _ = x_BLD.shape
     q_pos_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
-    project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))  # [B, L, H, K]
-    q_BLHK = layers.apply_rotary(project(self.w_q), q_pos_BL, self.rope_max_wavelength)
-    k_BLHK = layers.apply_rotary(project(self.w_k), q_pos_BL, self.rope_max_wavelength)
-    v_BLHK = project(self.w_v)
+    q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, q_pos_BL)
     if self.kind == 'local':
       out_BLHK = _local_over_ring(q_BLHK, k_BLHK, v_BLHK, q_pos_BL[0], cache, self.att)
       cache = cache.append(k_BLHK, v_BLHK)
