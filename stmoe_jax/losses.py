@@ -58,7 +58,8 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Routing telemetry for logs: scalars over all MoE layers plus per-layer arrays.
 
   Scalars: `dropped_fraction` (mean over layers) and `max_expert_load` (worst layer's max/mean
-  load ratio: 1 is perfect balance, E total collapse). Per layer (leading axis M): `expert_load`
+  load ratio: 1 is perfect balance, E total collapse) and `max_router_logit` (largest |router
+  logit| of any layer). Per layer (leading axis M): `expert_load`
   [M, E], `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
   (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E].
   """
@@ -67,6 +68,7 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {
       'dropped_fraction': jnp.mean(moe_stats['dropped_fraction']),
       'max_expert_load': jnp.max(moe_stats['max_load_ratio']),
+      'max_router_logit': jnp.max(moe_stats['max_router_logit']),
       'expert_load': moe_stats['expert_load'],
       'layer_dropped_fraction': moe_stats['dropped_fraction'],
       'dropped_fraction_per_slot': moe_stats['dropped_fraction_per_slot'],

@@ -252,7 +252,9 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
     max_load_ratio: max / mean of expert_load (1 = balanced, E = collapsed onto one expert);
     dropped_fraction: share of assigned choices that found their expert full;
     dropped_fraction_per_slot [K]: the same for the 1st, 2nd, ... choice;
-    router_entropy: mean entropy (nats) of the router distribution per token.
+    router_entropy: mean entropy (nats) of the router distribution per token;
+    max_router_logit: largest |router logit| (the ST-MoE z-loss keeps it small, so the float32
+      softmax stays accurate; watch it grow when the z-loss is off).
   """
   G, S, E = route.probs.shape
   assigned_GSK = route.assigned.astype(jnp.float32)
@@ -271,4 +273,6 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       'dropped_fraction': jnp.sum(dropped_K) / jnp.maximum(jnp.sum(assigned_K), 1.0),
       'dropped_fraction_per_slot': dropped_K / jnp.maximum(assigned_K, 1.0),
       'router_entropy': _masked_mean(entropy_GS, mask_GS),
+      'max_router_logit': jnp.max(jnp.abs(route.logits) * (
+          1.0 if mask_GS is None else mask_GS[..., None].astype(jnp.float32))),
   }

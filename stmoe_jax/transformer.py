@@ -143,7 +143,7 @@ class Transformer(nnx.Module):
       moe_stats = {name: jnp.zeros((0, *shape)) for name, shape in (
           ('balance_loss', ()), ('z_loss', ()), ('expert_load', (E,)), ('max_load_ratio', ()),
           ('dropped_fraction', ()), ('dropped_fraction_per_slot', (K,)),
-          ('router_entropy', ()), ('router_bias', (E,)))}
+          ('router_entropy', ()), ('max_router_logit', ()), ('router_bias', (E,)))}
     moe_stats.update(_attention_stats(attn_per_layer, self.num_heads))
     return logits_BLV, moe_stats
 

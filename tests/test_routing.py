@@ -211,3 +211,6 @@ def test_routing_stats_hand_worked():
   entropy = -np.sum(probs * np.log(probs), axis=-1).mean()
   np.testing.assert_allclose(stats['router_entropy'], entropy, rtol=1e-5)
   np.testing.assert_allclose(stats['z_loss'], 0.0, atol=1e-6)  # logsumexp(log p) = log 1.
+  np.testing.assert_allclose(stats['max_router_logit'], -np.log(0.1), rtol=1e-6)
+  masked = routing.routing_stats(route, jnp.asarray([[True, True, True, False]]))
+  np.testing.assert_allclose(masked['max_router_logit'], -np.log(0.2), rtol=1e-6)
