@@ -42,7 +42,7 @@ class StepMonitor:
 
   `observe(metrics, step)` takes one step's metrics (numpy, any shapes) with its 1-based step;
   `summary()` returns the mean of the healthy steps since the last summary (arrays averaged
-  elementwise) plus the run's `skipped_steps` and `loss_spikes` counts, or None if none.
+  elementwise; `max_*` metrics take the window's maximum, so a one-step excursion shows) plus the run's `skipped_steps` and `loss_spikes` counts, or None if none.
   """
 
   SPIKE_WINDOW = 32
@@ -78,8 +78,9 @@ class StepMonitor:
     for key in self.window[0]:
       if key in ('nonfinite', 'skipped_steps'):
         continue
-      mean = np.mean(np.stack([np.asarray(m[key], np.float64) for m in self.window]), axis=0)
-      summary[key] = float(mean) if mean.ndim == 0 else mean
+      reduce = np.max if key.startswith('max_') else np.mean
+      value = reduce(np.stack([np.asarray(m[key], np.float64) for m in self.window]), axis=0)
+      summary[key] = float(value) if value.ndim == 0 else value
     summary.update(skipped_steps=self.skipped_steps, loss_spikes=self.loss_spikes)
     self.window = []
     return summary
