@@ -2,6 +2,7 @@ r"""Forward+backward time of one MoE layer per dispatch strategy vs a FLOP-match
 
   python benchmarks/moe_layer.py                      # the issue's sizes, float32 + bfloat16
   python benchmarks/moe_layer.py --quick              # seconds: a smoke test (CI runs it)
+  python benchmarks/moe_layer.py --dispatch=dropless:ragged_dot,dropless:blocked   # grouped matmuls
 
 Prints one JSON object per line. First a `matmul_peak` line: the best FLOP/s of plain
 [T, D] x [D, F] matmuls (forward+backward, the same shapes the experts run), measured in this
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, __file__.rsplit('/benchmarks/', 1)[0])
+from stmoe_jax import grouped_matmul  # noqa: E402
 from stmoe_jax.config import MoeConfig, ModelConfig  # noqa: E402
 from stmoe_jax.experts import Mlp  # noqa: E402
 from stmoe_jax.moe import MoeLayer  # noqa: E402
@@ -82,7 +84,12 @@ def main(argv=None):
   parser.add_argument('--top_k', type=int, default=2)
   parser.add_argument('--group_size', type=int, default=512)
   parser.add_argument('--experts', default='8,16,32,64')
-  parser.add_argument('--dispatch', default='scatter,einsum,dropless')
+  parser.add_argument('--dispatch', default='scatter,einsum,dropless',
+                      help="moe.dispatch values; 'dropless:<moe.grouped_matmul>' picks the "
+                      "grouped matmul (default 'auto')")
+  parser.add_argument('--capacity_factor', type=float, default=1.25, help='train capacity factor')
+  parser.add_argument('--block_rows', type=int, default=grouped_matmul.BLOCK_ROWS,
+                      help="rows per block of the 'blocked' grouped matmul")
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--quick', action='store_true', help='tiny sizes, one repeat')
@@ -90,6 +97,7 @@ def main(argv=None):
   if args.quick:
     args.tokens, args.d_model, args.d_ff, args.group_size = 256, 32, 64, 128
     args.experts, args.dtypes, args.repeats = '4,8', 'float32', 1
+  grouped_matmul.BLOCK_ROWS = args.block_rows
 
   tokens, D, F, k = args.tokens, args.d_model, args.d_ff, args.top_k
   active_flops = 3 * k * 3 * 2 * tokens * D * F  # fwd+bwd x k experts x 3 GEGLU matmuls.
@@ -103,8 +111,10 @@ def main(argv=None):
         (name, E, name) for E in map(int, args.experts.split(','))
         for name in args.dispatch.split(',')]
     for layer_name, E, dispatch in runs:
+      dispatch, _, grouped = (dispatch or 'scatter').partition(':')
       moe = MoeConfig(num_experts=E or 8, top_k=k, expert_d_ff=F, group_size=args.group_size,
-                      dispatch=dispatch or 'scatter')
+                      dispatch=dispatch, grouped_matmul=grouped or 'auto',
+                      train_capacity_factor=args.capacity_factor)
       cfg = ModelConfig(d_model=D, d_ff=F, dtype=dtype_name, moe=moe)
       if layer_name == 'dense_ffn':  # FLOP-matched: one FFN as wide as the k experts together.
         module = Mlp(D, k * F, 'geglu', 0.1, dtype, rngs=nnx.Rngs(0))
@@ -114,6 +124,7 @@ def main(argv=None):
       seconds = timed(fn, params, x, repeats=args.repeats)
       record = {'kind': 'layer', 'dtype': dtype_name, 'layer': layer_name, 'num_experts': E,
                 'tokens': tokens, 'd_model': D, 'expert_d_ff': F, 'top_k': k,
+                'capacity_factor': args.capacity_factor, 'block_rows': args.block_rows,
                 'seconds': seconds, 'tokens_per_sec': tokens / seconds,
                 'active_flops_per_sec': active_flops / seconds,
                 'fraction_of_peak': active_flops / seconds / peak, **memory(fn, params, x)}

@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   moe.expert_d_ff = 256  # Hidden width of each expert.
   moe.group_size = 256  # Tokens per routing group: capacity and balance are computed per group.
   moe.router = 'tokens_choose'  # Each token picks top_k experts. 'expert_choice' is non-causal: refused here.
-  moe.dispatch = 'scatter'  # 'scatter' (index gather), 'einsum' (one-hot masks, GShard) or 'dropless' (ragged_dot).
+  moe.dispatch = 'scatter'  # 'scatter' (index gather), 'einsum' (one-hot masks, GShard) or 'dropless' (grouped matmuls).
+  moe.grouped_matmul = 'auto'  # dropless: 'ragged_dot', 'blocked' (padded row blocks), 'auto' = blocked on CPU only.
   moe.train_capacity_factor = 1.25  # ST-MoE: 1.25 in training...
   moe.eval_capacity_factor = 2.0  # ...and 2.0 at evaluation. Both ignored by 'dropless'.
   moe.capacity_scaled_by_k = True  # C = CF * k * S / E (MaxText, ST-MoE); False: CF * S / E (flaxformer).

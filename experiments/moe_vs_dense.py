@@ -68,10 +68,12 @@ EVAL_CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, 'dropless')
 SWEEP_RUN = 'stmoe16'  # The checkpoint the eval capacity sweep reads.
 
 
-def run_config(run: Run, size: str):
-  """The ConfigDict of `run` at `size` ('full' or 'quick')."""
+def run_config(run: Run, size: str, data_dir: str = ''):
+  """The ConfigDict of `run` at `size` ('full' or 'quick'), reading TFDS data from `data_dir`
+  ('' = the TFDS default)."""
   config = moe_vs_dense.get_config(f'arm={run.arm},size={size}')
   config.seed = run.seed
+  config.data.data_dir = data_dir
   for field, value in run.overrides:
     *parents, leaf = field.split('.')
     node = config
@@ -133,7 +135,7 @@ def speedup(reference: dict[str, np.ndarray], curve: dict[str, np.ndarray],
   target = reference['loss'][-1]
   needed_ref = steps_to_reach(reference[axis], reference['loss'], target)
   needed = steps_to_reach(curve[axis], curve['loss'], target)
-  return needed, (needed_ref / needed if needed else None)
+  return needed, (None if needed is None else needed_ref / needed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,11 +154,11 @@ def is_finished(workdir: str, num_train_steps: int) -> bool:
   return any(r['kind'] == 'eval' and r['step'] == num_train_steps for r in read_records(workdir))
 
 
-def train_run(run: Run, size: str, root: str) -> None:
+def train_run(run: Run, size: str, root: str, data_dir: str = '') -> None:
   """Trains `run` in `root/<name>` unless it finished before; records its start time."""
   from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
 
-  config = run_config(run, size)
+  config = run_config(run, size, data_dir)
   workdir = os.path.join(root, run.name)
   if is_finished(workdir, config.num_train_steps):
     print(f'{run.name}: finished before, skipped', flush=True)
@@ -221,9 +223,10 @@ def parameter_counts(config) -> tuple[int, int]:
   moe = model_cfg.moe
   if not moe.enabled:
     return total, total
-  num_moe_layers = sum(1 for i in range(model_cfg.num_layers) if i % moe.every == moe.every - 1)
-  matrices = 3 if model_cfg.activation.startswith('geglu') else 2  # GEGLU: two input matrices.
-  per_expert = matrices * model_cfg.d_model * moe.expert_d_ff
+  num_moe_layers = sum(map(moe.is_moe_layer, range(model_cfg.num_layers)))
+  matrices = 2 if model_cfg.activation == 'gelu' else 3  # GEGLU: two input matrices.
+  per_expert = (matrices * model_cfg.d_model * moe.expert_d_ff +
+                moe.expert_d_ff * (model_cfg.activation == 'geglu_mult_bias'))
   inactive = num_moe_layers * (moe.num_experts - moe.top_k) * per_expert
   return total, total - inactive
 
@@ -265,7 +268,7 @@ def headline_rows(summaries: list[dict]) -> list[dict]:
     steps, step_speedup = speedup(dense, curve, 'step')
     wall, time_speedup = speedup(dense, curve, 'wall_s')
     per_seed = []
-    if len(runs) > 1:  # Seed s of this arm against seed s of dense.
+    if len(runs) > 1 and arm != 'dense':  # Seed s of this arm against seed s of dense.
       for s in runs:
         ref = next((d for d in by_arm['dense'] if d['run'].seed == s['run'].seed), None)
         if ref is not None:
@@ -298,7 +301,7 @@ def markdown(rows: list[dict], summaries: list[dict], sweep: list[dict], size: s
     spread = f" ± {r['final_val_loss_spread'] / 2:.4f}" if ',' in r['seeds'] else ''
     per_seed = ', '.join(_fmt(x, '.2f', '-') for x in r['per_seed_step_speedup']) or '-'
     lines.append(
-        f"| {r['arm']} | {r['seeds']} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M"
+        f"| {r['arm']} | {r['seeds']} | {r['params']:,} | {r['active_params']:,}"
         f" | {r['final_val_loss']:.4f}{spread} | {r['final_bits_per_byte']:.3f}"
         f" | {_fmt(r['steps_to_dense_final'], '.0f')} | {_fmt(r['step_speedup'], '.2f', '<1')}x"
         f" | {per_seed} | {_fmt(r['wall_s_to_dense_final'], '.0f')}"
@@ -394,13 +397,14 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--root', default='runs/moe_vs_dense', help='Directory for runs, results.')
   parser.add_argument('--quick', action='store_true', help='Tiny model, 20 steps: smoke test.')
+  parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
   args = parser.parse_args(argv)
   size = 'quick' if args.quick else 'full'
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   study_start = time.time()
   for run in RUNS:
-    train_run(run, size, args.root)
+    train_run(run, size, args.root, args.data_dir)
   sweep = capacity_sweep(args.root, size)
   summaries = [run_summary(run, args.root, size) for run in RUNS]
   rows = headline_rows(summaries)

@@ -29,6 +29,7 @@ class MoeConfig:
   group_size: int = 1024
   router: str = 'tokens_choose'
   dispatch: str = 'scatter'
+  grouped_matmul: str = 'auto'
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   capacity_scaled_by_k: bool = True
@@ -134,6 +135,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
 ROUTERS = ('tokens_choose', 'expert_choice')
 DISPATCHES = ('einsum', 'scatter', 'dropless')
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # stmoe_jax.grouped_matmul.IMPLEMENTATIONS
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
 
 
@@ -249,6 +251,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'at least moe.top_k={moe.top_k}')
   _check(moe.router in ROUTERS, 'moe.router', moe.router, _one_of(ROUTERS))
   _check(moe.dispatch in DISPATCHES, 'moe.dispatch', moe.dispatch, _one_of(DISPATCHES))
+  _check(moe.grouped_matmul in GROUPED_MATMULS, 'moe.grouped_matmul', moe.grouped_matmul,
+         _one_of(GROUPED_MATMULS))
   # The decoder is causal: a router that ranks a group's tokens against each other would let a
   # token's output depend on later tokens (and leak them into next-token prediction).
   _check(moe.router == 'tokens_choose', 'moe.router', moe.router,

@@ -132,8 +132,9 @@ def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *, strategy:
     module = nnx.merge(graphdef, weights_local)
     if rng is not None:
       rng = jax.random.fold_in(rng, _shard_index(mesh.axis_names))
+    # ragged_dot: the blocked grouped matmul's loop is not typed for check_vma's varying axes.
     y = (module(x, dropout_rng=rng) if group_sizes is None
-         else module.grouped(x, group_sizes, dropout_rng=rng))
+         else module.grouped(x, group_sizes, dropout_rng=rng, impl='ragged_dot'))
     # F split over `hidden_axes`: each shard holds a partial sum of the down projection.
     return jax.lax.psum(y, hidden_axes) if hidden_axes else y
 

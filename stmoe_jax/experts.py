@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax import grouped_matmul as gmm
 from stmoe_jax import layers
 
 def activate(h_up: jax.Array, h_gate: jax.Array | None,
@@ -63,11 +64,13 @@ class Experts(nnx.Module):
   Weights: w_up/w_gate [E, D, F], w_down [E, F, D], logical axes ('expert', 'embed', 'mlp');
   the GEGLU multiplicative bias is [E, F]. Each expert's weights are initialised as a separate
   FFN (fan_in excludes the expert axis). Expert dropout (Switch: 0.4 inside experts when
-  fine-tuning, 0.1 elsewhere) acts on the hidden units with its own rate.
+  fine-tuning, 0.1 elsewhere) acts on the hidden units with its own rate. `grouped_matmul`
+  picks how `grouped` (dropless) multiplies (`stmoe_jax.grouped_matmul`).
   """
 
   def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str,
-               init_scale: float, dtype, *, dropout: float = 0.0, rngs: nnx.Rngs):
+               init_scale: float, dtype, *, dropout: float = 0.0, grouped_matmul: str = 'auto',
+               rngs: nnx.Rngs):
     init = layers.switch_init(init_scale, batch_axis=(0,))
     shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
     gated = activation != 'gelu'
@@ -80,6 +83,7 @@ class Experts(nnx.Module):
     self.w_down = layers.param(rngs, init, shape_out, ('expert', 'mlp', 'embed'))
     self.dtype = dtype
     self.dropout = dropout
+    self.grouped_matmul = grouped_matmul
 
   def _weights(self):
     cast = lambda v: None if v is None else v[...].astype(self.dtype)
@@ -96,14 +100,25 @@ class Experts(nnx.Module):
     return jnp.einsum('ecf,efd->ecd', h_ECF, w_down)
 
   def grouped(self, x_XD: jax.Array, group_sizes_E: jax.Array, *,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
+              dropout_rng: jax.Array | None = None, impl: str | None = None) -> jax.Array:
     """Rows sorted by expert, expert e owning the next group_sizes_E[e] rows: [X, D] -> [X, D].
 
-    Grouped matmuls with `jax.lax.ragged_dot` (dropless dispatch); rows past the last group
-    come out zero.
+    Grouped matmuls (dropless dispatch) with `jax.lax.ragged_dot`, or on the padded block layout
+    of `grouped_matmul` (laid out once for all three matmuls; dropout then draws its mask over
+    the blocks); rows past the last group come out zero. `impl` overrides the module's
+    `grouped_matmul` choice.
     """
     w_up, w_gate, mult_bias, w_down = self._weights()
     x_XD = x_XD.astype(self.dtype)
+    if gmm.resolve(impl or self.grouped_matmul) == 'blocked':
+      layout = gmm.block_layout(group_sizes_E, x_XD.shape[0], gmm.BLOCK_ROWS)
+      x_NBD = gmm.to_blocks(x_XD, layout)
+      matmul = lambda x, w: gmm.blocked_matmul(x, w, layout.group_N, layout.used_N)
+      h_up = matmul(x_NBD, w_up)
+      h_gate = None if w_gate is None else matmul(x_NBD, w_gate)
+      bias = None if mult_bias is None else mult_bias[layout.group_N][:, None, :]
+      h_NBF = _dropout(activate(h_up, h_gate, bias), self.dropout, dropout_rng)
+      return gmm.from_blocks(matmul(h_NBF, w_down), layout)
     h_up = jax.lax.ragged_dot(x_XD, w_up, group_sizes_E)
     h_gate = None if w_gate is None else jax.lax.ragged_dot(x_XD, w_gate, group_sizes_E)
     if mult_bias is not None:  # Each row's own expert's bias: repeat expert e's row group_sizes_E[e] times.

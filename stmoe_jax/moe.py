@@ -87,7 +87,8 @@ class MoeLayer(nnx.Module):
                                (cfg.d_model, moe.num_experts), ('embed', None))
     self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
     self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
-                           cfg.init_scale, dtype, dropout=moe.expert_dropout, rngs=rngs)
+                           cfg.init_scale, dtype, dropout=moe.expert_dropout,
+                           grouped_matmul=moe.grouped_matmul, rngs=rngs)
     # Shared experts (DeepSeek-MoE): one dense FFN as wide as all of them, seen by every token.
     self.shared = (Mlp(cfg.d_model, moe.num_shared_experts * moe.shared_d_ff, cfg.activation,
                        cfg.init_scale, dtype, rngs=rngs)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stmoe_jax import grouped_matmul as gmm
 from stmoe_jax.config import MoeConfig, ModelConfig
 from stmoe_jax.moe import MoeLayer
 
@@ -60,11 +61,17 @@ def loop_moe(params, x_BLD, chosen_TK, renormalize):
 
 @pytest.mark.parametrize('k,activation,renormalize', [(1, 'gelu', True), (2, 'geglu', True),
                                                       (3, 'geglu_mult_bias', False)])
-def test_every_dispatch_matches_the_loop_in_outputs_and_gradients(k, activation, renormalize):
+def test_every_dispatch_matches_the_loop_in_outputs_and_gradients(k, activation, renormalize,
+                                                                  monkeypatch):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8))
   reference = None
-  for dispatch in ('einsum', 'scatter', 'dropless'):
-    cfg = layer_cfg(activation, top_k=k, renormalize_gates=renormalize, dispatch=dispatch)
+  for dispatch, grouped, block_rows in (
+      ('einsum', 'auto', 0), ('scatter', 'auto', 0), ('dropless', 'ragged_dot', 0),
+      ('dropless', 'blocked', 64), ('dropless', 'blocked', 4)):  # Block 4: several per expert.
+    monkeypatch.setattr(gmm, 'BLOCK_ROWS', block_rows or 64)
+    cfg = layer_cfg(activation, top_k=k, renormalize_gates=renormalize, dispatch=dispatch,
+                    grouped_matmul=grouped)
+    name = f'{dispatch} {grouped} {block_rows}'
     layer = MoeLayer(cfg, rngs=nnx.Rngs(k))
     graphdef, params, buffers = nnx.split(layer, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
@@ -84,10 +91,10 @@ def test_every_dispatch_matches_the_loop_in_outputs_and_gradients(k, activation,
       reference = (loop_moe(params, x, chosen, renormalize),
                    jax.grad(loop_loss, (0, 1))(params, x))
     y_ref, (g_params_ref, g_x_ref) = reference
-    np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg=dispatch)
-    np.testing.assert_allclose(g_x, g_x_ref, rtol=RTOL, atol=ATOL, err_msg=dispatch)
+    np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(g_x, g_x_ref, rtol=RTOL, atol=ATOL, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL,
-                                                         err_msg=dispatch),
+                                                         err_msg=name),
                  g_params, g_params_ref)
 
 
