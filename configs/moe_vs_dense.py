@@ -12,7 +12,7 @@ the dense arm runs one FFN of width 512 there.
   stmoe16   ST-MoE: top-2 of 16 experts of width 256, z-loss 1e-3.
 All MoE arms train at capacity factor 1.25 and evaluate at 2.0 (ST-MoE). size=full: 500 steps
 of 64 x 64 bytes (2M tokens), validation loss on 20 fixed batches every 50 steps. size=quick:
-configs/stmoe.py's tiny model, 20 steps: a smoke test of the study in seconds.
+one layer of configs/stmoe.py's tiny model, 20 steps: a smoke test of the study.
 """
 
 from configs import common
@@ -34,10 +34,10 @@ def get_config(arg: str | None = None):
   config = default.get_config()
   config.update(num_train_steps=500, log_every_steps=50, eval_every_steps=50, eval_batches=20,
                 checkpoint_every_steps=500, keep_checkpoints=1, eval_sample_tokens=0)
-  if arg.size == 'quick':
+  if arg.size == 'quick':  # One layer, and it is the MoE one: the least to compile.
     config.data.seq_len = 32
-    config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64)
-    config.moe.update(group_size=64)
+    config.model.update(d_model=32, num_layers=1, num_heads=2, head_dim=16, d_ff=64)
+    config.moe.update(group_size=64, every=1)
     config.opt.update(lr=1e-2, warmup_steps=4)
     config.update(batch_size=8, num_train_steps=20, log_every_steps=10, eval_every_steps=10,
                   eval_batches=2, checkpoint_every_steps=20)

@@ -299,7 +299,7 @@ def markdown(rows: list[dict], summaries: list[dict], sweep: list[dict], size: s
            '|' + '---|' * 12]
   for r in rows:
     spread = f" ± {r['final_val_loss_spread'] / 2:.4f}" if ',' in r['seeds'] else ''
-    per_seed = ', '.join(_fmt(x, '.2f', '-') for x in r['per_seed_step_speedup']) or '-'
+    per_seed = ', '.join(_fmt(x, '.2f', '<1') for x in r['per_seed_step_speedup']) or '-'
     lines.append(
         f"| {r['arm']} | {r['seeds']} | {r['params']:,} | {r['active_params']:,}"
         f" | {r['final_val_loss']:.4f}{spread} | {r['final_bits_per_byte']:.3f}"
@@ -308,16 +308,20 @@ def markdown(rows: list[dict], summaries: list[dict], sweep: list[dict], size: s
         f" | {_fmt(r['time_speedup'], '.2f', '<1')}x | {r['tokens_per_sec']:,.0f} |")
   base = next(s for s in summaries if s['run'].name == SWEEP_RUN)
   ablations = [base] + [s for s in summaries if s['run'].overrides]
-  lines += ['', 'Ablations (stmoe16, seed 0; "max router logit" is the largest |logit| of any '
-            'step, "spikes" counts steps whose loss exceeded 2x the median of the 32 before):', '',
-            '| run | change | final val loss | bits/byte | max router logit | loss spikes | '
-            'train dropped fraction (last 50 steps) | tokens/s |', '|' + '---|' * 8]
+  lines += ['', 'Ablations (stmoe16, seed 0; "router z" is the z-loss term, mean logsumexp^2 of '
+            'the router logits summed over MoE layers, and "dropped" the share of token-choices '
+            'over capacity, both over the last 50 steps; "max router logit" is the largest '
+            '|logit| of any step; "spikes" counts steps whose loss exceeded 2x the median of '
+            'the 32 before):', '',
+            '| run | change | final val loss | bits/byte | router z | max router logit | '
+            'loss spikes | dropped | tokens/s |', '|' + '---|' * 9]
   for s in ablations:
     t = s['final_train']
     lines.append(
         f"| {s['run'].name} | {s['run'].note or 'none (z-loss 1e-3, train CF 1.25)'}"
         f" | {s['curve']['loss'][-1]:.4f} | {s['curve']['bits_per_byte'][-1]:.3f}"
-        f" | {s['max_router_logit']:.2f} | {s['loss_spikes']}"
+        f" | {t.get('z_loss', float('nan')):.2f} | {s['max_router_logit']:.2f}"
+        f" | {s['loss_spikes']}"
         f" | {t.get('dropped_fraction', float('nan')):.4f} | {s['tokens_per_sec']:,.0f} |")
   lines += ['', f'Eval capacity factor sweep ({SWEEP_RUN} final checkpoint, trained at 1.25):',
             '', '| eval capacity factor | val loss | bits/byte | dropped fraction |',
@@ -367,10 +371,10 @@ def plot(summaries: list[dict], sweep: list[dict], root: str) -> list[str]:
   by_name = {s['run'].name: s for s in summaries}
   for name, label in ((SWEEP_RUN, 'z-loss 1e-3'), ('stmoe16_no_z_loss', 'no z-loss')):
     train = [r for r in by_name[name]['records'] if r['kind'] == 'train']
-    axes[0].plot([r['step'] for r in train], [r.get('max_router_logit', np.nan) for r in train],
+    axes[0].plot([r['step'] for r in train], [r.get('z_loss', np.nan) for r in train],
                  '-o', markersize=3, label=label)
-  axes[0].set(xlabel='train step', ylabel='max |router logit| (per 50 steps)',
-              title='Router z-loss')
+  axes[0].set(xlabel='train step', ylabel='router z: mean logsumexp^2, summed over layers',
+              title='Router z-loss', yscale='log')
   for name, label in (('stmoe16_train_cf1.0', 'train CF 1.0'), (SWEEP_RUN, 'train CF 1.25'),
                       ('stmoe16_train_cf2.0', 'train CF 2.0')):
     curve = by_name[name]['curve']

@@ -14,11 +14,11 @@ stays light):
   plot                                      PNG plots of runs, routing plots for notebooks
 
 Modules, in reading order: routing (routers, router losses, telemetry), dispatch (einsum,
-scatter, dropless), experts (batched expert FFNs), moe (route -> dispatch -> experts ->
-combine), expert_parallel, attention, sparse_attention, head_routing, transformer, config
-(validation and frozen model configs), sharding (logical axes -> mesh), data (stdlib corpus,
-grain pipelines), losses, train_lib, guards, evaluation, checkpointing, metrics (metrics.jsonl +
-TensorBoard), flops, sampling, plot, sweep.
+scatter, dropless), experts (batched expert FFNs), grouped_matmul (dropless matmuls), moe
+(route -> dispatch -> experts -> combine), expert_parallel, attention, sparse_attention,
+head_routing, transformer, config (validation and frozen model configs), sharding (logical axes
+-> mesh), data (stdlib corpus, grain pipelines), losses, train_lib, guards, evaluation,
+checkpointing, metrics (metrics.jsonl + TensorBoard), flops, sampling, plot, sweep.
 """
 
 import importlib

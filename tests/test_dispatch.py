@@ -67,7 +67,7 @@ def test_every_dispatch_matches_the_loop_in_outputs_and_gradients(k, activation,
   reference = None
   for dispatch, grouped, block_rows in (
       ('einsum', 'auto', 0), ('scatter', 'auto', 0), ('dropless', 'ragged_dot', 0),
-      ('dropless', 'blocked', 64), ('dropless', 'blocked', 4)):  # Block 4: several per expert.
+      ('dropless', 'blocked', 4)):  # Block 4: several blocks per expert.
     monkeypatch.setattr(gmm, 'BLOCK_ROWS', block_rows or 64)
     cfg = layer_cfg(activation, top_k=k, renormalize_gates=renormalize, dispatch=dispatch,
                     grouped_matmul=grouped)

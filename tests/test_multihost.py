@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def env_with_devices(num_devices: int) -> dict:
-  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}',
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}"
+  return {**os.environ, 'XLA_FLAGS': flags.strip(),
           'JAX_PLATFORMS': 'cpu'}
 
 

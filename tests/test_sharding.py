@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_with_devices(script: str, num_devices: int, *args: str, timeout: int = 900):
   """Runs a tests/ script with `num_devices` fake CPU devices; returns its last stdout line."""
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}',
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}"
+  env = {**os.environ, 'XLA_FLAGS': flags.strip(),
          'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', script), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
