@@ -37,6 +37,7 @@ if REPO not in sys.path:
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import moe_vs_dense  # pylint: disable=g-import-not-at-top
+from stmoe_jax import sweep  # pylint: disable=g-import-not-at-top  (imports no JAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,25 +143,13 @@ def speedup(reference: dict[str, np.ndarray], curve: dict[str, np.ndarray],
 # Running.
 
 
-def read_records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def is_finished(workdir: str, num_train_steps: int) -> bool:
-  return any(r['kind'] == 'eval' and r['step'] == num_train_steps for r in read_records(workdir))
-
-
 def train_run(run: Run, size: str, root: str, data_dir: str = '') -> None:
   """Trains `run` in `root/<name>` unless it finished before; records its start time."""
   from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   config = run_config(run, size, data_dir)
   workdir = os.path.join(root, run.name)
-  if is_finished(workdir, config.num_train_steps):
+  if sweep.is_finished(workdir):
     print(f'{run.name}: finished before, skipped', flush=True)
     return
   os.makedirs(workdir, exist_ok=True)
@@ -197,7 +186,7 @@ def capacity_sweep(root: str, size: str) -> list[dict]:
 def run_summary(run: Run, root: str, size: str) -> dict:
   """Curve and scalar telemetry of one finished run."""
   workdir = os.path.join(root, run.name)
-  records = read_records(workdir)
+  records = sweep.read_records(workdir)
   with open(os.path.join(workdir, 'study_start.json')) as f:
     start = json.load(f)['start_time']
   train = [r for r in records if r['kind'] == 'train']

@@ -135,7 +135,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
 ROUTERS = ('tokens_choose', 'expert_choice')
 DISPATCHES = ('einsum', 'scatter', 'dropless')
-GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # stmoe_jax.grouped_matmul.IMPLEMENTATIONS
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # Implemented in stmoe_jax.grouped_matmul.
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
 
 

@@ -23,7 +23,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('auto', 'ragged_dot', 'blocked')
+from stmoe_jax.config import GROUPED_MATMULS
+
+IMPLEMENTATIONS = GROUPED_MATMULS  # 'auto', 'ragged_dot', 'blocked' (config validates the field).
 BLOCK_ROWS = 64  # Rows per block: padding costs under this many rows per expert.
 
 
@@ -90,6 +92,10 @@ def blocked_matmul(x_NBD: jax.Array, w_EDF: jax.Array, group_N: jax.Array,
   Not for use inside shard_map with check_vma: its loop's zero branches and dw carry are not
   typed for varying mesh axes (expert parallelism uses ragged_dot there).
   """
+  return _forward(x_NBD, w_EDF, group_N, used_N)
+
+
+def _forward(x_NBD, w_EDF, group_N, used_N):
   zeros_BF = jnp.zeros((x_NBD.shape[1], w_EDF.shape[-1]), x_NBD.dtype)
 
   def one_block(_, inputs):
@@ -102,7 +108,7 @@ def blocked_matmul(x_NBD: jax.Array, w_EDF: jax.Array, group_N: jax.Array,
 
 
 def _blocked_matmul_fwd(x_NBD, w_EDF, group_N, used_N):
-  return blocked_matmul(x_NBD, w_EDF, group_N, used_N), (x_NBD, w_EDF, group_N, used_N)
+  return _forward(x_NBD, w_EDF, group_N, used_N), (x_NBD, w_EDF, group_N, used_N)
 
 
 def _blocked_matmul_bwd(residuals, dy_NBF):

@@ -42,7 +42,8 @@ class StepMonitor:
 
   `observe(metrics, step)` takes one step's metrics (numpy, any shapes) with its 1-based step;
   `summary()` returns the mean of the healthy steps since the last summary (arrays averaged
-  elementwise; `max_*` metrics take the window's maximum, so a one-step excursion shows) plus the run's `skipped_steps` and `loss_spikes` counts, or None if none.
+  elementwise; `max_*` metrics take the window's maximum, so a one-step excursion shows) plus
+  the run's `skipped_steps` and `loss_spikes` counts, or None if none.
   """
 
   SPIKE_WINDOW = 32

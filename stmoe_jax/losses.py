@@ -59,8 +59,8 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
   Scalars: `dropped_fraction` (mean over layers) and `max_expert_load` (worst layer's max/mean
   load ratio: 1 is perfect balance, E total collapse) and `max_router_logit` (largest |router
-  logit| of any layer). Per layer (leading axis M): `expert_load`
-  [M, E], `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
+  logit| of any layer). Per layer (leading axis M): `expert_load` [M, E],
+  `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
   (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E].
   """
   if not moe_stats['expert_load'].shape[0]:
