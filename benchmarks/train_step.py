@@ -1,8 +1,13 @@
-r"""Whole-model train-step throughput: the default MoE config vs the dense config of equal active FLOPs.
+r"""Whole-model train-step throughput: MoE configs vs dense configs of equal active FLOPs.
 
   python benchmarks/train_step.py                               # configs/default.py vs configs/dense.py
+  python benchmarks/train_step.py --grid --out=grid.json        # d_model 64, 128 x dense, 8/16/64 experts
   python benchmarks/train_step.py --quick                       # configs/tiny.py, a smoke test
   python benchmarks/train_step.py --override=model.dtype=bfloat16
+
+`--grid` runs, at d_model 64 and 128 (4 layers, MoE every other layer, top-2 of experts of width
+2 d_model, batch 64 x 64 bytes), a dense twin and 8, 16 and 64 experts, with one
+`moe_over_dense_tokens_per_sec` line per MoE config.
 
 Prints one JSON line per config: seconds per step (median of --steps after two warm-up steps),
 tokens/s, model FLOPs per token (`stmoe_jax.flops`: active parameters and attention, training =
@@ -79,8 +84,45 @@ def benchmark(name: str, config, steps: int) -> dict:
   return {'config': name, 'device': jax.devices()[0].device_kind, 'dtype': config.model.dtype,
           'seconds_per_step': seconds, 'tokens_per_sec': tokens_per_step / seconds,
           'model_flops_per_token': flops_per_token, 'model_flops_per_sec': achieved,
-          'mfu_vs_measured_matmul': achieved / measured,
+          'matmul_peak_flops_per_sec': measured, 'mfu_vs_measured_matmul': achieved / measured,
           'mfu_vs_datasheet': achieved / (datasheet * jax.device_count()) if datasheet else None}
+
+
+def grid_configs(d_models=(64, 128), num_experts=(8, 16, 64)) -> list[tuple[str, object]]:
+  """(name, config) pairs of `--grid`: per d_model, its dense twin then each expert count."""
+  pairs = []
+  for d in d_models:
+    base = default.get_config()
+    base.model.update(d_model=d, num_layers=4, num_heads=d // 32, head_dim=32, d_ff=4 * d)
+    base.moe.update(expert_d_ff=2 * d, top_k=2, every=2, group_size=256)
+    base.update(batch_size=64)
+    base.data.seq_len = 64
+    twin = base.copy_and_resolve_references()
+    twin.moe.enabled = False
+    pairs.append((f'd{d}_dense', twin))
+    for e in num_experts:
+      config = base.copy_and_resolve_references()
+      config.moe.num_experts = e
+      pairs.append((f'd{d}_e{e}', config))
+  return pairs
+
+
+def run_grid(args) -> list[dict]:
+  results, dense = [], None
+  for name, config in grid_configs():
+    for text in args.override:
+      apply_override(config, text)
+    result = benchmark(name, config, args.steps)
+    print(json.dumps(result), flush=True)
+    results.append(result)
+    if name.endswith('_dense'):
+      dense = result
+    else:
+      ratio = {'config': name, 'moe_over_dense_tokens_per_sec':
+               result['tokens_per_sec'] / dense['tokens_per_sec']}
+      print(json.dumps(ratio), flush=True)
+      results.append(ratio)
+  return results
 
 
 def main(argv=None):
@@ -89,7 +131,15 @@ def main(argv=None):
   parser.add_argument('--override', action='append', default=[],
                       help='config field=value applied to both configs, e.g. model.dtype=bfloat16')
   parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--grid', action='store_true', help='d_model 64/128 x dense, 8/16/64 experts')
+  parser.add_argument('--out', default='', help='Also write every record to this JSON file.')
   args = parser.parse_args(argv)
+  if args.grid:
+    results = run_grid(args)
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(results, f, indent=1)
+    return
   pairs = [('tiny', tiny.get_config()), ('tiny_dense', tiny.get_config())] if args.quick else [
       ('default', default.get_config()), ('dense', dense.get_config())]
   pairs[1][1].moe.enabled = False

@@ -82,8 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
   opt.name = 'adamw'  # 'adamw' or 'adafactor'.
   opt.lr = 3e-3  # Peak learning rate.
   opt.warmup_steps = 50
-  opt.schedule = 'cosine'  # 'cosine' (to final_lr_fraction * lr) or 'rsqrt' (inverse square root).
+  # 'cosine' (to final_lr_fraction * lr), 'rsqrt' (inverse square root) or 'wsd' (warmup-stable-
+  # decay: constant lr, then linear to final_lr_fraction * lr over the last decay_fraction).
+  opt.schedule = 'cosine'
   opt.final_lr_fraction = 0.1
+  opt.decay_fraction = 0.2  # 'wsd' only: a run of N steps branches off a longer one at 0.8 N.
   opt.b1 = 0.9
   opt.b2 = 0.98
   opt.weight_decay = 0.1  # Decoupled; applied to matrices only, not norms.

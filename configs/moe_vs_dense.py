@@ -1,54 +1,71 @@
 r"""The arms of the MoE-vs-dense study (experiments/moe_vs_dense.py; README "Results").
 
-  python train.py --config=configs/moe_vs_dense.py:arm=stmoe16 --workdir=runs/mvd/stmoe16
+  python train.py --config=configs/moe_vs_dense.py:arm=stmoe64 --workdir=runs/mvd/stmoe64
+  python train.py --config=configs/moe_vs_dense.py:arm=dense,lr=6e-3 --workdir=runs/mvd/d
   python train.py --config=configs/moe_vs_dense.py:arm=dense,size=quick --workdir=/tmp/q
 
-Every arm is configs/default.py's model (4 layers, d_model 128, layers 1 and 3 MoE) with the
-same active FLOPs per token: each MoE layer's token runs top_k experts of width 512 / top_k, and
-the dense arm runs one FFN of width 512 there.
-  dense     no experts;
-  switch16  Switch: top-1 of 16 experts of width 512, router jitter 1e-2, no z-loss;
-  stmoe8    ST-MoE: top-2 of 8 experts of width 256, z-loss 1e-3;
-  stmoe16   ST-MoE: top-2 of 16 experts of width 256, z-loss 1e-3.
-All MoE arms train at capacity factor 1.25 and evaluate at 2.0 (ST-MoE). size=full: 500 steps
-of 64 x 64 bytes (2M tokens), validation loss on 20 fixed batches every 50 steps. size=quick:
-one layer of configs/stmoe.py's tiny model, 20 steps: a smoke test of the study.
+A model small enough that the study's dense baseline sees many tokens per parameter: byte-level,
+d_model 64, 2 layers, and every FFN is the arm's FFN (moe.every=1). All arms do the same FFN
+work per token: a token passes through ACTIVE_FFN_WIDTH (256) GEGLU hidden units per layer,
+as one dense FFN or as top_k experts of width 256 / top_k:
+  dense     one FFN of width 256 (131k non-embedding parameters);
+  switch32  Switch: top-1 of 32 experts of width 256;
+  stmoe8/16/64  ST-MoE/GShard: top-2 of 8, 16 or 64 experts of width 128;
+  fine64    fine-grained (DeepSeekMoE): top-8 of 64 experts of width 32 (stmoe16's experts cut
+            in four, four times as many chosen).
+MoE arms route 4096-token groups (the whole batch, position-major, so still causal) at train
+capacity factor 1.25 and eval capacity 2.0, with the Switch balance loss (1e-2) and the ST-MoE
+z-loss (1e-3). size=full: 1600 steps of 64 x 64 bytes (6.6M tokens, 50 per dense
+non-embedding parameter) on a warmup-stable-decay schedule whose stable part is shared by the
+shorter complete runs the study branches off; validation on 50 fixed batches every 160 steps.
+size=quick: one layer of d_model 32 and 20 steps, a smoke test of the study. `lr=0` takes the
+family's peak learning rate from TUNED_LR (the study's sweep chose it).
 """
 
 from configs import common
 from configs import default
 
-ARMS = ('dense', 'switch16', 'stmoe8', 'stmoe16')
+# arm -> (family, num_experts, top_k); expert width = ACTIVE_FFN_WIDTH // top_k.
+ARMS = {
+    'dense': ('dense', 0, 1),
+    'switch32': ('switch', 32, 1),
+    'stmoe8': ('stmoe', 8, 2),
+    'stmoe16': ('stmoe', 16, 2),
+    'stmoe64': ('stmoe', 64, 2),
+    'fine64': ('fine', 64, 8),
+}
 SIZES = ('full', 'quick')
-# Hidden units a token passes through in each MoE layer, whatever the arm (equal active FLOPs).
-ACTIVE_FFN_WIDTH = {'full': 512, 'quick': 64}
+ACTIVE_FFN_WIDTH = {'full': 256, 'quick': 64}
+# Peak learning rate per family: the best final validation loss of the study's sweep
+# (docs/results/results.md, "Learning-rate sweep"), used when the arm's `lr` argument is 0.
+TUNED_LR = {'dense': 6e-3, 'switch': 6e-3, 'stmoe': 6e-3, 'fine': 6e-3}
 
 
 def get_config(arg: str | None = None):
-  """Returns the config of one study arm: `arg` = 'arm=<arm>[,size=full|quick]'."""
-  arg = common.parse_arg(arg, arm='stmoe16', size='full')
+  """Returns the config of one study arm: `arg` = 'arm=<arm>[,size=full|quick][,lr=<peak>]'."""
+  arg = common.parse_arg(arg, arm='stmoe64', size='full', lr=0.0)
   if arg.arm not in ARMS:
-    raise ValueError(f'config argument arm={arg.arm!r} is invalid: expected one of {ARMS}')
+    raise ValueError(f'config argument arm={arg.arm!r} is invalid: expected one of {list(ARMS)}')
   if arg.size not in SIZES:
     raise ValueError(f'config argument size={arg.size!r} is invalid: expected one of {SIZES}')
-  config = default.get_config()
-  config.update(num_train_steps=500, log_every_steps=50, eval_every_steps=50, eval_batches=20,
-                checkpoint_every_steps=500, keep_checkpoints=1, eval_sample_tokens=0)
-  if arg.size == 'quick':  # One layer, and it is the MoE one: the least to compile.
-    config.data.seq_len = 32
-    config.model.update(d_model=32, num_layers=1, num_heads=2, head_dim=16, d_ff=64)
-    config.moe.update(group_size=64, every=1)
-    config.opt.update(lr=1e-2, warmup_steps=4)
-    config.update(batch_size=8, num_train_steps=20, log_every_steps=10, eval_every_steps=10,
-                  eval_batches=2, checkpoint_every_steps=20)
+  family, num_experts, top_k = ARMS[arg.arm]
   width = ACTIVE_FFN_WIDTH[arg.size]
-  moe = config.moe
-  moe.update(train_capacity_factor=1.25, eval_capacity_factor=2.0)
-  if arg.arm == 'dense':
-    moe.update(enabled=False, top_k=2, expert_d_ff=width // 2)  # Dense FFN width top_k * d_ff.
-  elif arg.arm == 'switch16':
-    moe.update(num_experts=16, top_k=1, expert_d_ff=width, router_jitter=1e-2, z_loss_coef=0.0)
+  config = default.get_config()
+  config.model.update(d_model=64, num_layers=2, num_heads=2, head_dim=32, d_ff=width)
+  config.opt.update(lr=arg.lr or TUNED_LR[family], schedule='wsd', warmup_steps=100,
+                    decay_fraction=0.2, final_lr_fraction=0.0)
+  config.update(num_train_steps=1600, log_every_steps=80, eval_every_steps=160, eval_batches=50,
+                checkpoint_every_steps=320, keep_checkpoints=5, eval_sample_tokens=0)
+  if arg.size == 'quick':  # One layer, MoE: the least to compile.
+    config.data.seq_len = 32
+    config.model.update(d_model=32, num_layers=1, num_heads=2, head_dim=16)
+    config.opt.update(warmup_steps=4)
+    config.update(batch_size=8, num_train_steps=20, log_every_steps=4, eval_every_steps=10,
+                  eval_batches=2, checkpoint_every_steps=4)
+  config.moe.update(every=1, group_size=config.batch_size * config.data.seq_len,
+                    train_capacity_factor=1.25, eval_capacity_factor=2.0, z_loss_coef=1e-3)
+  if family == 'dense':
+    config.moe.update(enabled=False, top_k=1, expert_d_ff=width)  # Dense FFN width top_k * d_ff.
   else:
-    moe.update(num_experts=int(arg.arm.removeprefix('stmoe')), top_k=2, expert_d_ff=width // 2,
-               z_loss_coef=1e-3)
+    config.moe.update(num_experts=num_experts, top_k=top_k, expert_d_ff=width // top_k)
   return config

@@ -1,32 +1,51 @@
-r"""Does sparsity pay here? MoE vs dense at equal active FLOPs, with the ST-MoE ablations.
+r"""Does sparsity pay? MoE vs dense at equal active FLOPs, with schedule-fair speedups.
 
-  python experiments/moe_vs_dense.py --root=runs/moe_vs_dense          # about 1 hour, 2 CPU cores
-  python experiments/moe_vs_dense.py --root=/tmp/mvd --quick           # smoke test, about 1 minute
+  python experiments/moe_vs_dense.py --root=runs/moe_vs_dense --cores=0,1    # about 80 minutes
+  python experiments/moe_vs_dense.py --root=/tmp/mvd --quick --cores=0,1     # smoke test, ~1 min
 
-Trains `RUNS` (the arms of configs/moe_vs_dense.py, plus seeds and ablations) one after another
-in this process (runs with the same seed see the same batches in the same order; the seed
-also sets the initialisation), then evaluates the final stmoe16
-checkpoint at several eval capacity factors. A run whose final evaluation is logged is skipped,
-so rerunning resumes the study. Writes to --root:
-  results.csv      one row per run and evaluation: step, wall seconds since the run started,
-                   validation loss and bits/byte, and the run's train telemetry at that step;
-  results.md       the headline table (step speedup over dense), the ablations, the eval
-                   capacity sweep;
-  moe_vs_dense.png validation loss vs step and vs wall time of the headline arms;
-  ablations.png    router z-loss on/off, train capacity factor, eval capacity factor.
+The arms are configs/moe_vs_dense.py's (a d_model-64, 2-layer byte LM whose every FFN is the
+arm's: dense, Switch top-1/32, ST-MoE top-2/8, /16, /64, fine-grained top-8/64). Four stages,
+each run a train.py process (pinned to one of --cores, one run per core at a time):
 
-The step speedup of an arm is (steps dense needs to reach its final validation loss) / (steps the
-arm needs to reach that loss), reading the first crossing on each validation curve (linear
-between evaluations). Arms with two seeds use their mean curve.
+  1. Learning rate: every family's representative arm (SWEEP_ARMS) trains a complete short
+     schedule (SWEEP_STEPS) at each of SWEEP_LRS, seed 0; each family takes the peak learning
+     rate with the lowest final validation loss (a best rate at the grid's edge gets one more
+     rate a factor 2 beyond it). Dense is tuned exactly as hard as the MoEs.
+  2. Routing (full size only): stmoe64 at the tuned rate with the ROUTING_OPTIONS (routing group
+     size, bias balancer), same short schedule; the lowest final loss sets every MoE arm's
+     routing. The drop rates are reported beside it.
+  3. Main runs: every arm, seeds 0 and 1, NUM_STEPS on a warmup-stable-decay schedule. The
+     complete schedules of 1/4 and 1/2 the length branch off each main run's checkpoint where
+     their decay starts (0.8 x their length) and run only their own decay, so every arm has
+     three complete runs per seed (see `steps_to_match`). Same seed = same batches in the same
+     order and the same initialisation.
+  4. A third seed for dense and for the best MoE arm (lowest mean final loss of stage 3).
+
+Schedule-fair speedup: with a decaying schedule a run's loss halfway through is not what that
+model reaches when trained for half the steps, so speedups read complete runs only. An arm's
+steps to dense's final loss interpolate, linearly in log(steps), between its complete runs
+(N/4, N/2, N); step speedup = dense's N / those steps (a lower bound 4.0 when the N/4 run
+already gets there; below 1 the dense runs are interpolated instead: dense steps to the arm's
+final loss / N). Time speedup = step speedup x the arm's tokens/s / dense's tokens/s, with
+tokens/s the median over a run's logging windows (compilation and evaluation excluded), best
+seed. Runs whose final evaluation is logged are skipped, so rerunning resumes the study.
+
+Writes to --root: results.csv (every evaluation of every run), results.md, summary.json (one
+entry per arm), tuned.json (the stage 1-2 choices), loss_curves.png and experts.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import json
+import math
 import os
+import queue
+import shutil
+import subprocess
 import sys
 import time
 
@@ -39,62 +58,184 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from configs import moe_vs_dense  # pylint: disable=g-import-not-at-top
 from stmoe_jax import sweep  # pylint: disable=g-import-not-at-top  (imports no JAX)
 
+SWEEP_ARMS = {'dense': 'dense', 'switch': 'switch32', 'stmoe': 'stmoe16', 'fine': 'fine64'}
+SWEEP_LRS = {'full': (3e-3, 6e-3, 1.2e-2), 'quick': (1e-2, 3e-2)}
+SWEEP_STEPS = {'full': 400, 'quick': 20}
+# Routing options tried on stmoe64 (name -> config overrides); the first is the config's own.
+ROUTING_OPTIONS = {
+    'group4096': {},
+    'group256': {'moe.group_size': 256},
+    'group4096_bias': {'moe.bias_balancer_rate': 1e-3},
+}
+MAIN_ARMS = {'full': tuple(moe_vs_dense.ARMS), 'quick': ('dense', 'stmoe16')}
+SEEDS = {'full': (0, 1), 'quick': (0,)}
+NUM_STEPS = {'full': 1600, 'quick': 20}
+BRANCH_FRACTIONS = (4, 2)  # Complete runs of N/4 and N/2 branch off the main run of N.
+EXPERT_SCALING_ARMS = ('stmoe8', 'stmoe16', 'stmoe64')  # Same k and width, more experts.
+DECAY_FRACTION = moe_vs_dense.get_config().opt.decay_fraction  # Where a branch's decay starts.
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run: a study arm with a seed and config overrides (dotted field: value)."""
+  """One train.py run: an arm, a seed, a peak learning rate and a complete schedule length.
+
+  `branch_of` names the main run whose checkpoint at 0.8 * steps this run starts from.
+  """
   name: str
   arm: str
-  seed: int = 0
+  seed: int
+  lr: float
+  steps: int
+  stage: str
   overrides: tuple[tuple[str, object], ...] = ()
-  note: str = ''
+  branch_of: str = ''
 
 
-RUNS = (
-    Run('dense', 'dense'),
-    Run('dense_seed1', 'dense', seed=1),
-    Run('switch16', 'switch16'),
-    Run('stmoe8', 'stmoe8'),
-    Run('stmoe16', 'stmoe16'),
-    Run('stmoe16_seed1', 'stmoe16', seed=1),
-    Run('stmoe16_no_z_loss', 'stmoe16', overrides=(('moe.z_loss_coef', 0.0),),
-        note='router z-loss off'),
-    Run('stmoe16_train_cf1.0', 'stmoe16', overrides=(('moe.train_capacity_factor', 1.0),),
-        note='train capacity factor 1.0'),
-    Run('stmoe16_train_cf2.0', 'stmoe16', overrides=(('moe.train_capacity_factor', 2.0),),
-        note='train capacity factor 2.0'),
-)
-HEADLINE_ARMS = ('dense', 'switch16', 'stmoe8', 'stmoe16')
-EVAL_CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, 'dropless')
-SWEEP_RUN = 'stmoe16'  # The checkpoint the eval capacity sweep reads.
+def train_argv(run: Run, size: str, root: str, data_dir: str) -> list[str]:
+  """train.py's argv for `run`: the arm's config with its seed, rate, length and overrides."""
+  overrides = {'seed': run.seed, 'num_train_steps': run.steps, **dict(run.overrides)}
+  if data_dir:
+    overrides['data.data_dir'] = data_dir
+  config_arg = (f'{os.path.join(REPO, "configs", "moe_vs_dense.py")}:arm={run.arm},'
+                f'size={size},lr={run.lr}')
+  return sweep.train_command(config_arg, os.path.join(root, run.name), overrides)
 
 
-def run_config(run: Run, size: str, data_dir: str = ''):
-  """The ConfigDict of `run` at `size` ('full' or 'quick'), reading TFDS data from `data_dir`
-  ('' = the TFDS default)."""
-  config = moe_vs_dense.get_config(f'arm={run.arm},size={size}')
-  config.seed = run.seed
-  config.data.data_dir = data_dir
-  for field, value in run.overrides:
-    *parents, leaf = field.split('.')
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+def start_branch(run: Run, root: str, decay_fraction: float) -> None:
+  """Seeds `run`'s workdir with its main run's checkpoint where its own decay starts."""
+  workdir = os.path.join(root, run.name)
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(checkpoints):
+    return  # Started before: train.py resumes from its own checkpoints.
+  main = os.path.join(root, run.branch_of)
+  step = round(run.steps * (1 - decay_fraction))
+  source = os.path.join(main, 'checkpoints', str(step))
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f'{source} not found: the main run {run.branch_of} must checkpoint '
+                            f'at step {step} for its branch {run.name}')
+  os.makedirs(workdir, exist_ok=True)
+  shutil.copytree(source, os.path.join(checkpoints, str(step)))
+  shutil.copy(os.path.join(main, 'config.json'), os.path.join(workdir, 'config.json'))
+
+
+class Runner:
+  """Runs groups of runs (a main run, then its branches) on a pool of cores, one per run."""
+
+  def __init__(self, size: str, root: str, data_dir: str, cores: list[str]):
+    self.size, self.root, self.data_dir = size, root, data_dir
+    self.cores = queue.Queue()
+    for core in cores or ['']:
+      self.cores.put(core)
+    self.workers = max(len(cores), 1)
+    self.env = dict(os.environ, TQDM_DISABLE='1')
+    # Seeds and arms of one shape compile the same programs: share them across processes.
+    self.env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(root, '.xla_cache'))
+
+  def run_one(self, run: Run, core: str) -> None:
+    workdir = os.path.join(self.root, run.name)
+    if sweep.is_finished(workdir):
+      return
+    if run.branch_of:
+      start_branch(run, self.root, DECAY_FRACTION)
+    os.makedirs(workdir, exist_ok=True)
+    argv = train_argv(run, self.size, self.root, self.data_dir)
+    if core and shutil.which('taskset'):
+      argv = ['taskset', '-c', core, *argv]
+    print(f'[{time.strftime("%H:%M:%S")}] {run.name}: training on core {core or "any"}',
+          flush=True)
+    with open(os.path.join(workdir, 'train.log'), 'a') as log:
+      code = subprocess.run(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                            check=False).returncode
+    if code:
+      with open(os.path.join(workdir, 'train.log')) as f:
+        tail = f.read()[-2000:]
+      raise RuntimeError(f'{run.name} failed with exit code {code}:\n{tail}')
+
+  def run_group(self, group: list[Run]) -> None:
+    core = self.cores.get()
+    try:
+      for run in group:
+        self.run_one(run, core)
+    finally:
+      self.cores.put(core)
+
+  def run_all(self, groups: list[list[Run]]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+      for future in [pool.submit(self.run_group, g) for g in groups]:
+        future.result()
 
 
 # ---------------------------------------------------------------------------------------------
-# Analysis: plain numpy over the metrics.jsonl records, so tests can check it against hand values.
+# The plan: which runs each stage trains.
 
 
-def steps_to_reach(steps, losses, target: float) -> float | None:
-  """The first step at which the curve (linear between points) reaches `target`, or None.
+def sweep_run(arm: str, lr: float, size: str) -> Run:
+  return Run(f'sweep/{arm}_lr{lr:g}', arm, 0, lr, SWEEP_STEPS[size], 'sweep')
+
+
+def sweep_runs(size: str) -> list[Run]:
+  return [sweep_run(arm, lr, size) for arm in SWEEP_ARMS.values() for lr in SWEEP_LRS[size]]
+
+
+def edge_extensions(loaded: list[dict], size: str) -> list[Run]:
+  """One more rate, a factor of 2 beyond the grid, for each family whose best is at its edge."""
+  extra = []
+  for arm in SWEEP_ARMS.values():
+    runs = sorted((x for x in loaded if x['run'].arm == arm), key=lambda x: x['run'].lr)
+    best = min(range(len(runs)), key=lambda i: final_eval(runs[i]['records'])['loss'])
+    if best == 0:
+      extra.append(sweep_run(arm, runs[0]['run'].lr / 2, size))
+    elif best == len(runs) - 1:
+      extra.append(sweep_run(arm, runs[-1]['run'].lr * 2, size))
+  return extra
+
+
+def routing_runs(size: str, lr: float) -> list[Run]:
+  if size == 'quick':
+    return []
+  return [Run(f'routing/stmoe64_{name}', 'stmoe64', 0, lr, SWEEP_STEPS[size], 'routing',
+              tuple(overrides.items())) for name, overrides in ROUTING_OPTIONS.items()]
+
+
+def family(arm: str) -> str:
+  return moe_vs_dense.ARMS[arm][0]
+
+
+def main_group(arm: str, seed: int, size: str, tuned: dict) -> list[Run]:
+  """A main run of NUM_STEPS and the complete shorter schedules that branch off it."""
+  overrides = () if family(arm) == 'dense' else tuple(tuned['routing_overrides'].items())
+  lr, steps = tuned['lr'][family(arm)], NUM_STEPS[size]
+  main = Run(f'{arm}_s{seed}', arm, seed, lr, steps, 'main', overrides)
+  return [main] + [dataclasses.replace(main, name=f'{main.name}_n{steps // f}', steps=steps // f,
+                                       branch_of=main.name, stage='branch')
+                   for f in BRANCH_FRACTIONS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: plain numpy over the runs' records, so tests can check it against hand values.
+
+
+def final_eval(records: list[dict]) -> dict:
+  """The last evaluation record of a run."""
+  return [r for r in records if r['kind'] == 'eval'][-1]
+
+
+def run_tokens_per_sec(records: list[dict]) -> float:
+  """Median tokens/s over the run's logging windows (each excludes compilation and evals)."""
+  speeds = [r['tokens_per_sec'] for r in records if r['kind'] == 'train' and 'tokens_per_sec' in r]
+  return float(np.median(speeds)) if speeds else float('nan')
+
+
+def interpolate_log_steps(steps, losses, target: float) -> float | None:
+  """Steps at which the complete-run curve (linear in log steps) first reaches `target`.
 
   Args:
-    steps: [N] increasing evaluation steps.
-    losses: [N] validation losses at those steps.
+    steps: [N] increasing lengths of complete runs.
+    losses: [N] their final validation losses.
     target: the loss to reach.
+  Returns:
+    steps[0] when the shortest run already reaches it (so the true value is at most that),
+    None when no run does.
   """
   steps, losses = np.asarray(steps, np.float64), np.asarray(losses, np.float64)
   below = np.nonzero(losses <= target)[0]
@@ -103,107 +244,78 @@ def steps_to_reach(steps, losses, target: float) -> float | None:
   i = int(below[0])
   if i == 0:
     return float(steps[0])
-  # The segment from point i-1 (above the target) to point i (at or below it).
   fraction = (losses[i - 1] - target) / (losses[i - 1] - losses[i])
-  return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
+  return float(np.exp(np.log(steps[i - 1]) + fraction * (np.log(steps[i]) - np.log(steps[i - 1]))))
 
 
-def eval_curve(records: list[dict], start_time: float) -> dict[str, np.ndarray]:
-  """Validation curve of one run: step, wall seconds since `start_time`, loss, bits/byte."""
-  evals = [r for r in records if r['kind'] == 'eval']
-  return {'step': np.array([r['step'] for r in evals], np.float64),
-          'wall_s': np.array([r['wall_time'] - start_time for r in evals]),
-          'loss': np.array([r['loss'] for r in evals]),
-          'bits_per_byte': np.array([r['bits_per_byte'] for r in evals])}
+def steps_to_match(dense_steps, dense_losses, steps, losses) -> tuple[float, bool]:
+  """(step speedup over dense, whether it is a lower bound) from complete runs.
 
-
-def mean_curve(curves: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Elementwise mean of curves evaluated at the same steps (seeds of one arm)."""
-  for curve in curves[1:]:
-    if not np.array_equal(curve['step'], curves[0]['step']):
-      raise ValueError(f"seeds evaluated at different steps: {curves[0]['step']} vs "
-                       f"{curve['step']}")
-  return {key: np.mean([c[key] for c in curves], axis=0) for key in curves[0]}
-
-
-def speedup(reference: dict[str, np.ndarray], curve: dict[str, np.ndarray],
-            axis: str = 'step') -> tuple[float | None, float | None]:
-  """(amount of `axis` the curve needs to reach the reference's final loss, speedup).
-
-  The speedup is what the reference needs to reach its own final loss divided by what `curve`
-  needs; None when `curve` never gets there.
+  Dense's target is its longest run's final loss. If the arm reaches it, speedup = dense's
+  steps / the arm's interpolated steps (a lower bound when its shortest run already does).
+  Otherwise the roles swap: speedup = dense's interpolated steps to the arm's final loss / the
+  arm's steps (< 1), or dense's shortest / the arm's steps as an upper bound when even that
+  is better; the flag is then False.
   """
-  target = reference['loss'][-1]
-  needed_ref = steps_to_reach(reference[axis], reference['loss'], target)
-  needed = steps_to_reach(curve[axis], curve['loss'], target)
-  return needed, (None if needed is None else needed_ref / needed)
+  target_steps, target = dense_steps[-1], dense_losses[-1]
+  needed = interpolate_log_steps(steps, losses, target)
+  if needed is not None:
+    return target_steps / needed, bool(losses[0] <= target)
+  dense_needed = interpolate_log_steps(dense_steps, dense_losses, losses[-1])
+  return (dense_needed or dense_steps[0]) / steps[-1], False
 
 
-# ---------------------------------------------------------------------------------------------
-# Running.
+def complete_runs(runs_by_name: dict[str, dict], arm: str, seed: int, size: str
+                  ) -> tuple[list[int], list[float]]:
+  """(lengths, final validation losses) of the complete runs of one arm and seed, shortest
+  first."""
+  steps = NUM_STEPS[size]
+  names = [f'{arm}_s{seed}_n{steps // f}' for f in BRANCH_FRACTIONS] + [f'{arm}_s{seed}']
+  lengths = [steps // f for f in BRANCH_FRACTIONS] + [steps]
+  return lengths, [final_eval(runs_by_name[n]['records'])['loss'] for n in names]
 
 
-def train_run(run: Run, size: str, root: str, data_dir: str = '') -> None:
-  """Trains `run` in `root/<name>` unless it finished before; records its start time."""
-  from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
-
-  config = run_config(run, size, data_dir)
-  workdir = os.path.join(root, run.name)
-  if sweep.is_finished(workdir):
-    print(f'{run.name}: finished before, skipped', flush=True)
-    return
-  os.makedirs(workdir, exist_ok=True)
-  timing = os.path.join(workdir, 'study_start.json')
-  if not os.path.exists(timing):  # A resumed run keeps its first start (its wall axis has a gap).
-    with open(timing, 'w') as f:
-      json.dump({'start_time': time.time()}, f)
-  print(f'{run.name}: training ({run.arm}, seed {run.seed}, {dict(run.overrides)})', flush=True)
-  train_lib.train_and_evaluate(config, workdir)
-
-
-def capacity_sweep(root: str, size: str) -> list[dict]:
-  """Eval capacity sweep of the final SWEEP_RUN checkpoint (cached in eval_<step>.json)."""
-  from stmoe_jax import evaluation  # pylint: disable=g-import-not-at-top
-
-  config = run_config(next(r for r in RUNS if r.name == SWEEP_RUN), size)
-  workdir = os.path.join(root, SWEEP_RUN)
-  path = os.path.join(workdir, f'eval_{config.num_train_steps}.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      metrics = json.load(f)
-    if [r['eval_capacity_factor'] for r in metrics.get('capacity_sweep', [])] == list(
-        EVAL_CAPACITY_FACTORS):
-      return metrics['capacity_sweep']
-  metrics = evaluation.evaluate_workdir(workdir, config.num_train_steps, config.eval_batches,
-                                        EVAL_CAPACITY_FACTORS)
-  return metrics['capacity_sweep']
+def arm_summary(runs_by_name: dict[str, dict], arm: str, seeds: list[int],
+                dense_seeds: list[int], size: str) -> dict:
+  """One summary.json entry: quality, speed and speedups of `arm` (mean curves over seeds)."""
+  lengths, _ = complete_runs(runs_by_name, arm, seeds[0], size)
+  per_seed = np.array([complete_runs(runs_by_name, arm, s, size)[1] for s in seeds])
+  dense = np.array([complete_runs(runs_by_name, 'dense', s, size)[1] for s in dense_seeds])
+  step_speedup, lower_bound = steps_to_match(lengths, dense.mean(0), lengths, per_seed.mean(0))
+  per_seed_speedup = []
+  for s, losses in zip(seeds, per_seed):
+    if s in dense_seeds:
+      dense_losses = dense[dense_seeds.index(s)]
+      per_seed_speedup.append(round(steps_to_match(lengths, dense_losses, lengths, losses)[0], 3))
+  speed = max(run_tokens_per_sec(runs_by_name[f'{arm}_s{s}']['records']) for s in seeds)
+  dense_speed = max(run_tokens_per_sec(runs_by_name[f'dense_s{s}']['records'])
+                    for s in dense_seeds)
+  main = runs_by_name[f'{arm}_s{seeds[0]}']
+  finals = per_seed[:, -1]
+  return {
+      'arm': arm, 'family': family(arm), 'seeds': seeds, 'lr': main['run'].lr,
+      'params': main['params'], 'active_params': main['active_params'],
+      'tokens_per_sec': round(speed, 1),
+      'final_val_loss_mean': round(float(finals.mean()), 5),
+      'final_val_loss_spread': round(float(finals.max() - finals.min()), 5),
+      'final_bits_per_byte_mean': round(float(finals.mean()) / math.log(2), 4),
+      'complete_run_steps': lengths,
+      'complete_run_val_loss_mean': [round(float(x), 5) for x in per_seed.mean(0)],
+      'step_speedup': round(step_speedup, 3),
+      'step_speedup_is_lower_bound': lower_bound,
+      'time_speedup': round(step_speedup * speed / dense_speed, 3),
+      'per_seed_step_speedup': per_seed_speedup,
+      'dropped_fraction': main['dropped_fraction'],
+  }
 
 
 # ---------------------------------------------------------------------------------------------
 # Reporting.
 
 
-def run_summary(run: Run, root: str, size: str) -> dict:
-  """Curve and scalar telemetry of one finished run."""
-  workdir = os.path.join(root, run.name)
-  records = sweep.read_records(workdir)
-  with open(os.path.join(workdir, 'study_start.json')) as f:
-    start = json.load(f)['start_time']
-  train = [r for r in records if r['kind'] == 'train']
-  speeds = [r['tokens_per_sec'] for r in train if 'tokens_per_sec' in r]
-  return {
-      'run': run, 'records': records, 'curve': eval_curve(records, start),
-      'tokens_per_sec': float(np.mean(speeds)) if speeds else float('nan'),
-      'max_router_logit': max((r.get('max_router_logit', 0.0) for r in train), default=0.0),
-      'loss_spikes': max((r.get('loss_spikes', 0) for r in train), default=0),
-      'final_train': train[-1] if train else {},
-      'config': run_config(run, size),
-  }
-
-
 def parameter_counts(config) -> tuple[int, int]:
   """(total parameters, parameters a token's forward pass uses), embeddings included."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (the study's driver needs no JAX otherwise)
   from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   model_cfg = train_lib.model_config(config)
@@ -220,170 +332,168 @@ def parameter_counts(config) -> tuple[int, int]:
   return total, total - inactive
 
 
-def write_csv(summaries: list[dict], path: str) -> None:
-  columns = ['run', 'arm', 'seed', 'note', 'step', 'wall_s', 'val_loss', 'val_bits_per_byte',
-             'train_loss', 'max_router_logit', 'dropped_fraction', 'max_expert_load',
-             'tokens_per_sec']
+def load_run(run: Run, root: str, size: str) -> dict:
+  records = sweep.read_records(os.path.join(root, run.name))
+  config = moe_vs_dense.get_config(f'arm={run.arm},size={size},lr={run.lr}')
+  total, active = parameter_counts(config)
+  train = [r for r in records if r['kind'] == 'train']
+  late = [r['dropped_fraction'] for r in train if 'dropped_fraction' in r]
+  return {'run': run, 'records': records, 'params': total, 'active_params': active,
+          'dropped_fraction': round(float(np.mean(late[-5:])), 5) if late else 0.0,
+          'first_dropped_fraction': round(float(late[0]), 5) if late else 0.0}
+
+
+def write_csv(loaded: list[dict], path: str) -> None:
+  columns = ['run', 'stage', 'arm', 'seed', 'lr', 'complete_steps', 'step', 'wall_s',
+             'val_loss', 'val_bits_per_byte', 'train_loss', 'dropped_fraction', 'tokens_per_sec']
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
-    for s in summaries:
-      run, curve = s['run'], s['curve']
-      train_at = {r['step']: r for r in s['records'] if r['kind'] == 'train'}
-      for i, step in enumerate(curve['step']):
-        t = train_at.get(int(step), {})
+    for item in loaded:
+      run, records = item['run'], item['records']
+      start = min((r['wall_time'] for r in records), default=0.0)
+      train_at = {r['step']: r for r in records if r['kind'] == 'train'}
+      for r in records:
+        if r['kind'] != 'eval':
+          continue
+        t = train_at.get(r['step'], {})
         writer.writerow({
-            'run': run.name, 'arm': run.arm, 'seed': run.seed, 'note': run.note,
-            'step': int(step), 'wall_s': round(float(curve['wall_s'][i]), 1),
-            'val_loss': f"{curve['loss'][i]:.5f}",
-            'val_bits_per_byte': f"{curve['bits_per_byte'][i]:.5f}",
-            **{k: (f'{t[k]:.5g}' if k in t else '') for k in (
-                'max_router_logit', 'dropped_fraction', 'max_expert_load', 'tokens_per_sec')},
-            'train_loss': f"{t['cross_entropy']:.5f}" if 'cross_entropy' in t else ''})
+            'run': run.name, 'stage': run.stage, 'arm': run.arm, 'seed': run.seed,
+            'lr': run.lr, 'complete_steps': run.steps, 'step': r['step'],
+            'wall_s': round(r['wall_time'] - start, 1), 'val_loss': f"{r['loss']:.5f}",
+            'val_bits_per_byte': f"{r['bits_per_byte']:.5f}",
+            'train_loss': f"{t['cross_entropy']:.5f}" if 'cross_entropy' in t else '',
+            'dropped_fraction': f"{t['dropped_fraction']:.5g}" if 'dropped_fraction' in t else '',
+            'tokens_per_sec': f"{t['tokens_per_sec']:.0f}" if 'tokens_per_sec' in t else ''})
 
 
-def _fmt(value, spec: str, none: str = 'not reached') -> str:
-  return none if value is None else format(value, spec)
+def _speedup_text(entry: dict, key: str) -> str:
+  bound = '>= ' if entry.get('step_speedup_is_lower_bound') else ''
+  return f'{bound}{entry[key]:.2f}x'
 
 
-def headline_rows(summaries: list[dict]) -> list[dict]:
-  """One row per headline arm: seeds, final loss, steps/time to dense's final loss, speedups."""
-  by_arm = {arm: [s for s in summaries if s['run'].arm == arm and not s['run'].overrides]
-            for arm in HEADLINE_ARMS}
-  dense = mean_curve([s['curve'] for s in by_arm['dense']])
-  rows = []
-  for arm, runs in by_arm.items():
-    curve = mean_curve([s['curve'] for s in runs])
-    steps, step_speedup = speedup(dense, curve, 'step')
-    wall, time_speedup = speedup(dense, curve, 'wall_s')
-    per_seed = []
-    if len(runs) > 1 and arm != 'dense':  # Seed s of this arm against seed s of dense.
-      for s in runs:
-        ref = next((d for d in by_arm['dense'] if d['run'].seed == s['run'].seed), None)
-        if ref is not None:
-          per_seed.append(speedup(ref['curve'], s['curve'], 'step')[1])
-    total, active = parameter_counts(runs[0]['config'])
-    finals = [s['curve']['loss'][-1] for s in runs]
-    rows.append({
-        'arm': arm, 'seeds': ','.join(str(s['run'].seed) for s in runs),
-        'params': total, 'active_params': active,
-        'final_val_loss': float(np.mean(finals)),
-        'final_val_loss_spread': float(np.max(finals) - np.min(finals)),
-        'final_bits_per_byte': float(curve['bits_per_byte'][-1]),
-        'steps_to_dense_final': steps, 'step_speedup': step_speedup,
-        'per_seed_step_speedup': per_seed,
-        'wall_s_to_dense_final': wall, 'time_speedup': time_speedup,
-        'tokens_per_sec': float(np.mean([s['tokens_per_sec'] for s in runs])),
-    })
-  return rows
-
-
-def markdown(rows: list[dict], summaries: list[dict], sweep: list[dict], size: str) -> str:
-  """The three results tables as markdown."""
-  steps = int(summaries[0]['curve']['step'][-1])
-  lines = [f'Headline ({size} size, {steps} steps; dense target = mean dense final validation '
-           f'loss {rows[0]["final_val_loss"]:.4f} nats/byte):', '',
-           '| arm | seeds | params | active params | final val loss | bits/byte | steps to dense '
-           'final | step speedup | per-seed | wall s to dense final | time speedup | tokens/s |',
+def markdown(summary: list[dict], tuned: dict, sweep_loaded: list[dict],
+             routing_loaded: list[dict], size: str) -> str:
+  """The results tables as markdown."""
+  steps = NUM_STEPS[size]
+  dense = next(e for e in summary if e['arm'] == 'dense')
+  lines = [f'Headline ({size} size, complete runs of {steps // 4}, {steps // 2} and {steps} '
+           f'steps; dense target = mean final validation loss of dense at {steps} steps, '
+           f"{dense['final_val_loss_mean']:.4f} nats/byte):", '',
+           '| arm | seeds | lr | params | active params | final val loss (mean ± half spread) '
+           '| bits/byte | step speedup | per-seed | time speedup | tokens/s | dropped |',
            '|' + '---|' * 12]
-  for r in rows:
-    spread = f" ± {r['final_val_loss_spread'] / 2:.4f}" if ',' in r['seeds'] else ''
-    per_seed = ', '.join(_fmt(x, '.2f', '<1') for x in r['per_seed_step_speedup']) or '-'
+  for e in summary:
     lines.append(
-        f"| {r['arm']} | {r['seeds']} | {r['params']:,} | {r['active_params']:,}"
-        f" | {r['final_val_loss']:.4f}{spread} | {r['final_bits_per_byte']:.3f}"
-        f" | {_fmt(r['steps_to_dense_final'], '.0f')} | {_fmt(r['step_speedup'], '.2f', '<1')}x"
-        f" | {per_seed} | {_fmt(r['wall_s_to_dense_final'], '.0f')}"
-        f" | {_fmt(r['time_speedup'], '.2f', '<1')}x | {r['tokens_per_sec']:,.0f} |")
-  base = next(s for s in summaries if s['run'].name == SWEEP_RUN)
-  ablations = [base] + [s for s in summaries if s['run'].overrides]
-  lines += ['', 'Ablations (stmoe16, seed 0; "router z" is the z-loss term, mean logsumexp^2 of '
-            'the router logits summed over MoE layers, and "dropped" the share of token-choices '
-            'over capacity, both over the last 50 steps; "max router logit" is the largest '
-            '|logit| of any step; "spikes" counts steps whose loss exceeded 2x the median of '
-            'the 32 before):', '',
-            '| run | change | final val loss | bits/byte | router z | max router logit | '
-            'loss spikes | dropped | tokens/s |', '|' + '---|' * 9]
-  for s in ablations:
-    t = s['final_train']
-    lines.append(
-        f"| {s['run'].name} | {s['run'].note or 'none (z-loss 1e-3, train CF 1.25)'}"
-        f" | {s['curve']['loss'][-1]:.4f} | {s['curve']['bits_per_byte'][-1]:.3f}"
-        f" | {t.get('z_loss', float('nan')):.2f} | {s['max_router_logit']:.2f}"
-        f" | {s['loss_spikes']}"
-        f" | {t.get('dropped_fraction', float('nan')):.4f} | {s['tokens_per_sec']:,.0f} |")
-  lines += ['', f'Eval capacity factor sweep ({SWEEP_RUN} final checkpoint, trained at 1.25):',
-            '', '| eval capacity factor | val loss | bits/byte | dropped fraction |',
-            '|---|---|---|---|']
-  for m in sweep:
-    lines.append(f"| {m['eval_capacity_factor']} | {m['loss']:.4f} | {m['bits_per_byte']:.4f}"
-                 f" | {m['dropped_fraction']:.4f} |")
+        f"| {e['arm']} | {','.join(map(str, e['seeds']))} | {e['lr']:g} | {e['params']:,} "
+        f"| {e['active_params']:,} | {e['final_val_loss_mean']:.4f} ± "
+        f"{e['final_val_loss_spread'] / 2:.4f} | {e['final_bits_per_byte_mean']:.3f} "
+        f"| {_speedup_text(e, 'step_speedup')} "
+        f"| {', '.join(f'{x:.2f}' for x in e['per_seed_step_speedup']) or '-'} "
+        f"| {_speedup_text(e, 'time_speedup')} | {e['tokens_per_sec']:,.0f} "
+        f"| {e['dropped_fraction']:.4f} |")
+  lines += ['', 'Complete runs (mean final validation loss over seeds):', '',
+            '| arm | ' + ' | '.join(f'{n} steps' for n in summary[0]['complete_run_steps']) + ' |',
+            '|' + '---|' * (1 + len(summary[0]['complete_run_steps']))]
+  for e in summary:
+    lines.append(f"| {e['arm']} | " + ' | '.join(f'{x:.4f}' for x in
+                                                e['complete_run_val_loss_mean']) + ' |')
+  rates = sorted({x['run'].lr for x in sweep_loaded})
+  lines += ['', f'Learning-rate sweep (seed 0, complete {SWEEP_STEPS[size]}-step schedules; '
+            'final validation loss; a rate beyond the grid was tried where the best was at its '
+            'edge):', '',
+            '| family (arm) | ' + ' | '.join(f'lr {lr:g}' for lr in rates) + ' | chosen |',
+            '|' + '---|' * (2 + len(rates))]
+  for fam, arm in SWEEP_ARMS.items():
+    losses = {x['run'].lr: final_eval(x['records'])['loss'] for x in sweep_loaded
+              if x['run'].arm == arm}
+    lines.append(f'| {fam} ({arm}) | ' + ' | '.join(
+        f'{losses[lr]:.4f}' if lr in losses else '-' for lr in rates) +
+                 f" | {tuned['lr'][fam]:g} |")
+  if routing_loaded:
+    lines += ['', f"Routing (stmoe64, seed 0, lr {tuned['lr']['stmoe']:g}, complete "
+              f'{SWEEP_STEPS[size]}-step schedules):', '',
+              '| option | overrides | final val loss | dropped (first 80 steps) | '
+              'dropped (end) | tokens/s |', '|---|---|---|---|---|---|']
+    for item in routing_loaded:
+      run = item['run']
+      lines.append(f"| {run.name.split('_', 1)[1]} | {dict(run.overrides) or '-'} "
+                   f"| {final_eval(item['records'])['loss']:.4f} "
+                   f"| {item['first_dropped_fraction']:.4f} | {item['dropped_fraction']:.4f} "
+                   f"| {run_tokens_per_sec(item['records']):,.0f} |")
+    lines.append(f"\nChosen: {tuned['routing']} ({tuned['routing_overrides'] or 'no overrides'}).")
   return '\n'.join(lines) + '\n'
 
 
-def plot(summaries: list[dict], sweep: list[dict], root: str) -> list[str]:
-  """Writes moe_vs_dense.png and ablations.png; returns their paths."""
+def plot(summary: list[dict], main_loaded: list[dict], root: str, size: str) -> list[str]:
+  """loss_curves.png (by step and by training time, seed bands) and experts.png."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors = dict(zip(HEADLINE_ARMS, ('k', 'C0', 'C1', 'C3')))
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-  for s in summaries:
-    run, curve = s['run'], s['curve']
-    if run.overrides:
-      continue
-    style = '-o' if run.seed == 0 else '--'
-    label = run.arm + (f' (seed {run.seed})' if run.seed else '')
-    axes[0].plot(curve['step'], curve['loss'], style, color=colors[run.arm], markersize=3,
-                 label=label)
-    axes[1].plot(curve['wall_s'] / 60, curve['loss'], style, color=colors[run.arm],
-                 markersize=3, label=label)
-  target = np.mean([s['curve']['loss'][-1] for s in summaries
-                    if s['run'].arm == 'dense' and not s['run'].overrides])
+  colors = dict(zip(moe_vs_dense.ARMS, ('k', 'C0', 'C1', 'C2', 'C3', 'C4')))
+  speed = {e['arm']: e['tokens_per_sec'] for e in summary}
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  for e in summary:
+    arm = e['arm']
+    curves = [[(r['step'], r['loss']) for r in x['records'] if r['kind'] == 'eval']
+              for x in main_loaded if x['run'].arm == arm]
+    steps = np.array([s for s, _ in curves[0]], np.float64)
+    losses = np.array([[l for _, l in c] for c in curves])
+    config = moe_vs_dense.get_config(f'arm={arm},size={size}')
+    tokens_per_step = config.batch_size * config.data.seq_len
+    minutes = steps * tokens_per_step / speed[arm] / 60
+    for ax, x in zip(axes, (steps, minutes)):
+      ax.plot(x, losses.mean(0), '-', color=colors[arm], label=f"{arm} ({len(curves)} seeds)")
+      ax.fill_between(x, losses.min(0), losses.max(0), color=colors[arm], alpha=0.2)
+      complete_x = np.array(e['complete_run_steps'], np.float64)
+      if ax is axes[1]:
+        complete_x = complete_x * tokens_per_step / speed[arm] / 60
+      ax.plot(complete_x, e['complete_run_val_loss_mean'], 'o', color=colors[arm], markersize=5)
   for ax in axes:
-    ax.axhline(target, color='gray', lw=0.8, ls=':')
+    ax.axhline(summary[0]['final_val_loss_mean'], color='gray', lw=0.8, ls=':')
     ax.grid(alpha=0.3)
   axes[0].set_xlabel('train step')
-  axes[1].set_xlabel('wall time (minutes, incl. compilation and evals)')
+  axes[1].set_xlabel('training time at the measured tokens/s, one core per run (minutes)')
   axes[0].set_ylabel('validation loss (nats/byte)')
   axes[1].legend(fontsize=8)
-  lo = min(float(np.min(s['curve']['loss'])) for s in summaries)
-  axes[0].set_ylim(lo - 0.05, lo + 1.0)  # The early steps would squash the end of the curves.
-  fig.suptitle('MoE vs dense at equal active FLOPs (dotted: dense final loss)')
+  lo = min(min(e['complete_run_val_loss_mean']) for e in summary)
+  axes[0].set_ylim(lo - 0.05, lo + 0.8)
+  fig.suptitle('MoE vs dense at equal active FLOPs: lines = main runs (band: seeds), '
+               'dots = complete schedules; dotted = dense final')
   fig.tight_layout()
-  paths = [os.path.join(root, 'moe_vs_dense.png')]
+  paths = [os.path.join(root, 'loss_curves.png')]
   fig.savefig(paths[0], dpi=110)
   plt.close(fig)
 
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  by_name = {s['run'].name: s for s in summaries}
-  for name, label in ((SWEEP_RUN, 'z-loss 1e-3'), ('stmoe16_no_z_loss', 'no z-loss')):
-    train = [r for r in by_name[name]['records'] if r['kind'] == 'train']
-    axes[0].plot([r['step'] for r in train], [r.get('z_loss', np.nan) for r in train],
-                 '-o', markersize=3, label=label)
-  axes[0].set(xlabel='train step', ylabel='router z: mean logsumexp^2, summed over layers',
-              title='Router z-loss', yscale='log')
-  for name, label in (('stmoe16_train_cf1.0', 'train CF 1.0'), (SWEEP_RUN, 'train CF 1.25'),
-                      ('stmoe16_train_cf2.0', 'train CF 2.0')):
-    curve = by_name[name]['curve']
-    axes[1].plot(curve['wall_s'] / 60, curve['loss'], '-o', markersize=3, label=label)
-  axes[1].set(xlabel='wall time (minutes)', ylabel='validation loss', title='Train capacity')
-  axes[1].set_ylim(lo - 0.05, lo + 1.0)
-  factors = [str(m['eval_capacity_factor']) for m in sweep]
-  axes[2].bar(factors, [m['bits_per_byte'] for m in sweep], color='C3')
-  low = min(m['bits_per_byte'] for m in sweep)
-  axes[2].set_ylim(low - 0.05, max(m['bits_per_byte'] for m in sweep) + 0.02)
-  axes[2].set(xlabel='eval capacity factor', ylabel='validation bits/byte',
-              title=f'Eval capacity ({SWEEP_RUN}, trained at 1.25)')
-  for ax in axes[:2]:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  dense = summary[0]
+  scaling = [e for e in summary if e['arm'] in EXPERT_SCALING_ARMS]
+  if scaling:
+    experts = [moe_vs_dense.ARMS[e['arm']][1] for e in scaling]
+    gains = [dense['final_val_loss_mean'] - e['final_val_loss_mean'] for e in scaling]
+    errors = [(dense['final_val_loss_spread'] + e['final_val_loss_spread']) / 2 for e in scaling]
+    ax.errorbar(experts, gains, yerr=errors, fmt='-o', capsize=4, color='C3')
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(experts, [str(x) for x in experts])
+  ax.axhline(0, color='gray', lw=0.8)
+  ax.set(xlabel='experts (top-2, width 128)', ylabel='final val loss gain over dense (nats)',
+         title='Gain at equal active FLOPs vs experts\n(bars: half the summed seed spreads)')
+  ax.grid(alpha=0.3)
   fig.tight_layout()
-  paths.append(os.path.join(root, 'ablations.png'))
+  paths.append(os.path.join(root, 'experts.png'))
   fig.savefig(paths[1], dpi=110)
   plt.close(fig)
   return paths
+
+
+def choose_lr(loaded: list[dict]) -> dict[str, float]:
+  """Each family's peak learning rate with the lowest final validation loss."""
+  best = {}
+  for fam, arm in SWEEP_ARMS.items():
+    runs = [x for x in loaded if x['run'].arm == arm]
+    best[fam] = min(runs, key=lambda x: final_eval(x['records'])['loss'])['run'].lr
+  return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -391,23 +501,60 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--root', default='runs/moe_vs_dense', help='Directory for runs, results.')
   parser.add_argument('--quick', action='store_true', help='Tiny model, 20 steps: smoke test.')
   parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
+  parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core at a "
+                      "time, e.g. '0,1'; '' = one run at a time, unpinned.")
   args = parser.parse_args(argv)
   size = 'quick' if args.quick else 'full'
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
   study_start = time.time()
-  for run in RUNS:
-    train_run(run, size, args.root, args.data_dir)
-  sweep = capacity_sweep(args.root, size)
-  summaries = [run_summary(run, args.root, size) for run in RUNS]
-  rows = headline_rows(summaries)
-  write_csv(summaries, os.path.join(args.root, 'results.csv'))
-  table = markdown(rows, summaries, sweep, size)
+  os.makedirs(args.root, exist_ok=True)
+  runner = Runner(size, args.root, args.data_dir, [c for c in args.cores.split(',') if c])
+  load = lambda runs: [load_run(r, args.root, size) for r in runs]
+
+  sweeps = sweep_runs(size)
+  runner.run_all([[r] for r in sweeps])
+  sweep_loaded = load(sweeps)
+  if size == 'full':  # A best rate at the grid's edge may not be the best rate.
+    extensions = edge_extensions(sweep_loaded, size)
+    runner.run_all([[r] for r in extensions])
+    sweep_loaded += load(extensions)
+  tuned = {'lr': choose_lr(sweep_loaded), 'routing': 'group4096', 'routing_overrides': {}}
+  routing = routing_runs(size, tuned['lr']['stmoe'])
+  runner.run_all([[r] for r in routing])
+  routing_loaded = load(routing)
+  if routing_loaded:
+    best = min(routing_loaded, key=lambda x: final_eval(x['records'])['loss'])
+    tuned['routing'] = best['run'].name.split('_', 1)[1]
+    tuned['routing_overrides'] = dict(best['run'].overrides)
+  with open(os.path.join(args.root, 'tuned.json'), 'w') as f:
+    json.dump(tuned, f, indent=1)
+
+  arms, seeds = MAIN_ARMS[size], list(SEEDS[size])
+  groups = [main_group(arm, seed, size, tuned) for seed in seeds for arm in arms]
+  runner.run_all(groups)
+  by_name = {x['run'].name: x for x in load([r for g in groups for r in g])}
+  moe_arms = [a for a in arms if a != 'dense']
+  best_arm = min(moe_arms, key=lambda a: np.mean(
+      [final_eval(by_name[f'{a}_s{s}']['records'])['loss'] for s in seeds]))
+  extra_seed = max(seeds) + 1
+  extra = [main_group(arm, extra_seed, size, tuned) for arm in ('dense', best_arm)]
+  runner.run_all(extra)
+  by_name.update({x['run'].name: x for x in load([r for g in extra for r in g])})
+  seeds_of = {a: seeds + ([extra_seed] if a in ('dense', best_arm) else []) for a in arms}
+
+  summary = [arm_summary(by_name, arm, seeds_of[arm], seeds_of['dense'], size) for arm in arms]
+  summary[0]['best_moe_arm'] = best_arm
+  everything = sweep_loaded + routing_loaded + list(by_name.values())
+  write_csv(everything, os.path.join(args.root, 'results.csv'))
+  with open(os.path.join(args.root, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  table = markdown(summary, tuned, sweep_loaded, routing_loaded, size)
   with open(os.path.join(args.root, 'results.md'), 'w') as f:
     f.write(table)
-  paths = plot(summaries, sweep, args.root)
+  main_loaded = [x for x in by_name.values() if x['run'].stage == 'main']
+  paths = plot(summary, main_loaded, args.root, size)
   print(table)
-  print(f'wrote {args.root}/results.csv, results.md, ' + ', '.join(map(os.path.basename, paths)))
+  print(f'wrote {args.root}/results.csv, results.md, summary.json, tuned.json, ' +
+        ', '.join(map(os.path.basename, paths)))
   print(f'study took {(time.time() - study_start) / 60:.1f} minutes')
 
 

@@ -162,7 +162,7 @@ _FIELDS = {
     'data': {'name': str, 'data_dir': str, 'feature_key': str, 'train_split': str,
              'eval_split': str, 'seq_len': int},
     'opt': {'name': str, 'lr': float, 'warmup_steps': int, 'schedule': str,
-            'final_lr_fraction': float, 'b1': float, 'b2': float, 'weight_decay': float,
+            'final_lr_fraction': float, 'decay_fraction': float, 'b1': float, 'b2': float, 'weight_decay': float,
             'grad_clip_norm': float},
     'mesh': dict, 'logical_axis_rules': list,
     'batch_size': int, 'num_train_steps': int, 'stop_at_step': int, 'log_every_steps': int,
@@ -297,7 +297,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_attention(config.attention, m.num_heads)
   _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
   _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
-  _check(opt.schedule in ('cosine', 'rsqrt'), 'opt.schedule', opt.schedule, "'cosine' or 'rsqrt'")
+  _check(opt.schedule in ('cosine', 'rsqrt', 'wsd'), 'opt.schedule', opt.schedule,
+         "'cosine', 'rsqrt' or 'wsd'")
+  _check(0 < opt.decay_fraction <= 1, 'opt.decay_fraction', opt.decay_fraction, 'in (0, 1]')
   _check(opt.warmup_steps >= 0, 'opt.warmup_steps', opt.warmup_steps, 'an integer >= 0')
   _check(0 <= opt.final_lr_fraction <= 1, 'opt.final_lr_fraction', opt.final_lr_fraction,
          'in [0, 1]')

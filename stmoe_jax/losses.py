@@ -41,7 +41,10 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   attn_logit_z = jnp.sum(moe_stats['attn_logit_z_loss'])
   loss += (attention.head_aux_loss_coef * attn_balance + attention.head_z_loss_coef * attn_z +
            attention.logit_z_loss_coef * attn_logit_z)
-  correct = jnp.argmax(logits_BLV, axis=-1) == batch['targets']
+  # The target's logit is the largest: the same as argmax == target but for exact ties, and a
+  # max plus a gather instead of an index-tracking argmax reduction (3% of a small CPU step).
+  target_logit_BL = jnp.take_along_axis(logits_BLV, batch['targets'][..., None], axis=-1)[..., 0]
+  correct = target_logit_BL >= jnp.max(logits_BLV, axis=-1)
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
       'accuracy': jnp.sum(correct * weights_BL) / num_tokens,

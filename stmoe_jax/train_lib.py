@@ -65,12 +65,25 @@ class TrainState:
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int):
-  """Linear warmup to `opt.lr`, then cosine decay to `final_lr_fraction * lr` or rsqrt decay."""
+  """Linear warmup to `opt.lr`, then cosine, rsqrt or warmup-stable-decay (WSD).
+
+  WSD (MiniCPM, Hu et al. 2024) holds `lr` until the last `decay_fraction` of the run, then
+  decays linearly to `final_lr_fraction * lr`. Its stable part does not depend on the run's
+  length, so the run of N steps is the first 0.8 N steps of any longer run plus its own decay:
+  complete schedules of several lengths cost one long run and a few short decays.
+  """
   # Step s of the warmup uses lr * (s + 1) / warmup_steps, so even the first step learns.
   warmup = lambda s: opt.lr * jnp.minimum(1.0, (s + 1.0) / max(opt.warmup_steps, 1))
   if opt.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(opt.lr, max(num_train_steps - opt.warmup_steps, 1),
                                         alpha=opt.final_lr_fraction)
+  elif opt.schedule == 'wsd':
+    decay_steps = max(round(opt.decay_fraction * num_train_steps), 1)
+    stable_steps = max(num_train_steps - decay_steps - opt.warmup_steps, 0)
+    decay = optax.join_schedules(
+        [optax.constant_schedule(opt.lr),
+         optax.linear_schedule(opt.lr, opt.final_lr_fraction * opt.lr, decay_steps)],
+        [stable_steps])
   else:
     decay = lambda s: opt.lr * jax.lax.rsqrt(1.0 + s / max(opt.warmup_steps, 1))
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
