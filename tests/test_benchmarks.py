@@ -57,3 +57,17 @@ def test_expert_parallel_benchmark_quick():
   # reduce-scatter instead.
   assert all(r['all_to_all_ops'] > 0 for r in records[:2])
   assert records[2]['all_to_all_ops'] == 0 and records[2]['reduce_scatter_ops'] > 0
+
+
+def test_profile_step_quick():
+  records = run_benchmark('profile_step.py', '--quick', '--steps=2', '--top=50')
+  step, *kinds, share = records
+  assert step['kind'] == 'step' and share['kind'] == 'matmul_share'
+  assert step['xla_flops_per_step'] > 0 and step['model_flops_per_step'] > 0
+  # The kinds printed (all of them here) add up to the traced op time, largest first.
+  times = [k['ms_per_step'] for k in kinds]
+  assert times == sorted(times, reverse=True)
+  assert sum(times) == pytest.approx(step['traced_op_ms_per_step'], rel=1e-2, abs=0.01)
+  matmul = sum(k['ms_per_step'] for k in kinds if k['op'] in ('ynn_fusion', 'dot', 'custom-call'))
+  assert share['matmul_ms_per_step'] == pytest.approx(matmul, abs=0.01)
+  assert 0 < share['share_of_op_time'] < 1
