@@ -3,6 +3,7 @@ r"""Whole-model train-step throughput: MoE configs vs dense configs of equal act
   python benchmarks/train_step.py                               # configs/default.py vs configs/dense.py
   python benchmarks/train_step.py --grid --out=grid.json        # d_model 64, 128 x dense, 8/16/64 experts
   python benchmarks/train_step.py --quick                       # configs/tiny.py, a smoke test
+  python benchmarks/train_step.py --config=configs/moe_vs_dense.py:arm=stmoe64   # one config
   python benchmarks/train_step.py --override=model.dtype=bfloat16
 
 `--grid` runs, at d_model 64 and 128 (4 layers, MoE every other layer, top-2 of experts of width
@@ -35,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import default, dense, tiny  # noqa: E402
 from stmoe_jax import flops  # noqa: E402
+from stmoe_jax import sweep  # noqa: E402
 from stmoe_jax import train_lib  # noqa: E402
 
 
@@ -133,7 +135,14 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--grid', action='store_true', help='d_model 64/128 x dense, 8/16/64 experts')
   parser.add_argument('--out', default='', help='Also write every record to this JSON file.')
+  parser.add_argument('--config', default='', help='Benchmark this one config file[:arg] only.')
   args = parser.parse_args(argv)
+  if args.config:
+    config = sweep.load_config(args.config)
+    for text in args.override:
+      apply_override(config, text)
+    print(json.dumps(benchmark(args.config, config, args.steps)), flush=True)
+    return
   if args.grid:
     results = run_grid(args)
     if args.out:

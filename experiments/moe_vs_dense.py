@@ -27,11 +27,14 @@ steps to dense's final loss interpolate, linearly in log(steps), between its com
 (N/4, N/2, N); step speedup = dense's N / those steps (a lower bound 4.0 when the N/4 run
 already gets there; below 1 the dense runs are interpolated instead: dense steps to the arm's
 final loss / N). Time speedup = step speedup x the arm's tokens/s / dense's tokens/s, with
-tokens/s the median over a run's logging windows (compilation and evaluation excluded), best
-seed. Runs whose final evaluation is logged are skipped, so rerunning resumes the study.
+tokens/s measured by benchmarks/train_step.py for each arm, one after another on the first of
+--cores after the runs (stage 5), so that runs sharing the machine do not skew it; the runs'
+own tokens/s (median over logging windows, best seed) are reported beside it. Runs whose final
+evaluation is logged are skipped, so rerunning resumes the study.
 
 Writes to --root: results.csv (every evaluation of every run), results.md, summary.json (one
-entry per arm), tuned.json (the stage 1-2 choices), loss_curves.png and experts.png.
+entry per arm), tuned.json (the stage 1-2 choices), throughput.json (stage 5),
+loss_curves.png and experts.png.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class Runner:
     for core in cores or ['']:
       self.cores.put(core)
     self.workers = max(len(cores), 1)
+    self.first_core = cores[0] if cores else ''
     self.env = dict(os.environ, TQDM_DISABLE='1')
     # Seeds and arms of one shape compile the same programs: share them across processes.
     self.env.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(root, '.xla_cache'))
@@ -215,6 +219,30 @@ def main_group(arm: str, seed: int, size: str, tuned: dict) -> list[Run]:
 # Analysis: plain numpy over the runs' records, so tests can check it against hand values.
 
 
+def measure_throughput(arms: list[str], size: str, root: str, core: str) -> dict[str, float]:
+  """{arm: train-step tokens/s}, benchmarks/train_step.py on one core (random tokens, median
+  step after compilation), one arm at a time; cached in root/throughput.json."""
+  path = os.path.join(root, 'throughput.json')
+  cached = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+  for arm in arms:
+    if arm in cached:
+      continue
+    config_arg = f'{os.path.join(REPO, "configs", "moe_vs_dense.py")}:arm={arm},size={size}'
+    argv = [sys.executable, os.path.join(REPO, 'benchmarks', 'train_step.py'),
+            f'--config={config_arg}', f'--steps={20 if size == "full" else 3}']
+    if core and shutil.which('taskset'):
+      argv = ['taskset', '-c', core, *argv]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    record = json.loads([line for line in out.splitlines() if line.startswith('{')][-1])
+    cached[arm] = record['tokens_per_sec']
+    with open(path, 'w') as f:
+      json.dump(cached, f, indent=1)
+  return cached
+
+
 def final_eval(records: list[dict]) -> dict:
   """The last evaluation record of a run."""
   return [r for r in records if r['kind'] == 'eval'][-1]
@@ -276,7 +304,7 @@ def complete_runs(runs_by_name: dict[str, dict], arm: str, seed: int, size: str
 
 
 def arm_summary(runs_by_name: dict[str, dict], arm: str, seeds: list[int],
-                dense_seeds: list[int], size: str) -> dict:
+                dense_seeds: list[int], size: str, throughput: dict[str, float]) -> dict:
   """One summary.json entry: quality, speed and speedups of `arm` (mean curves over seeds)."""
   lengths, _ = complete_runs(runs_by_name, arm, seeds[0], size)
   per_seed = np.array([complete_runs(runs_by_name, arm, s, size)[1] for s in seeds])
@@ -287,15 +315,14 @@ def arm_summary(runs_by_name: dict[str, dict], arm: str, seeds: list[int],
     if s in dense_seeds:
       dense_losses = dense[dense_seeds.index(s)]
       per_seed_speedup.append(round(steps_to_match(lengths, dense_losses, lengths, losses)[0], 3))
-  speed = max(run_tokens_per_sec(runs_by_name[f'{arm}_s{s}']['records']) for s in seeds)
-  dense_speed = max(run_tokens_per_sec(runs_by_name[f'dense_s{s}']['records'])
-                    for s in dense_seeds)
+  speed, dense_speed = throughput[arm], throughput['dense']
+  in_runs = max(run_tokens_per_sec(runs_by_name[f'{arm}_s{s}']['records']) for s in seeds)
   main = runs_by_name[f'{arm}_s{seeds[0]}']
   finals = per_seed[:, -1]
   return {
       'arm': arm, 'family': family(arm), 'seeds': seeds, 'lr': main['run'].lr,
       'params': main['params'], 'active_params': main['active_params'],
-      'tokens_per_sec': round(speed, 1),
+      'tokens_per_sec': round(speed, 1), 'tokens_per_sec_in_runs': round(in_runs, 1),
       'final_val_loss_mean': round(float(finals.mean()), 5),
       'final_val_loss_spread': round(float(finals.max() - finals.min()), 5),
       'final_bits_per_byte_mean': round(float(finals.mean()) / math.log(2), 4),
@@ -381,8 +408,8 @@ def markdown(summary: list[dict], tuned: dict, sweep_loaded: list[dict],
            f'steps; dense target = mean final validation loss of dense at {steps} steps, '
            f"{dense['final_val_loss_mean']:.4f} nats/byte):", '',
            '| arm | seeds | lr | params | active params | final val loss (mean ± half spread) '
-           '| bits/byte | step speedup | per-seed | time speedup | tokens/s | dropped |',
-           '|' + '---|' * 12]
+           '| bits/byte | step speedup | per-seed | time speedup | tokens/s (benchmark; runs) '
+           '| dropped |', '|' + '---|' * 12]
   for e in summary:
     lines.append(
         f"| {e['arm']} | {','.join(map(str, e['seeds']))} | {e['lr']:g} | {e['params']:,} "
@@ -390,7 +417,8 @@ def markdown(summary: list[dict], tuned: dict, sweep_loaded: list[dict],
         f"{e['final_val_loss_spread'] / 2:.4f} | {e['final_bits_per_byte_mean']:.3f} "
         f"| {_speedup_text(e, 'step_speedup')} "
         f"| {', '.join(f'{x:.2f}' for x in e['per_seed_step_speedup']) or '-'} "
-        f"| {_speedup_text(e, 'time_speedup')} | {e['tokens_per_sec']:,.0f} "
+        f"| {_speedup_text(e, 'time_speedup')} | {e['tokens_per_sec']:,.0f}; "
+        f"{e['tokens_per_sec_in_runs']:,.0f} "
         f"| {e['dropped_fraction']:.4f} |")
   lines += ['', 'Complete runs (mean final validation loss over seeds):', '',
             '| arm | ' + ' | '.join(f'{n} steps' for n in summary[0]['complete_run_steps']) + ' |',
@@ -541,7 +569,9 @@ def main(argv: list[str] | None = None) -> None:
   by_name.update({x['run'].name: x for x in load([r for g in extra for r in g])})
   seeds_of = {a: seeds + ([extra_seed] if a in ('dense', best_arm) else []) for a in arms}
 
-  summary = [arm_summary(by_name, arm, seeds_of[arm], seeds_of['dense'], size) for arm in arms]
+  throughput = measure_throughput(list(arms), size, args.root, runner.first_core)
+  summary = [arm_summary(by_name, arm, seeds_of[arm], seeds_of['dense'], size, throughput)
+             for arm in arms]
   summary[0]['best_moe_arm'] = best_arm
   everything = sweep_loaded + routing_loaded + list(by_name.values())
   write_csv(everything, os.path.join(args.root, 'results.csv'))

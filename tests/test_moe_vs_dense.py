@@ -62,8 +62,8 @@ def final_loss(root, name, steps):
 
 def test_quick_study_writes_every_result(quick_study):
   root, stdout = quick_study
-  for name in ('results.csv', 'results.md', 'summary.json', 'tuned.json', 'loss_curves.png',
-               'experts.png'):
+  for name in ('results.csv', 'results.md', 'summary.json', 'tuned.json', 'throughput.json',
+               'loss_curves.png', 'experts.png'):
     assert os.path.getsize(os.path.join(root, name)) > 0, name
   with open(os.path.join(root, 'results.md')) as f:
     assert f.read() in stdout
