@@ -12,8 +12,8 @@ each run a train.py process (pinned to one of --cores, one run per core at a tim
      rate with the lowest final validation loss (a best rate at the grid's edge gets one more
      rate a factor 2 beyond it). Dense is tuned exactly as hard as the MoEs.
   2. Routing (full size only): stmoe64 at the tuned rate with the ROUTING_OPTIONS (routing group
-     size, bias balancer), same short schedule; the lowest final loss sets every MoE arm's
-     routing. The drop rates are reported beside it.
+     size, bias balancer, a 10x balance loss, dropless dispatch), same short schedule; the
+     lowest final loss sets every MoE arm's routing. The drop rates are reported beside it.
   3. Main runs: every arm, seeds 0 and 1, NUM_STEPS on a warmup-stable-decay schedule. The
      complete schedules of 1/4 and 1/2 the length branch off each main run's checkpoint where
      their decay starts (0.8 x their length) and run only their own decay, so every arm has
@@ -68,7 +68,9 @@ SWEEP_STEPS = {'full': 400, 'quick': 20}
 ROUTING_OPTIONS = {
     'group4096': {},
     'group256': {'moe.group_size': 256},
-    'group4096_bias': {'moe.bias_balancer_rate': 1e-3},
+    'bias_balancer': {'moe.bias_balancer_rate': 1e-3},
+    'aux_loss_0.1': {'moe.aux_loss_coef': 0.1},
+    'dropless': {'moe.dispatch': 'dropless'},
 }
 MAIN_ARMS = {'full': tuple(moe_vs_dense.ARMS), 'quick': ('dense', 'stmoe16')}
 SEEDS = {'full': (0, 1), 'quick': (0,)}
