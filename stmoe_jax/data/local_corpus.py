@@ -266,8 +266,8 @@ def _check_name_is_free(spec: CorpusSpec, data_dir: str,
                         'did not write: choose another name')
     old = {k: metadata.get(k) for k in _SOURCE_FIELDS}
     if old != spec.source():
-      raise CorpusError(f'name {spec.name!r} already holds another corpus in {where}/{version} '
-                        f'({old}): choose another name, or delete that directory')
+      raise CorpusError(f'name {spec.name!r} already holds another corpus in {where} '
+                        f'(version {version}: {old}): choose another name, or delete {where}')
 
 
 def _next_version(versions: Iterable[str]) -> str:
