@@ -39,6 +39,9 @@ from typing import Callable, Iterable, Iterator
 from etils import epath
 import tensorflow_datasets as tfds
 
+# Imported for its registration: `stdlib_py` is a name readers resolve to that builder.
+from stmoe_jax.data import stdlib_corpus  # pylint: disable=unused-import
+
 TRAIN = 'train'
 VALIDATION = 'validation'
 FORMATS = ('text', 'jsonl')
@@ -257,7 +260,7 @@ def _check_name_is_free(spec: CorpusSpec, data_dir: str,
   except tfds.core.registered.DatasetNotFoundError:
     pass
   else:
-    raise CorpusError(f'name {spec.name!r} is a TFDS catalogue dataset, which readers by that '
+    raise CorpusError(f'name {spec.name!r} is a registered TFDS dataset, which readers by that '
                       'name would get: choose another name')
   where = os.path.join(data_dir, spec.name)
   for version, metadata in existing.items():

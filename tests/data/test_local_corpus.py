@@ -133,7 +133,9 @@ def _bad_jsonl(tmp_path, line):
      r"bad\.jsonl:2: no field 'text' \(it has \['body'\]\)"),
     (lambda tmp, root: _bad_jsonl(tmp, '{"text": 7}')[0], r"bad\.jsonl:2: field 'text' is a int"),
     (lambda tmp, root: CorpusSpec(name='mnist', files=(f'{root}/**/*.txt',)),
-     r"'mnist' is a TFDS catalogue dataset"),
+     r"'mnist' is a registered TFDS dataset"),
+    (lambda tmp, root: CorpusSpec(name='stdlib_py', files=(f'{root}/**/*.txt',)),
+     r"'stdlib_py' is a registered TFDS dataset"),
     (lambda tmp, root: CorpusSpec(name='My-Corpus', files=('x',)), 'not a dataset name'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(make_spec, message, corpus, tmp_path):
