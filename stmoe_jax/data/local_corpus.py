@@ -122,10 +122,11 @@ def list_files(globs: Iterable[str]) -> list[str]:
   """Returns the sorted absolute paths of the regular files the globs match, each once."""
   paths = set()
   for pattern in globs:
-    matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-               if os.path.isfile(p)]
+    found = glob.glob(os.path.expanduser(pattern), recursive=True)
+    matched = [p for p in found if os.path.isfile(p)]
     if not matched:
-      raise CorpusError(f'files pattern {pattern!r} matches no files')
+      hint = f" (only directories: try '{pattern.rstrip('/')}/**/*.txt')" if found else ''
+      raise CorpusError(f'files pattern {pattern!r} matches no files{hint}')
     paths.update(os.path.abspath(p) for p in matched)
   return sorted(paths)
 

@@ -128,6 +128,8 @@ def _bad_jsonl(tmp_path, line):
 
 @pytest.mark.parametrize('make_spec, message', [
     (lambda tmp, root: _spec(tmp / 'nowhere'), r"pattern '.*nowhere/\*\*/\*\.txt' matches no"),
+    (lambda tmp, root: CorpusSpec(name='mycorpus', files=(str(root),)),
+     r"corpus' matches no files \(only directories: try '.*corpus/\*\*/\*\.txt'\)"),
     (lambda tmp, root: _bad_jsonl(tmp, '{"text": oops}')[0], r'bad\.jsonl:2: not JSON'),
     (lambda tmp, root: _bad_jsonl(tmp, '{"body": "x"}')[0],
      r"bad\.jsonl:2: no field 'text' \(it has \['body'\]\)"),
