@@ -40,7 +40,8 @@ def get_data_source(
 
   `stdlib_py` is prepared on first use (array_record, ~1 s, no network).
   Any other dataset must already be prepared in `data_dir` in array_record
-  format; it is never downloaded.
+  format; it is never downloaded. A corpus built from local files by
+  `python -m stmoe_jax.data.build` is read by its name from its directory.
 
   Args:
     name: TFDS name, optionally with config/version ('lm1b', 'stdlib_py').
@@ -83,7 +84,8 @@ def get_data_source(
     except tfds.core.registered.DatasetNotFoundError as e:
       raise FileNotFoundError(
           f'TFDS dataset {name!r} is neither registered with tensorflow-datasets nor '
-          f'prepared in data_dir={data_dir or "~/tensorflow_datasets"!r}') from e
+          f'prepared in data_dir={data_dir or "~/tensorflow_datasets"!r}; build one from your '
+          f'own files with `python -m stmoe_jax.data.build --name={base} --files=GLOB`') from e
     if not builder.is_prepared():
       root = os.fspath(builder.data_dir_root)
       raise FileNotFoundError(
