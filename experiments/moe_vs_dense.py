@@ -536,6 +536,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
   parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core at a "
                       "time, e.g. '0,1'; '' = one run at a time, unpinned.")
+  parser.add_argument('--best_extra_seed', default=True, action=argparse.BooleanOptionalAction,
+                      help='Train a third seed of the best MoE arm (stage 4).')
   args = parser.parse_args(argv)
   size = 'quick' if args.quick else 'full'
   study_start = time.time()
@@ -572,10 +574,11 @@ def main(argv: list[str] | None = None) -> None:
   moe_arms = [a for a in arms if a != 'dense']
   best_arm = min(moe_arms, key=lambda a: np.mean(
       [final_eval(by_name[f'{a}_s{s}']['records'])['loss'] for s in seeds]))
-  extra = [main_group(best_arm, extra_seed, size, tuned)]
+  extra = [main_group(best_arm, extra_seed, size, tuned)] if args.best_extra_seed else []
   runner.run_all(extra)
   by_name.update({x['run'].name: x for x in load([r for g in extra for r in g])})
-  seeds_of = {a: seeds + ([extra_seed] if a in ('dense', best_arm) else []) for a in arms}
+  seeds_of = {a: seeds + ([extra_seed] if a == 'dense' or (a == best_arm and extra) else [])
+              for a in arms}
 
   throughput = measure_throughput(list(arms), size, args.root, runner.first_core)
   summary = [arm_summary(by_name, arm, seeds_of[arm], seeds_of['dense'], size, throughput)
