@@ -63,9 +63,10 @@ def get_config(arg: str | None = None):
     config.update(batch_size=8, num_train_steps=20, log_every_steps=4, eval_every_steps=10,
                   eval_batches=2, checkpoint_every_steps=4)
   config.moe.update(every=1, group_size=config.batch_size * config.data.seq_len,
-                    train_capacity_factor=1.25, eval_capacity_factor=2.0, z_loss_coef=1e-3)
+                    train_capacity_factor=1.25, eval_capacity_factor=2.0, z_loss_coef=1e-3,
+                    aux_loss_coef=1e-2)  # The study's routing stage may raise it.
   if family == 'dense':
-    config.moe.update(enabled=False, top_k=1, expert_d_ff=width)  # Dense FFN width top_k * d_ff.
+    config.moe.update(enabled=False, top_k=1, expert_d_ff=width, num_experts=8)  # FFN width k * d_ff.
   else:
     config.moe.update(num_experts=num_experts, top_k=top_k, expert_d_ff=width // top_k)
   return config

@@ -11,8 +11,9 @@ def get_config():
   config = default.get_config()
   config.data.seq_len = 32
   config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64)
-  config.moe.update(num_experts=4, top_k=2, expert_d_ff=32, group_size=64)
-  config.opt.update(lr=1e-2, warmup_steps=2)
+  config.moe.update(num_experts=4, top_k=2, expert_d_ff=32, group_size=64, every=2,
+                    aux_loss_coef=1e-2)
+  config.opt.update(lr=1e-2, warmup_steps=2, schedule='cosine', final_lr_fraction=0.1)
   config.batch_size = 4
   config.num_train_steps = 8
   config.log_every_steps = 2
