@@ -163,7 +163,7 @@ def train_run(run: Run, size: str, root: str, data_dir: str = '') -> None:
 
 def capacity_sweep(root: str, size: str) -> list[dict]:
   """Eval capacity sweep of the final SWEEP_RUN checkpoint (cached in eval_<step>.json)."""
-  from stmoe_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import workdirs  # pylint: disable=g-import-not-at-top
 
   config = run_config(next(r for r in RUNS if r.name == SWEEP_RUN), size)
   workdir = os.path.join(root, SWEEP_RUN)
@@ -174,8 +174,8 @@ def capacity_sweep(root: str, size: str) -> list[dict]:
     if [r['eval_capacity_factor'] for r in metrics.get('capacity_sweep', [])] == list(
         EVAL_CAPACITY_FACTORS):
       return metrics['capacity_sweep']
-  metrics = evaluation.evaluate_workdir(workdir, config.num_train_steps, config.eval_batches,
-                                        EVAL_CAPACITY_FACTORS)
+  metrics = workdirs.evaluate_workdir(workdir, config.num_train_steps, config.eval_batches,
+                                      EVAL_CAPACITY_FACTORS)
   return metrics['capacity_sweep']
 
 
@@ -204,10 +204,11 @@ def run_summary(run: Run, root: str, size: str) -> dict:
 def parameter_counts(config) -> tuple[int, int]:
   """(total parameters, parameters a token's forward pass uses), embeddings included."""
   import jax  # pylint: disable=g-import-not-at-top
-  from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import model_factory  # pylint: disable=g-import-not-at-top
 
-  model_cfg = train_lib.model_config(config)
-  _, params, _ = train_lib.abstract_model(model_cfg)
+  model_cfg = config_lib.model_config(config)
+  _, params, _ = model_factory.get_model(model_cfg).abstract()
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   moe = model_cfg.moe
   if not moe.enabled:

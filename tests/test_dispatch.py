@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stmoe_jax import layers
 from stmoe_jax import grouped_matmul as gmm
 from stmoe_jax.config import MoeConfig, ModelConfig
 from stmoe_jax.moe import MoeLayer
@@ -73,7 +74,7 @@ def test_every_dispatch_matches_the_loop_in_outputs_and_gradients(k, activation,
                     grouped_matmul=grouped)
     name = f'{dispatch} {grouped} {block_rows}'
     layer = MoeLayer(cfg, rngs=nnx.Rngs(k))
-    graphdef, params, buffers = nnx.split(layer, nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(layer, *layers.STATE_FILTERS)
     params = nnx.to_pure_dict(params)
     if 'mult_bias' in params['experts']:  # Not all ones, so that a missing bias would show.
       params['experts']['mult_bias'] = 1 + jax.random.uniform(jax.random.PRNGKey(2), (4, 16))
@@ -122,7 +123,7 @@ def test_einsum_and_scatter_drop_exactly_the_same_choices():
   results = []
   for dispatch in ('einsum', 'scatter'):
     layer = MoeLayer(layer_cfg(dispatch=dispatch, train_capacity_factor=0.5), rngs=nnx.Rngs(0))
-    graphdef, params, buffers = nnx.split(layer, nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(layer, *layers.STATE_FILTERS)
     kept = layer.route(jnp.reshape(x, (4, 8, 8)), train=True, rng=None, mask_GS=None).kept
 
     def loss(params, x):

@@ -27,6 +27,7 @@ from configs import tiny
 from stmoe_jax import checkpointing
 from stmoe_jax import guards
 from stmoe_jax import train_lib
+from stmoe_jax import workdirs
 from stmoe_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +242,7 @@ def test_nan_stop_saves_last_good_state_and_exits(reference, background):
   assert losses(recs) == {s: ref_losses[s] for s in range(1, 6)}
   # Checkpoint 5 (off the save interval: written by the guard) is step 5's state, not halted,
   # and its data position is 5 batches in.
-  config = train_lib.load_config(workdir)
+  config = workdirs.load_config(workdir)
   trainer = train_lib.Trainer(config, workdir)
   state, data_state = trainer.checkpointer.restore(5, trainer.abstract_state)
   assert (int(state.step), int(state.halted_at)) == (5, 0)
@@ -301,7 +302,8 @@ def test_train_step_guards_leave_the_state_untouched(tiny_trainer):
                                               s2_host.params))) > 0
 
   stop_step = jax.jit(lambda state, batch: train_lib.train_step(
-      state, batch, graphdef=t.graphdef, tx=t.tx, schedule=t.schedule, cfg=t.model_cfg,
+      state, batch, loss_fn=t.placement.model.loss_fn, graphdef=t.graphdef, tx=t.tx,
+      schedule=t.schedule,
       on_nonfinite='stop', nan_at_step=2, nan_term='grad_norm'))
   s1, _ = stop_step(t.init(), batches[0])
   s1_host = jax.device_get(s1)

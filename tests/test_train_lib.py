@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from stmoe_jax import train_lib
+from stmoe_jax import train_state
 
 
 @pytest.fixture(scope='module')
@@ -68,11 +69,11 @@ def test_bias_balancer_update_is_rate_times_sign_of_load_gap(trainer):
 def test_learning_rate_schedules():
   opt = tiny.get_config().opt
   opt.update(lr=1.0, warmup_steps=10, final_lr_fraction=0.1, schedule='cosine')
-  cosine = train_lib.learning_rate_schedule(opt, num_train_steps=110)
+  cosine = train_state.learning_rate_schedule(opt, num_train_steps=110)
   np.testing.assert_allclose([cosine(0), cosine(4), cosine(9), cosine(10), cosine(60),
                               cosine(110)], [0.1, 0.5, 1.0, 1.0, 0.55, 0.1], rtol=1e-5)
   opt.schedule = 'rsqrt'
-  rsqrt = train_lib.learning_rate_schedule(opt, num_train_steps=110)
+  rsqrt = train_state.learning_rate_schedule(opt, num_train_steps=110)
   # After warmup: lr / sqrt(1 + (step - warmup) / warmup).
   np.testing.assert_allclose([rsqrt(10), rsqrt(20), rsqrt(40)],
                              [1.0, 1 / np.sqrt(2), 0.5], rtol=1e-5)
