@@ -163,7 +163,7 @@ def train_run(run: Run, size: str, root: str, data_dir: str = '') -> None:
 
 def capacity_sweep(root: str, size: str) -> list[dict]:
   """Eval capacity sweep of the final SWEEP_RUN checkpoint (cached in eval_<step>.json)."""
-  from stmoe_jax import workdirs  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import entry_points  # pylint: disable=g-import-not-at-top
 
   config = run_config(next(r for r in RUNS if r.name == SWEEP_RUN), size)
   workdir = os.path.join(root, SWEEP_RUN)
@@ -174,7 +174,7 @@ def capacity_sweep(root: str, size: str) -> list[dict]:
     if [r['eval_capacity_factor'] for r in metrics.get('capacity_sweep', [])] == list(
         EVAL_CAPACITY_FACTORS):
       return metrics['capacity_sweep']
-  metrics = workdirs.evaluate_workdir(workdir, config.num_train_steps, config.eval_batches,
+  metrics = entry_points.evaluate_workdir(workdir, config.num_train_steps, config.eval_batches,
                                       EVAL_CAPACITY_FACTORS)
   return metrics['capacity_sweep']
 

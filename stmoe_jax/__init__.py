@@ -21,9 +21,9 @@ grouped_matmul (dropless matmuls), moe (route -> dispatch -> experts -> combine)
 expert_parallel, attention, sparse_attention, head_routing, layer_stats (the per-layer stats),
 transformer, config (validation and frozen model configs), sharding (logical axes -> mesh), data
 (stdlib corpus, grain pipelines), losses, model_factory (config -> model family), train_state
-(optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing, workdirs
-(config.json, restoring for eval.py and sample.py), metrics (metrics.jsonl + TensorBoard), flops,
-sampling, plot, sweep.
+(optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
+entry_points (config.json, restoring for eval.py and sample.py), metrics (metrics.jsonl +
+TensorBoard), flops, sampling, plot, sweep.
 """
 
 import importlib
@@ -33,12 +33,12 @@ _EXPORTS = {
     'model_config': 'config', 'validate': 'config',
     'Transformer': 'transformer',
     'Trainer': 'train_lib', 'train_and_evaluate': 'train_lib', 'get_model': 'model_factory',
-    'load_config': 'workdirs', 'evaluate_workdir': 'workdirs', 'load_checkpoint': 'workdirs',
-    'sample_workdir': 'workdirs', 'Sampler': 'sampling',
+    'load_config': 'entry_points', 'evaluate_workdir': 'entry_points',
+    'load_checkpoint': 'entry_points', 'sample_workdir': 'entry_points', 'Sampler': 'sampling',
     'MetricsWriter': 'metrics',
 }
 _SUBMODULES = ('plot', 'sweep', 'flops', 'sampling', 'train_lib', 'evaluation', 'metrics',
-               'workdirs')
+               'entry_points')
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -1,5 +1,5 @@
 """Validation metrics at the eval capacity factor: run a model's eval step over the validation
-split and reduce. (`workdirs.evaluate_workdir` is eval.py's logic.)
+split and reduce. (`entry_points.evaluate_workdir` is eval.py's logic.)
 
 bits/byte = total cross-entropy over all target tokens (in bits) / number of byte targets; the
 EOS target ending each document costs bits but is not a byte, so it counts against the model

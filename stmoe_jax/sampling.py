@@ -1,4 +1,5 @@
-"""Autoregressive text generation with a KV cache (`workdirs.sample_workdir` is sample.py's logic).
+"""Autoregressive text generation with a KV cache (sample.py's logic:
+`entry_points.sample_workdir`).
 
 Einsum letters: B batch, L length, V vocabulary.
 

@@ -26,7 +26,7 @@ from stmoe_jax import flops
 from stmoe_jax import guards
 from stmoe_jax import sampling
 from stmoe_jax import train_state
-from stmoe_jax import workdirs
+from stmoe_jax import entry_points
 from stmoe_jax.config import NONFINITE_TERMS, ModelConfig, check_resumable
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.metrics import MetricsWriter
@@ -89,7 +89,8 @@ class Trainer:
   eval steps, the checkpointer and the data iterators.
 
   Used by `train_and_evaluate` and tests; all validation happens in `__init__`, before anything
-  compiles. (Restoring for eval.py and sample.py needs only the placement: `workdirs.restore`.)
+  compiles. (Restoring for eval.py and sample.py needs only the placement:
+  `entry_points.restore_workdir`.)
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
@@ -115,7 +116,7 @@ class Trainer:
   @functools.cached_property
   def checkpointer(self) -> checkpointing.Checkpointer:
     """Created on first use, so a run refused before that leaves no directory behind."""
-    return workdirs.checkpointer(self.config, self.workdir)
+    return entry_points.checkpointer(self.config, self.workdir)
 
   def train_iterator(self):
     return input_pipeline.make_train_iterator(**self.data_kwargs(self.config.data.train_split),
@@ -143,7 +144,8 @@ def restore_or_init(trainer: Trainer, train_iter, log) -> TrainState:
   ckpt, workdir = trainer.checkpointer, trainer.workdir
   if not ckpt.all_steps():
     return trainer.init()
-  check_resumable(trainer.config, workdirs.load_config(workdir), workdirs.config_path(workdir))
+  check_resumable(trainer.config, entry_points.load_config(workdir),
+                  entry_points.config_path(workdir))
   restored, state, data_state = ckpt.restore_latest(trainer.abstract_state,
                                                     set_aside_damaged=True, warn=log)
   train_iter.set_state(data_state)
@@ -207,7 +209,7 @@ class _TrainLoop:
       bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
     self.timed_steps, self.t0 = 0, time.perf_counter()
 
-  def evaluate(self, done: int, bar) -> None:
+  def eval_and_log(self, done: int, bar) -> None:
     config, state = self.config, self.state
     self.flush()
     self.eval_metrics = self.trainer.evaluate(state, config.eval_batches or None)
@@ -246,7 +248,7 @@ class _TrainLoop:
         if done % config.log_every_steps == 0 or done == config.num_train_steps:
           self.log_train(done, bar)
         if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-          self.evaluate(done, bar)
+          self.eval_and_log(done, bar)
         if config.debug.step_sleep_s:
           time.sleep(config.debug.step_sleep_s)
         # SIGTERM may arrive at any point of the step, so the check reads the flag only once.
@@ -280,5 +282,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
   state = restore_or_init(trainer, train_iter, log)
   # Rewritten only after the restore, so config.json always matches the checkpoints.
-  workdirs.save_config(config, workdir)
+  entry_points.save_config(config, workdir)
   return _TrainLoop(trainer, train_iter, state, log).run()

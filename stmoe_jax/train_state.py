@@ -3,7 +3,7 @@
 
 `place(config)` validates the config and builds everything a jitted step or a checkpoint
 restore needs, compiling nothing: the Trainer adds its steps and checkpointer to it, and
-`workdirs.restore` restores a checkpoint onto it without building a Trainer.
+`entry_points.restore_workdir` restores a checkpoint onto it without a Trainer.
 """
 
 from __future__ import annotations

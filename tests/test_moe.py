@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_model_config
 from stmoe_jax import layers
-from stmoe_jax.config import MoeConfig, ModelConfig
 from stmoe_jax.moe import MoeLayer, from_groups, to_groups
 from stmoe_jax.transformer import Block
 
 
 def tiny_cfg(**moe_overrides):
-  fields = dict(num_experts=4, top_k=2, expert_d_ff=16, group_size=8, min_capacity=1)
-  moe = MoeConfig(**{**fields, **moe_overrides})
-  return ModelConfig(d_model=8, num_layers=2, num_heads=2, head_dim=4, d_ff=16, moe=moe)
+  return tiny_model_config(d_model=8, head_dim=4, d_ff=16,
+                           moe={'group_size': 8, **moe_overrides})
 
 
 def numpy_gelu(x):  # tanh approximation, as jax.nn.gelu(approximate=True).

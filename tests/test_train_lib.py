@@ -6,7 +6,6 @@ import pytest
 
 from configs import tiny
 from stmoe_jax import train_lib
-from stmoe_jax import train_state
 
 
 @pytest.fixture(scope='module')
@@ -64,19 +63,6 @@ def test_bias_balancer_update_is_rate_times_sign_of_load_gap(trainer):
     np.testing.assert_allclose(bias, expected[m], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(np.asarray(metrics['router_bias'])[m],
                                old['blocks'][layer]['ffn']['router_bias'])
-
-
-def test_learning_rate_schedules():
-  opt = tiny.get_config().opt
-  opt.update(lr=1.0, warmup_steps=10, final_lr_fraction=0.1, schedule='cosine')
-  cosine = train_state.learning_rate_schedule(opt, num_train_steps=110)
-  np.testing.assert_allclose([cosine(0), cosine(4), cosine(9), cosine(10), cosine(60),
-                              cosine(110)], [0.1, 0.5, 1.0, 1.0, 0.55, 0.1], rtol=1e-5)
-  opt.schedule = 'rsqrt'
-  rsqrt = train_state.learning_rate_schedule(opt, num_train_steps=110)
-  # After warmup: lr / sqrt(1 + (step - warmup) / warmup).
-  np.testing.assert_allclose([rsqrt(10), rsqrt(20), rsqrt(40)],
-                             [1.0, 1 / np.sqrt(2), 0.5], rtol=1e-5)
 
 
 def test_adafactor_trains(stdlib_data_dir, tmp_path):

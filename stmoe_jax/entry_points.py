@@ -1,4 +1,5 @@
-"""train.py workdirs: their config.json, and restoring a checkpoint for eval.py and sample.py.
+"""What the entry points need from a train.py workdir: its config.json, and a checkpoint
+restored for eval.py and sample.py.
 
 The glue between the entry points and the library. Restoring needs no Trainer: the config's
 `train_state.Placement` (mesh, model, abstract state; nothing compiled) and a Checkpointer.
@@ -62,8 +63,9 @@ def checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointi
       save_every=config.checkpoint_every_steps)
 
 
-def restore(workdir: str, step: int | None = None, mesh: dict[str, int] | None = None
-            ) -> tuple[train_state.Placement, int, train_state.TrainState]:
+def restore_workdir(workdir: str, step: int | None = None,
+                    mesh: dict[str, int] | None = None
+                    ) -> tuple[train_state.Placement, int, train_state.TrainState]:
   """(placement, step, state): checkpoint `step` (default: the newest readable one) of a
   train.py workdir, restored onto its config's mesh, or onto `mesh` (axis sizes) instead.
 
@@ -98,7 +100,7 @@ def restore(workdir: str, step: int | None = None, mesh: dict[str, int] | None =
 
 def load_checkpoint(workdir: str, step: int | None = None):
   """(config, TrainState) of a train.py workdir's checkpoint `step` (default: the latest)."""
-  placement, _, state = restore(workdir, step)
+  placement, _, state = restore_workdir(workdir, step)
   return placement.config, state
 
 
@@ -112,9 +114,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   (overall and per choice slot): ST-MoE treats the eval capacity factor as a free lever. Writes
   `workdir/eval_<step>.json` (process 0) and returns the metrics with `step` added. `mesh`
   (axis sizes) replaces the saved `config.mesh`: checkpoints restore onto any mesh the model
-  fits. Raises FileNotFoundError as `restore`.
+  fits. Raises FileNotFoundError as `restore_workdir`.
   """
-  placement, step, state = restore(workdir, step, mesh)
+  placement, step, state = restore_workdir(workdir, step, mesh)
   evaluate = lambda model_cfg=None: evaluation.evaluate_split(
       placement, state, evaluation.make_eval_step(placement, model_cfg), max_batches, model_cfg)
   metrics = {'step': step, **evaluate()}
