@@ -30,10 +30,11 @@ def test_a_short_cache_is_a_ring_buffer_of_the_newest_positions(tiny_model_cfg):
 
 
 def test_dense_attention_has_the_common_call_signature_and_is_causal(tiny_model_cfg):
-  layer = CausalSelfAttention(tiny_model_cfg(), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(CausalSelfAttention(tiny_model_cfg(), rngs=nnx.Rngs(0)))
+  run = jax.jit(lambda x: nnx.merge(graphdef, state)(x, jnp.arange(6)[None],
+                                                     mask_BL=jnp.ones((1, 6))))
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 16))
-  positions = jnp.arange(6)[None]
-  y, stats = layer(x, positions, mask_BL=jnp.ones((1, 6)))
+  y, stats = run(x)
   assert y.shape == (1, 6, 16) and stats == {}  # Plain dense attention computes no stats.
-  y_changed, _ = layer(x.at[:, 4].add(1.0), positions)
+  y_changed, _ = run(x.at[:, 4].add(1.0))
   np.testing.assert_array_equal(y[:, :4], y_changed[:, :4])

@@ -36,8 +36,9 @@ def test_grouped_rows_equal_the_batched_experts(experts, impl):
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 4))
   sizes = jnp.array([2, 0, 5], jnp.int32)  # Rows of expert 0, none of 1, 5 of expert 2.
   rows = jnp.concatenate([x[0, :2], x[2], jnp.zeros((1, 4))])  # One row past the groups.
-  y = experts.grouped(rows, sizes, impl=impl)
-  batched = experts(x)
+  graphdef, state = nnx.split(experts)
+  y, batched = jax.jit(lambda rows, x: (nnx.merge(graphdef, state).grouped(rows, sizes, impl=impl),
+                                        nnx.merge(graphdef, state)(x)))(rows, x)
   np.testing.assert_allclose(y[:2], batched[0, :2], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(y[2:7], batched[2], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(y[7:], 0.0)

@@ -24,11 +24,14 @@ def test_loss_is_cross_entropy_plus_weighted_router_and_attention_losses(tiny_mo
                                       logit_z_loss_coef=4.0))
   graphdef, params, buffers = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)),
                                         *layers.STATE_FILTERS)
-  b = batch()
-  loss, (metrics, new_buffers) = losses.compute_loss(params, buffers, graphdef, b,
-                                                     jax.random.PRNGKey(1), cfg)
-  logits, stats = nnx.merge(graphdef, params, buffers)(b['inputs'], train=True,
-                                                       rng=jax.random.PRNGKey(1))
+  b, rng = batch(), jax.random.PRNGKey(1)
+
+  @jax.jit  # One compile for the loss and the reference forward pass.
+  def run(params, buffers):
+    return (losses.compute_loss(params, buffers, graphdef, b, rng, cfg),
+            nnx.merge(graphdef, params, buffers)(b['inputs'], train=True, rng=rng))
+
+  (loss, (metrics, new_buffers)), (logits, stats) = run(params, buffers)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, b['targets'])
   np.testing.assert_allclose(metrics['cross_entropy'],
                              jnp.sum(ce * b['weights']) / jnp.sum(b['weights']), rtol=1e-5)
@@ -59,10 +62,11 @@ def test_eval_step_sums(tiny_model_cfg):
   b = batch()
   b['inputs'] = b['inputs'].at[1, 6:].set(tokenizer.PAD_ID)  # Padding: not routed.
   b['targets'] = b['targets'].at[1, 5].set(tokenizer.EOS_ID)  # Costs bits, is not a byte.
-  out = losses.eval_step(params, buffers, b, graphdef=graphdef)
+  out, (logits, _) = jax.jit(lambda p, bf: (
+      losses.eval_step(p, bf, b, graphdef=graphdef),
+      nnx.merge(graphdef, p, bf)(b['inputs'], mask_BL=b['inputs'] != tokenizer.PAD_ID)))(
+          params, buffers)
   assert out['num_tokens'] == 13 and out['num_routed'] == 14 and out['num_bytes'] == 12
-  logits, _ = nnx.merge(graphdef, params, buffers)(b['inputs'],
-                                                   mask_BL=b['inputs'] != tokenizer.PAD_ID)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, b['targets'])
   np.testing.assert_allclose(out['ce_sum'], jnp.sum(ce * b['weights']), rtol=1e-5)
   assert out['expert_load'].shape == (1, 4)  # The per-layer stats ride along.
