@@ -18,6 +18,7 @@ from absl import logging
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
 from stmoe_jax import sharding
+from stmoe_jax import entry_points
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import input_pipeline
 
@@ -41,8 +42,8 @@ def main(argv):
     factors = (evaluation.parse_capacity_factors(_CAPACITY_FACTORS.value)
                if _CAPACITY_FACTORS.value else ())
     mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
-    metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
-                                          factors, mesh)
+    metrics = entry_points.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
+                                        factors, mesh)
   except (ConfigError, FileNotFoundError, ValueError, checkpointing.CheckpointError,
           input_pipeline.DataError) as e:
     sys.exit(f'error: {e}')
