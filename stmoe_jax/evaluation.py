@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stmoe_jax import checkpointing
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import tokenizer
 
@@ -148,18 +149,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   if mesh is not None:
     config.mesh = dict(mesh)
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):  # Check before creating anything.
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')
   trainer = train_lib.Trainer(config, workdir)
-  steps = trainer.checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no complete checkpoint in {ckpt_dir}: train first with train.py')
-  if step is None:  # The newest readable step; a damaged newer one is reported on stderr.
-    step, state, _ = trainer.checkpointer.restore_latest(trainer.abstract_state)
-  elif step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}')
-  else:
-    state, _ = trainer.checkpointer.restore(step, trainer.abstract_state)
+  # With `step` None, the newest readable step; a damaged newer one is reported on stderr.
+  step, state, _ = checkpointing.read_checkpoint(ckpt_dir, trainer.abstract_state, step)
   metrics = {'step': step, **trainer.evaluate(state, max_batches)}
   if capacity_factors:
     metrics['capacity_sweep'] = []
@@ -172,5 +164,4 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
       json.dump(metrics, f, indent=2)
-  trainer.checkpointer.close()
   return metrics

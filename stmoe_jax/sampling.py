@@ -36,6 +36,16 @@ def decoding_config(cfg: ModelConfig) -> ModelConfig:
   return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, group_size=1))
 
 
+def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+  """Raises ValueError naming the first argument out of range."""
+  for name, value, ok, expected in (
+      ('max_new_tokens', max_new_tokens, max_new_tokens >= 0, 'an integer >= 0'),
+      ('temperature', temperature, temperature >= 0, 'a number >= 0 (0 = greedy)'),
+      ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)')):
+    if not ok:
+      raise ValueError(f'{name}={value} is invalid: expected {expected}')
+
+
 def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array,
                  top_p: jax.Array) -> jax.Array:
   """Draws one token per row from float32 logits [B, V] -> int32 [B].
@@ -91,9 +101,7 @@ class Sampler:
     Returns the new token ids, int32 [N] with N <= max_new_tokens (fewer if EOS came first;
     the EOS is not included).
     """
-    if max_new_tokens < 0 or not 0 < top_p <= 1 or temperature < 0:
-      raise ValueError(f'max_new_tokens={max_new_tokens}, top_p={top_p}, '
-                       f'temperature={temperature}: expected >= 0, in (0, 1], >= 0')
+    check_sampling_args(max_new_tokens, temperature, top_p)
     context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
     variables = (params, self._zero_buffers if buffers is None else buffers)
     # Counted in text, not cache slots: a `local` layer's ring never fills, the others would.
@@ -138,28 +146,26 @@ def _last_logits(graphdef, variables, tokens_BL, caches):
 def load_checkpoint(workdir: str, step: int | None = None):
   """(config, TrainState) of a train.py workdir's checkpoint `step` (default: the latest).
 
-  Raises FileNotFoundError naming the path when the workdir or checkpoint is missing.
+  Raises FileNotFoundError naming the path when the workdir or checkpoint is missing,
+  checkpointing.CheckpointError when no checkpoint is readable.
   """
+  from stmoe_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from stmoe_jax import train_lib  # Heavy (data, Orbax): only needed when reading a workdir.
 
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir!r} does not exist')
   config = train_lib.load_config(workdir)
   trainer = train_lib.Trainer(config, workdir)
-  steps = trainer.checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {trainer.checkpointer.directory}: train first')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} in {trainer.checkpointer.directory};'
-                            f' have {sorted(steps)}')
-  state, _ = trainer.checkpointer.restore(step or max(steps), trainer.abstract_state)
-  trainer.checkpointer.close()
+  # As eval.py: falls back past damaged steps (reported on stderr), creates nothing.
+  _, state, _ = checkpointing.read_checkpoint(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'), trainer.abstract_state, step)
   return config, state
 
 
 def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int | None = None,
                    **kwargs) -> str:
   """Restores a workdir's checkpoint and returns `prompt` followed by its continuation."""
+  check_sampling_args(max_new_tokens, kwargs.get('temperature', 0.8), kwargs.get('top_p', 0.95))
   config, state = load_checkpoint(workdir, step)
   sampler = Sampler(model_config(config), config.data.seq_len)
   return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,
