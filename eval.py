@@ -39,6 +39,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
+  errors.quiet_orbax_errors()
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError,
                               input_pipeline.DataError):
     factors = (evaluation.parse_capacity_factors(_CAPACITY_FACTORS.value)

@@ -29,6 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  errors.quiet_orbax_errors()
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError):
     text = sampling.sample_workdir(
         _WORKDIR.value, _PROMPT.value, _MAX_NEW_TOKENS.value, step=_STEP.value,

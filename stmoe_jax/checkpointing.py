@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import zlib
 from typing import Any, Callable
@@ -200,10 +201,23 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def _save_failed(self, step: int | str, error: Exception) -> CheckpointError:
-    why = _first_line(error)
+    """The error to raise for a failed save; closes the manager (its background threads would
+    otherwise print tracebacks at exit)."""
+    why, chain = _first_line(error), error
+    while chain is not None:  # The failed step is named in the path of its temporary dir.
+      found = re.search(re.escape(self.directory) + r'/(\d+)\.orbax-checkpoint-tmp', str(chain))
+      if found:
+        step = found.group(1)
+        break
+      chain = chain.__cause__ or chain.__context__
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # The same failure again.
+    intact = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
     return CheckpointError(
         f'saving checkpoint step {step} to {self.directory} failed ({why}); the steps saved '
-        f'before it are intact: {self.all_steps()}')
+        f'before it are intact: {intact}')
 
   def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> bool:
     """Saves (asynchronously) if `step` is on the save interval or `force`; True if it saved.

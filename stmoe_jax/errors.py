@@ -3,13 +3,16 @@
 Failures the library can name (bad config, data, workdir, checkpoints, a full disk) end the
 process with exit status 1 and one line on stderr; a traceback would only bury that line. Set
 the environment variable `STMOE_JAX_TRACEBACK=1` to get the traceback as well. Anything not
-listed is a bug and keeps its traceback.
+listed is a bug and keeps its traceback. Orbax logs the failures of its background save
+threads (a full disk) with tracebacks before the save reports them to us; `quiet_orbax_errors`
+drops those log records, as the one line says the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sys
 from typing import Iterator
@@ -45,3 +48,16 @@ def one_line_errors(*expected: type[BaseException]) -> Iterator[None]:
     if os.environ.get(TRACEBACK_ENV):
       raise
     sys.exit(f'error: {one_line(e)}')
+
+
+class _DropOrbaxErrors(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def quiet_orbax_errors() -> None:
+  """Drops Orbax's ERROR log records (unless STMOE_JAX_TRACEBACK is set): a failed save is
+  raised to the caller as well, and reported there in one line."""
+  if not os.environ.get(TRACEBACK_ENV):
+    logging.getLogger('absl').addFilter(_DropOrbaxErrors())

@@ -31,6 +31,7 @@ from stmoe_jax import flops
 from stmoe_jax import guards
 from stmoe_jax import sampling
 from stmoe_jax import sharding
+from stmoe_jax import workdir as workdir_lib
 from stmoe_jax.config import (NONFINITE_TERMS, ConfigError, ModelConfig,
                               check_resumable, model_config, validate)
 from stmoe_jax.data import input_pipeline
@@ -282,13 +283,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM it saves
   a checkpoint at the current step and returns. Raises `guards.NonFiniteError` (stop mode, after
   saving the last good state), `checkpointing.CheckpointError` (no readable checkpoint to resume,
-  or a failed save) and ConfigError (a config that does not fit the saved run).
+  or a failed save), ConfigError (a config that does not fit the saved run) and
+  `workdir_lib.WorkdirError` (a workdir that is not writable or that a live run holds).
   """
-  os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
-  train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
-  ckpt = trainer.checkpointer
   log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
+  workdir_lib.prepare(workdir)
+  with workdir_lib.WorkdirLock(workdir, warn=log):
+    return _train(trainer, config, workdir, log)
+
+
+def _train(trainer: Trainer, config: ml_collections.ConfigDict, workdir: str, log) -> dict:
+  """`train_and_evaluate` inside the workdir lock."""
+  train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
+  # So does an eval split or feature that cannot be read: found now, not after training.
+  input_pipeline.check_split(**trainer.data_kwargs(config.data.eval_split))
+  ckpt = trainer.checkpointer
   # Resume order: check the config still fits the checkpoints, restore the newest readable step
   # (arrays: params, optimizer, RNG, step, guard counters) onto this mesh's shardings, setting
   # damaged newer steps aside, then move the data iterator to where that step left it.
@@ -301,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'Resumed from {ckpt.step_path(restored)}', flush=True)
   else:
     state = trainer.init()
-  save_config(config, workdir)
+  workdir_lib.record_config(config, workdir, int(state.step), log)
   writer = MetricsWriter(workdir)
   monitor = guards.StepMonitor(config.on_nonfinite, config.loss_spike_factor, log)
   monitor.skipped_steps = int(state.skipped_steps)
@@ -331,10 +341,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       monitor.observe(jax.device_get(metrics), step)
     except guards.NonFiniteError as e:
       good = int(state.step)  # Halted: the state after step `good`, untouched since.
-      if good and good not in ckpt.all_steps():
-        ckpt.save(good, state.replace(halted_at=jnp.zeros((), jnp.int32)), data_before[good],
-                  force=True)
-      ckpt.wait()
+      try:
+        if good and good not in ckpt.all_steps():
+          ckpt.save(good, state.replace(halted_at=jnp.zeros((), jnp.int32)), data_before[good],
+                    force=True)
+        ckpt.wait()
+      except checkpointing.NonFiniteStateError as bad:  # Finite loss, non-finite parameters.
+        ckpt.close()
+        raise guards.NonFiniteError(f'{e}; {bad}') from None
       ckpt.close()
       where = ckpt.step_path(good) if good else 'nowhere (no good step yet)'
       raise guards.NonFiniteError(f'{e}; the last good state is checkpoint {where}') from None
