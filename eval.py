@@ -9,7 +9,6 @@ from <workdir>/config.json.
 """
 
 import json
-import math
 import sys
 
 from absl import app
@@ -48,7 +47,7 @@ def main(argv):
     metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
                                           factors, mesh)
   print(json.dumps(metrics))
-  bad = [k for k in ('loss', 'bits_per_byte') if not math.isfinite(metrics[k])]
+  bad = evaluation.nonfinite_results(metrics)
   if bad:  # Printed above for inspection, but never a result to build on.
     sys.exit(f'error: non-finite {", ".join(bad)} for checkpoint step {metrics["step"]} of '
              f'{_WORKDIR.value}')

@@ -95,16 +95,25 @@ def nonfinite_arrays(tree: Any) -> list[str]:
   return [n for (n, _), ok in zip(named, flags) if not ok]
 
 
-def _crc32(value: Any) -> str:
-  data = np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8)
+def _host_value(leaf: Any) -> np.ndarray | None:
+  """The whole of `leaf` as numpy, or None when this process holds only part of it."""
+  if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+    return np.asarray(leaf)
+  if leaf.is_fully_replicated:  # Multi-host: every process holds a full copy.
+    return np.asarray(leaf.addressable_data(0))
+  return None
+
+
+def _crc32(value: np.ndarray) -> str:
+  data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
   return f'{zlib.crc32(data):08x}'
 
 
 def checksums(tree: Any, data_state: Any) -> dict:
   """{'arrays': {name: crc32 hex}, 'data': crc32 hex} of what a save writes. Arrays that no
   single process holds whole (sharded across processes) are left out."""
-  arrays = {n: _crc32(leaf) for n, leaf in _leaves_with_names(tree)
-            if getattr(leaf, 'is_fully_addressable', True)}
+  values = [(n, _host_value(leaf)) for n, leaf in _leaves_with_names(tree)]
+  arrays = {n: _crc32(value) for n, value in values if value is not None}
   data = json.dumps(data_state, sort_keys=True).encode()
   return {'arrays': arrays, 'data': f'{zlib.crc32(data):08x}'}
 
