@@ -55,26 +55,25 @@ class NonFiniteStateError(CheckpointError):
 def _first_line(error: BaseException) -> str:
   """One readable line for a failure from Orbax/TensorStore: the innermost message, without
   pybind reprs, source locations or payloads (`[source locations=...]`, `[tensorstore_spec=...]`)."""
-  while (error.__cause__ or error.__context__) is not None:  # The innermost error says why.
-    error = error.__cause__ or error.__context__
+  chain = error
+  while chain is not None:  # A full disk, wherever in the chain (TensorStore: RESOURCE_EXHAUSTED).
+    if (isinstance(chain, OSError) and chain.errno == errno.ENOSPC or
+        'RESOURCE_EXHAUSTED' in str(chain) or 'No space left on device' in str(chain)):
+      return 'disk full'
+    chain = chain.__cause__ or chain.__context__
+  while error.__cause__ is not None:  # The innermost error says why (`raise ... from`).
+    error = error.__cause__
   text = str(error).strip()
-  if isinstance(error, OSError) and error.errno == errno.ENOSPC or 'RESOURCE_EXHAUSTED' in text:
-    return 'disk full'
   lines = [l.strip() for l in text.splitlines() if l.strip()] or ['']
   line = lines[0]
   line = line.split(' [source locations=')[0].split(' [tensorstore_spec=')[0]
   line = line.rstrip(':').strip()
-  return f'{type(error).__name__}: {line}'[:300]
+  return f'{type(error).__name__}: {line}'[:500]
 
 
 def _leaves_with_names(tree: Any) -> list[tuple[str, Any]]:
-  """[('params/embed/embedding', leaf), ...] in flatten order, named as `_flat_shapes` names."""
-  def name(key) -> str:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-  return [('/'.join(name(k) for k in path), leaf)
+  """[('params/embed', leaf), ...] in flatten order, named as `_flat_shapes` names them."""
+  return [('/'.join(_key_name(k) for k in path), leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -132,18 +131,20 @@ def verify(tree: Any, data_state: Any, saved: dict) -> str | None:
   return None
 
 
+def _key_name(key) -> str:
+  """A pytree path entry as a name: dict key, dataclass field or sequence index."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """Pytree of arrays / ShapeDtypeStructs / Orbax ArrayMetadata -> {'params/embed/...': (shape,
   dtype)}. Keys drop the pytree node kinds, so a dataclass field and a dict key of the same name
   (what Orbax's metadata records for it) read the same."""
-  def name(key) -> str:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
-  return {'/'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+  return {'/'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
           for path, leaf in leaves if hasattr(leaf, 'shape')}
 
 
