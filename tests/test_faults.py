@@ -24,6 +24,7 @@ from configs import tiny
 from stmoe_jax import checkpointing
 from stmoe_jax import errors
 from stmoe_jax import evaluation
+from stmoe_jax import guards
 from stmoe_jax import sampling
 from stmoe_jax import train_lib
 from stmoe_jax import workdir as workdir_lib
@@ -163,6 +164,28 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [1]
   ckpt.close()
+
+
+def test_nan_parameters_after_a_finite_step_are_not_saved(copy, stdlib_data_dir):
+  """The issue's case 1 in a step saved without checksums (as before them): a negative Adam
+  second moment is finite, so it restores; the next update turns the parameters into NaN while
+  that step's loss is finite, and the step after stops. The NaN state is not checkpointed as
+  'last good': the error names the array and the step restored from."""
+  ckpt_dir = os.path.join(copy, 'checkpoints')
+  for step in ('6', '8'):
+    shutil.rmtree(os.path.join(ckpt_dir, step))
+  step4 = os.path.join(ckpt_dir, '4')
+  shutil.rmtree(os.path.join(step4, 'checksums'))
+  spec = {'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{step4}/state/',
+                                        'path': 'opt_state.1.0.nu.lm_head'}}
+  stored = ts.open(spec).result()
+  stored.write(np.full(stored.shape, -1.0, np.float32)).result()
+  with pytest.raises(guards.NonFiniteError, match=(
+      r'^non-finite cross_entropy, grad_norm at step 6 \(config.on_nonfinite=stop\); not saving '
+      rf'checkpoint step 5: array params/lm_head holds NaN or inf; the last good state is '
+      rf'checkpoint {step4}$')):
+    train_lib.train_and_evaluate(tiny_config(stdlib_data_dir), copy)
+  assert sorted(os.listdir(ckpt_dir)) == ['4']
 
 
 def test_eval_result_must_be_finite():
