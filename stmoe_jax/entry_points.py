@@ -4,9 +4,15 @@ restored for eval.py and sample.py.
 The glue between the entry points and the library. Restoring needs no Trainer: the config's
 `train_state.Placement` (mesh, model, abstract state; nothing compiled) and a Checkpointer.
 
-A config.json written before a field existed loads with that field's value from
-configs/default.py and one warning line naming it; a field that no longer exists is refused by
-`config.validate`.
+config.json is written here only, by `record_config` (train.py, after restoring): it holds the
+config in force, and `config.<step>.json` keeps the config every run since `<step>` used,
+written whenever a run starts fresh or resumes with changed fields; the changes are logged in
+one line, old -> new. A config.json written before a field existed loads with that field's value
+from configs/default.py and one warning line naming it; a field that no longer exists is
+refused by `config.validate`.
+
+Readers (eval.py, sample.py) restore through `checkpointing.read_checkpoint`: they fall back
+past damaged steps (reported on stderr) and create, rename or clean up nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -31,11 +38,60 @@ def config_path(workdir: str) -> str:
   return os.path.join(workdir, 'config.json')
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes `workdir/config.json` so eval.py and resumed runs need no --config."""
-  if jax.process_index() == 0:
-    with open(config_path(workdir), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+def config_changes(old: Any, new: Any, prefix: str = '') -> list[str]:
+  """['opt.lr: 0.01 -> 0.02', ...] for the leaves where two JSON configs differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    changes = []
+    for key in [*old, *(k for k in new if k not in old)]:
+      changes += config_changes(old.get(key, '<absent>'), new.get(key, '<absent>'),
+                                f'{prefix}{key}.')
+    return changes
+  return [] if old == new else [f'{prefix[:-1]}: {old!r} -> {new!r}']
+
+
+def config_history(workdir: str) -> list[int]:
+  """The steps `s` of the workdir's `config.<s>.json` files, ascending."""
+  steps = []
+  for name in os.listdir(workdir):
+    middle = name[len('config.'):-len('.json')]
+    if name.startswith('config.') and name.endswith('.json') and middle.isdigit():
+      steps.append(int(middle))
+  return sorted(steps)
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str, start_step: int = 0,
+                  log: Callable[[str], None] | None = None) -> None:
+  """Writes `workdir/config.json`, so eval.py and resumed runs need no --config, and keeps the
+  history of configs (process 0 only).
+
+  A fresh run (`start_step` 0) and a resumed run whose config differs from `config.json` also
+  write `config.<start_step>.json`; so the steps after `s` ran with the newest
+  `config.<s'>.json` with s' <= s. A resumed run logs its changes in one line, old -> new, to
+  `log` (default: stderr).
+  """
+  if jax.process_index() != 0:
+    return
+  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  path = config_path(workdir)
+  text = config.to_json_best_effort(indent=2)
+  old = None
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  changes = config_changes(old, json.loads(text)) if old is not None else []
+  history = config_history(workdir)
+  if start_step and changes:
+    if not history:  # A workdir from before config histories: keep what it had.
+      os.replace(path, os.path.join(workdir, 'config.0.json'))
+      history = [0]
+    since = max((s for s in history if s <= start_step), default=history[0])
+    log(f'warning: resuming at step {start_step} with a changed config (steps up to it ran '
+        f'with config.{since}.json): ' + ', '.join(changes))
+  if not start_step or changes:
+    with open(os.path.join(workdir, f'config.{start_step}.json'), 'w') as f:
+      f.write(text)
+  with open(path, 'w') as f:
+    f.write(text)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -57,7 +113,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointing.Checkpointer:
-  """The Checkpointer of `workdir/checkpoints` (creates the directory)."""
+  """The Checkpointer of `workdir/checkpoints` for training (creates the directory)."""
   return checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
       save_every=config.checkpoint_every_steps)
@@ -66,35 +122,21 @@ def checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointi
 def restore_workdir(workdir: str, step: int | None = None,
                     mesh: dict[str, int] | None = None
                     ) -> tuple[train_state.Placement, int, train_state.TrainState]:
-  """(placement, step, state): checkpoint `step` (default: the newest readable one) of a
-  train.py workdir, restored onto its config's mesh, or onto `mesh` (axis sizes) instead.
+  """(placement, step, state): checkpoint `step` (default: the newest readable one, falling back
+  past damaged newer steps, reported on stderr) of a train.py workdir, restored onto its
+  config's mesh, or onto `mesh` (axis sizes) instead. Creates nothing.
 
   Raises FileNotFoundError naming the path when the workdir, its config or the checkpoint is
-  missing (checked before anything is created).
+  missing, checkpointing.CheckpointError when no checkpoint is readable.
   """
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir!r} does not exist')
   config = load_config(workdir)
   if mesh is not None:
     config.mesh = dict(mesh)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')
   placement = train_state.place(config)
-  ckpt = checkpointer(config, workdir)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f'no complete checkpoint in {ckpt_dir}: train first with train.py')
-    if step is None:  # The newest readable step; a damaged newer one is reported on stderr.
-      step, state, _ = ckpt.restore_latest(placement.abstract_state)
-    elif step not in steps:
-      raise FileNotFoundError(f'no checkpoint for step {step} in {ckpt_dir}; have '
-                              f'{sorted(steps)}')
-    else:
-      state, _ = ckpt.restore(step, placement.abstract_state)
-  finally:
-    ckpt.close()
+  step, state, _ = checkpointing.read_checkpoint(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'), placement.abstract_state, step)
   return placement, step, state
 
 
@@ -114,7 +156,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   (overall and per choice slot): ST-MoE treats the eval capacity factor as a free lever. Writes
   `workdir/eval_<step>.json` (process 0) and returns the metrics with `step` added. `mesh`
   (axis sizes) replaces the saved `config.mesh`: checkpoints restore onto any mesh the model
-  fits. Raises FileNotFoundError as `restore_workdir`.
+  fits. Raises as `restore_workdir`.
   """
   placement, step, state = restore_workdir(workdir, step, mesh)
   evaluate = lambda model_cfg=None: evaluation.evaluate_split(
@@ -137,7 +179,10 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
 def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int | None = None,
                    **kwargs) -> str:
   """sample.py: restores a workdir's checkpoint and returns `prompt` followed by its
-  continuation (kwargs as `sampling.Sampler.generate_tokens`)."""
+  continuation (kwargs as `sampling.Sampler.generate_tokens`). A bad sampling argument is
+  named (ValueError) before anything is restored."""
+  sampling.check_sampling_args(max_new_tokens, kwargs.get('temperature', 0.8),
+                               kwargs.get('top_p', 0.95))
   config, state = load_checkpoint(workdir, step)
   sampler = sampling.Sampler(model_config(config), config.data.seq_len)
   return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,

@@ -74,6 +74,11 @@ def _layer_report(layer: int, stats: dict) -> dict:
   }
 
 
+def nonfinite_results(metrics: dict) -> list[str]:
+  """Names of the headline metrics (loss, bits_per_byte, accuracy) that are NaN or inf."""
+  return [k for k in ('loss', 'bits_per_byte', 'accuracy') if not math.isfinite(metrics[k])]
+
+
 def parse_capacity_factors(text: str) -> list[float | str]:
   """'1.0,1.25,dropless' -> [1.0, 1.25, 'dropless']; ValueError naming a bad entry."""
   factors = []

@@ -37,6 +37,16 @@ def decoding_config(cfg: ModelConfig) -> ModelConfig:
   return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, group_size=1))
 
 
+def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+  """Raises ValueError naming the first argument out of range."""
+  for name, value, ok, expected in (
+      ('max_new_tokens', max_new_tokens, max_new_tokens >= 0, 'an integer >= 0'),
+      ('temperature', temperature, temperature >= 0, 'a number >= 0 (0 = greedy)'),
+      ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)')):
+    if not ok:
+      raise ValueError(f'{name}={value} is invalid: expected {expected}')
+
+
 def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array,
                  top_p: jax.Array) -> jax.Array:
   """Draws one token per row from float32 logits [B, V] -> int32 [B].
@@ -91,9 +101,7 @@ class Sampler:
     Returns the new token ids, int32 [N] with N <= max_new_tokens (fewer if EOS came first;
     the EOS is not included).
     """
-    if max_new_tokens < 0 or not 0 < top_p <= 1 or temperature < 0:
-      raise ValueError(f'max_new_tokens={max_new_tokens}, top_p={top_p}, '
-                       f'temperature={temperature}: expected >= 0, in (0, 1], >= 0')
+    check_sampling_args(max_new_tokens, temperature, top_p)
     context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
     variables = (params, self._zero_buffers if buffers is None else buffers)
     # Counted in text, not cache slots: a `local` layer's ring never fills, the others would.

@@ -10,7 +10,6 @@ rebuilds it inside the step, so nothing stateful crosses the jit boundary. The m
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 
@@ -27,6 +26,7 @@ from stmoe_jax import guards
 from stmoe_jax import sampling
 from stmoe_jax import train_state
 from stmoe_jax import entry_points
+from stmoe_jax import workdir as workdir_lib
 from stmoe_jax.config import NONFINITE_TERMS, ModelConfig, check_resumable
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.metrics import MetricsWriter
@@ -186,10 +186,14 @@ class _TrainLoop:
     except guards.NonFiniteError as e:
       ckpt, state = self.ckpt, self.state
       good = int(state.step)  # Halted: the state after step `good`, untouched since.
-      if good and good not in ckpt.all_steps():
-        ckpt.save(good, state.replace(halted_at=jnp.zeros((), jnp.int32)),
-                  self.data_before[good], force=True)
-      ckpt.wait()
+      try:
+        if good and good not in ckpt.all_steps():
+          ckpt.save(good, state.replace(halted_at=jnp.zeros((), jnp.int32)),
+                    self.data_before[good], force=True)
+        ckpt.wait()
+      except checkpointing.NonFiniteStateError as bad:  # Finite loss, non-finite parameters.
+        ckpt.close()
+        raise guards.NonFiniteError(f'{e}; {bad}') from None
       ckpt.close()
       where = ckpt.step_path(good) if good else 'nowhere (no good step yet)'
       raise guards.NonFiniteError(f'{e}; the last good state is checkpoint {where}') from None
@@ -274,13 +278,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM it saves
   a checkpoint at the current step and returns. Raises `guards.NonFiniteError` (stop mode, after
   saving the last good state), `checkpointing.CheckpointError` (no readable checkpoint to resume,
-  or a failed save) and ConfigError (a config that does not fit the saved run).
+  or a failed save), ConfigError (a config that does not fit the saved run) and
+  `workdir_lib.WorkdirError` (a workdir that is not writable or that a live run holds).
   """
-  os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
-  train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
   log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
-  state = restore_or_init(trainer, train_iter, log)
-  # Rewritten only after the restore, so config.json always matches the checkpoints.
-  entry_points.save_config(config, workdir)
-  return _TrainLoop(trainer, train_iter, state, log).run()
+  workdir_lib.prepare(workdir)  # Only now: a config refused above leaves no directory behind.
+  with workdir_lib.WorkdirLock(workdir, warn=log):
+    train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
+    # So does an eval split or feature that cannot be read: found now, not after training.
+    input_pipeline.check_split(**trainer.data_kwargs(config.data.eval_split))
+    state = restore_or_init(trainer, train_iter, log)
+    # Recorded only after the restore, so config.json always matches the checkpoints.
+    entry_points.record_config(config, workdir, int(state.step), log)
+    return _TrainLoop(trainer, train_iter, state, log).run()

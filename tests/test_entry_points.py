@@ -143,7 +143,8 @@ def write_config(workdir, config: dict) -> None:
 
 def test_config_json_round_trip(tmp_path, capsys):
   config = tiny.get_config()
-  entry_points.save_config(config, str(tmp_path))
+  entry_points.record_config(config, str(tmp_path))  # A fresh run's: config.json, config.0.json.
+  assert sorted(os.listdir(tmp_path)) == ['config.0.json', 'config.json']
   assert entry_points.load_config(str(tmp_path)).to_dict() == json.loads(config.to_json())
   assert capsys.readouterr().err == ''  # Nothing missing: no warning.
 
