@@ -22,8 +22,9 @@ expert_parallel, attention, sparse_attention, head_routing, layer_stats (the per
 transformer, config (validation and frozen model configs), sharding (logical axes -> mesh), data
 (stdlib corpus, grain pipelines), losses, model_factory (config -> model family), train_state
 (optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
-entry_points (config.json, restoring for eval.py and sample.py), metrics (metrics.jsonl +
-TensorBoard), flops, sampling, plot, sweep.
+entry_points (config.json and its history, restoring for eval.py and sample.py), workdir
+(writable checks, the one-run lock), errors (one-line errors at the entry points), metrics
+(metrics.jsonl + TensorBoard), flops, sampling, plot, sweep.
 """
 
 import importlib

@@ -2,7 +2,8 @@
 restored for eval.py and sample.py.
 
 The glue between the entry points and the library. Restoring needs no Trainer: the config's
-`train_state.Placement` (mesh, model, abstract state; nothing compiled) and a Checkpointer.
+`train_state.Placement` (mesh, model, abstract state; nothing compiled) and
+`checkpointing.read_checkpoint`.
 
 config.json is written here only, by `record_config` (train.py, after restoring): it holds the
 config in force, and `config.<step>.json` keeps the config every run since `<step>` used,
