@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging
 
 from stmoe_jax import checkpointing
+from stmoe_jax import entry_points
+from stmoe_jax import errors
 from stmoe_jax import evaluation
 from stmoe_jax import sharding
 from stmoe_jax.config import ConfigError
@@ -37,16 +39,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
-  try:
+  errors.quiet_orbax_errors()
+  with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError,
+                              input_pipeline.DataError):
     factors = (evaluation.parse_capacity_factors(_CAPACITY_FACTORS.value)
                if _CAPACITY_FACTORS.value else ())
     mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
-    metrics = evaluation.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
-                                          factors, mesh)
-  except (ConfigError, FileNotFoundError, ValueError, checkpointing.CheckpointError,
-          input_pipeline.DataError) as e:
-    sys.exit(f'error: {e}')
+    metrics = entry_points.evaluate_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value,
+                                            factors, mesh)
   print(json.dumps(metrics))
+  bad = evaluation.nonfinite_results(metrics)
+  if bad:  # Printed above for inspection, but never a result to build on.
+    sys.exit(f'error: non-finite {", ".join(bad)} for checkpoint step {metrics["step"]} of '
+             f'{_WORKDIR.value}')
 
 
 if __name__ == '__main__':

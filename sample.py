@@ -3,16 +3,17 @@ r"""Generates text from a train.py checkpoint with a KV cache (dropless MoE rout
   python sample.py --workdir=runs/default --prompt="def " --max_new_tokens=200
   python sample.py --workdir=runs/default --prompt="import " --temperature=0 --step=425
 
-Prints the prompt followed by the generated text. The logic lives in stmoe_jax.sampling.
+Prints the prompt followed by the generated text. The logic lives in stmoe_jax.entry_points and
+stmoe_jax.sampling.
 """
-
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from stmoe_jax import sampling
+from stmoe_jax import checkpointing
+from stmoe_jax import entry_points
+from stmoe_jax import errors
 from stmoe_jax.config import ConfigError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
@@ -29,12 +30,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  try:
-    text = sampling.sample_workdir(
+  errors.quiet_orbax_errors()
+  with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError):
+    text = entry_points.sample_workdir(
         _WORKDIR.value, _PROMPT.value, _MAX_NEW_TOKENS.value, step=_STEP.value,
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value)
-  except (ConfigError, FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
   print(text)
 
 

@@ -21,8 +21,10 @@ import jax
 from ml_collections import config_flags
 
 from stmoe_jax import checkpointing
+from stmoe_jax import errors
 from stmoe_jax import guards
 from stmoe_jax import train_lib
+from stmoe_jax import workdir
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import input_pipeline
 
@@ -52,35 +54,33 @@ def initialize_distributed() -> None:
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def _one_line(error: Exception) -> str:
-  return ' '.join(str(error).replace('\\n', ' ').replace("\\'", '').replace("'", '').split())
-
-
 def parse_flags(argv):
-  """absl flag parsing, with a bad --config.x override reported in one line, not a traceback."""
+  """absl flag parsing, with a bad --config.x override or config file (a syntax error, a bad
+  value, an unknown preset) reported in one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    bad = [a for a in argv[1:] if a.startswith('--config.')] or argv[1:]
-    sys.exit(f'error: bad flag among {bad}: {_one_line(e)}')
+  except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, flags.Error) as e:
+    if os.environ.get(errors.TRACEBACK_ENV):
+      raise
+    bad = [a for a in argv[1:] if a.startswith('--config')] or argv[1:]
+    sys.exit(f'error: bad flag among {bad}: {errors.one_line(e)}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
-  try:
+  errors.quiet_orbax_errors()
+  with errors.one_line_errors(OSError, SyntaxError):
     config = _CONFIG.value
     config.get('seed')  # A config file that failed to load raises on first use.
-  except OSError as e:
-    sys.exit(f'error: {_one_line(e)}')
   initialize_distributed()
-  # Every failure the library can name exits 1 with one line; SIGTERM saves and exits 0.
-  try:
+  # Every failure the library can name exits 1 with one line (OSError: e.g. a full disk while
+  # writing metrics); SIGTERM saves and exits 0.
+  with errors.one_line_errors(ConfigError, OSError, checkpointing.CheckpointError,
+                              guards.NonFiniteError, input_pipeline.DataError,
+                              workdir.WorkdirError):
     train_lib.train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError, checkpointing.CheckpointError, guards.NonFiniteError,
-          input_pipeline.DataError) as e:
-    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from stmoe_jax import attention
+from stmoe_jax import transformer
 from stmoe_jax.config import AttentionConfig, ModelConfig
 
 ALL_KINDS = ('dense', 'local', 'strided', 'block_sparse', 'head_routed')
@@ -67,14 +67,12 @@ def layer_step(kind: str, args: argparse.Namespace):
                         num_global_blocks=args.num_global_blocks, head_top_k=args.head_top_k)
   cfg = ModelConfig(d_model=d_model, num_layers=1, num_heads=args.num_heads,
                     head_dim=args.head_dim, dtype=args.dtype, attention=att)
-  layer = attention.make_attention(cfg, 0, rngs=nnx.Rngs(0))
+  layer = transformer.make_attention(cfg, 0, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(layer)
-  returns_stats = attention.returns_stats(cfg, 0)
 
   def loss(params, x_BLD):
     positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
-    out = nnx.merge(graphdef, params)(x_BLD, positions_BL)
-    y_BLD = out[0] if returns_stats else out
+    y_BLD, _ = nnx.merge(graphdef, params)(x_BLD, positions_BL)
     return jnp.sum(y_BLD.astype(jnp.float32))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1))), params

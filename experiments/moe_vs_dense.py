@@ -348,10 +348,11 @@ def arm_summary(runs_by_name: dict[str, dict], arm: str, seeds: list[int],
 def parameter_counts(config) -> tuple[int, int]:
   """(total parameters, parameters a token's forward pass uses), embeddings included."""
   import jax  # pylint: disable=g-import-not-at-top  (the study's driver needs no JAX otherwise)
-  from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import model_factory  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.config import model_config  # pylint: disable=g-import-not-at-top
 
-  model_cfg = train_lib.model_config(config)
-  _, params, _ = train_lib.abstract_model(model_cfg)
+  model_cfg = model_config(config)
+  _, params, _ = model_factory.get_model(model_cfg).abstract()
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   moe = model_cfg.moe
   if not moe.enabled:

@@ -7,18 +7,24 @@ stays light):
   Transformer(cfg, rngs=nnx.Rngs(0))        the model: tokens [B, L] -> (logits, moe stats)
   train_and_evaluate(config, workdir)       train (resuming), log, evaluate; returns eval metrics
   Trainer(config, workdir)                  jitted init/train/eval steps and checkpoints
+  get_model(cfg)                            the model family: module, loss, eval step, batch keys
+  load_config(workdir)                      a run's config.json (newer fields get defaults)
   evaluate_workdir(workdir)                 restore a checkpoint, evaluate the validation split
   load_checkpoint(workdir) -> (config, state) a checkpoint's TrainState
   Sampler(cfg, context_len)                 KV-cache text generation: .generate_text(state.params, ..., buffers=state.buffers)
   sample_workdir(workdir, prompt, n)        prompt + generated text from a checkpoint
   plot                                      PNG plots of runs, routing plots for notebooks
 
-Modules, in reading order: routing (routers, router losses, telemetry), dispatch (einsum,
-scatter, dropless), experts (batched expert FFNs), grouped_matmul (dropless matmuls), moe
-(route -> dispatch -> experts -> combine), expert_parallel, attention, sparse_attention,
-head_routing, transformer, config (validation and frozen model configs), sharding (logical axes
--> mesh), data (stdlib corpus, grain pipelines), losses, train_lib, guards, evaluation,
-checkpointing, metrics (metrics.jsonl + TensorBoard), flops, sampling, plot, sweep.
+Modules, in reading order: routing (routers and their registry, router losses, telemetry),
+dispatch (einsum, scatter, dropless and their registry), experts (batched expert FFNs),
+grouped_matmul (dropless matmuls), moe (route -> dispatch -> experts -> combine),
+expert_parallel, attention, sparse_attention, head_routing, layer_stats (the per-layer stats),
+transformer, config (validation and frozen model configs), sharding (logical axes -> mesh), data
+(stdlib corpus, grain pipelines), losses, model_factory (config -> model family), train_state
+(optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
+entry_points (config.json and its history, restoring for eval.py and sample.py), workdir
+(writable checks, the one-run lock), errors (one-line errors at the entry points), metrics
+(metrics.jsonl + TensorBoard), flops, sampling, plot, sweep.
 """
 
 import importlib
@@ -27,12 +33,13 @@ _EXPORTS = {
     'ConfigError': 'config', 'ModelConfig': 'config', 'MoeConfig': 'config',
     'model_config': 'config', 'validate': 'config',
     'Transformer': 'transformer',
-    'Trainer': 'train_lib', 'train_and_evaluate': 'train_lib', 'load_config': 'train_lib',
-    'evaluate_workdir': 'evaluation',
-    'Sampler': 'sampling', 'load_checkpoint': 'sampling', 'sample_workdir': 'sampling',
+    'Trainer': 'train_lib', 'train_and_evaluate': 'train_lib', 'get_model': 'model_factory',
+    'load_config': 'entry_points', 'evaluate_workdir': 'entry_points',
+    'load_checkpoint': 'entry_points', 'sample_workdir': 'entry_points', 'Sampler': 'sampling',
     'MetricsWriter': 'metrics',
 }
-_SUBMODULES = ('plot', 'sweep', 'flops', 'sampling', 'train_lib', 'evaluation', 'metrics')
+_SUBMODULES = ('plot', 'sweep', 'flops', 'sampling', 'train_lib', 'evaluation', 'metrics',
+               'entry_points')
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -1,4 +1,7 @@
-"""Causal multi-head self-attention with rotary positions.
+"""Causal multi-head self-attention with rotary positions, and the KV cache of every kind.
+
+The other kinds build on `CausalSelfAttention` (`sparse_attention`, `head_routing`);
+`transformer.make_attention` picks a layer's kind.
 
 Einsum letters: B batch, L length, D model dim, H heads, K head dim.
 """
@@ -80,11 +83,16 @@ class CausalSelfAttention(nnx.Module):
     k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
     return q_BLHK, k_BLHK, project(self.w_v)
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, *,
+               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns ([B, L, D] output, stats): the call signature of every attention kind. `mask_BL`
+    (nonzero for real tokens) only weights stats, and plain dense attention computes none
+    ({}; `layer_stats` fills in their empty values)."""
+    del mask_BL
     q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
     # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
-    return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
+    return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2), {}
 
   def decode(self, x_BLD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Attention for L new tokens at positions cache.end.. given the cached earlier ones.
@@ -104,24 +112,3 @@ class CausalSelfAttention(nnx.Module):
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BTHK, v_BTHK, mask=visible_BLT[:, None])
     out_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
     return out_BLD, KVCache(k=k_BTHK, v=v_BTHK, end=cache.end + L)
-
-def make_attention(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The attention module of `layer`, as `cfg.attention.layer_kind(layer)` says.
-
-  Plain dense attention returns [B, L, D]; every other module (a sparse pattern, head-routed,
-  or dense with the logit z-loss on) returns ([B, L, D], stats dict) and takes `mask_BL`.
-  """
-  # Imported here: both modules build on CausalSelfAttention from this one.
-  from stmoe_jax.head_routing import HeadRoutedAttention  # pylint: disable=g-import-not-at-top
-  from stmoe_jax.sparse_attention import PatternAttention  # pylint: disable=g-import-not-at-top
-  kind = cfg.attention.layer_kind(layer)
-  if kind == 'head_routed':
-    return HeadRoutedAttention(cfg, rngs=rngs)
-  if kind == 'dense' and not cfg.attention.logit_z_loss_coef:
-    return CausalSelfAttention(cfg, rngs=rngs)
-  return PatternAttention(cfg, kind, rngs=rngs)
-
-
-def returns_stats(cfg: ModelConfig, layer: int) -> bool:
-  """Whether `make_attention(cfg, layer)` returns (output, stats) rather than the output alone."""
-  return cfg.attention.layer_kind(layer) != 'dense' or bool(cfg.attention.logit_z_loss_coef)

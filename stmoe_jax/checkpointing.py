@@ -12,6 +12,14 @@ Failures are reported by path: a save that fails (disk full) raises `CheckpointE
 the directory and the steps still intact; a step that cannot be read raises `CheckpointError`
 naming its directory, and `restore_latest` then falls back to the next newest step; a step
 whose arrays do not fit the model raises `IncompatibleCheckpointError` naming the array.
+
+Silent corruption: every save also writes `checksums` (JSON): the CRC-32 of each array's bytes
+and of the data state, computed on the host from what is being saved. Restoring recomputes them
+and treats a mismatch, or a NaN/inf in any floating-point array, like unreadable files: the
+step is damaged. Nothing non-finite is ever saved (`NonFiniteStateError`). Arrays sharded across
+processes (multi-host, not fully addressable) are not checksummed: no one process holds their
+bytes; Orbax/TensorStore's own checks are all they get. Steps saved before checksums existed
+restore without the check.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -38,23 +48,103 @@ class IncompatibleCheckpointError(ConfigError):
   """A readable checkpoint whose arrays do not fit the configured model or optimizer."""
 
 
+class NonFiniteStateError(CheckpointError):
+  """A state holding NaN or inf was not saved; the message names an array and the newest step."""
+
+
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip().splitlines()
-  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
+  """One readable line for a failure from Orbax/TensorStore: the innermost message, without
+  pybind reprs, source locations or payloads (`[source locations=...]`, `[tensorstore_spec=...]`)."""
+  chain = error
+  while chain is not None:  # A full disk, wherever in the chain (TensorStore: RESOURCE_EXHAUSTED).
+    if (isinstance(chain, OSError) and chain.errno == errno.ENOSPC or
+        'RESOURCE_EXHAUSTED' in str(chain) or 'No space left on device' in str(chain)):
+      return 'disk full'
+    chain = chain.__cause__ or chain.__context__
+  while error.__cause__ is not None:  # The innermost error says why (`raise ... from`).
+    error = error.__cause__
+  text = str(error).strip()
+  lines = [l.strip() for l in text.splitlines() if l.strip()] or ['']
+  line = lines[0]
+  line = line.split(' [source locations=')[0].split(' [tensorstore_spec=')[0]
+  line = line.rstrip(':').strip()
+  return f'{type(error).__name__}: {line}'[:500]
+
+
+def _leaves_with_names(tree: Any) -> list[tuple[str, Any]]:
+  """[('params/embed', leaf), ...] in flatten order, named as `_flat_shapes` names them."""
+  return [('/'.join(_key_name(k) for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _is_float(leaf: Any) -> bool:
+  return hasattr(leaf, 'dtype') and jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+
+
+@jax.jit
+def _finite_flags(leaves: list) -> list:
+  return [jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]
+
+
+def nonfinite_arrays(tree: Any) -> list[str]:
+  """Names of the floating-point arrays of `tree` holding a NaN or inf (one jitted reduction;
+  a collective on multi-process runs, so every process must call it)."""
+  named = [(n, leaf) for n, leaf in _leaves_with_names(tree) if _is_float(leaf)]
+  flags = jax.device_get(_finite_flags([leaf for _, leaf in named])) if named else []
+  return [n for (n, _), ok in zip(named, flags) if not ok]
+
+
+def _host_value(leaf: Any) -> np.ndarray | None:
+  """The whole of `leaf` as numpy, or None when this process holds only part of it."""
+  if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+    return np.asarray(leaf)
+  if leaf.is_fully_replicated:  # Multi-host: every process holds a full copy.
+    return np.asarray(leaf.addressable_data(0))
+  return None
+
+
+def _crc32(value: np.ndarray) -> str:
+  data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+  return f'{zlib.crc32(data):08x}'
+
+
+def checksums(tree: Any, data_state: Any) -> dict:
+  """{'arrays': {name: crc32 hex}, 'data': crc32 hex} of what a save writes. Arrays that no
+  single process holds whole (sharded across processes) are left out."""
+  values = [(n, _host_value(leaf)) for n, leaf in _leaves_with_names(tree)]
+  arrays = {n: _crc32(value) for n, value in values if value is not None}
+  data = json.dumps(data_state, sort_keys=True).encode()
+  return {'arrays': arrays, 'data': f'{zlib.crc32(data):08x}'}
+
+
+def verify(tree: Any, data_state: Any, saved: dict) -> str | None:
+  """What is wrong with a restored (tree, data_state) against its saved checksums, or None."""
+  now = checksums(tree, data_state)
+  for name, crc in saved.get('arrays', {}).items():
+    if name in now['arrays'] and now['arrays'][name] != crc:
+      return f'array {name} does not match its checksum (crc32 {now["arrays"][name]}, saved {crc})'
+  if 'data' in saved and now['data'] != saved['data']:
+    return 'the data iterator state does not match its checksum'
+  bad = nonfinite_arrays(tree)
+  if bad:
+    return f'array {bad[0]} holds NaN or inf' + (f' ({len(bad)} arrays do)' if len(bad) > 1 else '')
+  return None
+
+
+def _key_name(key) -> str:
+  """A pytree path entry as a name: dict key, dataclass field or sequence index."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """Pytree of arrays / ShapeDtypeStructs / Orbax ArrayMetadata -> {'params/embed/...': (shape,
   dtype)}. Keys drop the pytree node kinds, so a dataclass field and a dict key of the same name
   (what Orbax's metadata records for it) read the same."""
-  def name(key) -> str:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
-  return {'/'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+  return {'/'.join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
           for path, leaf in leaves if hasattr(leaf, 'shape')}
 
 
@@ -86,18 +176,24 @@ def _own_data_state(data: dict, path: str) -> dict:
 class Checkpointer:
   """Saves every `save_every` steps, keeps the newest `keep`, restores onto given shardings."""
 
-  def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1):
+  def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     # cleanup_tmp_directories: a save interrupted by a kill leaves `<step>.orbax-checkpoint-tmp`;
-    # it was never a checkpoint, and removing it lets that step be saved again.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                           create=True, cleanup_tmp_directories=True)
+    # it was never a checkpoint, and removing it lets that step be saved again. A reader
+    # (`read_only`: eval.py, sample.py) creates, cleans and deletes nothing.
+    # (Not Orbax's own read_only option: it logs three warnings on every use.)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, create=not read_only,
+        cleanup_tmp_directories=not read_only)
+    self.read_only = read_only
     # Handlers named up front (not inferred from the first save) so a fresh manager can read a
     # step's metadata before restoring it.
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler()})
+                       'data': ocp.JsonCheckpointHandler(),
+                       'checksums': ocp.JsonCheckpointHandler()})
 
     self._saving = None  # The step of the newest save, perhaps still being written.
 
@@ -114,24 +210,50 @@ class Checkpointer:
     """Whether `step` falls on the save interval."""
     return self.manager.should_save(step)
 
-  def _save_failed(self, step: int | str, error: OSError) -> CheckpointError:
-    why = 'disk full' if error.errno == errno.ENOSPC else _first_line(error)
+  def _save_failed(self, step: int | str, error: Exception) -> CheckpointError:
+    """The error to raise for a failed save; closes the manager (its background threads would
+    otherwise print tracebacks at exit)."""
+    why, chain = _first_line(error), error
+    while chain is not None:  # The failed step is named in the path of its temporary dir.
+      found = re.search(re.escape(self.directory) + r'/(\d+)\.orbax-checkpoint-tmp', str(chain))
+      if found:
+        step = found.group(1)
+        break
+      chain = chain.__cause__ or chain.__context__
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # The same failure again.
+    intact = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
     return CheckpointError(
         f'saving checkpoint step {step} to {self.directory} failed ({why}); the steps saved '
-        f'before it are intact: {self.all_steps()}')
+        f'before it are intact: {intact}')
 
   def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> bool:
     """Saves (asynchronously) if `step` is on the save interval or `force`; True if it saved.
 
-    Raises CheckpointError if this or the previous asynchronous save failed (e.g. disk full).
+    Raises CheckpointError if this or the previous asynchronous save failed (e.g. disk full),
+    NonFiniteStateError (saving nothing) if a floating-point array of `state` holds NaN or inf.
     """
+    if self.read_only:
+      raise CheckpointError(f'{self.directory} was opened read-only: not saving step {step}')
     if not (force or self.manager.should_save(step)):
       return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(_gather_data_states(data_state or {})))
+    bad = nonfinite_arrays(state)
+    if bad:
+      newest = self.latest_step()
+      raise NonFiniteStateError(
+          f'not saving checkpoint step {step}: array {bad[0]} holds NaN or inf' +
+          (f' ({len(bad)} arrays do)' if len(bad) > 1 else '') + '; the last good state is '
+          f'checkpoint {self.step_path(newest) if newest is not None else "nowhere (none saved)"}')
+    data = _gather_data_states(data_state or {})
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                              checksums=ocp.args.JsonSave(checksums(state, data)))
     try:
       saved = self.manager.save(step, args=args, force=force)
-    except OSError as e:  # Orbax re-raises a failed earlier async save here.
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax re-raises a failed earlier async save here (OSError, or TensorStore's
+      # RESOURCE_EXHAUSTED ValueError when the disk is full).
       raise self._save_failed(f'{self._saving} or {step}', e) from e
     if saved:
       self._saving = step
@@ -141,7 +263,7 @@ class Checkpointer:
     """Blocks until pending asynchronous saves are committed; CheckpointError if one failed."""
     try:
       self.manager.wait_until_finished()
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except
       raise self._save_failed(self._saving, e) from e
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
@@ -150,9 +272,13 @@ class Checkpointer:
     unreadable."""
     path = self.step_path(step)
     try:
-      saved = _flat_shapes(self.manager.item_metadata(step)['state'].tree)
+      metadata = self.manager.item_metadata(step)['state']
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'checkpoint {path} is unreadable: {_first_line(e)}') from e
+    if metadata is None or getattr(metadata, 'tree', None) is None:
+      raise CheckpointError(f'checkpoint {path} is unreadable: state/_METADATA (the list of '
+                            'its arrays) is missing or empty')
+    saved = _flat_shapes(metadata.tree)
     for name, (shape, dtype) in _flat_shapes(abstract_state).items():
       if name not in saved:
         raise IncompatibleCheckpointError(
@@ -170,16 +296,23 @@ class Checkpointer:
     or CheckpointError (missing or damaged files), both naming the step's directory.
     """
     self.check_compatible(step, abstract_state)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore())
+    path = self.step_path(step)
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    if os.path.isdir(os.path.join(path, 'checksums')):  # Absent in steps saved before them.
+      items['checksums'] = ocp.args.JsonRestore()
     try:
-      restored = self.manager.restore(step, args=args)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'checkpoint {self.step_path(step)} is unreadable: '
-                            f'{_first_line(e)}') from e
+      raise CheckpointError(f'checkpoint {path} is unreadable: {_first_line(e)}') from e
     if not isinstance(restored['data'], dict):
-      raise CheckpointError(f'checkpoint {self.step_path(step)} has no data iterator state')
-    return restored['state'], _own_data_state(restored['data'], self.step_path(step))
+      raise CheckpointError(f'checkpoint {path} has no data iterator state')
+    saved = restored.get('checksums') if 'checksums' in items else {}
+    if not isinstance(saved, dict):
+      raise CheckpointError(f'checkpoint {path} is unreadable: its checksums are unreadable')
+    damage = verify(restored['state'], restored['data'], saved)
+    if damage:
+      raise CheckpointError(f'checkpoint {path} is damaged: {damage}')
+    return restored['state'], _own_data_state(restored['data'], path)
 
   def restore_latest(self, abstract_state: Any, *, set_aside_damaged: bool = False,
                      warn: Callable[[str], None] | None = None) -> tuple[int, Any, dict]:
@@ -221,3 +354,26 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def read_checkpoint(directory: str, abstract_state: Any, step: int | None = None,
+                    warn: Callable[[str], None] | None = None) -> tuple[int, Any, dict]:
+  """(step, state, data_state) of checkpoint `step` in `directory`, for readers (eval.py,
+  sample.py): nothing is created, renamed or cleaned up. With `step` None the newest readable
+  step, falling back past damaged ones as `restore_latest` does. Raises FileNotFoundError naming
+  the path when there is no checkpoint (or no such step), CheckpointError when none is readable.
+  """
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise FileNotFoundError(f'no checkpoint in {directory}: train first with train.py')
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'no complete checkpoint in {directory}: train first with train.py')
+    if step is None:
+      return ckpt.restore_latest(abstract_state, warn=warn)
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; have {steps}')
+    return (step, *ckpt.restore(step, abstract_state))
+  finally:
+    ckpt.close()

@@ -7,11 +7,16 @@ library reads and raises `ConfigError` with one line naming the field, before an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
 
 import ml_collections
+
+from stmoe_jax import dispatch
+from stmoe_jax import routing
+from stmoe_jax.data import tokenizer
 
 
 class ConfigError(ValueError):
@@ -111,21 +116,14 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     return sum(self.ffn_kind(i) == 'moe' for i in range(self.num_layers))
 
-  @property
-  def head_routed_layers(self) -> list[int]:
-    """Indices of the layers whose attention is head-routed."""
-    return [i for i in range(self.num_layers) if self.attention.layer_kind(i) == 'head_routed']
-
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the frozen ModelConfig from `config.model`, `config.moe` and `config.attention`
-  (validated first; a config saved before `attention` existed means dense attention)."""
+  (validated first)."""
   validate(config)
   moe = MoeConfig(**{f.name: config.moe[f.name] for f in dataclasses.fields(MoeConfig)})
-  attention = AttentionConfig()
-  if 'attention' in config:
-    attention = AttentionConfig(**{f.name: config.attention[f.name]
-                                   for f in dataclasses.fields(AttentionConfig)})
+  attention = AttentionConfig(**{f.name: config.attention[f.name]
+                                 for f in dataclasses.fields(AttentionConfig)})
   fields = [f.name for f in dataclasses.fields(ModelConfig)
             if f.name not in ('moe', 'attention', 'mesh_rules')]
   return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe,
@@ -133,8 +131,6 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
-ROUTERS = ('tokens_choose', 'expert_choice')
-DISPATCHES = ('einsum', 'scatter', 'dropless')
 GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # Implemented in stmoe_jax.grouped_matmul.
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
 
@@ -216,6 +212,26 @@ def _check_fields(node, schema: dict, prefix: str) -> None:
       _check(_type_ok(value, expected), f'{prefix}{key}', value, _TYPE_NAMES[expected])
 
 
+def with_defaults(saved: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
+                  ) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A copy of `saved` with every schema field it lacks taken from `defaults`, and the dotted
+  names of those fields: a run's config.json written before a field existed still loads. Fields
+  `saved` has that the schema does not know are kept, for `validate` to refuse."""
+  config = copy.deepcopy(saved)
+  added = []
+
+  def fill(node, default, schema, prefix):
+    for key, expected in schema.items():
+      if key not in node:
+        node[key] = copy.deepcopy(default[key])
+        added.append(prefix + key)
+      elif isinstance(expected, dict) and _type_ok(node[key], dict):
+        fill(node[key], default[key], expected, f'{prefix}{key}.')
+
+  fill(config, defaults, _schema(), '')
+  return config, added
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value cannot work.
 
@@ -223,8 +239,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   combinations. Only checks that need no devices or data; batch-vs-mesh checks happen when the
   mesh is built.
   """
-  from stmoe_jax.data import tokenizer  # Not at module level: the data package imports this one.
-
   _check_fields(config, _schema(), '')
   for axis, size in config.mesh.items():
     _check(_type_ok(size, int) and (size > 0 or size == -1), f'mesh.{axis}', size,
@@ -249,14 +263,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'an integer >= 0 (0 = no MoE layers)')
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
          f'at least moe.top_k={moe.top_k}')
-  _check(moe.router in ROUTERS, 'moe.router', moe.router, _one_of(ROUTERS))
-  _check(moe.dispatch in DISPATCHES, 'moe.dispatch', moe.dispatch, _one_of(DISPATCHES))
+  _check(moe.router in routing.ROUTERS, 'moe.router', moe.router, _one_of(routing.ROUTERS))
+  _check(moe.dispatch in dispatch.DISPATCHES, 'moe.dispatch', moe.dispatch,
+         _one_of(dispatch.DISPATCHES))
   _check(moe.grouped_matmul in GROUPED_MATMULS, 'moe.grouped_matmul', moe.grouped_matmul,
          _one_of(GROUPED_MATMULS))
   # The decoder is causal: a router that ranks a group's tokens against each other would let a
   # token's output depend on later tokens (and leak them into next-token prediction).
-  _check(moe.router == 'tokens_choose', 'moe.router', moe.router,
-         "'tokens_choose' in this causal decoder (expert_choice sees later tokens of the group; "
+  causal_routers = ' or '.join(repr(n) for n, r in routing.ROUTERS.items() if r.causal)
+  _check(routing.ROUTERS[moe.router].causal, 'moe.router', moe.router,
+         f'{causal_routers} in this causal decoder ({moe.router} sees later tokens of the group; '
          'MoeLayer(causal=False) allows it for non-causal use)')
   _check(not moe.batch_prioritized_routing, 'moe.batch_prioritized_routing',
          moe.batch_prioritized_routing,
@@ -293,8 +309,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                            moe.group_size % seq_len == 0),
          'moe.group_size', moe.group_size,
          f'a divisor or multiple of data.seq_len={seq_len} dividing batch_size * seq_len = {tokens}')
-  if 'attention' in config:
-    _validate_attention(config.attention, m.num_heads)
+  _validate_attention(config.attention, m.num_heads)
   _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
   _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
   _check(opt.schedule in ('cosine', 'rsqrt', 'wsd'), 'opt.schedule', opt.schedule,
@@ -367,8 +382,6 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
 
   for field in RESUME_FIELDS:
     section, _, key = field.partition('.')
-    if section not in config or section not in saved:  # A run saved before the section existed.
-      continue
     now = config[section][key] if key else config[section]
     then = saved[section][key] if key else saved[section]
     for (name, a), (_, b) in zip(flat(now, field), flat(then, field)):

@@ -13,12 +13,18 @@ dropped (tests/test_dispatch.py checks them against a per-token loop):
   - `dropless`: sorts every assignment by expert and runs grouped matmuls (`jax.lax.ragged_dot`)
     over variable-sized groups: no capacity, nothing dropped (MegaBlocks, MaxText).
 
+`DISPATCHES` maps each `moe.dispatch` name to its `Dispatch` (dispatch and combine functions):
+config validation, `MoeLayer` and `expert_parallel` all read it.
+
 A capacity-based dispatch returns expert buffers [E, G*C, D] (empty slots are zero, each group's
 C slots contiguous per expert) plus whatever its combine needs; combine returns [G, S, D], where
 a dropped choice contributes exactly zero.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +143,27 @@ def combine_dropless(y_XD: jax.Array, plan: tuple[jax.Array, jax.Array]) -> jax.
   y_XD = jnp.zeros_like(y_XD).at[order_X].set(y_XD)  # Back to (token, choice) order.
   y_GSKD = y_XD.reshape(G, S, K, -1)
   return jnp.einsum('gskd,gsk->gsd', y_GSKD, gate_GSK.astype(y_GSKD.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+  """One entry of `DISPATCHES`: how routed tokens reach the experts and come back.
+
+  Attributes:
+    dispatch: capacity-based: (x_GSD, route, num_experts, capacity) -> (x_ECD expert buffers
+      [E, G*C, D], plan); otherwise (x_GSD, route, num_experts) -> (x_XD rows sorted by expert,
+      group_sizes_E, plan) for grouped matmuls.
+    combine: (expert outputs, plan) -> y_GSD, a dropped choice contributing zero.
+    uses_capacity: whether experts have a capacity (buffers, batched experts, all-to-all under
+      expert parallelism) or not (rows, grouped matmuls, all-gather: capacity is S).
+  """
+  dispatch: Callable
+  combine: Callable
+  uses_capacity: bool
+
+
+DISPATCHES = {
+    'einsum': Dispatch(dispatch_einsum, combine_einsum, uses_capacity=True),
+    'scatter': Dispatch(dispatch_scatter, combine_scatter, uses_capacity=True),
+    'dropless': Dispatch(dispatch_dropless, combine_dropless, uses_capacity=False),
+}

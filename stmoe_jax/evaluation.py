@@ -1,4 +1,5 @@
-"""Validation metrics at the eval capacity factor, and the `eval.py` entry point's logic.
+"""Validation metrics at the eval capacity factor: run a model's eval step over the validation
+split and reduce. (`entry_points.evaluate_workdir` is eval.py's logic.)
 
 bits/byte = total cross-entropy over all target tokens (in bits) / number of byte targets; the
 EOS target ending each document costs bits but is not a byte, so it counts against the model
@@ -8,43 +9,22 @@ EOS target ending each document costs bits but is not a byte, so it counts again
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
+from stmoe_jax import layer_stats
+from stmoe_jax import model_factory
 from stmoe_jax.config import ModelConfig
-from stmoe_jax.data import tokenizer
-
-
-def eval_step(params, buffers, batch, *, graphdef) -> dict:
-  """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
-  num_routed (non-padding inputs) and the per-MoE-layer routing stats [M, ...] of
-  `Transformer.__call__`, which cover non-padding inputs only."""
-  model = nnx.merge(graphdef, params, buffers)
-  targets_BL, weights_BL = batch['targets'], batch['weights']
-  real_BL = batch['inputs'] != tokenizer.PAD_ID
-  logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
-  return {
-      'ce_sum': jnp.sum(ce_BL * weights_BL),
-      'num_tokens': jnp.sum(weights_BL),
-      'num_correct': jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL),
-      'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
-      'num_routed': jnp.sum(real_BL),
-      **moe_stats,
-  }
+from stmoe_jax.data import input_pipeline
 
 
 def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
              cfg: ModelConfig) -> dict:
-  """Runs `run_step` (a jitted `eval_step` with params bound) over `batches` and reduces.
+  """Runs `run_step` (a jitted eval step with params bound) over `batches` and reduces.
 
   Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
   z_loss (summed over MoE layers, as in the train loss), dropped_fraction (mean over layers),
@@ -60,7 +40,7 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
     sums = {k: float(out[k]) for k in
             ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', 'num_routed')}
     # Routing stats are per-batch means over real tokens: weight them by that count.
-    stats = {k: np.asarray(out[k], np.float64) * sums['num_routed'] for k in _LAYER_STATS}
+    stats = {k: np.asarray(out[k], np.float64) * sums['num_routed'] for k in layer_stats.MOE}
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     routing = stats if routing is None else {k: routing[k] + stats[k] for k in stats}
   if totals is None or not totals['num_tokens']:
@@ -80,11 +60,6 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   }
 
 
-# Per-MoE-layer stats of `Transformer.__call__` that evaluation averages over real tokens.
-_LAYER_STATS = ('balance_loss', 'z_loss', 'expert_load', 'dropped_fraction',
-                'dropped_fraction_per_slot', 'router_entropy', 'router_bias')
-
-
 def _layer_report(layer: int, stats: dict) -> dict:
   load = stats['expert_load']
   as_list = lambda x: np.round(x, 6).tolist()
@@ -97,6 +72,11 @@ def _layer_report(layer: int, stats: dict) -> dict:
       'router_z': float(stats['z_loss']), 'router_entropy': float(stats['router_entropy']),
       'router_bias': as_list(stats['router_bias']),
   }
+
+
+def nonfinite_results(metrics: dict) -> list[str]:
+  """Names of the headline metrics (loss, bits_per_byte, accuracy) that are NaN or inf."""
+  return [k for k in ('loss', 'bits_per_byte', 'accuracy') if not math.isfinite(metrics[k])]
 
 
 def parse_capacity_factors(text: str) -> list[float | str]:
@@ -127,50 +107,23 @@ def with_eval_capacity(cfg: ModelConfig, factor: float | str) -> ModelConfig:
   return dataclasses.replace(cfg, moe=moe)
 
 
-def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | None = None,
-                     capacity_factors: Sequence[float | str] = (),
-                     mesh: dict[str, int] | None = None) -> dict:
-  """Restores `step` (default: the latest) from a train.py workdir and evaluates it.
+def make_eval_step(placement, model_cfg: ModelConfig | None = None) -> Callable:
+  """The jitted eval step (params, buffers, batch) -> sums of a `train_state.Placement`'s model,
+  or, with `model_cfg`, of the same parameters under other routing settings (e.g. another
+  eval capacity factor or dropless dispatch; parameter shapes must not change)."""
+  model = placement.model if model_cfg is None else model_factory.get_model(model_cfg)
+  graphdef = placement.graphdef if model_cfg is None else model.abstract()[0]
+  shardings = placement.state_shardings
+  return jax.jit(functools.partial(model.eval_step, graphdef=graphdef),
+                 in_shardings=(shardings.params, shardings.buffers, placement.batch_sharding))
 
-  The config comes from `workdir/config.json`. With `capacity_factors` (numbers or
-  'dropless') the checkpoint is also evaluated at each of them and `capacity_sweep` lists, per
-  factor, loss, bits_per_byte and dropped fractions (overall and per choice slot): ST-MoE treats
-  the eval capacity factor as a free lever. Writes `workdir/eval_<step>.json` (process 0) and
-  returns the metrics with `step` added. `mesh` (axis sizes) replaces the saved `config.mesh`:
-  checkpoints restore onto any mesh the model fits. Raises FileNotFoundError naming the path
-  when the workdir, its config or the checkpoint is missing.
-  """
-  from stmoe_jax import train_lib  # Imported here: train_lib imports this module.
 
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
-  config = train_lib.load_config(workdir)
-  if mesh is not None:
-    config.mesh = dict(mesh)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):  # Check before creating anything.
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first with train.py')
-  trainer = train_lib.Trainer(config, workdir)
-  steps = trainer.checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no complete checkpoint in {ckpt_dir}: train first with train.py')
-  if step is None:  # The newest readable step; a damaged newer one is reported on stderr.
-    step, state, _ = trainer.checkpointer.restore_latest(trainer.abstract_state)
-  elif step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}')
-  else:
-    state, _ = trainer.checkpointer.restore(step, trainer.abstract_state)
-  metrics = {'step': step, **trainer.evaluate(state, max_batches)}
-  if capacity_factors:
-    metrics['capacity_sweep'] = []
-    for factor in capacity_factors:
-      m = trainer.evaluate(state, max_batches, with_eval_capacity(trainer.model_cfg, factor))
-      metrics['capacity_sweep'].append({
-          'eval_capacity_factor': factor, 'loss': m['loss'],
-          'bits_per_byte': m['bits_per_byte'], 'dropped_fraction': m['dropped_fraction'],
-          'dropped_fraction_per_slot': [l['dropped_fraction_per_slot'] for l in m['moe_layers']]})
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
-      json.dump(metrics, f, indent=2)
-  trainer.checkpointer.close()
-  return metrics
+def evaluate_split(placement, state, eval_step: Callable, max_batches: int | None = None,
+                   model_cfg: ModelConfig | None = None) -> dict:
+  """`evaluate` of `state` over the config's validation split (all of it, or `max_batches`),
+  with `eval_step` from `make_eval_step` (for `model_cfg`, default the placement's model)."""
+  config = placement.config
+  batches = input_pipeline.make_eval_iterator(**placement.data_kwargs(config.data.eval_split),
+                                              max_batches=max_batches)
+  run_step = lambda b: eval_step(state.params, state.buffers, placement.global_batch(b))
+  return evaluate(run_step, batches, model_cfg or placement.model_cfg)

@@ -38,12 +38,6 @@ from stmoe_jax.experts import Experts
 from stmoe_jax.routing import Routing
 from stmoe_jax.sharding import MeshRules
 
-CAPACITY_DISPATCH = {
-    'einsum': (dispatch.dispatch_einsum, dispatch.combine_einsum),
-    'scatter': (dispatch.dispatch_scatter, dispatch.combine_scatter),
-}
-
-
 def expert_axis(mesh_rules: MeshRules | None) -> str | None:
   """The mesh axis experts are sharded over, or None when there is no expert parallelism."""
   if mesh_rules is None:
@@ -99,7 +93,8 @@ def _shard_index(axes: tuple[str, ...]) -> jax.Array:
   return index
 
 
-def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *, strategy: str,
+def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *,
+                strategy: dispatch.Dispatch,
                 num_experts: int, capacity: int, mesh_rules: MeshRules,
                 dropout_rng: jax.Array | None = None) -> jax.Array:
   """Dispatch, experts and combine under expert parallelism: [G, S, D] -> [G, S, D].
@@ -108,7 +103,8 @@ def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *, strategy:
     experts: the layer's `Experts`, weights [E, D, F] sharded as their logical names say.
     x_GSD: tokens [G, S, D] (global; split over `token_axes` inside).
     route: the global routing record, [G, S, K] fields.
-    strategy: `moe.dispatch`: 'scatter', 'einsum' or 'dropless'.
+    strategy: `dispatch.DISPATCHES[moe.dispatch]`: its buffers are exchanged all-to-all, or,
+      without capacity, its rows by all-gather.
     num_experts: E, a multiple of the expert axis size ep.
     capacity: C per expert and group (capacity-based strategies).
     mesh_rules: mesh and rules; `expert_axis(mesh_rules)` must not be None.
@@ -139,13 +135,12 @@ def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *, strategy:
     return jax.lax.psum(y, hidden_axes) if hidden_axes else y
 
   def capacity_body(weights_local, x_GSD, route, rng):
-    dispatch_fn, combine_fn = CAPACITY_DISPATCH[strategy]
-    x_ECD, plan = dispatch_fn(x_GSD, route, num_experts, capacity)  # [E, G_l*C, D]
+    x_ECD, plan = strategy.dispatch(x_GSD, route, num_experts, capacity)  # [E, G_l*C, D]
     # Expert e's slots go to the shard holding e: [E/ep, ep*G_l*C, D].
     x_ECD = jax.lax.all_to_all(x_ECD, e_axis, 0, 1, tiled=True)
     y_ECD = local_experts(weights_local, x_ECD, rng=rng)
     y_ECD = jax.lax.all_to_all(y_ECD, e_axis, 1, 0, tiled=True)  # Back home: [E, G_l*C, D].
-    return combine_fn(y_ECD, plan)
+    return strategy.combine(y_ECD, plan)
 
   def dropless_body(weights_local, x_GSD, route, rng):
     local_e = num_experts // jax.lax.axis_size(e_axis)
@@ -156,12 +151,12 @@ def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *, strategy:
     mine = gather(route.assigned) & (index >= 0) & (index < local_e)
     local_route = route.replace(expert_index=jnp.where(mine, index, local_e), assigned=mine,
                                 gate=jnp.where(mine, gather(route.gate), 0.0))
-    x_XD, group_sizes_E, plan = dispatch.dispatch_dropless(x_all, local_route, local_e)
+    x_XD, group_sizes_E, plan = strategy.dispatch(x_all, local_route, local_e)
     y_XD = local_experts(weights_local, x_XD, group_sizes_E, rng=rng)
-    y_all = dispatch.combine_dropless(y_XD, plan)  # This shard's experts' share, all groups.
+    y_all = strategy.combine(y_XD, plan)  # This shard's experts' share, all groups.
     return jax.lax.psum_scatter(y_all, e_axis, scatter_dimension=0, tiled=True)
 
-  body: Callable = dropless_body if strategy == 'dropless' else capacity_body
+  body: Callable = capacity_body if strategy.uses_capacity else dropless_body
   rng = dropout_rng if use_dropout else jnp.zeros((2,), jnp.uint32)
   run = jax.shard_map(
       lambda w, x, r, k: body(w, x, r, k if use_dropout else None), mesh=mesh,

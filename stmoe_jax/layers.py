@@ -1,4 +1,5 @@
-"""Small shared building blocks: parameter creation with logical axes, RMSNorm, rotary embedding.
+"""Small shared building blocks: parameters with logical axes, non-trainable buffers, RMSNorm,
+rotary embedding.
 
 Every parameter carries logical axis names (`'embed'`, `'mlp'`, `'expert'`, `'heads'`, `'kv'`,
 `'vocab'`) in its `out_sharding` metadata; `stmoe_jax.sharding` maps them to mesh axes through
@@ -32,6 +33,18 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None]
   # Not sharded eagerly: the names are logical, and `sharding` places whole states at once.
   return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes),
                    eager_sharding=False)
+
+
+class Buffer(nnx.Variable):
+  """Base class of all non-trainable model state (e.g. `moe.RouterBias`): no optimizer touches
+  it, the forward pass may update it, and the train state carries it as `buffers`.
+
+  Every model state splits with `STATE_FILTERS` into (params, buffers); the split is
+  exhaustive, so a Variable that is neither fails loudly instead of going missing.
+  """
+
+
+STATE_FILTERS = (nnx.Param, Buffer)
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:

@@ -1,5 +1,6 @@
-"""The training loss: cross-entropy plus the router and attention auxiliary losses, and the
-routing telemetry that goes with it into the train metrics.
+"""The language model's objectives: the training loss (cross-entropy plus the router and
+attention auxiliary losses, with the routing telemetry that goes into the train metrics) and
+the evaluation step's sums.
 
 Einsum letters: B batch, L length, V vocabulary, M MoE layers, E experts, K choices per token.
 """
@@ -11,9 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from stmoe_jax import layers
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import tokenizer
-from stmoe_jax.moe import RouterBias
 
 
 def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
@@ -54,7 +55,27 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
       'max_head_load': (jnp.max(moe_stats['attn_head_load']) * moe_stats['attn_head_load'].shape[-1]
                         if moe_stats['attn_head_load'].size else jnp.zeros(())),
   }
-  return loss, (metrics, nnx.to_pure_dict(nnx.state(model, RouterBias)))
+  return loss, (metrics, nnx.to_pure_dict(nnx.state(model, layers.Buffer)))
+
+
+def eval_step(params, buffers, batch, *, graphdef) -> dict:
+  """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
+  num_routed (non-padding inputs) and the per-MoE-layer routing stats [M, ...] of
+  `Transformer.__call__`, which cover non-padding inputs only; `evaluation.evaluate` reduces
+  them over batches."""
+  model = nnx.merge(graphdef, params, buffers)
+  targets_BL, weights_BL = batch['targets'], batch['weights']
+  real_BL = batch['inputs'] != tokenizer.PAD_ID
+  logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  return {
+      'ce_sum': jnp.sum(ce_BL * weights_BL),
+      'num_tokens': jnp.sum(weights_BL),
+      'num_correct': jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL),
+      'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
+      'num_routed': jnp.sum(real_BL),
+      **moe_stats,
+  }
 
 
 def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -7,8 +7,8 @@ E experts, C capacity, X dispatched rows, D model dim.
 dispatch strategies can be swapped:
   1. `to_groups`: tokens [B, L, D] -> [G, S, D]; capacity and balance are per group (the ST-MoE
      scope), ordered so that capacity competition is causal;
-  2. float32 router logits and a router from `routing` (`moe.router`);
-  3. dispatch into expert inputs, by `moe.dispatch` (`stmoe_jax.dispatch`);
+  2. float32 router logits and the router `routing.ROUTERS[moe.router]`;
+  3. dispatch into expert inputs by `dispatch.DISPATCHES[moe.dispatch]`;
   4. `experts.Experts` on them (plus shared experts that see every token);
   5. combine back to [G, S, D] and `from_groups`; a dropped choice contributes exactly zero, so
      a token dropped by every choice leaves the block as its residual.
@@ -28,7 +28,7 @@ from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Experts, Mlp
 
 
-class RouterBias(nnx.Variable):
+class RouterBias(layers.Buffer):
   """Per-expert routing bias of aux-loss-free balancing: not a Param, so no optimizer touches
   it; `MoeLayer` updates it in the train forward pass and the train step carries it along."""
 
@@ -74,14 +74,17 @@ class MoeLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
     moe = cfg.moe
-    if causal and (moe.router == 'expert_choice' or moe.batch_prioritized_routing):
-      bad = ("moe.router='expert_choice'" if moe.router == 'expert_choice'
-             else 'moe.batch_prioritized_routing=True')
+    bad = routing.noncausal_setting(moe)
+    if causal and bad:
       raise ValueError(f'{bad} looks at the whole routing group, later tokens included, so it '
                        'cannot be used in a causal decoder; use tokens_choose routing there')
-    if moe.router == 'expert_choice' and moe.dispatch == 'dropless':
-      raise ValueError("moe.router='expert_choice' fixes every expert's load at its capacity; "
-                       "use moe.dispatch='scatter' or 'einsum' with it, not 'dropless'")
+    self.router_kind = routing.ROUTERS[moe.router]
+    self.strategy = dispatch.DISPATCHES[moe.dispatch]
+    if self.router_kind.fixed_load and not self.strategy.uses_capacity:
+      with_capacity = ' or '.join(repr(n) for n, d in dispatch.DISPATCHES.items()
+                                  if d.uses_capacity)
+      raise ValueError(f'moe.router={moe.router!r} fixes every expert\'s load at its capacity; '
+                       f'use moe.dispatch={with_capacity} with it, not {moe.dispatch!r}')
     dtype = jnp.dtype(cfg.dtype)
     self.router = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                (cfg.d_model, moe.num_experts), ('embed', None))
@@ -100,7 +103,7 @@ class MoeLayer(nnx.Module):
   def capacity(self, train: bool) -> int:
     """Expert capacity per group at the train or eval capacity factor (S when dropless)."""
     moe = self.moe
-    if moe.dispatch == 'dropless':
+    if not self.strategy.uses_capacity:
       return moe.group_size  # No expert can get more than S choices of a group: nothing drops.
     factor = moe.train_capacity_factor if train else moe.eval_capacity_factor
     return routing.expert_capacity(moe.group_size, moe.num_experts, moe.top_k, factor,
@@ -108,8 +111,11 @@ class MoeLayer(nnx.Module):
                                    min_capacity=moe.min_capacity)
 
   def route(self, x_GSD: jax.Array, *, train: bool, rng: jax.Array | None,
-            mask_GS: jax.Array | None) -> routing.Routing:
-    """Router logits in float32 and the configured router: -> `routing.Routing`."""
+            mask_GS: jax.Array | None, capacity: int | None = None) -> routing.Routing:
+    """Router logits in float32 and the configured router: -> `routing.Routing`.
+
+    `capacity` defaults to `self.capacity(train)` (the plots pass S: choices before drops).
+    """
     moe = self.moe
     jitter_rng, policy_rng = (None, None) if rng is None else jax.random.split(rng)
     router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
@@ -117,18 +123,14 @@ class MoeLayer(nnx.Module):
       router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
     logits_GSE = layers.dense(router_in, self.router[...])
-    if moe.router == 'expert_choice':
-      return routing.expert_choice(logits_GSE, capacity=self.capacity(train), mask_GS=mask_GS)
-    return routing.tokens_choose_top_k(
-        logits_GSE, top_k=moe.top_k, capacity=self.capacity(train),
-        renormalize=moe.renormalize_gates, mask_GS=mask_GS,
-        bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
-        second_expert_threshold=moe.second_expert_threshold,
-        batch_prioritized=moe.batch_prioritized_routing, train=train, rng=policy_rng)
+    return self.router_kind.route(
+        logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
+        mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
+        train=train, rng=policy_rng)
 
   def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
                mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns the MoE output [B, L, D] and this layer's `routing.routing_stats`.
+    """Returns the MoE output [B, L, D] and this layer's `layer_stats.MOE` stats.
 
     Args:
       x_BLD: input tokens [B, L, D].
@@ -138,7 +140,7 @@ class MoeLayer(nnx.Module):
       mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
         no routed output and is left out of the stats.
     Returns:
-      (y_BLD, stats) with stats as `routing.routing_stats` plus `router_bias` [E].
+      (y_BLD, stats): `routing.routing_stats` plus `router_bias` [E].
     """
     moe = self.moe
     route_rng, dropout_rng = (None, None) if rng is None else jax.random.split(rng)
@@ -147,20 +149,18 @@ class MoeLayer(nnx.Module):
     x_GSD = to_groups(x_BLD, moe.group_size)
     mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
     route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
+    strategy = self.strategy
     if expert_parallel.expert_axis(self.mesh_rules) is not None:
       y_GSD = expert_parallel.run_experts(
-          self.experts, x_GSD, route, strategy=moe.dispatch, num_experts=moe.num_experts,
+          self.experts, x_GSD, route, strategy=strategy, num_experts=moe.num_experts,
           capacity=self.capacity(train), mesh_rules=self.mesh_rules, dropout_rng=dropout_rng)
-    elif moe.dispatch == 'dropless':
-      x_XD, group_sizes_E, plan = dispatch.dispatch_dropless(x_GSD, route, moe.num_experts)
-      y_XD = self.experts.grouped(x_XD, group_sizes_E, dropout_rng=dropout_rng)
-      y_GSD = dispatch.combine_dropless(y_XD, plan)
+    elif strategy.uses_capacity:
+      x_ECD, plan = strategy.dispatch(x_GSD, route, moe.num_experts, self.capacity(train))
+      y_GSD = strategy.combine(self.experts(x_ECD, dropout_rng=dropout_rng), plan)
     else:
-      dispatch_fn, combine_fn = {
-          'einsum': (dispatch.dispatch_einsum, dispatch.combine_einsum),
-          'scatter': (dispatch.dispatch_scatter, dispatch.combine_scatter)}[moe.dispatch]
-      x_ECD, plan = dispatch_fn(x_GSD, route, moe.num_experts, self.capacity(train))
-      y_GSD = combine_fn(self.experts(x_ECD, dropout_rng=dropout_rng), plan)
+      x_XD, group_sizes_E, plan = strategy.dispatch(x_GSD, route, moe.num_experts)
+      y_XD = self.experts.grouped(x_XD, group_sizes_E, dropout_rng=dropout_rng)
+      y_GSD = strategy.combine(y_XD, plan)
     y_BLD = from_groups(y_GSD, x_BLD.shape).astype(x_BLD.dtype)
     if self.shared is not None:
       y_BLD += self.shared(x_BLD).astype(x_BLD.dtype)

@@ -143,12 +143,11 @@ def write_plots(workdirs: list[str], out: str) -> list[str]:
 def expert_choices(model, tokens_BL) -> list[np.ndarray]:
   """Which experts each token chose, per MoE layer: gate weights [B, L, E] (0 = not chosen).
 
-  Runs `model` (a `Transformer`) at eval capacity, records each MoE layer's input and applies
-  its router, so the choices are exactly those of the forward pass (before capacity drops).
+  Runs `model` (a `Transformer`) at eval capacity, records each MoE layer's input and routes
+  it again with the layer's own `route` (its registered router, selection bias and
+  second-expert policy), each sequence one group with capacity L: the choices of the forward
+  pass before capacity drops.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from stmoe_jax import routing  # pylint: disable=g-import-not-at-top
-
   inputs = []
 
   class Recorder:  # Stands in for a block's MoE layer: notes its input, then runs it.
@@ -169,12 +168,9 @@ def expert_choices(model, tokens_BL) -> list[np.ndarray]:
       block.ffn = block.ffn.layer
   gates = []
   for layer, x_BLD in inputs:
-    logits_BLE = x_BLD.astype('float32') @ layer.router[...]
-    route = routing.tokens_choose_top_k(logits_BLE, top_k=layer.moe.top_k,
-                                        capacity=x_BLD.shape[1],
-                                        renormalize=layer.moe.renormalize_gates)
-    one_hot_BLKE = jax.nn.one_hot(route.expert_index, logits_BLE.shape[-1])
-    gates.append(np.asarray((one_hot_BLKE * route.gate[..., None]).sum(axis=2)))
+    route = layer.route(x_BLD, train=False, rng=None, mask_GS=None, capacity=x_BLD.shape[1])
+    one_hot_BLKE = np.eye(layer.moe.num_experts)[np.asarray(route.expert_index)]
+    gates.append((one_hot_BLKE * np.asarray(route.gate)[..., None]).sum(axis=2))
   return gates
 
 

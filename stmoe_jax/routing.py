@@ -13,13 +13,20 @@ expert's buffer it takes; any dispatch strategy (`stmoe_jax.dispatch`) consumes 
   - `expert_choice`: each expert picks its top-C tokens (Zhou et al. 2022), written as K = E
     choices per token so that the same dispatch code applies.
 
+`ROUTERS` maps each `moe.router` name to its `Router`: config validation, `MoeLayer`, the layer
+stats and the plots all read it. A new router is one function with `Router.route`'s signature,
+one line in `ROUTERS` and its test (README, "Adding a router").
+
 Everything runs in float32 because the softmax and logsumexp exponentiate (Switch "selective
 precision", ST-MoE).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -276,3 +283,58 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       'max_router_logit': jnp.max(jnp.abs(route.logits) * (
           1.0 if mask_GS is None else mask_GS[..., None].astype(jnp.float32))),
   }
+
+
+def route_tokens_choose(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+                        mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+                        train: bool = False, rng: jax.Array | None = None) -> Routing:
+  """`tokens_choose_top_k` with the settings of `moe` (a `config.MoeConfig`)."""
+  return tokens_choose_top_k(
+      logits_GSE, top_k=moe.top_k, capacity=capacity, renormalize=moe.renormalize_gates,
+      mask_GS=mask_GS, bias_E=bias_E, second_expert_threshold=moe.second_expert_threshold,
+      batch_prioritized=moe.batch_prioritized_routing, train=train, rng=rng)
+
+
+def route_expert_choice(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+                        mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+                        train: bool = False, rng: jax.Array | None = None) -> Routing:
+  """`expert_choice`; it has no settings, selection bias or randomness."""
+  del moe, bias_E, train, rng
+  return expert_choice(logits_GSE, capacity=capacity, mask_GS=mask_GS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+  """One entry of `ROUTERS`.
+
+  Attributes:
+    route: (logits_GSE, moe, *, capacity, mask_GS, bias_E, train, rng) -> `Routing`, with `moe`
+      the layer's `config.MoeConfig`, float32 logits [G, S, E], optional real-token mask
+      [G, S], the aux-loss-free selection bias [E] (None when off), and the train flag and key
+      for random routing policies.
+    causal: a token's choices depend only on it and earlier tokens, so a decoder may use it.
+    fixed_load: every expert takes exactly `capacity` choices, so it has no dropless form.
+    num_choices: moe -> K, the choices per token of its `Routing`.
+  """
+  route: Callable[..., Routing]
+  causal: bool
+  fixed_load: bool
+  num_choices: Callable[[Any], int]
+
+
+ROUTERS = {
+    'tokens_choose': Router(route_tokens_choose, causal=True, fixed_load=False,
+                            num_choices=lambda moe: moe.top_k),
+    'expert_choice': Router(route_expert_choice, causal=False, fixed_load=True,
+                            num_choices=lambda moe: moe.num_experts),
+}
+
+
+def noncausal_setting(moe: Any) -> str | None:
+  """The setting of `moe` that lets a token's routing depend on later tokens of its group
+  ('moe.router=...' or 'moe.batch_prioritized_routing=True'), or None when routing is causal."""
+  if not ROUTERS[moe.router].causal:
+    return f'moe.router={moe.router!r}'
+  if moe.batch_prioritized_routing:
+    return 'moe.batch_prioritized_routing=True'
+  return None

@@ -1,4 +1,5 @@
-"""Autoregressive text generation with a KV cache, and the logic of `sample.py`.
+"""Autoregressive text generation with a KV cache (sample.py's logic:
+`entry_points.sample_workdir`).
 
 Einsum letters: B batch, L length, V vocabulary.
 
@@ -15,16 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stmoe_jax.config import ModelConfig, model_config
+from stmoe_jax import model_factory
+from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import tokenizer
-from stmoe_jax.transformer import Transformer, init_caches
+from stmoe_jax.transformer import init_caches
 
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
@@ -34,6 +35,16 @@ def decoding_config(cfg: ModelConfig) -> ModelConfig:
   choices go to k different experts, so every choice is kept.
   """
   return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, group_size=1))
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+  """Raises ValueError naming the first argument out of range."""
+  for name, value, ok, expected in (
+      ('max_new_tokens', max_new_tokens, max_new_tokens >= 0, 'an integer >= 0'),
+      ('temperature', temperature, temperature >= 0, 'a number >= 0 (0 = greedy)'),
+      ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)')):
+    if not ok:
+      raise ValueError(f'{name}={value} is invalid: expected {expected}')
 
 
 def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array,
@@ -71,8 +82,7 @@ class Sampler:
       raise ValueError(f'context_len={context_len} is invalid: expected at least 2')
     self.cfg = decoding_config(cfg)
     self.context_len = context_len
-    self.graphdef, _, buffers = nnx.split(
-        nnx.eval_shape(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    self.graphdef, _, buffers = model_factory.get_model(self.cfg).abstract()
     # Non-trainable state (router biases) for callers that pass parameters alone: zeros, what
     # a model trained without the aux-loss-free balancer has.
     self._zero_buffers = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
@@ -91,9 +101,7 @@ class Sampler:
     Returns the new token ids, int32 [N] with N <= max_new_tokens (fewer if EOS came first;
     the EOS is not included).
     """
-    if max_new_tokens < 0 or not 0 < top_p <= 1 or temperature < 0:
-      raise ValueError(f'max_new_tokens={max_new_tokens}, top_p={top_p}, '
-                       f'temperature={temperature}: expected >= 0, in (0, 1], >= 0')
+    check_sampling_args(max_new_tokens, temperature, top_p)
     context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
     variables = (params, self._zero_buffers if buffers is None else buffers)
     # Counted in text, not cache slots: a `local` layer's ring never fills, the others would.
@@ -133,34 +141,3 @@ def _last_logits(graphdef, variables, tokens_BL, caches):
   params, buffers = variables
   logits_BLV, caches = nnx.merge(graphdef, params, buffers).decode(tokens_BL, caches)
   return logits_BLV[:, -1], caches
-
-
-def load_checkpoint(workdir: str, step: int | None = None):
-  """(config, TrainState) of a train.py workdir's checkpoint `step` (default: the latest).
-
-  Raises FileNotFoundError naming the path when the workdir or checkpoint is missing.
-  """
-  from stmoe_jax import train_lib  # Heavy (data, Orbax): only needed when reading a workdir.
-
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
-  config = train_lib.load_config(workdir)
-  trainer = train_lib.Trainer(config, workdir)
-  steps = trainer.checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {trainer.checkpointer.directory}: train first')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} in {trainer.checkpointer.directory};'
-                            f' have {sorted(steps)}')
-  state, _ = trainer.checkpointer.restore(step or max(steps), trainer.abstract_state)
-  trainer.checkpointer.close()
-  return config, state
-
-
-def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int | None = None,
-                   **kwargs) -> str:
-  """Restores a workdir's checkpoint and returns `prompt` followed by its continuation."""
-  config, state = load_checkpoint(workdir, step)
-  sampler = Sampler(model_config(config), config.data.seq_len)
-  return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,
-                                        buffers=state.buffers, **kwargs)

@@ -39,7 +39,7 @@ def parse_assignment(text: str, *, several: bool) -> tuple[str, list[str]]:
   return field.strip(), items
 
 
-def load_config(config_arg: str):
+def load_config_file(config_arg: str):
   """The ConfigDict of 'path/to/config.py[:arg]', loaded like ml_collections' config flags."""
   path, _, arg = config_arg.partition(':')
   if not os.path.exists(path):
@@ -129,7 +129,7 @@ def run_sweep(config_arg: str, sweeps: Sequence[str], root: str, *, sets: Sequen
   """
   axes = [parse_assignment(s, several=True) for s in sweeps]
   fixed = {f: v[0] for f, v in (parse_assignment(s, several=False) for s in sets)}
-  check_fields(load_config(config_arg), [*fixed, *(field for field, _ in axes)])
+  check_fields(load_config_file(config_arg), [*fixed, *(field for field, _ in axes)])
   runner = runner or (lambda argv: subprocess.run(argv, check=False).returncode)
   points = expand(axes)
   rows = []

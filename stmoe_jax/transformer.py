@@ -11,12 +11,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax import layer_stats
 from stmoe_jax import layers
-from stmoe_jax import attention
-from stmoe_jax.attention import KVCache
+from stmoe_jax.attention import CausalSelfAttention, KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Mlp
+from stmoe_jax.head_routing import HeadRoutedAttention
 from stmoe_jax.moe import MoeLayer
+from stmoe_jax.sparse_attention import PatternAttention
+
+
+def make_attention(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The attention module of `layer`, as `cfg.attention.layer_kind(layer)` says.
+
+  Every kind is called as `attn(x_BLD, positions_BL, mask_BL=...) -> ([B, L, D], stats)` and
+  decodes as `attn.decode(x_BLD, cache)`. Dense attention with the logit z-loss on runs as
+  the 'dense' pattern, which computes the attention logsumexp the loss needs.
+  """
+  kind = cfg.attention.layer_kind(layer)
+  if kind == 'head_routed':
+    return HeadRoutedAttention(cfg, rngs=rngs)
+  if kind == 'dense' and not cfg.attention.logit_z_loss_coef:
+    return CausalSelfAttention(cfg, rngs=rngs)
+  return PatternAttention(cfg, kind, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -25,8 +42,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     self.attn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.attn = attention.make_attention(cfg, layer, rngs=rngs)
-    self.attn_returns_stats = attention.returns_stats(cfg, layer)
+    self.attn = make_attention(cfg, layer, rngs=rngs)
     self.ffn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     kind = cfg.ffn_kind(layer)
     if kind == 'moe':
@@ -45,13 +61,10 @@ class Block(nnx.Module):
       self.extra_ffn = Mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None):
-    """Returns ([B, L, D] output, MoE routing stats or None for a dense layer, attention stats:
-    {} for plain dense attention, else `logit_z_loss` and, if head-routed, its routing stats)."""
+    """Returns ([B, L, D] output, {'moe': the MoE layer's stats or {} for a dense FFN,
+    'attention': the attention's stats}), the report `layer_stats.stack` reads."""
     h_BLD = self.attn_norm(x_BLD)
-    if self.attn_returns_stats:
-      a_BLD, attn_stats = self.attn(h_BLD, positions_BL, mask_BL=mask_BL)
-    else:
-      a_BLD, attn_stats = self.attn(h_BLD, positions_BL), {}
+    a_BLD, attn_stats = self.attn(h_BLD, positions_BL, mask_BL=mask_BL)
     x_BLD = x_BLD + a_BLD.astype(x_BLD.dtype)
     if self.extra_dense == 'before':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
@@ -59,11 +72,11 @@ class Block(nnx.Module):
     if self.is_moe:
       y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng, mask_BL=mask_BL)
     else:
-      y_BLD, stats = self.ffn(h_BLD), None
+      y_BLD, stats = self.ffn(h_BLD), {}
     x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
     if self.extra_dense == 'after':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
-    return x_BLD, stats, attn_stats
+    return x_BLD, {'moe': stats, 'attention': attn_stats}
 
   def decode(self, x_BLD, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """`__call__` at eval capacity for L new tokens after the cached ones (see `Transformer.decode`)."""
@@ -90,8 +103,7 @@ class Transformer(nnx.Module):
     self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
     self.dtype = jnp.dtype(cfg.dtype)
-    self.num_experts, self.top_k, self.router = cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router
-    self.num_heads = cfg.num_heads
+    self.stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
 
   def constrain(self, x_BLD: jax.Array) -> jax.Array:
@@ -114,38 +126,22 @@ class Transformer(nnx.Module):
       mask_BL: optional [B, L], nonzero for real tokens: padding is never routed to an expert
         and is left out of the routing stats.
     Returns:
-      (logits_BLV in float32, moe_stats) where moe_stats stacks each MoE layer's stats
-      (`routing.routing_stats` plus `router_bias`) along a leading axis M (the MoE layers,
-      possibly 0): e.g. `balance_loss` [M], `expert_load` [M, E],
-      `dropped_fraction_per_slot` [M, K]; and the attention stats `attn_logit_z_loss`
-      [num_layers] (0 where not computed) and, stacked over the A head-routed layers,
-      `attn_balance_loss`, `attn_z_loss`, `attn_dropped_fraction` [A] and `attn_head_load` [A, H].
+      (logits_BLV in float32, stats): the layers' stats stacked by `layer_stats.stack`, e.g.
+      `balance_loss` [M] and `expert_load` [M, E] over the M MoE layers (possibly 0),
+      `attn_logit_z_loss` [num_layers], `attn_head_load` [A, H] over head-routed layers.
     """
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = self.constrain(jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype))
-    per_layer, attn_per_layer = [], []
+    per_layer = []
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BLD, stats, attn_stats = block(x_BLD, positions_BL, train=train, rng=layer_rng,
-                                       mask_BL=mask_BL)
+      x_BLD, report = block(x_BLD, positions_BL, train=train, rng=layer_rng, mask_BL=mask_BL)
       x_BLD = self.constrain(x_BLD)
-      if stats is not None:
-        per_layer.append(stats)
-      attn_per_layer.append(attn_stats)
+      per_layer.append(report)
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
     x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
     logits_BLV = layers.dense(x_BLD, self.lm_head[...])
-    if per_layer:
-      moe_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-    else:
-      E = self.num_experts
-      K = E if self.router == 'expert_choice' else self.top_k
-      moe_stats = {name: jnp.zeros((0, *shape)) for name, shape in (
-          ('balance_loss', ()), ('z_loss', ()), ('expert_load', (E,)), ('max_load_ratio', ()),
-          ('dropped_fraction', ()), ('dropped_fraction_per_slot', (K,)),
-          ('router_entropy', ()), ('max_router_logit', ()), ('router_bias', (E,)))}
-    moe_stats.update(_attention_stats(attn_per_layer, self.num_heads))
-    return logits_BLV, moe_stats
+    return logits_BLV, layer_stats.stack(per_layer, self.stat_dims)
 
   def decode(self, tokens_BL: jax.Array,
              caches: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
@@ -178,14 +174,3 @@ def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...
     caches.append(KVCache.zeros(batch, slots, cfg, num_heads=1 if kind == 'head_routed' else None))
   return tuple(caches)
 
-
-def _attention_stats(per_layer: list[dict], num_heads: int) -> dict[str, jax.Array]:
-  """Stacks the blocks' attention stats: logit z-loss per layer, routing stats per routed layer."""
-  stats = {'attn_logit_z_loss': jnp.stack([s.get('logit_z_loss', jnp.zeros(()))
-                                           for s in per_layer])}
-  routed = [s for s in per_layer if 'head_load' in s]
-  for key, empty in (('balance_loss', (0,)), ('z_loss', (0,)), ('dropped_fraction', (0,)),
-                     ('head_load', (0, num_heads))):
-    stats[f'attn_{key}'] = (jnp.stack([s[key] for s in routed]) if routed
-                            else jnp.zeros(empty))
-  return stats

@@ -1,7 +1,9 @@
 """Shared pytest fixtures (session-scoped, CPU only)."""
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -37,3 +39,47 @@ def stdlib_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp('tfds_data'))
   input_pipeline.get_data_source('stdlib_py', 'train', data_dir)
   return data_dir
+
+
+def tiny_model_config(*, moe: dict | None = None, attention: dict | None = None,
+                      **model):
+  """The tests' tiny model, fields overridable: 2 layers of width 16 (2 heads of 8, dense FFN
+  32), every 2nd FFN 4 experts of width 16, top-2, groups of 32 tokens, capacity at least 1.
+
+  Test modules whose helpers run outside a test function import it (`from conftest import
+  tiny_model_config`); tests take the `tiny_model_cfg` fixture.
+  """
+  # Imported here, not above: stmoe_jax imports JAX, which must start after the XLA flags.
+  from stmoe_jax import config  # pylint: disable=g-import-not-at-top
+  moe_fields = dict(num_experts=4, top_k=2, expert_d_ff=16, group_size=32, min_capacity=1)
+  model_fields = dict(vocab_size=259, d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32)
+  return config.ModelConfig(**{**model_fields, **model},
+                            moe=config.MoeConfig(**{**moe_fields, **(moe or {})}),
+                            attention=config.AttentionConfig(**(attention or {})))
+
+
+@pytest.fixture
+def tiny_model_cfg():
+  """`tiny_model_config`: call it with overrides."""
+  return tiny_model_config
+
+
+def run_with_devices(script: str, num_devices: int, *args: str, timeout: int = 900) -> str:
+  """Runs a tests/ script with `num_devices` fake CPU devices; returns its last stdout line."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}"
+  env = {**os.environ, 'XLA_FLAGS': flags.strip(),
+         'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, os.path.join(_ROOT, 'tests', script), *args],
+                          cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if result.returncode:
+    raise AssertionError(f'{script} failed ({result.returncode}):\n{result.stderr[-4000:]}')
+  return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope='session')
+def sharding_checks() -> dict:
+  """tests/sharding_checks.py's results on 8 fake CPU devices, run once per session (the flag
+  must precede JAX start-up, hence the subprocess): each mesh and dispatch strategy against
+  one device (loss within rtol 1e-5, gradients within rtol 1e-4 / atol 1e-6: float32 reductions
+  split differently across shards), and the ConfigError of each bad mesh setting."""
+  return json.loads(run_with_devices('sharding_checks.py', 8))

@@ -111,3 +111,20 @@ def test_mistyped_key_fails_on_a_locked_config():
   config.lock()
   with pytest.raises(AttributeError, match='num_expertz'):
     config.moe.num_expertz = 4
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('attention.kind', 'sparse', "config.attention.kind='sparse'"),
+    ('attention.layer_kinds', 'local,global', "config.attention.layer_kinds='local,global'"),
+    ('attention.window', 0, 'config.attention.window=0'),
+    ('attention.block_size', -8, 'config.attention.block_size=-8'),
+    ('attention.head_top_k', 5, 'config.attention.head_top_k=5'),  # Only 4 heads.
+    ('attention.num_global_blocks', -1, 'config.attention.num_global_blocks=-1'),
+    ('attention.logit_z_loss_coef', -1.0, 'config.attention.logit_z_loss_coef=-1.0'),
+])
+def test_bad_attention_values_name_the_field(field, value, message):
+  config = default.get_config()
+  section, _, key = field.rpartition('.')
+  config[section][key] = value
+  with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+    validate(config)

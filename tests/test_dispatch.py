@@ -13,18 +13,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_model_config
+from configs import default
 from stmoe_jax import grouped_matmul as gmm
-from stmoe_jax.config import MoeConfig, ModelConfig
+from stmoe_jax import layers
+from stmoe_jax.config import ConfigError, validate
+from stmoe_jax.dispatch import DISPATCHES
 from stmoe_jax.moe import MoeLayer
 
 RTOL, ATOL = 2e-4, 2e-6
 
 
 def layer_cfg(activation='geglu', **moe_overrides):
-  moe = MoeConfig(**{**dict(num_experts=4, top_k=2, expert_d_ff=16, group_size=8, min_capacity=1,
-                            eval_capacity_factor=8.0), **moe_overrides})
-  return ModelConfig(d_model=8, num_layers=2, num_heads=2, head_dim=4, d_ff=16,
-                     activation=activation, moe=moe)
+  return tiny_model_config(d_model=8, head_dim=4, d_ff=16, activation=activation,
+                           moe={'group_size': 8, 'eval_capacity_factor': 8.0, **moe_overrides})
 
 
 def top_k_experts(params, x_BLD, k):
@@ -73,7 +75,7 @@ def test_every_dispatch_matches_the_loop_in_outputs_and_gradients(k, activation,
                     grouped_matmul=grouped)
     name = f'{dispatch} {grouped} {block_rows}'
     layer = MoeLayer(cfg, rngs=nnx.Rngs(k))
-    graphdef, params, buffers = nnx.split(layer, nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(layer, *layers.STATE_FILTERS)
     params = nnx.to_pure_dict(params)
     if 'mult_bias' in params['experts']:  # Not all ones, so that a missing bias would show.
       params['experts']['mult_bias'] = 1 + jax.random.uniform(jax.random.PRNGKey(2), (4, 16))
@@ -122,7 +124,7 @@ def test_einsum_and_scatter_drop_exactly_the_same_choices():
   results = []
   for dispatch in ('einsum', 'scatter'):
     layer = MoeLayer(layer_cfg(dispatch=dispatch, train_capacity_factor=0.5), rngs=nnx.Rngs(0))
-    graphdef, params, buffers = nnx.split(layer, nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(layer, *layers.STATE_FILTERS)
     kept = layer.route(jnp.reshape(x, (4, 8, 8)), train=True, rng=None, mask_GS=None).kept
 
     def loss(params, x):
@@ -136,3 +138,14 @@ def test_einsum_and_scatter_drop_exactly_the_same_choices():
   np.testing.assert_array_equal(k1, k2)
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+
+
+def test_config_accepts_exactly_the_registered_dispatch_paths():
+  config = default.get_config()
+  for name in DISPATCHES:
+    config.moe.dispatch = name
+    validate(config)
+  config.moe.dispatch = 'gather'
+  with pytest.raises(ConfigError, match="expected one of 'einsum', 'scatter', 'dropless'"):
+    validate(config)
+  assert [d.uses_capacity for d in DISPATCHES.values()] == [True, True, False]

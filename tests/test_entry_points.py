@@ -1,4 +1,6 @@
-"""train.py and eval.py as a user runs them: subprocesses on the tiny config."""
+"""train.py and eval.py as a user runs them (subprocesses on the tiny config), and
+stmoe_jax.entry_points' config.json: round trip, older files load with defaults, removed fields
+refused."""
 
 import json
 import math
@@ -7,6 +9,10 @@ import subprocess
 import sys
 
 import pytest
+
+from configs import default, tiny
+from stmoe_jax import entry_points
+from stmoe_jax.config import ConfigError, model_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,8 +129,51 @@ def test_eval_without_checkpoint_names_the_path(tmp_path):
   assert missing.returncode == 1
   assert missing.stderr.strip() == f"error: workdir '{tmp_path / 'nope'}' does not exist"
 
-  from configs import tiny  # A workdir with a config but no checkpoint yet.
+  # A workdir with a config but no checkpoint yet.
   (tmp_path / 'config.json').write_text(tiny.get_config().to_json())
   empty = run('eval.py', f'--workdir={tmp_path}', check=False)
   assert empty.returncode == 1
   assert empty.stderr.strip() == f"error: no checkpoint in {tmp_path / 'checkpoints'}: train first with train.py"
+
+
+def write_config(workdir, config: dict) -> None:
+  with open(workdir / 'config.json', 'w') as f:
+    json.dump(config, f)
+
+
+def test_config_json_round_trip(tmp_path, capsys):
+  config = tiny.get_config()
+  entry_points.record_config(config, str(tmp_path))  # A fresh run's: config.json, config.0.json.
+  assert sorted(os.listdir(tmp_path)) == ['config.0.json', 'config.json']
+  assert entry_points.load_config(str(tmp_path)).to_dict() == json.loads(config.to_json())
+  assert capsys.readouterr().err == ''  # Nothing missing: no warning.
+
+
+def test_a_config_json_that_predates_fields_loads_with_their_defaults(tmp_path, capsys):
+  saved = json.loads(tiny.get_config().to_json())
+  del saved['attention']  # A run from before sparse attention existed...
+  del saved['moe']['expert_dropout']  # ...and before expert dropout.
+  del saved['debug']['step_sleep_s']
+  write_config(tmp_path, saved)
+  config = entry_points.load_config(str(tmp_path))
+  defaults = default.get_config()
+  assert config.attention.to_dict() == defaults.attention.to_dict()
+  assert config.moe.expert_dropout == defaults.moe.expert_dropout
+  assert config.moe.num_experts == tiny.get_config().moe.num_experts  # Saved fields kept.
+  model_config(config)  # Valid as a whole.
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'warning: {tmp_path}/config.json predates fields '
+                                             'debug.step_sleep_s, moe.expert_dropout, attention'), err
+
+
+def test_a_field_that_no_longer_exists_is_still_refused(tmp_path):
+  saved = json.loads(tiny.get_config().to_json())
+  saved['moe']['jitter_noise'] = 0.1  # Not a field stmoe_jax knows.
+  write_config(tmp_path, saved)
+  with pytest.raises(ConfigError, match='config.moe.jitter_noise is not a field'):
+    validate(entry_points.load_config(str(tmp_path)))
+
+
+def test_a_missing_config_json_names_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path}/config.json not found'):
+    entry_points.load_config(str(tmp_path))

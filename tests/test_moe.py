@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stmoe_jax.config import MoeConfig, ModelConfig
+from conftest import tiny_model_config
+from stmoe_jax import layers
 from stmoe_jax.moe import MoeLayer, from_groups, to_groups
 from stmoe_jax.transformer import Block
 
 
 def tiny_cfg(**moe_overrides):
-  fields = dict(num_experts=4, top_k=2, expert_d_ff=16, group_size=8, min_capacity=1)
-  moe = MoeConfig(**{**fields, **moe_overrides})
-  return ModelConfig(d_model=8, num_layers=2, num_heads=2, head_dim=4, d_ff=16, moe=moe)
+  return tiny_model_config(d_model=8, head_dim=4, d_ff=16,
+                           moe={'group_size': 8, **moe_overrides})
 
 
 def numpy_gelu(x):  # tanh approximation, as jax.nn.gelu(approximate=True).
@@ -77,8 +77,8 @@ def test_block_returns_residual_for_dropped_token():
   assert block.is_moe
   x = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(3), (cfg.d_model,)), (1, 8, 8))
   positions = jnp.arange(8)[None]
-  out = block(x, positions, train=True)[0]  # (output, MoE stats, attention stats)
-  after_attention = x + block.attn(block.attn_norm(x), positions)
+  out = block(x, positions, train=True)[0]  # (output, {'moe': stats, 'attention': stats})
+  after_attention = x + block.attn(block.attn_norm(x), positions)[0]
   np.testing.assert_array_equal(np.asarray(out[0, 1:]), np.asarray(after_attention[0, 1:]))
   assert not np.array_equal(np.asarray(out[0, 0]), np.asarray(after_attention[0, 0]))
 
@@ -169,13 +169,13 @@ def test_bias_balancer_drives_a_skewed_router_toward_balance():
   # Skew: every router column leans towards expert 0.
   layer.router[...] = layer.router[...] + jnp.asarray([0.5, 0.0, 0.0, 0.0])[None]
   x = jax.random.normal(jax.random.PRNGKey(5), (8, 8, cfg.d_model)) + 0.5
-  graphdef, params, buffers = nnx.split(layer, nnx.Param, ...)
+  graphdef, params, buffers = nnx.split(layer, *layers.STATE_FILTERS)
 
   @jax.jit
   def step(buffers):
     model = nnx.merge(graphdef, params, buffers)
     _, stats = model(x, train=True)  # Updates the bias from this batch's load.
-    return nnx.split(model, nnx.Param, ...)[2], stats['max_load_ratio']
+    return nnx.split(model, *layers.STATE_FILTERS)[2], stats['max_load_ratio']
 
   ratios = []
   for _ in range(300):
@@ -221,8 +221,8 @@ def test_extra_dense_ffn_sits_before_or_after_the_moe(where):
   assert block.is_moe
   x = jax.random.normal(jax.random.PRNGKey(3), (1, 8, cfg.d_model))
   positions = jnp.arange(8)[None]
-  out, _, _ = block(x, positions, train=False)
-  h = x + block.attn(block.attn_norm(x), positions)
+  out, _ = block(x, positions, train=False)
+  h = x + block.attn(block.attn_norm(x), positions)[0]
   dense = lambda h: h + block.extra_ffn(block.extra_norm(h))
   moe = lambda h: h + block.ffn(block.ffn_norm(h), train=False)[0]
   expected = moe(dense(h)) if where == 'before' else dense(moe(h))

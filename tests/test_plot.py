@@ -10,7 +10,6 @@ import numpy as np
 from flax import nnx
 
 from stmoe_jax import plot
-from stmoe_jax.config import MoeConfig, ModelConfig
 from stmoe_jax.transformer import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,10 +76,8 @@ def test_figures_hold_the_logged_values(tmp_path):
   assert dropped.lines[1].get_label() == 'a MoE layer 1'
 
 
-def test_expert_choices_match_the_layer_routing_stats():
-  cfg = ModelConfig(vocab_size=259, d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32,
-                    moe=MoeConfig(num_experts=4, top_k=2, expert_d_ff=16, group_size=12, every=1,
-                                  eval_capacity_factor=2.0, min_capacity=1))
+def test_expert_choices_match_the_layer_routing_stats(tiny_model_cfg):
+  cfg = tiny_model_cfg(moe=dict(group_size=12, every=1, eval_capacity_factor=2.0))
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = jnp.arange(24).reshape(2, 12) * 7
   gates = plot.expert_choices(model, tokens)

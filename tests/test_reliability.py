@@ -1,12 +1,12 @@
-"""Failure behaviour, for real: SIGKILL/SIGTERM of train.py, damaged and half-written
-checkpoints, a full disk, NaN guards, bad data and incompatible checkpoints.
+"""Failure behaviour, for real: SIGKILL/SIGTERM of train.py, damaged checkpoints, NaN guards,
+bad data and incompatible checkpoints. (The Checkpointer alone, half-written and damaged steps
+and a full disk: tests/test_checkpointing.py.)
 
 Every train.py run uses configs/tiny.py with a 12-step schedule and per-step logging, so each
 run's losses can be compared bit for bit (JSON floats round-trip exactly) with one
 uninterrupted reference run.
 """
 
-import errno
 import json
 import os
 import re
@@ -14,11 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -27,6 +25,7 @@ from configs import tiny
 from stmoe_jax import checkpointing
 from stmoe_jax import guards
 from stmoe_jax import train_lib
+from stmoe_jax import entry_points
 from stmoe_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +240,7 @@ def test_nan_stop_saves_last_good_state_and_exits(reference, background):
   assert losses(recs) == {s: ref_losses[s] for s in range(1, 6)}
   # Checkpoint 5 (off the save interval: written by the guard) is step 5's state, not halted,
   # and its data position is 5 batches in.
-  config = train_lib.load_config(workdir)
+  config = entry_points.load_config(workdir)
   trainer = train_lib.Trainer(config, workdir)
   state, data_state = trainer.checkpointer.restore(5, trainer.abstract_state)
   assert (int(state.step), int(state.halted_at)) == (5, 0)
@@ -301,7 +300,8 @@ def test_train_step_guards_leave_the_state_untouched(tiny_trainer):
                                               s2_host.params))) > 0
 
   stop_step = jax.jit(lambda state, batch: train_lib.train_step(
-      state, batch, graphdef=t.graphdef, tx=t.tx, schedule=t.schedule, cfg=t.model_cfg,
+      state, batch, loss_fn=t.placement.model.loss_fn, graphdef=t.graphdef, tx=t.tx,
+      schedule=t.schedule,
       on_nonfinite='stop', nan_at_step=2, nan_term='grad_norm'))
   s1, _ = stop_step(t.init(), batches[0])
   s1_host = jax.device_get(s1)
@@ -313,164 +313,6 @@ def test_train_step_guards_leave_the_state_untouched(tiny_trainer):
     state = jax.device_get(state)
     assert (int(state.step), int(state.halted_at)) == (1, 2)
     jax.tree.map(np.testing.assert_array_equal, state.params, s1_host.params)
-
-
-def test_step_monitor_logs_spikes_skips_and_stops():
-  """Deliver 4 on the host: spikes against the median of the last 32 losses, skip lines,
-  stop errors, elementwise means of per-layer arrays, maxima of max_* metrics."""
-  lines = []
-  monitor = guards.StepMonitor('skip', 2.0, lines.append)
-  rng = np.random.default_rng(0)
-  series = list(3 + 0.1 * rng.standard_normal(40))
-  series[35] = 7.0  # > 2 x median (about 3).
-  series[36] = 5.0  # < 2 x median: not a spike.
-  for step, loss in enumerate(series, 1):
-    monitor.observe({'loss': loss, 'nonfinite': 0.0, 'skipped_steps': 0.0,
-                     'load': np.array([step, 2 * step]), 'max_logit': 10.0 - step}, step)
-  assert lines == [f'warning: loss spike at step 36: 7.0000 > 2.0 x median '
-                   f'{np.median(series[3:35]):.4f} of the previous 32 steps']
-  summary = monitor.summary()
-  assert summary['loss_spikes'] == 1 and summary['skipped_steps'] == 0
-  np.testing.assert_allclose(summary['loss'], np.mean(series))
-  np.testing.assert_allclose(summary['load'], [20.5, 41.0])
-  assert summary['max_logit'] == 9.0  # max_* metrics: the window's maximum, not its mean.
-  assert 'nonfinite' not in summary
-  monitor.observe({'loss': np.nan, 'cross_entropy': np.nan, 'z_loss': np.array([0.0, np.inf]),
-                   'grad_norm': 1.0, 'nonfinite': 1.0, 'skipped_steps': 3.0}, 41)
-  assert lines[-1] == ('warning: non-finite cross_entropy, z_loss at step 41: update skipped '
-                       '(3 skipped so far)')
-  assert monitor.summary() is None  # A skipped step is not averaged in.
-  with pytest.raises(guards.NonFiniteError, match='non-finite grad_norm at step 7'):
-    guards.StepMonitor('stop', 0, lines.append).observe(
-        {'loss': 1.0, 'grad_norm': np.inf, 'nonfinite': 1.0, 'skipped_steps': 0.0}, 7)
-
-
-# Checkpoints alone: a small pytree, no model, nothing to compile.
-
-STATE = {'w': np.arange(12, dtype=np.float32).reshape(3, 4), 'step': np.int32(0)}
-
-
-def abstract(tree):
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-
-
-def saved_checkpoints(directory, steps):
-  ckpt = checkpointing.Checkpointer(directory, keep=5)
-  for step in steps:
-    ckpt.save(step, jax.tree.map(lambda x: jnp.asarray(x) + step, STATE), {'pos': step},
-              force=True)
-  ckpt.wait()
-  ckpt.close()
-  return directory
-
-
-def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
-  """Deliver 3: SIGKILL while step 2 is half written (arrays on disk, the data item not yet)
-  leaves step 1 the latest, restorable and intact; the leftover temp dir is cleaned up."""
-  directory = str(tmp_path / 'ckpt')
-  marker = tmp_path / 'writing'
-  script = textwrap.dedent(f'''
-      import sys, time
-      sys.path.insert(0, {ROOT!r})
-      import numpy as np
-      from orbax.checkpoint._src.handlers import json_checkpoint_handler
-      from stmoe_jax import checkpointing
-      ckpt = checkpointing.Checkpointer({directory!r})
-      state = {{'w': np.arange(12, dtype=np.float32).reshape(3, 4), 'step': np.int32(0)}}
-      ckpt.save(1, {{k: v + 1 for k, v in state.items()}}, {{'pos': 1}}, force=True)
-      ckpt.wait()
-      async def hang(self, item, directory):
-        open({str(marker)!r}, 'w').write(str(directory))
-        time.sleep(600)
-      json_checkpoint_handler.JsonCheckpointHandler._save_fn = hang
-      ckpt.save(2, {{k: v + 2 for k, v in state.items()}}, {{'pos': 2}}, force=True)
-      ckpt.wait()
-  ''')
-  proc = subprocess.Popen([sys.executable, '-c', script], stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not marker.exists():
-    assert proc.poll() is None and time.time() < deadline, 'the save never started'
-    time.sleep(0.01)
-  proc.kill()
-  proc.wait()
-  leftovers = sorted(os.listdir(directory))
-  assert leftovers == ['1', '2.orbax-checkpoint-tmp'], leftovers  # Step 2 was mid-write.
-  ckpt = checkpointing.Checkpointer(directory)
-  assert ckpt.all_steps() == [1]
-  state, data = ckpt.restore(1, abstract(STATE))
-  np.testing.assert_array_equal(state['w'], STATE['w'] + 1)
-  assert data == {'pos': 1}
-  assert sorted(os.listdir(directory)) == ['1']  # The half-written step is gone...
-  ckpt.save(2, STATE, {'pos': 2}, force=True)  # ...and can be written again.
-  ckpt.wait()
-  assert ckpt.all_steps() == [1, 2]
-  ckpt.close()
-
-
-def test_disk_full_while_saving_is_a_clear_error(tmp_path, monkeypatch):
-  """Deliver 3: ENOSPC in the middle of a save names the directory and the intact steps."""
-  from orbax.checkpoint._src.handlers import json_checkpoint_handler
-  directory = saved_checkpoints(str(tmp_path / 'ckpt'), [1, 2])
-
-  async def disk_full(self, item, path):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, '_save_fn', disk_full)
-  ckpt = checkpointing.Checkpointer(directory, keep=5)
-  ckpt.save(3, STATE, {'pos': 3}, force=True)
-  with pytest.raises(checkpointing.CheckpointError) as error:
-    ckpt.wait()
-  assert str(error.value) == (f'saving checkpoint step 3 to {directory} failed (disk full); '
-                              'the steps saved before it are intact: [1, 2]')
-  monkeypatch.undo()
-  reopened = checkpointing.Checkpointer(directory)
-  assert reopened.all_steps() == [1, 2]
-  for step in (1, 2):
-    state, data = reopened.restore(step, abstract(STATE))
-    np.testing.assert_array_equal(state['w'], STATE['w'] + step)
-    assert data == {'pos': step}
-
-
-@pytest.mark.parametrize('damage', ['truncate_all', 'delete_state', 'delete_data'])
-def test_restore_latest_skips_damaged_steps(tmp_path, damage):
-  """Deliver 3: each kind of damage to the newest step is reported by path, the step before it
-  is restored, and set aside only once a good step is found."""
-  directory = saved_checkpoints(str(tmp_path / 'ckpt'), [1, 2, 3])
-  newest = os.path.join(directory, '3')
-  if damage == 'truncate_all':
-    for parent, _, files in os.walk(newest):
-      for name in files:
-        open(os.path.join(parent, name), 'w').close()
-  else:
-    shutil.rmtree(os.path.join(newest, damage.split('_')[1]))
-  warnings = []
-  ckpt = checkpointing.Checkpointer(directory)
-  assert ckpt.restore_latest(abstract(STATE), warn=warnings.append)[0] == 2  # eval.py's way:
-  assert sorted(os.listdir(directory)) == ['1', '2', '3']  # reported, left in place.
-  step, state, data = ckpt.restore_latest(abstract(STATE), set_aside_damaged=True,
-                                          warn=warnings.append)
-  assert (step, data) == (2, {'pos': 2})
-  np.testing.assert_array_equal(state['w'], STATE['w'] + 2)
-  assert len(warnings) == 2 and all(w.startswith(f'warning: checkpoint {newest} is unreadable: ')
-                                    for w in warnings)
-  assert sorted(os.listdir(directory)) == ['1', '2', '3.corrupt']
-  assert ckpt.all_steps() == [1, 2]
-
-
-def test_incompatible_checkpoint_names_the_array(tmp_path):
-  """Deliver 5: a checkpoint whose arrays do not fit is refused by name, never reshaped, and not
-  'fallen back' from (an older step of the same run would not fit either)."""
-  directory = saved_checkpoints(str(tmp_path / 'ckpt'), [1, 2])
-  ckpt = checkpointing.Checkpointer(directory)
-  wider = {**STATE, 'w': np.zeros((3, 5), np.float32)}
-  with pytest.raises(checkpointing.IncompatibleCheckpointError,
-                     match=rf'^checkpoint {directory}/2 stores w as float32\[3, 4\] but this '
-                           r'config needs float32\[3, 5\]$'):
-    ckpt.restore_latest(abstract(wider))
-  with pytest.raises(checkpointing.IncompatibleCheckpointError,
-                     match=f'checkpoint {directory}/1 has no array extra'):
-    ckpt.restore(1, abstract({**STATE, 'extra': np.zeros(2, np.float32)}))
 
 
 class FakeSource:

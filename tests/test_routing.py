@@ -6,8 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from configs import default
+from stmoe_jax import layer_stats
 from stmoe_jax import routing
+from stmoe_jax.config import ConfigError, validate
+from stmoe_jax.moe import MoeLayer
 
 
 def numpy_tokens_choose(logits, k, capacity, renormalize):
@@ -214,3 +219,32 @@ def test_routing_stats_hand_worked():
   np.testing.assert_allclose(stats['max_router_logit'], -np.log(0.1), rtol=1e-6)
   masked = routing.routing_stats(route, jnp.asarray([[True, True, True, False]]))
   np.testing.assert_allclose(masked['max_router_logit'], -np.log(0.2), rtol=1e-6)
+
+
+def route_to_first_expert(logits_GSE, moe, *, capacity, mask_GS=None, bias_E=None, train=False,
+                          rng=None):
+  """A toy router for the registry test: every token's one choice is expert 0, weight 1."""
+  del moe, bias_E, train, rng
+  first_GSE = jnp.where(jnp.arange(logits_GSE.shape[-1]) == 0, 30.0, -30.0) + 0 * logits_GSE
+  return routing.tokens_choose_top_k(first_GSE, top_k=1, capacity=capacity, mask_GS=mask_GS)
+
+
+def test_a_registered_router_is_what_validation_the_layer_and_the_stats_use(monkeypatch,
+                                                                             tiny_model_cfg):
+  config = default.get_config()
+  config.moe.router = 'first_expert'
+  with pytest.raises(ConfigError, match="config.moe.router='first_expert' is invalid"):
+    validate(config)
+  monkeypatch.setitem(routing.ROUTERS, 'first_expert', routing.Router(
+      route_to_first_expert, causal=True, fixed_load=False, num_choices=lambda moe: 1))
+  validate(config)  # One registry line: the config accepts it...
+  cfg = tiny_model_cfg(moe=dict(router='first_expert', group_size=8, eval_capacity_factor=8.0))
+  assert dict(layer_stats.dims(cfg))['K'] == 1  # ...the stats size its choices...
+  graphdef, state = nnx.split(MoeLayer(cfg, rngs=nnx.Rngs(0)))
+  _, stats = jax.jit(lambda x: nnx.merge(graphdef, state)(x, train=False))(
+      jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16)))
+  np.testing.assert_allclose(stats['expert_load'], [1.0, 0.0, 0.0, 0.0])  # ...the layer routes.
+  monkeypatch.setitem(routing.ROUTERS, 'first_expert', routing.Router(
+      route_to_first_expert, causal=False, fixed_load=False, num_choices=lambda moe: 1))
+  with pytest.raises(ConfigError, match="expected 'tokens_choose' in this causal decoder"):
+    validate(config)  # A non-causal router is refused in the decoder.

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_model_config
+from stmoe_jax import layers
 from stmoe_jax import sampling
-from stmoe_jax.config import AttentionConfig, MoeConfig, ModelConfig
+from stmoe_jax.config import AttentionConfig, MoeConfig
 from stmoe_jax.data import tokenizer
 from stmoe_jax.transformer import Transformer, init_caches
 
 # Eval capacity factor = E / k gives capacity = the whole group: the full forward drops nothing.
-CFG = ModelConfig(vocab_size=259, d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32,
-                  moe=MoeConfig(num_experts=4, top_k=2, expert_d_ff=16, group_size=24,
-                                eval_capacity_factor=2.0, min_capacity=1))
+CFG = tiny_model_config(moe=dict(group_size=24, eval_capacity_factor=2.0))
 
 
 @pytest.fixture(scope='module')
@@ -30,14 +30,14 @@ def model_and_params():
 def test_cached_decoding_matches_full_forward(model_and_params):
   model, params = model_and_params
   graphdef = nnx.graphdef(model)
-  buffers = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+  buffers = nnx.to_pure_dict(nnx.split(model, *layers.STATE_FILTERS)[2])
   forward = jax.jit(lambda p, t: nnx.merge(graphdef, p, buffers)(t, train=False))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
   full_logits, stats = forward(params, tokens)
   assert abs(float(jnp.max(stats['dropped_fraction']))) < 1e-6
   assert np.all(np.asarray(stats['expert_load']).max(-1) < 0.9)  # Experts really differ.
   decode_graphdef = sampling.Sampler(CFG, 16).graphdef  # Groups of one token.
-  buffers = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+  buffers = nnx.to_pure_dict(nnx.split(model, *layers.STATE_FILTERS)[2])
   decode = jax.jit(lambda p, t, c: nnx.merge(decode_graphdef, p, buffers).decode(t, c))
   caches = init_caches(CFG, 2, 16)
   prefix_logits, caches = decode(params, tokens[:, :5], caches)  # Prompt in one call...
@@ -117,13 +117,13 @@ DECODE_ATT = AttentionConfig(block_size=4, window=5, stride=3, num_local_blocks=
 def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss):
   kinds = layer_kinds.split(',')
   att = dataclasses.replace(DECODE_ATT, layer_kinds=layer_kinds, logit_z_loss_coef=z_loss)
-  cfg = ModelConfig(vocab_size=259, d_model=16, num_layers=len(kinds), num_heads=4, head_dim=8,
-                    d_ff=32, moe=MoeConfig(enabled=False), attention=att)
+  cfg = dataclasses.replace(tiny_model_config(num_layers=len(kinds), num_heads=4),
+                            moe=MoeConfig(enabled=False), attention=att)
   model = Transformer(cfg, rngs=nnx.Rngs(5))
   for block, kind in zip(model.blocks, kinds):
     if kind == 'head_routed':  # Larger router weights, so that tokens disagree on their heads.
       block.attn.router[...] *= 30.0
-  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+  graphdef, params, buffers = nnx.split(model, *layers.STATE_FILTERS)
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 13), 0, 256)
   forward = jax.jit(lambda t: nnx.merge(graphdef, params, buffers)(t))
   full_logits, stats = forward(tokens)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default, tiny
+from conftest import tiny_model_config
+from configs import tiny
 from stmoe_jax import attention, routing
-from stmoe_jax.config import AttentionConfig, ConfigError, ModelConfig, MoeConfig, validate
+from stmoe_jax.config import AttentionConfig
 from stmoe_jax.head_routing import HeadRoutedAttention
 from stmoe_jax.sparse_attention import (PatternAttention, attend_at_positions, key_block_table,
                                         sparse_attention)
-from stmoe_jax.transformer import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Block 8 with a window of 11 and stride 5: neither lines up with the blocks.
@@ -102,10 +102,8 @@ def test_decode_step_with_one_query_over_cached_keys(kind):
 
 
 def small_cfg(**att):
-  return ModelConfig(d_model=16, num_layers=2, num_heads=4, head_dim=8, d_ff=32,
-                     moe=MoeConfig(num_experts=4, top_k=2, expert_d_ff=16, group_size=32,
-                                   min_capacity=1),
-                     attention=AttentionConfig(**{**dataclasses.asdict(ATT), **att}))
+  return tiny_model_config(num_heads=4,
+                           attention={**dataclasses.asdict(ATT), **att})
 
 
 @pytest.mark.parametrize('kind', KINDS + ('head_routed',))
@@ -150,96 +148,6 @@ def test_key_block_tables():
   # The global block 0 in its own column, used only where it is not also local.
   np.testing.assert_array_equal(key_block_table('block_sparse', att, 5),
                                 [[-1, -1, 0], [-1, 0, 1], [0, 1, 2], [0, 2, 3], [0, 3, 4]])
-
-
-def rotary(x_LK, positions, max_wavelength):
-  half = x_LK.shape[-1] // 2
-  angle = positions[:, None] * max_wavelength ** (-np.arange(half) / half)
-  x1, x2 = x_LK[:, :half], x_LK[:, half:]
-  return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
-                         x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1)
-
-
-def test_head_routed_equals_a_per_token_loop_over_its_chosen_heads():
-  # 4 heads, top-2, capacity ceil(0.75 * 2 * 12 / 4) = 5 < the 6 choices a head gets on
-  # average: some choices are dropped, which the loop decides on its own, first come first
-  # served in token order.
-  cfg = small_cfg(head_top_k=2, head_capacity_factor=0.75)
-  layer = HeadRoutedAttention(cfg, rngs=nnx.Rngs(0))
-  B, L, H, R, K = 2, 12, 4, 2, 8
-  x = jax.random.normal(jax.random.PRNGKey(3), (B, L, 16))
-  graphdef, state = nnx.split(layer)
-  y, stats = jax.jit(lambda x: nnx.merge(graphdef, state)(
-      x, jnp.broadcast_to(jnp.arange(L), (B, L))))(x)
-  p = {name: np.asarray(getattr(layer, name)[...], np.float64)
-       for name in ('router', 'w_q', 'w_k', 'w_v', 'w_o')}
-  xs, capacity, wl = np.asarray(x, np.float64), 5, cfg.rope_max_wavelength
-  assert layer.capacity(L) == capacity
-  want, load, dropped = np.zeros((B, L, 16)), np.zeros(H), 0
-  for b in range(B):
-    logits = xs[b] @ p['router']
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    keys = rotary(xs[b] @ p['w_k'], np.arange(L), wl)
-    values = xs[b] @ p['w_v']
-    arrived = np.zeros(H, int)
-    for t in range(L):
-      chosen = np.argsort(-probs[t])[:R]
-      gates = probs[t, chosen] / probs[t, chosen].sum()
-      for h, gate in zip(chosen, gates):
-        load[h] += 1
-        arrived[h] += 1
-        if arrived[h] > capacity:
-          dropped += 1
-          continue
-        q = rotary((xs[b, t] @ p['w_q'][h])[None], np.array([t]), wl)[0]
-        scores = keys[:t + 1] @ q / np.sqrt(K)
-        weights = np.exp(scores - scores.max())
-        weights /= weights.sum()
-        want[b, t] += gate * ((weights @ values[:t + 1]) @ p['w_o'][h])
-  assert dropped > 0
-  np.testing.assert_allclose(y, want, atol=1e-5)
-  np.testing.assert_allclose(stats['head_load'], load / load.sum(), atol=1e-6)
-  np.testing.assert_allclose(stats['dropped_fraction'], dropped / (B * L * R), atol=1e-6)
-  route = layer.route(x)
-  np.testing.assert_allclose(stats['balance_loss'],
-                             routing.load_balancing_loss(route.probs, route.expert_index))
-
-
-def test_layer_kinds_cycle_and_stats_reach_the_model_output():
-  cfg = dataclasses.replace(small_cfg(layer_kinds='local,head_routed,dense',
-                                      logit_z_loss_coef=1e-4), num_layers=3)
-  assert [cfg.attention.layer_kind(i) for i in range(5)] == [
-      'local', 'head_routed', 'dense', 'local', 'head_routed']
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  # With the logit z-loss on, dense attention too runs where its log-normalisers are seen.
-  assert [type(b.attn).__name__ for b in model.blocks] == [
-      'PatternAttention', 'HeadRoutedAttention', 'PatternAttention']
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 259)
-  graphdef, state = nnx.split(model)
-  _, stats = jax.jit(lambda t: nnx.merge(graphdef, state)(t))(tokens)
-  assert stats['attn_logit_z_loss'].shape == (3,) and np.all(stats['attn_logit_z_loss'] > 0)
-  assert stats['attn_head_load'].shape == (1, 4) and stats['attn_balance_loss'].shape == (1,)
-  # Without the logit z-loss, dense layers stay the plain CausalSelfAttention.
-  plain = Transformer(small_cfg(), rngs=nnx.Rngs(0))
-  assert type(plain.blocks[0].attn) is attention.CausalSelfAttention
-
-
-@pytest.mark.parametrize('field,value,message', [
-    ('attention.kind', 'sparse', "config.attention.kind='sparse'"),
-    ('attention.layer_kinds', 'local,global', "config.attention.layer_kinds='local,global'"),
-    ('attention.window', 0, 'config.attention.window=0'),
-    ('attention.block_size', -8, 'config.attention.block_size=-8'),
-    ('attention.head_top_k', 5, 'config.attention.head_top_k=5'),  # Only 4 heads.
-    ('attention.num_global_blocks', -1, 'config.attention.num_global_blocks=-1'),
-    ('attention.logit_z_loss_coef', -1.0, 'config.attention.logit_z_loss_coef=-1.0'),
-])
-def test_bad_attention_values_name_the_field(field, value, message):
-  config = default.get_config()
-  section, _, key = field.rpartition('.')
-  config[section][key] = value
-  with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
-    validate(config)
 
 
 def test_train_py_trains_a_sparse_attention_config(stdlib_data_dir, tmp_path):

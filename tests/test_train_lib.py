@@ -65,19 +65,6 @@ def test_bias_balancer_update_is_rate_times_sign_of_load_gap(trainer):
                                old['blocks'][layer]['ffn']['router_bias'])
 
 
-def test_learning_rate_schedules():
-  opt = tiny.get_config().opt
-  opt.update(lr=1.0, warmup_steps=10, final_lr_fraction=0.1, schedule='cosine')
-  cosine = train_lib.learning_rate_schedule(opt, num_train_steps=110)
-  np.testing.assert_allclose([cosine(0), cosine(4), cosine(9), cosine(10), cosine(60),
-                              cosine(110)], [0.1, 0.5, 1.0, 1.0, 0.55, 0.1], rtol=1e-5)
-  opt.schedule = 'rsqrt'
-  rsqrt = train_lib.learning_rate_schedule(opt, num_train_steps=110)
-  # After warmup: lr / sqrt(1 + (step - warmup) / warmup).
-  np.testing.assert_allclose([rsqrt(10), rsqrt(20), rsqrt(40)],
-                             [1.0, 1 / np.sqrt(2), 0.5], rtol=1e-5)
-
-
 def test_adafactor_trains(stdlib_data_dir, tmp_path):
   config = tiny.get_config()
   config.data.data_dir = stdlib_data_dir
@@ -96,16 +83,3 @@ def test_adafactor_trains(stdlib_data_dir, tmp_path):
   # Decoupled weight decay is lr-scaled (3e-4 per step here), not 10% of every weight per step.
   assert param_norms[-1] > 0.95 * param_norms[0], param_norms
 
-
-def test_wsd_schedule_branches_off_longer_runs():
-  opt = tiny.get_config().opt
-  opt.update(lr=1.0, warmup_steps=10, final_lr_fraction=0.0, schedule='wsd', decay_fraction=0.2)
-  wsd = train_lib.learning_rate_schedule(opt, num_train_steps=110)
-  # Stable until 110 - 22 = 88, then linear to 0 at 110.
-  np.testing.assert_allclose([wsd(0), wsd(9), wsd(50), wsd(88), wsd(99), wsd(110)],
-                             [0.1, 1.0, 1.0, 1.0, 0.5, 0.0], atol=1e-6)
-  # A 55-step run is the 110-step run's first 44 steps plus its own decay.
-  short = train_lib.learning_rate_schedule(opt, num_train_steps=55)
-  steps = np.arange(45)
-  np.testing.assert_allclose([short(s) for s in steps], [wsd(s) for s in steps], rtol=0)
-  np.testing.assert_allclose([short(44), short(55)], [1.0, 0.0], atol=1e-6)

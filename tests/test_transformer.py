@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import tiny_model_config
 from configs import default, tiny
-from stmoe_jax.config import MoeConfig, ModelConfig, model_config
+from stmoe_jax import attention
+from stmoe_jax.config import model_config
 from stmoe_jax.transformer import Transformer
 
 
 def small_cfg(**moe):
-  return ModelConfig(vocab_size=259, d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32,
-                     moe=MoeConfig(**{**dict(num_experts=4, top_k=2, expert_d_ff=16,
-                                             group_size=32, min_capacity=1), **moe}))
+  return tiny_model_config(moe=moe)
 
 
 @pytest.mark.parametrize('train,moe', [
@@ -124,3 +124,23 @@ def test_every_routing_field_reaches_the_model(field, value, what):
                                         base_buffers))[0] > 0
   else:  # The field adds or reshapes parameters.
     assert params != base_params
+
+
+def test_layer_kinds_cycle_and_stats_reach_the_model_output():
+  att = dict(block_size=8, window=11, stride=5, num_local_blocks=2, num_global_blocks=1)
+  cfg = tiny_model_config(num_layers=3, num_heads=4, attention=dict(
+      att, layer_kinds='local,head_routed,dense', logit_z_loss_coef=1e-4))
+  assert [cfg.attention.layer_kind(i) for i in range(5)] == [
+      'local', 'head_routed', 'dense', 'local', 'head_routed']
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  # With the logit z-loss on, dense attention too runs where its log-normalisers are seen.
+  assert [type(b.attn).__name__ for b in model.blocks] == [
+      'PatternAttention', 'HeadRoutedAttention', 'PatternAttention']
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 259)
+  graphdef, state = nnx.split(model)
+  _, stats = jax.jit(lambda t: nnx.merge(graphdef, state)(t))(tokens)
+  assert stats['attn_logit_z_loss'].shape == (3,) and np.all(stats['attn_logit_z_loss'] > 0)
+  assert stats['attn_head_load'].shape == (1, 4) and stats['attn_balance_loss'].shape == (1,)
+  # Without the logit z-loss, dense layers stay the plain CausalSelfAttention.
+  plain = Transformer(tiny_model_config(num_heads=4, attention=att), rngs=nnx.Rngs(0))
+  assert type(plain.blocks[0].attn) is attention.CausalSelfAttention

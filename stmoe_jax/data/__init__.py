@@ -1,14 +1,6 @@
-"""Data layer: byte tokenizer, stdlib_py TFDS corpus, grain input pipelines."""
+"""Data layer: byte tokenizer (`tokenizer`), stdlib_py TFDS corpus (`stdlib_corpus`), grain
+input pipelines (`input_pipeline`).
 
-from stmoe_jax.data.input_pipeline import EvalIterable
-from stmoe_jax.data.input_pipeline import get_data_source
-from stmoe_jax.data.input_pipeline import make_eval_iterator
-from stmoe_jax.data.input_pipeline import make_train_iterator
-from stmoe_jax.data.input_pipeline import TrainIterator
-from stmoe_jax.data.stdlib_corpus import StdlibPy
-from stmoe_jax.data.tokenizer import BOS_ID
-from stmoe_jax.data.tokenizer import decode
-from stmoe_jax.data.tokenizer import encode
-from stmoe_jax.data.tokenizer import EOS_ID
-from stmoe_jax.data.tokenizer import PAD_ID
-from stmoe_jax.data.tokenizer import VOCAB_SIZE
+Import the submodules themselves: this package re-exports nothing, so importing the tokenizer
+(as `config` does) does not pull in the pipelines, which import `config`.
+"""

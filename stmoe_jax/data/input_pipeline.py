@@ -135,12 +135,27 @@ class _CheckedSource:
 
 
 def _checked_source(name: str, split: str, data_dir, feature_key: str) -> _CheckedSource:
-  """`get_data_source` with the feature key checked and every record checked on read."""
-  source = get_data_source(name, split, data_dir)
+  """`get_data_source` with the split and feature key checked and every record checked on
+  read."""
+  try:
+    source = get_data_source(name, split, data_dir)
+  except ValueError as e:  # TFDS: "Unknown split 'tran'. Should be one of [...]", bad slices.
+    if 'split' not in str(e).lower():
+      raise
+    why = ' '.join(str(e).split())
+    raise DataError(f'{name}[{split}] cannot be read: {why}') from None
   if not len(source):
     raise DataError(f'{name}[{split}] has no records: nothing to train or evaluate on')
   _check_feature(source, name, feature_key)
   return _CheckedSource(source, name, split, feature_key)
+
+
+def check_split(*, name: str, split: str, data_dir: str | os.PathLike | None, feature_key: str,
+                **unused) -> None:
+  """Raises DataError (or ConfigError for the feature key) if `split` cannot feed a pipeline:
+  what `make_train_iterator`/`make_eval_iterator` would find first, without building one."""
+  del unused  # Accepts `Trainer.data_kwargs` as they are.
+  _checked_source(name, split, data_dir, feature_key)
 
 
 def _check_feature(source, name: str, feature_key: str) -> None:

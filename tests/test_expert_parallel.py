@@ -1,0 +1,34 @@
+"""Expert parallelism on 8 fake CPU devices: every mesh and dispatch strategy gives one
+device's loss and gradients; experts or groups that do not split over the mesh are refused
+before compiling. (The `sharding_checks` fixture of conftest.py runs tests/sharding_checks.py.)
+"""
+
+import pytest
+
+
+@pytest.mark.parametrize('name', [
+    'scatter:data=8', 'scatter:expert=8', 'scatter:data=2,expert=4',
+    'scatter:data=2,expert=2,model=2', 'einsum:expert=8', 'einsum:data=2,expert=2,model=2',
+    'dropless:expert=8', 'dropless:data=2,expert=2,model=2'])
+def test_mesh_matches_single_device(sharding_checks, name):
+  """Loss and every gradient equal one device's (asserted in the script, which also checks
+  parameter and Adam-moment shardings); all-to-all in the compiled step iff expert > 1."""
+  result = sharding_checks[name]
+  assert result['loss'] == pytest.approx(result['ref_loss'], rel=1e-5)
+  assert result['max_grad_err'] < 1e-6
+  if not name.startswith('dropless'):
+    assert result['all_to_all'] == ('expert=' in name)
+  if name.startswith('scatter'):
+    assert result['dropped_fraction'] > 0  # Capacity 1.0: the drops must agree too.
+
+
+@pytest.mark.parametrize('key, message', [
+    ('num_experts', 'config.moe.num_experts=6 is invalid: expected a multiple of the mesh axis '
+                    'expert=4'),
+    ('groups', 'config.moe.group_size gives 4 routing groups per batch: expected a multiple of '
+               'the 8 token shards'),
+])
+def test_experts_and_groups_that_do_not_split_fail_before_compiling(sharding_checks, key,
+                                                                     message):
+  assert message in sharding_checks['errors'][key]
+  assert '\n' not in sharding_checks['errors'][key]
