@@ -63,7 +63,7 @@ def main(argv=None):
   parser.add_argument('--top', type=int, default=15, help='Op kinds to print.')
   parser.add_argument('--quick', action='store_true')
   args = parser.parse_args(argv)
-  config = sweep.load_config(os.path.join(ROOT, 'configs', 'tiny.py') if args.quick
+  config = sweep.load_config_file(os.path.join(ROOT, 'configs', 'tiny.py') if args.quick
                              else args.config)
   for text in args.override:
     apply_override(config, text)

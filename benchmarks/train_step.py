@@ -138,7 +138,7 @@ def main(argv=None):
   parser.add_argument('--config', default='', help='Benchmark this one config file[:arg] only.')
   args = parser.parse_args(argv)
   if args.config:
-    config = sweep.load_config(args.config)
+    config = sweep.load_config_file(args.config)
     for text in args.override:
       apply_override(config, text)
     print(json.dumps(benchmark(args.config, config, args.steps)), flush=True)
