@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 from typing import Iterator
 
 TRACEBACK_ENV = 'STMOE_JAX_TRACEBACK'
@@ -51,13 +52,44 @@ def one_line_errors(*expected: type[BaseException]) -> Iterator[None]:
 
 
 class _DropOrbaxErrors(logging.Filter):
+  """Drops ERROR records logged from Orbax's code, or about a failure inside it: asyncio's
+  'Task exception was never retrieved' for the other write tasks of a failed save, logged when
+  they are collected (at exit), names Orbax only in its message and traceback."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    orbax = f'{os.sep}orbax{os.sep}'
+    if orbax in record.pathname:
+      return False
+    try:
+      text = record.getMessage()
+    except Exception:  # pylint: disable=broad-except
+      text = str(record.msg)
+    if record.exc_info and record.exc_info[2] is not None:
+      text += ''.join(traceback.format_tb(record.exc_info[2]))
+    return orbax not in text
+
+
+def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
+  """A TensorStore write finishing after its save failed: its callback reaches the save's
+  asyncio loop, already closed, and the error is printed through sys.excepthook."""
+  return (exc_type is RuntimeError and str(exc) == 'Event loop is closed' and tb is not None and
+          any(frame.name == 'call_soon_threadsafe' for frame in traceback.extract_tb(tb)))
 
 
 def quiet_orbax_errors() -> None:
-  """Drops Orbax's ERROR log records (unless STMOE_JAX_TRACEBACK is set): a failed save is
-  raised to the caller as well, and reported there in one line."""
-  if not os.environ.get(TRACEBACK_ENV):
-    logging.getLogger('absl').addFilter(_DropOrbaxErrors())
+  """Drops Orbax's ERROR log records, and the tracebacks of the write tasks a failed save
+  leaves behind (unless STMOE_JAX_TRACEBACK is set): a failed save is raised to the caller as
+  well, and reported there in one line."""
+  if os.environ.get(TRACEBACK_ENV):
+    return
+  for name in ('absl', 'asyncio'):
+    logging.getLogger(name).addFilter(_DropOrbaxErrors())
+  previous = sys.excepthook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_closed_loop_callback(exc_type, exc, tb):
+      previous(exc_type, exc, tb)
+
+  sys.excepthook = excepthook
