@@ -39,10 +39,10 @@ def main(argv=None):
   import time  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import default, tiny  # pylint: disable=g-import-not-at-top
   from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_step import random_batch  # pylint: disable=g-import-not-at-top
 
   for dispatch in args.dispatch.split(','):
     config = tiny.get_config() if args.quick else default.get_config()
@@ -54,10 +54,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as workdir:
       trainer = train_lib.Trainer(config, workdir)
       state = trainer.init()
-      tokens = np.random.default_rng(0).integers(
-          0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
-      batch = trainer.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-                                    'weights': np.ones(tokens[:, 1:].shape, np.float32)})
+      batch = random_batch(trainer, config)
       hlo = trainer.train_step.lower(state, batch).compile().as_text()
       times = []
       for i in range((1 if args.quick else args.steps) + 2):

@@ -27,11 +27,10 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.train_step import apply_override  # noqa: E402
+from benchmarks.train_step import apply_override, random_batch  # noqa: E402
 from stmoe_jax import flops  # noqa: E402
 from stmoe_jax import sweep  # noqa: E402
 from stmoe_jax import train_lib  # noqa: E402
@@ -70,10 +69,7 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as workdir:
     trainer = train_lib.Trainer(config, workdir)
     state = trainer.init()
-    tokens = np.random.default_rng(0).integers(
-        0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
-    batch = trainer.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-                                  'weights': np.ones(tokens[:, 1:].shape, np.float32)})
+    batch = random_batch(trainer, config)
     compiled = trainer.train_step.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -62,14 +62,19 @@ def apply_override(config, text: str):
   node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == 'True'
 
 
+def random_batch(trainer, config) -> dict:
+  """A global batch of random bytes (seed 0) in the trainer's batch sharding."""
+  tokens = np.random.default_rng(0).integers(
+      0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
+  return trainer.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+                               'weights': np.ones(tokens[:, 1:].shape, np.float32)})
+
+
 def benchmark(name: str, config, steps: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     trainer = train_lib.Trainer(config, workdir)
     state = trainer.init()
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, (config.batch_size, config.data.seq_len + 1), dtype=np.int32)
-    batch = trainer.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-                                  'weights': np.ones(tokens[:, 1:].shape, np.float32)})
+    batch = random_batch(trainer, config)
     times = []
     for i in range(steps + 2):
       start = time.perf_counter()
