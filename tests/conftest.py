@@ -15,21 +15,47 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 # One persistent XLA compilation cache for the session, in a temporary directory that the
-# train.py/eval.py subprocesses inherit through the environment: dozens of them compile the
-# same tiny programs. Set before anything imports JAX.
-_XLA_CACHE = tempfile.mkdtemp(prefix='stmoe_jax_xla_cache_')
-os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
+# train.py/eval.py subprocesses and the pytest-xdist workers (pytest.ini runs two) inherit
+# through the environment: dozens of processes compile the same tiny programs. JAX writes cache
+# entries atomically, so concurrent writers are safe. Set before anything imports JAX.
+_OWNS_XLA_CACHE = 'STMOE_JAX_TEST_XLA_CACHE' not in os.environ
+if _OWNS_XLA_CACHE:
+  os.environ['STMOE_JAX_TEST_XLA_CACHE'] = tempfile.mkdtemp(prefix='stmoe_jax_xla_cache_')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['STMOE_JAX_TEST_XLA_CACHE']
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
 # The tests are dominated by XLA:CPU compiling hundreds of small programs, not by running them:
 # skipping LLVM's optimisation passes halves compile times (results are the same programs'; the
 # benchmarks measure speed, outside the tests).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_backend_optimization_level=0').strip()
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
+
+# pytest.ini distributes whole groups of tests over the xdist workers (`--dist loadgroup`): a
+# group is one test file, so module-scoped fixtures (trained workdirs) are built once, except
+# that the files reading the 8-device `sharding_checks` subprocess share a group. The slowest
+# groups are handed out first, so that no long file starts last and runs alone.
+_SHARED_GROUPS = {'test_sharding.py': 'sharding_checks', 'test_expert_parallel.py': 'sharding_checks'}
+_SLOWEST_FIRST = ('test_moe_vs_dense.py', 'test_notebook.py', 'test_multihost.py',
+                  'test_reliability.py', 'test_benchmarks.py', 'test_transformer.py',
+                  'test_dispatch.py', 'sharding_checks', 'test_sampling.py', 'test_entry_points.py')
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  del config
+  def group(item):
+    name = os.path.basename(str(item.path))
+    return _SHARED_GROUPS.get(name, name)
+  rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order kept
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(group(item)))
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  if _OWNS_XLA_CACHE:
+    shutil.rmtree(os.environ['STMOE_JAX_TEST_XLA_CACHE'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
