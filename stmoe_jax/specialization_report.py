@@ -58,13 +58,23 @@ def summary_table(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def class_mix_table(report: dict) -> str:
-  """Markdown: each class's share of the kept choices (%), per MoE layer."""
+def class_summary_table(report: dict) -> str:
+  """Markdown: per class and MoE layer, its share of all choices, the expert whose choices hold
+  the most of it (with that share), and the expert that gets the most of the class's choices
+  (with that share: under top-k routing about 1/k at most, an expert being one of a token's k
+  distinct choices; a little more where other choices were dropped)."""
   layers = report['layers']
-  lines = ['| class | ' + ' | '.join(f"layer {l['layer']}" for l in layers) + ' |',
-           '|---|' + '---|' * len(layers)]
+  lines = ['| class | ' + ' | '.join(
+      f"layer {l['layer']}: % of choices | most specialised expert: % of its choices | "
+      "expert with most of the class: % of the class" for l in layers) + ' |',
+           '|---|' + '---|---|---|' * len(layers)]
   for c, name in enumerate(report['classes']):
-    lines.append(f'| {name} | ' + ' | '.join(_pct(l['class_mix'][c]) for l in layers) + ' |')
+    cells = []
+    for l in layers:
+      by_expert, by_class = np.asarray(l['by_expert'])[:, c], np.asarray(l['by_class'])[:, c]
+      e, f = int(np.argmax(by_expert)), int(np.argmax(by_class))
+      cells += [_pct(l['class_mix'][c]), f'{e}: {_pct(by_expert[e])}', f'{f}: {_pct(by_class[f])}']
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -102,8 +112,8 @@ def markdown(report: dict) -> str:
   parts = [f"# Expert specialization: {report['workdir']}, step {report['step']}",
            f"Split `{report['split']}`, batches: {batches}; bytes that `tokenize` could not "
            f"label (counted as other): {_pct(report['tokenize_fallback_share'])}%.",
-           '## Scores', summary_table(report), '## Class mix (% of kept choices)',
-           class_mix_table(report)]
+           '## Scores', summary_table(report), '## Classes: the corpus mix and the most '
+           'specialised experts', class_summary_table(report)]
   for layer in report['layers']:
     parts += [f"## MoE layer {layer['layer']}: share of each expert's choices per class (%)",
               expert_table(report, layer),
