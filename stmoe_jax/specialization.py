@@ -231,8 +231,8 @@ def top_ngrams(expert_N: np.ndarray, position_N: np.ndarray, tokens_T: np.ndarra
                num_experts: int, *, n: int = 3, top: int = 5, pool: int = 50
                ) -> list[list[dict]]:
   """Per expert, the `top` n-grams (ending at the routed byte) with the highest lift over the
-  layer's choices among the expert's `pool` most frequent ones (ties: smaller code first):
-  dicts with ids, count, share (of the expert's choices) and lift."""
+  layer's choices among the expert's `pool` most frequent ones (ties go to the more frequent,
+  then to the smaller code): dicts with ids, count, share (of the expert's choices) and lift."""
   codes_N = ngram_codes(position_N, tokens_T, n)
   corpus_codes, corpus_counts = np.unique(codes_N, return_counts=True)
   per_expert = np.bincount(expert_N, minlength=num_experts)
@@ -294,13 +294,13 @@ def specialization(workdir: str, num_batches: int | None = None, step: int | Non
                    ) -> dict:
   """The report of a train.py workdir (see the module docstring) as a JSON-ready dict."""
   placement, step, state = entry_points.restore_workdir(workdir, step)
-  data = placement.config.data
-  source = input_pipeline.get_data_source(data.name, data.eval_split, data.data_dir or None)
-  tokens_T, classes_T, fallback, num_bytes = token_stream(source, data.feature_key)
   cfg = placement.model_cfg
   layers = [i for i in range(cfg.num_layers) if cfg.ffn_kind(i) == 'moe']
   if not layers:
     raise ValueError(f'{workdir!r} has no MoE layer: no experts to report on')
+  data = placement.config.data
+  source = input_pipeline.get_data_source(data.name, data.eval_split, data.data_dir or None)
+  tokens_T, classes_T, fallback, num_bytes = token_stream(source, data.feature_key)
   collected = collect(placement, state, tokens_T, num_batches)
   return {
       'workdir': os.path.abspath(workdir), 'step': step, 'split': data.eval_split,
@@ -313,6 +313,7 @@ def specialization(workdir: str, num_batches: int | None = None, step: int | Non
 
 
 def main(argv: list[str]) -> None:
+  """The command line (module docstring): writes the report's files and prints their paths."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', required=True, help='train.py workdir')
