@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import default, tiny
 from stmoe_jax import entry_points
+from stmoe_jax import evaluation
+from stmoe_jax import specialization
 from stmoe_jax.config import ConfigError, model_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,3 +180,24 @@ def test_a_field_that_no_longer_exists_is_still_refused(tmp_path):
 def test_a_missing_config_json_names_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match=f'{tmp_path}/config.json not found'):
     entry_points.load_config(str(tmp_path))
+
+
+def test_specialization_report_of_the_trained_run(trained, tmp_path):
+  """`python -m stmoe_jax.specialization` (in process) on the trained run: its per-expert
+  loads are eval's (tiny's eval capacity holds every choice, so kept = assigned)."""
+  workdir = trained[0]
+  specialization.main([f'--workdir={workdir}', '--num_batches=2', f'--out={tmp_path}'])
+  with open(tmp_path / 'specialization.json') as f:
+    report = json.load(f)
+  assert report['step'] == 8 and [l['layer'] for l in report['layers']] == [1]
+  layer = report['layers'][0]
+  counts = np.array(layer['counts'])
+  assert counts.shape == (4, 9) and counts.sum() == layer['num_choices'] == 2 * 2 * 4 * 32
+  placement, _, state = entry_points.restore_workdir(workdir)
+  evaluated = evaluation.evaluate_split(placement, state, evaluation.make_eval_step(placement), 2)
+  np.testing.assert_allclose(counts.sum(1) / counts.sum(),
+                             evaluated['moe_layers'][0]['expert_load'], atol=2e-6)
+  assert 0 <= layer['random_router_score'] < layer['score'] < 1
+  markdown = (tmp_path / 'specialization.md').read_text()
+  assert markdown.count('\n| 3 | ') == 1 and '| identifier |' in markdown
+  assert (tmp_path / 'specialization.png').stat().st_size > 10_000
