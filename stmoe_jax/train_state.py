@@ -146,7 +146,9 @@ class Placement:
     return dict(name=data.name, split=split, data_dir=data.data_dir or None,
                 feature_key=data.feature_key, seq_len=data.seq_len,
                 batch_size=self.local_batch_size, process_index=jax.process_index(),
-                process_count=jax.process_count())
+                process_count=jax.process_count(), objective=data.objective,
+                noise_density=data.noise_density,
+                mean_noise_span_length=data.mean_noise_span_length)
 
 
 def place(config: ml_collections.ConfigDict) -> Placement:
