@@ -221,7 +221,7 @@ class _TrainLoop:
     bar.write(f"step {done}: eval loss {self.eval_metrics['loss']:.4f}, "
               f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte")
     if config.eval_sample_tokens:  # A text sample from the start of a file, for TensorBoard.
-      self.sampler = self.sampler or sampling.Sampler(self.trainer.model_cfg, config.data.seq_len)
+      self.sampler = self.sampler or sampling.make_sampler(self.trainer.model_cfg, config.data)
       prompt = config.eval_sample_prompt
       self.writer.write_text(done, 'eval/sample', prompt + self.sampler.generate_text(
           state.params, prompt, config.eval_sample_tokens, seed=done, buffers=state.buffers))
