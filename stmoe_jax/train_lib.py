@@ -165,7 +165,7 @@ class _TrainLoop:
     self.monitor.skipped_steps = int(state.skipped_steps)
     self.start, self.end = int(state.step), config.stop_at_step or config.num_train_steps
     self.tokens_per_step = config.batch_size * config.data.seq_len
-    self.flops_per_token = flops.train_flops_per_token(trainer.model_cfg, config.data.seq_len)
+    self.flops_per_token = flops.run_train_flops_per_token(trainer.model_cfg, config.data)
     peak = (config.peak_flops_per_device or
             flops.peak_flops_per_device(jax.devices()[0].device_kind))
     self.peak_flops = peak * jax.device_count() if peak else None

@@ -18,16 +18,16 @@ from configs import t5_stmoe
 from conftest import tiny_model_config
 from stmoe_jax import entry_points
 from stmoe_jax import evaluation
+from stmoe_jax import flops
+from stmoe_jax import metrics as metrics_lib
 from stmoe_jax import model_factory
-from stmoe_jax import sampling
-from stmoe_jax.attention import KVCache
 from stmoe_jax.config import ConfigError, validate
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 from stmoe_jax.encoder_decoder import EncoderDecoder, init_caches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAD, BOS, S0 = tokenizer.PAD_ID, tokenizer.BOS_ID, tokenizer.VOCAB_SIZE
+PAD = tokenizer.PAD_ID
 B, T, L = 2, 16, 8
 
 
@@ -255,10 +255,47 @@ def test_t5_tiny_trains_evaluates_and_samples(stdlib_data_dir, tmp_path):
   assert [r['step'] for r in train] == [2, 4]
   assert 'expert_load/encoder' in train[-1] and 'max_expert_load/decoder' in train[-1]
   assert train[-1]['loss'] < train[0]['loss'] or train[-1]['loss'] < 6.0
-  assert '4' in os.listdir(os.path.join(workdir, 'checkpoints'))  # Orbax also keeps step 1.
+  assert '4' in os.listdir(os.path.join(workdir, 'checkpoints'))
   # eval.py's and sample.py's logic, in this process.
   metrics = entry_points.evaluate_workdir(workdir, max_batches=1)
   assert metrics['step'] == 4 and np.isfinite(metrics['loss'])
   assert [l['stack'] for l in metrics['moe_layers']] == ['encoder', 'decoder']
   text = entry_points.sample_workdir(workdir, 'def ', 6, temperature=0.0)
   assert text.startswith('def ')
+
+
+def test_tensorboard_tags_name_the_stack():
+  scalars, histograms = metrics_lib.tensorboard_values({
+      'expert_load/encoder': np.array([[0.5, 0.5, 0.0, 0.0]]),
+      'layer_dropped_fraction/decoder': np.array([0.25])})
+  assert list(histograms) == ['expert_load/encoder/moe0']
+  assert scalars == {'max_over_mean_load/encoder/moe0': 2.0,
+                     'layer_dropped_fraction/decoder/moe0': 0.25}
+
+
+@pytest.mark.parametrize('enabled', [True, False])
+def test_flops_count_encoder_tokens_and_decoder_tokens(enabled):
+  config = t5_stmoe.get_config('size=small')
+  config.moe.enabled = enabled
+  cfg = entry_points.model_config(config)
+  shape = span_corruption.lengths(config.data.seq_len, 0.15, 3.0)
+  T, L = shape.encoder_len, shape.decoder_len
+  _, params, _ = model_factory.get_model(cfg).abstract()
+  # Independent count from the parameter shapes: a matrix is a multiply-add per token of its
+  # stack (cross-attention keys/values per encoder token), a token uses top_k of E experts.
+  per_encoder, per_decoder = 0, 0
+  for path, p in nnx.to_flat_state(params):
+    if len(p.value.shape) < 2 or path[0] == 'embed':
+      continue
+    n = int(np.prod(p.value.shape))
+    n = n * cfg.moe.top_k // cfg.moe.num_experts if 'experts' in path else n
+    if path[0] == 'encoder_blocks' or 'cross' in path and path[-1] in ('w_k', 'w_v'):
+      per_encoder += 2 * n
+    else:
+      per_decoder += 2 * n
+  HK = cfg.num_heads * cfg.head_dim
+  per_encoder += 2 * 2 * HK * T * cfg.num_encoder_layers
+  per_decoder += 2 * 2 * HK * (L + T) * cfg.num_layers  # Self- and cross-attention scores.
+  expected = per_encoder + per_decoder * L / T
+  assert flops.forward_flops_per_token(cfg, T, L) == pytest.approx(expected, abs=1)
+  assert flops.run_train_flops_per_token(cfg, config.data) == 3 * round(expected)
