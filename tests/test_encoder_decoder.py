@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,13 +22,14 @@ from stmoe_jax import evaluation
 from stmoe_jax import flops
 from stmoe_jax import metrics as metrics_lib
 from stmoe_jax import model_factory
+from stmoe_jax import sampling
 from stmoe_jax.config import ConfigError, validate
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 from stmoe_jax.encoder_decoder import EncoderDecoder, init_caches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAD = tokenizer.PAD_ID
+PAD, S0 = tokenizer.PAD_ID, tokenizer.VOCAB_SIZE
 B, T, L = 2, 16, 8
 
 
@@ -299,3 +301,36 @@ def test_flops_count_encoder_tokens_and_decoder_tokens(enabled):
   expected = per_encoder + per_decoder * L / T
   assert flops.forward_flops_per_token(cfg, T, L) == pytest.approx(expected, abs=1)
   assert flops.run_train_flops_per_token(cfg, config.data) == 3 * round(expected)
+
+
+def test_sampler_greedy_equals_full_forward_argmax():
+  """EncoderDecoderSampler (KV cache, cross caches, re-encoding after each span) against a
+  reference loop of full forward passes over padded inputs."""
+  cfg = encdec_config()
+  sampler = sampling.make_sampler(cfg, ml_collections.ConfigDict(dict(
+      seq_len=T, noise_density=0.15, mean_noise_span_length=3.0)))
+  assert (sampler.encoder_len, sampler.decoder_len) == (T, L)
+  params, buffers = model_factory.get_model(sampler.cfg).init(jax.random.PRNGKey(4))
+  forward = jax.jit(lambda enc, dec: nnx.merge(sampler.graphdef, params, buffers)(
+      enc, dec, encoder_mask_BT=enc != PAD)[0])
+  prompt, n = [tokenizer.BOS_ID, *tokenizer.encode('def f(x):').tolist()], 12
+  context, expected = list(prompt), []
+  while len(expected) < n:
+    enc = context[-(T - 1):] + [S0]
+    dec, span = [tokenizer.BOS_ID, S0], []
+    while len(dec) < L and len(expected) + len(span) < n:
+      padded = jnp.array([enc + [PAD] * (T - len(enc))]), jnp.array([dec + [PAD] * (L - len(dec))])
+      logits = np.array(forward(*padded)[0, len(dec) - 1])
+      logits[[PAD, tokenizer.BOS_ID]] = -np.inf
+      token = int(np.argmax(logits))
+      if token == tokenizer.EOS_ID or token >= S0:
+        break
+      span.append(token)
+      dec.append(token)
+    if not span:
+      break
+    expected += span
+    context += span
+  assert len(expected) == n  # Spans hold at most L - 2 = 6 tokens: the text was re-encoded.
+  got = sampler.generate_tokens(params, prompt, n, temperature=0.0, buffers=buffers)
+  assert got.tolist() == expected
