@@ -74,15 +74,19 @@ def test_encoder_is_bidirectional_and_hides_padding(model):
 
 
 def test_decoder_is_causal_and_reads_the_encoder(model):
-  forward = jitted(model, lambda m, enc, dec: m(enc, dec)[0])
+  forward = jitted(model, lambda m, enc, dec, mask: m(enc, dec, encoder_mask_BT=mask)[0])
   enc, dec = tokens(1, (B, T)), tokens(2, (B, L))
-  logits = forward(enc, dec)
+  mask = jnp.ones((B, T), bool).at[:, T - 3:].set(False)
+  logits = forward(enc, dec, mask)
   j = 5
-  later = forward(enc, dec.at[:, j].set((dec[:, j] + 1) % 259))
+  later = forward(enc, dec.at[:, j].set((dec[:, j] + 1) % 259), mask)
   np.testing.assert_array_equal(np.asarray(logits[:, :j]), np.asarray(later[:, :j]))
   assert np.abs(np.asarray(logits[:, j] - later[:, j])).max() > 1e-4
-  other_input = forward(enc.at[:, -1].set((enc[:, -1] + 1) % 259), dec)
+  other_input = forward(enc.at[:, 0].set((enc[:, 0] + 1) % 259), dec, mask)
   assert np.abs(np.asarray(logits[:, 0] - other_input[:, 0])).max() > 1e-4
+  # Cross-attention never reads encoder padding.
+  other_padding = forward(enc.at[:, T - 3:].set(7), dec, mask)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(other_padding))
 
 
 def test_kv_cache_decoding_equals_the_full_forward_pass():
