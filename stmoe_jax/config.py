@@ -427,6 +427,16 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
          "0 with model.architecture='encoder_decoder' (not implemented there)")
 
 
+def routing_groups_per_batch(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Routing groups of one global batch in each stack: (decoder,) for the decoder-only model,
+  (encoder, decoder) for the encoder-decoder, whose decoder routes its target tokens."""
+  moe, data, batch = config.moe, config.data, config.batch_size
+  if config.model.architecture != 'encoder_decoder':
+    return (batch * data.seq_len // moe.group_size,)
+  return (batch * data.seq_len // (moe.encoder_group_size or moe.group_size),
+          batch * _span_lengths(data).decoder_len // moe.group_size)
+
+
 def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
   """The `config.attention` checks of `validate`."""
   expected_kind = ' or '.join(repr(k) for k in ATTENTION_KINDS)

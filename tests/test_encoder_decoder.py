@@ -23,6 +23,7 @@ from stmoe_jax import flops
 from stmoe_jax import metrics as metrics_lib
 from stmoe_jax import model_factory
 from stmoe_jax import sampling
+from stmoe_jax import config as config_lib
 from stmoe_jax.config import ConfigError, validate
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
@@ -338,3 +339,11 @@ def test_sampler_greedy_equals_full_forward_argmax():
   assert len(expected) == n  # Spans hold at most L - 2 = 6 tokens: the text was re-encoded.
   got = sampler.generate_tokens(params, prompt, n, temperature=0.0, buffers=buffers)
   assert got.tolist() == expected
+
+
+def test_routing_groups_per_batch_count_each_stack():
+  # t5 tiny: 8 x 32 encoder tokens in groups of 256, 8 x 8 decoder tokens in groups of 64.
+  assert config_lib.routing_groups_per_batch(_t5_tiny()) == (1, 1)
+  assert config_lib.routing_groups_per_batch(_t5_tiny(**{'moe.encoder_group_size': 32,
+                                                         'moe.group_size': 16})) == (8, 4)
+  assert config_lib.routing_groups_per_batch(t5_stmoe.default.get_config()) == (64 * 64 // 512,)
