@@ -24,7 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.feature_key = 'text'  # Which string feature of each example to train on.
   data.train_split = 'train'
   data.eval_split = 'validation'
-  data.seq_len = 64  # Tokens (bytes) per training sequence.
+  data.seq_len = 64  # Tokens (bytes) per training sequence (the encoder's input, span corruption).
+  data.objective = 'causal_lm'  # 'causal_lm' (decoder_only) or 'span_corruption' (T5; encoder_decoder).
+  data.noise_density = 0.15  # span_corruption: share of a window's tokens masked (T5: 0.15).
+  data.mean_noise_span_length = 3.0  # span_corruption: mean tokens per masked span (T5: 3).
 
   config.model = model = ml_collections.ConfigDict()
   model.vocab_size = 259  # 256 bytes + pad/bos/eos (stmoe_jax.data.tokenizer).
@@ -37,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.rope_max_wavelength = 10_000
   model.init_scale = 0.1  # Switch Transformer: truncated normal, std sqrt(init_scale / fan_in).
   model.dtype = 'float32'  # Activation/compute dtype: 'float32' or 'bfloat16'. Router is float32.
+  model.architecture = 'decoder_only'  # Or 'encoder_decoder' (T5/ST-MoE; num_layers = decoder layers).
+  model.num_encoder_layers = 0  # encoder_decoder: encoder layers (MoE at moe.every as in the decoder).
 
   config.moe = moe = ml_collections.ConfigDict()
   moe.enabled = True  # False: every MoE layer becomes a dense FFN of width top_k * expert_d_ff.
@@ -63,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   moe.extra_dense_ffn = 'none'  # ST-MoE sparse-dense stacking: 'before' or 'after' each MoE FFN, or 'none'.
   moe.aux_loss_coef = 0.1  # Load-balancing loss weight (Switch: 1e-2; the study found 0.1 best).
   moe.z_loss_coef = 1e-3  # ST-MoE router z-loss weight.
+  moe.encoder_router = ''  # encoder_decoder: the encoder's router ('' = moe.router); expert_choice allowed.
+  moe.encoder_batch_prioritized_routing = False  # encoder_decoder: BPR in the (non-causal) encoder.
+  moe.encoder_group_size = 0  # encoder_decoder: encoder tokens per routing group; 0 = moe.group_size.
 
   # Attention per layer (README "Sparse attention"). The pattern kinds compute only the key
   # blocks their pattern touches; head_routed picks top-k of model.num_heads heads per token.

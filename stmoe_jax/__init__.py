@@ -5,6 +5,7 @@ stays light):
 
   model_config(config) -> ModelConfig      ConfigDict -> frozen model config (validated)
   Transformer(cfg, rngs=nnx.Rngs(0))        the model: tokens [B, L] -> (logits, moe stats)
+  EncoderDecoder(cfg, rngs=nnx.Rngs(0))     span-corruption encoder-decoder: ([B, T], [B, L]) -> (logits, stats)
   train_and_evaluate(config, workdir)       train (resuming), log, evaluate; returns eval metrics
   Trainer(config, workdir)                  jitted init/train/eval steps and checkpoints
   get_model(cfg)                            the model family: module, loss, eval step, batch keys
@@ -12,6 +13,7 @@ stays light):
   evaluate_workdir(workdir)                 restore a checkpoint, evaluate the validation split
   load_checkpoint(workdir) -> (config, state) a checkpoint's TrainState
   Sampler(cfg, context_len)                 KV-cache text generation: .generate_text(state.params, ..., buffers=state.buffers)
+  make_sampler(cfg, config.data)            the Sampler (or EncoderDecoderSampler) of a model family
   sample_workdir(workdir, prompt, n)        prompt + generated text from a checkpoint
   plot                                      PNG plots of runs, routing plots for notebooks
 
@@ -19,8 +21,8 @@ Modules, in reading order: routing (routers and their registry, router losses, t
 dispatch (einsum, scatter, dropless and their registry), experts (batched expert FFNs),
 grouped_matmul (dropless matmuls), moe (route -> dispatch -> experts -> combine),
 expert_parallel, attention, sparse_attention, head_routing, layer_stats (the per-layer stats),
-transformer, config (validation and frozen model configs), sharding (logical axes -> mesh), data
-(stdlib corpus, grain pipelines), losses, model_factory (config -> model family), train_state
+transformer, encoder_decoder (+ seq2seq_losses), config (validation and frozen model configs), sharding (logical axes -> mesh), data
+(stdlib corpus, grain pipelines, span corruption), losses, model_factory (config -> model family), train_state
 (optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
 entry_points (config.json and its history, restoring for eval.py and sample.py), workdir
 (writable checks, the one-run lock), errors (one-line errors at the entry points), metrics
@@ -32,10 +34,11 @@ import importlib
 _EXPORTS = {
     'ConfigError': 'config', 'ModelConfig': 'config', 'MoeConfig': 'config',
     'model_config': 'config', 'validate': 'config',
-    'Transformer': 'transformer',
+    'Transformer': 'transformer', 'EncoderDecoder': 'encoder_decoder',
     'Trainer': 'train_lib', 'train_and_evaluate': 'train_lib', 'get_model': 'model_factory',
     'load_config': 'entry_points', 'evaluate_workdir': 'entry_points',
     'load_checkpoint': 'entry_points', 'sample_workdir': 'entry_points', 'Sampler': 'sampling',
+    'make_sampler': 'sampling',
     'MetricsWriter': 'metrics',
 }
 _SUBMODULES = ('plot', 'sweep', 'flops', 'sampling', 'train_lib', 'evaluation', 'metrics',

@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention with rotary positions, and the KV cache of every kind.
+"""Causal multi-head self-attention with rotary positions, and the KV cache of every kind;
+the encoder-decoder's bidirectional self-attention and cross-attention (with its cache).
 
 The other kinds build on `CausalSelfAttention` (`sparse_attention`, `head_routing`);
 `transformer.make_attention` picks a layer's kind.
@@ -112,3 +113,61 @@ class CausalSelfAttention(nnx.Module):
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BTHK, v_BTHK, mask=visible_BLT[:, None])
     out_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
     return out_BLD, KVCache(k=k_BTHK, v=v_BTHK, end=cache.end + L)
+
+
+class BidirectionalSelfAttention(CausalSelfAttention):
+  """Encoder self-attention: every real position attends to every real position (rotary
+  positions, no causal mask): [B, T, D] -> [B, T, D]."""
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
+               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns ([B, T, D] output, {}); `mask_BL` [B, T] (nonzero for real tokens) hides padding
+    as keys, so real positions never depend on padding."""
+    q_BTHK, k_BTHK, v_BTHK = self.qkv(x_BTD, positions_BT)
+    mask = None if mask_BL is None else mask_BL.astype(bool)[:, None, None, :]
+    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, mask=mask)
+    return layers.dense(out_BTHK, self.w_o[...].astype(self.dtype), contract=2), {}
+
+
+@flax.struct.dataclass
+class CrossCache:
+  """One decoder layer's cross-attention keys and values over the encoder output, computed once
+  per encoded input (`CrossAttention.kv`) and read by every decoding step.
+
+  Attributes:
+    k, v: [B, T, H, K] keys and values of the T encoder positions.
+    mask: bool [B, T], True for real (non-padding) encoder positions.
+  """
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+
+
+class CrossAttention(nnx.Module):
+  """Decoder-to-encoder attention (T5): queries from the decoder [B, L, D], keys and values from
+  the encoder output [B, T, D]; no positions (the encoder's self-attention already placed
+  them), padding keys hidden."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+    init_in = layers.switch_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
+    self.w_q = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
+    self.w_k = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
+    self.w_v = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
+    init_out = layers.switch_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
+    self.w_o = layers.param(rngs, init_out, (H, K, D), ('heads', 'kv', 'embed'))
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def kv(self, encoded_BTD: jax.Array, mask_BT: jax.Array) -> CrossCache:
+    """The keys and values of the encoder output [B, T, D] with its mask [B, T] (nonzero =
+    real): this layer's `CrossCache`."""
+    encoded_BTD = encoded_BTD.astype(self.dtype)
+    project = lambda w: layers.dense(encoded_BTD, w[...].astype(self.dtype))
+    return CrossCache(k=project(self.w_k), v=project(self.w_v), mask=mask_BT.astype(bool))
+
+  def __call__(self, x_BLD: jax.Array, cache: CrossCache) -> jax.Array:
+    """[B, L, D] decoder states -> [B, L, D], attending over the encoder positions of `cache`."""
+    q_BLHK = layers.dense(x_BLD.astype(self.dtype), self.w_q[...].astype(self.dtype))
+    out_BLHK = jax.nn.dot_product_attention(q_BLHK, cache.k, cache.v,
+                                            mask=cache.mask[:, None, None, :])
+    return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)

@@ -16,6 +16,7 @@ import ml_collections
 
 from stmoe_jax import dispatch
 from stmoe_jax import routing
+from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 
 
@@ -50,6 +51,9 @@ class MoeConfig:
   extra_dense_ffn: str = 'none'
   aux_loss_coef: float = 1e-2
   z_loss_coef: float = 1e-3
+  encoder_router: str = ''
+  encoder_batch_prioritized_routing: bool = False
+  encoder_group_size: int = 0
 
   @property
   def shared_d_ff(self) -> int:
@@ -101,6 +105,8 @@ class ModelConfig:
   rope_max_wavelength: float = 10_000
   init_scale: float = 0.1
   dtype: str = 'float32'
+  architecture: str = 'decoder_only'
+  num_encoder_layers: int = 0
   moe: MoeConfig = MoeConfig()
   attention: AttentionConfig = AttentionConfig()
   # Not a config field: the Trainer sets a `sharding.MeshRules` here (None = one device).
@@ -114,7 +120,26 @@ class ModelConfig:
 
   @property
   def num_moe_layers(self) -> int:
-    return sum(self.ffn_kind(i) == 'moe' for i in range(self.num_layers))
+    return sum(len(layers) for _, layers in self.moe_stacks())
+
+  def moe_stacks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """((stack, MoE layer indices in it), ...): ('', decoder-only layers) or, for the
+    encoder-decoder, ('encoder', ...) then ('decoder', ...); `layer_stats.key` names each
+    stack's stats."""
+    moe_layers = lambda n: tuple(i for i in range(n) if self.ffn_kind(i) == 'moe')
+    if self.architecture != 'encoder_decoder':
+      return (('', moe_layers(self.num_layers)),)
+    return (('encoder', moe_layers(self.num_encoder_layers)),
+            ('decoder', moe_layers(self.num_layers)))
+
+  def encoder_config(self) -> 'ModelConfig':
+    """The config the encoder stack is built from: `moe.encoder_*` in place of the router,
+    Batch Prioritized Routing and group size (its MoE layers are non-causal)."""
+    moe = self.moe
+    return dataclasses.replace(self, moe=dataclasses.replace(
+        moe, router=moe.encoder_router or moe.router,
+        batch_prioritized_routing=moe.encoder_batch_prioritized_routing,
+        group_size=moe.encoder_group_size or moe.group_size))
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -131,6 +156,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
+ARCHITECTURES = ('decoder_only', 'encoder_decoder')
 GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # Implemented in stmoe_jax.grouped_matmul.
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
 
@@ -156,7 +182,8 @@ def _positive_ints(section, prefix, names):
 _FIELDS = {
     'seed': int,
     'data': {'name': str, 'data_dir': str, 'feature_key': str, 'train_split': str,
-             'eval_split': str, 'seq_len': int},
+             'eval_split': str, 'seq_len': int, 'objective': str, 'noise_density': float,
+             'mean_noise_span_length': float},
     'opt': {'name': str, 'lr': float, 'warmup_steps': int, 'schedule': str,
             'final_lr_fraction': float, 'decay_fraction': float, 'b1': float, 'b2': float, 'weight_decay': float,
             'grad_clip_norm': float},
@@ -278,6 +305,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          moe.batch_prioritized_routing,
          'False in this causal decoder (it ranks tokens by confidence across the whole group; '
          'MoeLayer(causal=False) allows it for non-causal use)')
+  _validate_encoder_decoder(config)
   _check(0 <= moe.second_expert_threshold < 1, 'moe.second_expert_threshold',
          moe.second_expert_threshold, 'in [0, 1) (0 = always route all k choices; ST-MoE: 0.2)')
   _check(moe.bias_balancer_rate >= 0, 'moe.bias_balancer_rate', moe.bias_balancer_rate,
@@ -305,10 +333,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
          config.stop_at_step, 'an integer >= 0 (0 = run to num_train_steps)')
   _check(config.eval_batches >= 0, 'eval_batches', config.eval_batches, 'an integer >= 0')
   tokens, seq_len = config.batch_size * config.data.seq_len, config.data.seq_len
+  if m.architecture == 'encoder_decoder':  # moe.group_size routes the decoder's tokens.
+    encoder_group = moe.encoder_group_size or moe.group_size
+    _check(tokens % encoder_group == 0 and (seq_len % encoder_group == 0 or
+                                            encoder_group % seq_len == 0),
+           'moe.encoder_group_size', moe.encoder_group_size,
+           f'0 or a divisor or multiple of data.seq_len={seq_len} dividing batch_size * seq_len '
+           f'= {tokens} (0 takes moe.group_size={moe.group_size}, which does not)')
+    seq_len = _span_lengths(config.data).decoder_len
+    tokens = config.batch_size * seq_len
+  name = 'decoder length' if m.architecture == 'encoder_decoder' else 'data.seq_len'
   _check(tokens % moe.group_size == 0 and (seq_len % moe.group_size == 0 or
                                            moe.group_size % seq_len == 0),
          'moe.group_size', moe.group_size,
-         f'a divisor or multiple of data.seq_len={seq_len} dividing batch_size * seq_len = {tokens}')
+         f'a divisor or multiple of {name}={seq_len} dividing batch_size * {seq_len} = {tokens}')
   _validate_attention(config.attention, m.num_heads)
   _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
   _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
@@ -336,6 +374,67 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(debug.step_sleep_s >= 0, 'debug.step_sleep_s', debug.step_sleep_s, 'a number >= 0')
   _check(debug.nan_term in NONFINITE_TERMS, 'debug.nan_term', debug.nan_term,
          f'one of {list(NONFINITE_TERMS)}')
+
+
+def _span_lengths(data) -> span_corruption.Lengths:
+  return span_corruption.lengths(data.seq_len, data.noise_density, data.mean_noise_span_length)
+
+
+def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
+  """The `validate` checks of the objective, the architecture and the encoder's fields."""
+  m, moe, data = config.model, config.moe, config.data
+  _check(data.objective in span_corruption.OBJECTIVES, 'data.objective', data.objective,
+         _one_of(span_corruption.OBJECTIVES))
+  _check(0 < data.noise_density < 1, 'data.noise_density', data.noise_density,
+         'in (0, 1) (T5: 0.15)')
+  _check(data.mean_noise_span_length >= 1, 'data.mean_noise_span_length',
+         data.mean_noise_span_length, 'a number >= 1 (T5: 3)')
+  _check(m.architecture in ARCHITECTURES, 'model.architecture', m.architecture,
+         _one_of(ARCHITECTURES))
+  _check(isinstance(m.num_encoder_layers, int) and m.num_encoder_layers >= 0,
+         'model.num_encoder_layers', m.num_encoder_layers, 'an integer >= 0')
+  encoder_decoder = m.architecture == 'encoder_decoder'
+  wanted = 'span_corruption' if encoder_decoder else 'causal_lm'
+  _check(data.objective == wanted, 'data.objective', data.objective,
+         f'{wanted!r} with model.architecture={m.architecture!r}')
+  if not encoder_decoder:
+    for name, default in (('model.num_encoder_layers', 0), ('moe.encoder_router', ''),
+                          ('moe.encoder_batch_prioritized_routing', False),
+                          ('moe.encoder_group_size', 0)):
+      section, field = name.split('.')
+      _check(config[section][field] == default, name, config[section][field],
+             f"{default!r} with model.architecture='decoder_only' (no encoder)")
+    return
+  _check(m.num_encoder_layers > 0, 'model.num_encoder_layers', m.num_encoder_layers,
+         "a positive integer with model.architecture='encoder_decoder'")
+  _check(data.seq_len >= 2, 'data.seq_len', data.seq_len, 'at least 2 for span corruption')
+  vocab = tokenizer.VOCAB_SIZE + _span_lengths(data).num_sentinels
+  _check(m.vocab_size >= vocab, 'model.vocab_size', m.vocab_size,
+         f'at least {vocab}: bytes, pad/bos/eos and one sentinel per noise span '
+         '(span_corruption.lengths(...).num_sentinels)')
+  _check(moe.encoder_router == '' or moe.encoder_router in routing.ROUTERS, 'moe.encoder_router',
+         moe.encoder_router, "'' (= moe.router) or " + _one_of(routing.ROUTERS))
+  router = routing.ROUTERS[moe.encoder_router or moe.router]
+  _check(not router.fixed_load or dispatch.DISPATCHES[moe.dispatch].uses_capacity,
+         'moe.encoder_router', moe.encoder_router,
+         f'a router with a dropless form for moe.dispatch={moe.dispatch!r}')
+  _check(isinstance(moe.encoder_group_size, int) and moe.encoder_group_size >= 0,
+         'moe.encoder_group_size', moe.encoder_group_size, 'an integer >= 0 (0 = moe.group_size)')
+  att = config.attention
+  _check(att.kind == 'dense' and not att.layer_kinds, 'attention.kind', att.kind,
+         "'dense' (and attention.layer_kinds='') with model.architecture='encoder_decoder'")
+  _check(att.logit_z_loss_coef == 0, 'attention.logit_z_loss_coef', att.logit_z_loss_coef,
+         "0 with model.architecture='encoder_decoder' (not implemented there)")
+
+
+def routing_groups_per_batch(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Routing groups of one global batch in each stack: (decoder,) for the decoder-only model,
+  (encoder, decoder) for the encoder-decoder, whose decoder routes its target tokens."""
+  moe, data, batch = config.moe, config.data, config.batch_size
+  if config.model.architecture != 'encoder_decoder':
+    return (batch * data.seq_len // moe.group_size,)
+  return (batch * data.seq_len // (moe.encoder_group_size or moe.group_size),
+          batch * _span_lengths(data).decoder_len // moe.group_size)
 
 
 def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
@@ -366,7 +465,8 @@ def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
 RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.expert_d_ff',
                  'moe.num_shared_experts', 'moe.shared_expert_d_ff', 'moe.extra_dense_ffn',
                  'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
-                 'data.train_split', 'attention.kind', 'attention.layer_kinds')
+                 'data.train_split', 'data.objective', 'data.noise_density',
+                 'data.mean_noise_span_length', 'attention.kind', 'attention.layer_kinds')
 
 
 def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,

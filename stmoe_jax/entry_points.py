@@ -185,6 +185,6 @@ def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int 
   sampling.check_sampling_args(max_new_tokens, kwargs.get('temperature', 0.8),
                                kwargs.get('top_p', 0.95))
   config, state = load_checkpoint(workdir, step)
-  sampler = sampling.Sampler(model_config(config), config.data.seq_len)
+  sampler = sampling.make_sampler(model_config(config), config.data)
   return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,
                                         buffers=state.buffers, **kwargs)

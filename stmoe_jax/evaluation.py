@@ -28,43 +28,49 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
 
   Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
   z_loss (summed over MoE layers, as in the train loss), dropped_fraction (mean over layers),
-  and `moe_layers`: one entry per MoE layer with its transformer `layer` index and its routing
+  and `moe_layers`: one entry per MoE layer with its transformer `layer` index (and, in an
+  encoder-decoder, its `stack`: 'encoder' or 'decoder', `ModelConfig.moe_stacks`) and its routing
   telemetry averaged over all real tokens: `expert_load` (E fractions summing to 1),
   `max_load_ratio`, `dropped_fraction` (share of assigned choices dropped at the eval capacity
   factor), `dropped_fraction_per_slot` (1st, 2nd, ... choice), `router_z` (mean
   logsumexp^2), `router_entropy` (nats) and `router_bias` (the aux-loss-free balancer's bias).
   """
   totals, routing = None, None
+  stacks = cfg.moe_stacks()
+  routed = {stack: layer_stats.key('num_routed', stack) for stack, _ in stacks}
   for batch in batches:
     out = jax.device_get(run_step(batch))
     sums = {k: float(out[k]) for k in
-            ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', 'num_routed')}
+            ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', *routed.values())}
     # Routing stats are per-batch means over real tokens: weight them by that count.
-    stats = {k: np.asarray(out[k], np.float64) * sums['num_routed'] for k in layer_stats.MOE}
+    stats = {(stack, k): np.asarray(out[layer_stats.key(k, stack)], np.float64) *
+             sums[routed[stack]] for stack, _ in stacks for k in layer_stats.MOE}
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     routing = stats if routing is None else {k: routing[k] + stats[k] for k in stats}
   if totals is None or not totals['num_tokens']:
     raise ValueError('the evaluation split produced no tokens')
-  routing = {k: v / totals['num_routed'] for k, v in routing.items()}
-  moe_layers = [i for i in range(cfg.num_layers) if cfg.ffn_kind(i) == 'moe']
+  routing = {(stack, k): v / totals[routed[stack]] for (stack, k), v in routing.items()}
+  total = lambda k: float(sum(np.sum(routing[stack, k]) for stack, _ in stacks))
+  dropped = np.concatenate([routing[stack, 'dropped_fraction'] for stack, _ in stacks])
   return {
       'loss': totals['ce_sum'] / totals['num_tokens'],
       'bits_per_byte': totals['ce_sum'] / math.log(2) / max(totals['num_bytes'], 1.0),
       'accuracy': totals['num_correct'] / totals['num_tokens'],
       'num_tokens': int(totals['num_tokens']),
-      'balance_loss': float(np.sum(routing['balance_loss'])),
-      'z_loss': float(np.sum(routing['z_loss'])),
-      'dropped_fraction': float(np.mean(routing['dropped_fraction'])) if moe_layers else 0.0,
-      'moe_layers': [_layer_report(layer, {k: v[m] for k, v in routing.items()})
-                     for m, layer in enumerate(moe_layers)],
+      'balance_loss': total('balance_loss'),
+      'z_loss': total('z_loss'),
+      'dropped_fraction': float(np.mean(dropped)) if dropped.size else 0.0,
+      'moe_layers': [_layer_report(layer, {k: routing[stack, k][m] for k in layer_stats.MOE},
+                                   stack)
+                     for stack, moe_layers in stacks for m, layer in enumerate(moe_layers)],
   }
 
 
-def _layer_report(layer: int, stats: dict) -> dict:
+def _layer_report(layer: int, stats: dict, stack: str = '') -> dict:
   load = stats['expert_load']
   as_list = lambda x: np.round(x, 6).tolist()
   return {
-      'layer': layer, 'expert_load': as_list(load),
+      **({'stack': stack} if stack else {}), 'layer': layer, 'expert_load': as_list(load),
       # From the averaged load: the mean of per-batch ratios would overstate imbalance.
       'max_load_ratio': float(np.max(load) * len(load)),
       'dropped_fraction': float(stats['dropped_fraction']),

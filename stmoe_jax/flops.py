@@ -12,6 +12,7 @@ Capacity drops and padding are ignored: MFU measures the model, not the dispatch
 from __future__ import annotations
 
 from stmoe_jax.config import ModelConfig
+from stmoe_jax.data import span_corruption
 
 # Peak dense bfloat16 FLOP/s per device (vendor datasheets), matched against
 # `jax.Device.device_kind` as lower-case substrings, first match wins.
@@ -28,32 +29,63 @@ def _ffn_flops(d_model: int, d_ff: int, activation: str) -> int:
   return 2 * matrices * d_model * d_ff
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-  """Forward-pass FLOPs for one token of a `seq_len` window (see the module docstring)."""
-  D, HK = cfg.d_model, cfg.num_heads * cfg.head_dim
-  moe = cfg.moe
-  total = 2 * D * cfg.vocab_size  # Output head.
-  for layer in range(cfg.num_layers):
-    total += 2 * 4 * D * HK  # q, k, v, o projections.
-    total += 2 * 2 * HK * seq_len  # q.k scores and the weighted sum of values.
-    kind = cfg.ffn_kind(layer)
-    if kind == 'moe':
-      total += 2 * D * moe.num_experts  # Router.
-      total += moe.top_k * _ffn_flops(D, moe.expert_d_ff, cfg.activation)
-    elif kind == 'dense_matched':
-      total += _ffn_flops(D, moe.top_k * moe.expert_d_ff, cfg.activation)
-    else:
+def _ffn_layer_flops(cfg: ModelConfig, layer: int) -> int:
+  """Forward FLOPs of FFN `layer` (dense, MoE or its dense twin) for one token."""
+  D, moe = cfg.d_model, cfg.moe
+  kind = cfg.ffn_kind(layer)
+  if kind == 'moe':
+    total = 2 * D * moe.num_experts  # Router.
+    total += moe.top_k * _ffn_flops(D, moe.expert_d_ff, cfg.activation)
+  elif kind == 'dense_matched':
+    total = _ffn_flops(D, moe.top_k * moe.expert_d_ff, cfg.activation)
+  else:
+    total = _ffn_flops(D, cfg.d_ff, cfg.activation)
+  if kind != 'dense':  # Shared experts and the sparse-dense stacking FFN run for every token.
+    total += _ffn_flops(D, moe.num_shared_experts * moe.shared_d_ff, cfg.activation)
+    if moe.extra_dense_ffn != 'none':
       total += _ffn_flops(D, cfg.d_ff, cfg.activation)
-    if kind != 'dense':  # Shared experts and the sparse-dense stacking FFN run for every token.
-      total += _ffn_flops(D, moe.num_shared_experts * moe.shared_d_ff, cfg.activation)
-      if moe.extra_dense_ffn != 'none':
-        total += _ffn_flops(D, cfg.d_ff, cfg.activation)
   return total
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> int:
+  """Forward-pass FLOPs for one token of a `seq_len` window (see the module docstring).
+
+  For the encoder-decoder, per encoder input token of a `seq_len` input whose target has
+  `decoder_len` tokens: the encoder, the cross-attention keys and values, and decoder_len /
+  seq_len of a decoder token's FLOPs (self-attention, cross-attention over seq_len positions,
+  FFN, output head).
+  """
+  D, HK = cfg.d_model, cfg.num_heads * cfg.head_dim
+  attention = lambda keys: 2 * 4 * D * HK + 2 * 2 * HK * keys  # q, k, v, o; scores, values.
+  if cfg.architecture == 'encoder_decoder':
+    if decoder_len is None:
+      raise ValueError('decoder_len is needed for the FLOPs of an encoder-decoder')
+    encoder = sum(attention(seq_len) + _ffn_layer_flops(cfg, i)
+                  for i in range(cfg.num_encoder_layers))
+    cross_kv = cfg.num_layers * 2 * 2 * D * HK
+    decoder = 2 * D * cfg.vocab_size + sum(
+        attention(decoder_len) + 2 * 2 * D * HK + 2 * 2 * HK * seq_len + _ffn_layer_flops(cfg, i)
+        for i in range(cfg.num_layers))
+    return round(encoder + cross_kv + decoder * decoder_len / seq_len)
+  total = 2 * D * cfg.vocab_size  # Output head.
+  for layer in range(cfg.num_layers):
+    total += attention(seq_len) + _ffn_layer_flops(cfg, layer)
+  return total
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> int:
   """Training FLOPs per token: 3x the forward pass (backward costs twice the forward)."""
-  return 3 * forward_flops_per_token(cfg, seq_len)
+  return 3 * forward_flops_per_token(cfg, seq_len, decoder_len)
+
+
+def run_train_flops_per_token(cfg: ModelConfig, data) -> int:
+  """`train_flops_per_token` per input token of a run's data config `config.data` (seq_len,
+  and for span corruption the decoder length it implies)."""
+  decoder_len = None
+  if data.objective == 'span_corruption':
+    decoder_len = span_corruption.lengths(data.seq_len, data.noise_density,
+                                          data.mean_noise_span_length).decoder_len
+  return train_flops_per_token(cfg, data.seq_len, decoder_len)
 
 
 def peak_flops_per_device(device_kind: str) -> float | None:

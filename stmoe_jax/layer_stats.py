@@ -32,6 +32,12 @@ HEAD_ROUTING = {'balance_loss': (), 'z_loss': (), 'dropped_fraction': (), 'head_
 ATTENTION_PREFIX = 'attn_'
 
 
+def key(name: str, stack: str) -> str:
+  """The name of stat `name` of one stack of layers (`ModelConfig.moe_stacks`): `name` itself
+  for the decoder-only model's one stack (''), else '<name>/<stack>' ('expert_load/encoder')."""
+  return f'{name}/{stack}' if stack else name
+
+
 def dims(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
   """The sizes of the shape letters for `cfg`, as ((letter, size), ...)."""
   moe = cfg.moe

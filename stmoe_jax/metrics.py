@@ -9,6 +9,8 @@ Every `write(step, kind, metrics)` appends one JSON line `{"step", "kind", "wall
     becomes, per layer m, a histogram `<kind>/expert_load/moe<m>` whose bucket e holds expert
     e's share, and the scalar `<kind>/max_over_mean_load/moe<m>` (1 = balanced, E = collapse);
   - any other vector [M] (e.g. `layer_dropped_fraction`) becomes scalars `<kind>/<name>/moe<m>`;
+  - an encoder-decoder's per-stack `expert_load/<stack>` likewise becomes
+    `<kind>/expert_load/<stack>/moe<m>` and `<kind>/max_over_mean_load/<stack>/moe<m>`;
   - eval's `moe_layers` list (see `evaluation.evaluate`) is read as the same two arrays.
 
 `write_text(step, tag, text)` adds a text summary and a line to `workdir/samples.jsonl`.
@@ -59,10 +61,12 @@ def tensorboard_values(metrics: dict) -> tuple[dict[str, float], dict[str, np.nd
       continue
     if array.ndim == 0:
       scalars[name] = float(array)
-    elif name == 'expert_load' and array.ndim == 2:
+    elif name.partition('/')[0] == 'expert_load' and array.ndim == 2:
+      stack = name[len('expert_load'):]  # '/encoder' of an encoder-decoder's per-stack loads.
       for m, load_E in enumerate(array):
-        histograms[f'expert_load/moe{m}'] = load_E
-        scalars[f'max_over_mean_load/moe{m}'] = float(load_E.max() / max(load_E.mean(), 1e-12))
+        histograms[f'{name}/moe{m}'] = load_E
+        scalars[f'max_over_mean_load{stack}/moe{m}'] = float(load_E.max() /
+                                                           max(load_E.mean(), 1e-12))
     elif array.ndim == 1:
       scalars.update({f'{name}/moe{m}': float(v) for m, v in enumerate(array)})
   return scalars, histograms

@@ -16,7 +16,10 @@ from flax import nnx
 
 from stmoe_jax import layers
 from stmoe_jax import losses
+from stmoe_jax import seq2seq_losses
 from stmoe_jax.config import ModelConfig
+from stmoe_jax.data import span_corruption
+from stmoe_jax.encoder_decoder import EncoderDecoder
 from stmoe_jax.transformer import Transformer
 
 
@@ -50,7 +53,12 @@ class Model:
 
 
 def get_model(cfg: ModelConfig) -> Model:
-  """The model family of `cfg`: today the decoder-only `Transformer` language model."""
+  """The model family of `cfg.architecture`: the decoder-only `Transformer` language model, or
+  the span-corruption `EncoderDecoder` (batches of `span_corruption.to_batch`)."""
+  if cfg.architecture == 'encoder_decoder':
+    return Model(cfg=cfg, make=functools.partial(EncoderDecoder, cfg),
+                 loss_fn=functools.partial(seq2seq_losses.compute_loss, cfg=cfg),
+                 eval_step=seq2seq_losses.eval_step, batch_keys=span_corruption.BATCH_KEYS)
   return Model(cfg=cfg, make=functools.partial(Transformer, cfg),
                loss_fn=functools.partial(losses.compute_loss, cfg=cfg),
                eval_step=losses.eval_step, batch_keys=('inputs', 'targets', 'weights'))

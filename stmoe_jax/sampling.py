@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stmoe_jax import encoder_decoder
 from stmoe_jax import model_factory
 from stmoe_jax.config import ModelConfig
+from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 from stmoe_jax.transformer import init_caches
 
@@ -140,4 +142,104 @@ def _last_logits(graphdef, variables, tokens_BL, caches):
   """Runs `Transformer.decode` and keeps the logits of the last position: [B, V]."""
   params, buffers = variables
   logits_BLV, caches = nnx.merge(graphdef, params, buffers).decode(tokens_BL, caches)
+  return logits_BLV[:, -1], caches
+
+
+def make_sampler(cfg: ModelConfig, data) -> 'Sampler | EncoderDecoderSampler':
+  """The sampler of `cfg.architecture`, sized by the training data config `data`
+  (`config.data`: seq_len, and for span corruption noise_density, mean_noise_span_length)."""
+  if cfg.architecture == 'encoder_decoder':
+    shape = span_corruption.lengths(data.seq_len, data.noise_density,
+                                    data.mean_noise_span_length)
+    return EncoderDecoderSampler(cfg, shape.encoder_len, shape.decoder_len)
+  return Sampler(cfg, data.seq_len)
+
+
+class EncoderDecoderSampler:
+  """Text generation with the span-corruption encoder-decoder: the text so far goes to the
+  encoder, followed by sentinel 0, and the decoder fills that span.
+
+  The decoder starts from [BOS, sentinel 0], as its training targets begin, and runs with a KV
+  cache for self-attention and the cross-attention keys/values computed once per encoding
+  (`EncoderDecoder.cross_caches`); its MoE layers route per token (`decoding_config`), the
+  encoder routes the one padded input as one group. A span ends at EOS or another sentinel, or
+  when the decoder reaches its training length; the extended text is then encoded anew (its
+  last `encoder_len - 1` tokens) and the next span requested, until `max_new_tokens` or an
+  empty span.
+
+  Args:
+    cfg: the model's config.
+    encoder_len, decoder_len: the training input and target lengths
+      (`span_corruption.lengths`).
+  """
+
+  def __init__(self, cfg: ModelConfig, encoder_len: int, decoder_len: int):
+    if decoder_len < 3:
+      raise ValueError(f'decoder_len={decoder_len} is invalid: expected at least 3')
+    moe = dataclasses.replace(cfg.moe, group_size=1, encoder_group_size=encoder_len)
+    self.cfg = dataclasses.replace(cfg, moe=moe)
+    self.encoder_len, self.decoder_len = encoder_len, decoder_len
+    self.graphdef, _, buffers = model_factory.get_model(self.cfg).abstract()
+    self._zero_buffers = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                      nnx.to_pure_dict(buffers))
+    self._encode = jax.jit(functools.partial(_encode, self.graphdef))
+    self._decode = jax.jit(functools.partial(_decode_last, self.graphdef))
+    self._sample = jax.jit(sample_token)
+
+  def generate_tokens(self, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8,
+                      top_p: float = 0.95, seed: int = 0, stop_at_eos: bool = True,
+                      buffers=None) -> np.ndarray:
+    """The tokens that follow `prompt_ids` (int [P]), int32 [N <= max_new_tokens], bytes and
+    specials as generated (sentinels and span-ending EOS left out). Arguments as
+    `Sampler.generate_tokens`; generation always stops at an empty span, whatever
+    `stop_at_eos`."""
+    del stop_at_eos  # A span ends at EOS; an empty one ends generation.
+    check_sampling_args(max_new_tokens, temperature, top_p)
+    variables = (params, self._zero_buffers if buffers is None else buffers)
+    context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
+    rng, draws = jax.random.PRNGKey(seed), 0
+    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    sentinel = span_corruption.sentinel(0)
+    new_tokens = []
+    while len(new_tokens) < max_new_tokens:
+      encoder = context[-(self.encoder_len - 1):] + [sentinel]
+      encoder += [tokenizer.PAD_ID] * (self.encoder_len - len(encoder))
+      crosses = self._encode(variables, jnp.array([encoder], jnp.int32))
+      caches = encoder_decoder.init_caches(self.cfg, 1, self.decoder_len)
+      logits_BV, caches = self._decode(variables, jnp.array([[tokenizer.BOS_ID, sentinel]]),
+                                       caches, crosses)
+      span = []
+      for _ in range(self.decoder_len - 2):
+        token = int(self._sample(logits_BV, jax.random.fold_in(rng, draws), temperature,
+                                 top_p)[0])
+        draws += 1
+        if token == tokenizer.EOS_ID or token >= tokenizer.VOCAB_SIZE:
+          break
+        span.append(token)
+        if len(new_tokens) + len(span) == max_new_tokens:
+          break
+        logits_BV, caches = self._decode(variables, jnp.array([[token]], jnp.int32), caches,
+                                         crosses)
+      if not span:
+        break
+      new_tokens += span
+      context += span
+    return np.asarray(new_tokens, np.int32)
+
+  def generate_text(self, params, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """As `Sampler.generate_text`: the utf-8 continuation of `prompt` read as a file's start."""
+    prompt_ids = [tokenizer.BOS_ID, *tokenizer.encode(prompt).tolist()]
+    return tokenizer.decode(self.generate_tokens(params, prompt_ids, max_new_tokens, **kwargs))
+
+
+def _encode(graphdef, variables, tokens_BT):
+  """The encoder output's cross-attention caches for every decoder layer, padding masked."""
+  model = nnx.merge(graphdef, *variables)
+  mask_BT = tokens_BT != tokenizer.PAD_ID
+  return model.cross_caches(model.encode(tokens_BT, mask_BT)[0], mask_BT)
+
+
+def _decode_last(graphdef, variables, tokens_BL, caches, crosses):
+  """`EncoderDecoder.decode` keeping the logits of the last position: [B, V]."""
+  logits_BLV, caches = nnx.merge(graphdef, *variables).decode(tokens_BL, caches, crosses)
   return logits_BLV[:, -1], caches

@@ -165,7 +165,7 @@ class _TrainLoop:
     self.monitor.skipped_steps = int(state.skipped_steps)
     self.start, self.end = int(state.step), config.stop_at_step or config.num_train_steps
     self.tokens_per_step = config.batch_size * config.data.seq_len
-    self.flops_per_token = flops.train_flops_per_token(trainer.model_cfg, config.data.seq_len)
+    self.flops_per_token = flops.run_train_flops_per_token(trainer.model_cfg, config.data)
     peak = (config.peak_flops_per_device or
             flops.peak_flops_per_device(jax.devices()[0].device_kind))
     self.peak_flops = peak * jax.device_count() if peak else None
@@ -221,7 +221,7 @@ class _TrainLoop:
     bar.write(f"step {done}: eval loss {self.eval_metrics['loss']:.4f}, "
               f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte")
     if config.eval_sample_tokens:  # A text sample from the start of a file, for TensorBoard.
-      self.sampler = self.sampler or sampling.Sampler(self.trainer.model_cfg, config.data.seq_len)
+      self.sampler = self.sampler or sampling.make_sampler(self.trainer.model_cfg, config.data)
       prompt = config.eval_sample_prompt
       self.writer.write_text(done, 'eval/sample', prompt + self.sampler.generate_text(
           state.params, prompt, config.eval_sample_tokens, seed=done, buffers=state.buffers))

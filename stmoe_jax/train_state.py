@@ -22,7 +22,8 @@ from flax import nnx
 from stmoe_jax import expert_parallel
 from stmoe_jax import model_factory
 from stmoe_jax import sharding
-from stmoe_jax.config import ConfigError, ModelConfig, model_config, validate
+from stmoe_jax.config import (ConfigError, ModelConfig, model_config, routing_groups_per_batch,
+                              validate)
 
 
 @flax.struct.dataclass
@@ -146,7 +147,9 @@ class Placement:
     return dict(name=data.name, split=split, data_dir=data.data_dir or None,
                 feature_key=data.feature_key, seq_len=data.seq_len,
                 batch_size=self.local_batch_size, process_index=jax.process_index(),
-                process_count=jax.process_count())
+                process_count=jax.process_count(), objective=data.objective,
+                noise_density=data.noise_density,
+                mean_noise_span_length=data.mean_noise_span_length)
 
 
 def place(config: ml_collections.ConfigDict) -> Placement:
@@ -169,8 +172,8 @@ def place(config: ml_collections.ConfigDict) -> Placement:
                       f'of the {shards} batch shards of mesh {dict(mesh.shape)} '
                       f'and {jax.process_count()} processes')
   if model.cfg.num_moe_layers:
-    num_groups = config.batch_size * config.data.seq_len // config.moe.group_size
-    expert_parallel.check(mesh_rules, config.moe.num_experts, num_groups)
+    for num_groups in routing_groups_per_batch(config):
+      expert_parallel.check(mesh_rules, config.moe.num_experts, num_groups)
   tx, schedule = make_optimizer(config.opt, config.num_train_steps)
   graphdef, abstract_params, abstract_buffers = model.abstract()
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from stmoe_jax import layer_stats
 from stmoe_jax import layers
-from stmoe_jax.attention import CausalSelfAttention, KVCache
+from stmoe_jax.attention import BidirectionalSelfAttention, CausalSelfAttention, KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Mlp
 from stmoe_jax.head_routing import HeadRoutedAttention
@@ -37,16 +37,21 @@ def make_attention(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Modul
 
 
 class Block(nnx.Module):
-  """One pre-norm transformer layer; its FFN is dense or MoE as `cfg.ffn_kind(layer)` says."""
+  """One pre-norm transformer layer; its FFN is dense or MoE as `cfg.ffn_kind(layer)` says.
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+  `causal=False` builds an encoder layer: bidirectional dense attention over the real tokens and
+  MoE layers built non-causal (expert-choice and Batch Prioritized Routing allowed).
+  """
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, causal: bool = True):
     dtype = jnp.dtype(cfg.dtype)
     self.attn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.attn = make_attention(cfg, layer, rngs=rngs)
+    self.attn = (make_attention(cfg, layer, rngs=rngs) if causal
+                 else BidirectionalSelfAttention(cfg, rngs=rngs))
     self.ffn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     kind = cfg.ffn_kind(layer)
     if kind == 'moe':
-      self.ffn = MoeLayer(cfg, rngs=rngs)
+      self.ffn = MoeLayer(cfg, causal=causal, rngs=rngs)
     else:
       # 'dense_matched' stands in for an MoE layer at equal active FLOPs: width k * expert width
       # (plus the shared experts, which every token also passes through).
@@ -66,6 +71,12 @@ class Block(nnx.Module):
     h_BLD = self.attn_norm(x_BLD)
     a_BLD, attn_stats = self.attn(h_BLD, positions_BL, mask_BL=mask_BL)
     x_BLD = x_BLD + a_BLD.astype(x_BLD.dtype)
+    x_BLD, stats = self.feed_forward(x_BLD, train=train, rng=rng, mask_BL=mask_BL)
+    return x_BLD, {'moe': stats, 'attention': attn_stats}
+
+  def feed_forward(self, x_BLD, *, train: bool, rng=None, mask_BL=None):
+    """The FFN half of the layer on the residual stream [B, L, D] (with the sparse-dense
+    stacking FFN, if any): -> ([B, L, D], the MoE layer's stats or {})."""
     if self.extra_dense == 'before':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     h_BLD = self.ffn_norm(x_BLD)
@@ -76,20 +87,13 @@ class Block(nnx.Module):
     x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
     if self.extra_dense == 'after':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
-    return x_BLD, {'moe': stats, 'attention': attn_stats}
+    return x_BLD, stats
 
   def decode(self, x_BLD, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """`__call__` at eval capacity for L new tokens after the cached ones (see `Transformer.decode`)."""
     attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), cache)
     x_BLD = x_BLD + attn_BLD.astype(x_BLD.dtype)
-    if self.extra_dense == 'before':
-      x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
-    h_BLD = self.ffn_norm(x_BLD)
-    y_BLD = self.ffn(h_BLD, train=False)[0] if self.is_moe else self.ffn(h_BLD)
-    x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
-    if self.extra_dense == 'after':
-      x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
-    return x_BLD, cache
+    return self.feed_forward(x_BLD, train=False)[0], cache
 
 
 class Transformer(nnx.Module):

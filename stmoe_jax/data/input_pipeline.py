@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from stmoe_jax.config import ConfigError
+from stmoe_jax.data import span_corruption
 from stmoe_jax.data import stdlib_corpus
 from stmoe_jax.data import tokenizer
 
@@ -260,7 +261,8 @@ def make_train_iterator(
     *, name: str, split: str, data_dir: str | os.PathLike | None,
     feature_key: str, seq_len: int, batch_size: int, seed: int,
     process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-    worker_count: int = 0) -> TrainIterator:
+    worker_count: int = 0, objective: str = 'causal_lm', noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0) -> TrainIterator:
   """Returns an infinite, checkpointable iterator of packed LM batches.
 
   Args:
@@ -275,10 +277,14 @@ def make_train_iterator(
     worker_count: >0 runs the pipeline in that many worker processes; each
       worker packs its own slice of the documents, so the batch stream
       differs from worker_count=0 (still deterministic and restorable).
+    objective: 'causal_lm', or 'span_corruption' (`span_corruption`: windows
+      of its raw_len tokens, corrupted with noise_density and
+      mean_noise_span_length, encoder inputs of seq_len tokens).
 
   Returns:
     A `TrainIterator` yielding {'inputs': int32[B, L], 'targets': int32[B, L],
-    'weights': float32[B, L] (all ones)}, targets[:, t] == inputs[:, t + 1].
+    'weights': float32[B, L] (all ones)}, targets[:, t] == inputs[:, t + 1];
+    for span corruption the batches of `span_corruption.to_batch`.
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'Need seq_len, batch_size >= 1: {seq_len}, {batch_size}')
@@ -292,9 +298,16 @@ def make_train_iterator(
   ds = ds.shuffle(seed=seed).repeat(None).map(_ToTokens(feature_key))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(16, 4 * num_threads)))
-  it_ds = grain.experimental.ConcatThenSplitIterDataset(
-      it_ds, length_struct={'tokens': seq_len + 1})
-  it_ds = it_ds.batch(batch_size, drop_remainder=True).map(_to_lm_batch)
+  span = objective == 'span_corruption'
+  window = (span_corruption.lengths(seq_len, noise_density, mean_noise_span_length).raw_len
+            if span else seq_len + 1)
+  it_ds = grain.experimental.ConcatThenSplitIterDataset(it_ds, length_struct={'tokens': window})
+  if span:
+    it_ds = span_corruption.train_dataset(
+        it_ds, seq_len=seq_len, batch_size=batch_size, seed=seed, noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length)
+  else:
+    it_ds = it_ds.batch(batch_size, drop_remainder=True).map(_to_lm_batch)
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # grain 0.2.18 reads an absl flag when it starts workers and raises
@@ -307,6 +320,9 @@ def make_train_iterator(
   config = dict(name=name, split=split, feature_key=feature_key,
                 seq_len=seq_len, seed=seed, process_index=process_index,
                 process_count=process_count, worker_count=worker_count)
+  if span:
+    config.update(objective=objective, noise_density=noise_density,
+                  mean_noise_span_length=mean_noise_span_length)
   return TrainIterator(it_ds, config)
 
 
@@ -421,7 +437,8 @@ class EvalIterable:
 def make_eval_iterator(
     *, name: str, split: str, data_dir: str | os.PathLike | None,
     feature_key: str, seq_len: int, batch_size: int, process_index: int = 0,
-    process_count: int = 1, max_batches: int | None = None) -> EvalIterable:
+    process_count: int = 1, max_batches: int | None = None, objective: str = 'causal_lm',
+    noise_density: float = 0.15, mean_noise_span_length: float = 3.0):
   """Returns a finite, deterministic, re-iterable set of eval batches.
 
   Args:
@@ -430,15 +447,40 @@ def make_eval_iterator(
     seq_len: L; batch_size: B (per process).
     process_index, process_count: documents process_index::process_count.
     max_batches: stop after this many batches (None: the whole split).
+    objective, noise_density, mean_noise_span_length: as `make_train_iterator`.
 
   Returns:
     An `EvalIterable`; iterating yields {'inputs': int32[B, L],
     'targets': int32[B, L], 'weights': float32[B, L]} (see its docstring for
     exactly which tokens are weighted). `len()` is the batch count.
+    For span corruption a `SpanEvalIterable`.
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'Need seq_len, batch_size >= 1: {seq_len}, {batch_size}')
   source = _checked_source(name, split, data_dir, feature_key)
+  if objective == 'span_corruption':
+    if process_count > 1:
+      raise NotImplementedError('span-corruption evaluation runs on one process')
+    return SpanEvalIterable(source, feature_key=feature_key, seq_len=seq_len,
+                            batch_size=batch_size, max_batches=max_batches,
+                            noise_density=noise_density,
+                            mean_noise_span_length=mean_noise_span_length)
   return EvalIterable(source, feature_key=feature_key, seq_len=seq_len,
                       batch_size=batch_size, process_index=process_index,
                       process_count=process_count, max_batches=max_batches)
+
+
+class SpanEvalIterable:
+  """Finite, deterministic, re-iterable span-corruption evaluation batches of a whole split
+  (`span_corruption.eval_batches`: every token in exactly one window, the same noise on every
+  pass)."""
+
+  def __init__(self, source, *, feature_key: str, max_batches: int | None, **span_kwargs):
+    self._source, self._key = source, feature_key
+    self._max_batches, self._kwargs = max_batches, span_kwargs
+
+  def __iter__(self) -> Iterator[Batch]:
+    ds = grain.MapDataset.source(self._source).map(_ToTokens(self._key))
+    documents = (doc['tokens'] for doc in ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    return span_corruption.eval_batches(documents, max_batches=self._max_batches,
+                                        **self._kwargs)
