@@ -28,7 +28,7 @@ from stmoe_jax import train_state
 from stmoe_jax import entry_points
 from stmoe_jax import workdir as workdir_lib
 from stmoe_jax.config import NONFINITE_TERMS, ModelConfig, check_resumable
-from stmoe_jax.data import input_pipeline
+from stmoe_jax.data import tasks
 from stmoe_jax.metrics import MetricsWriter
 from stmoe_jax.train_state import TrainState
 
@@ -119,8 +119,9 @@ class Trainer:
     return entry_points.checkpointer(self.config, self.workdir)
 
   def train_iterator(self):
-    return input_pipeline.make_train_iterator(**self.data_kwargs(self.config.data.train_split),
-                                              seed=self.config.seed)
+    return tasks.train_iterator(self.config.data.task, self.placement.model.task_format,
+                                **self.data_kwargs(self.config.data.train_split),
+                                seed=self.config.seed)
 
   def evaluate(self, state: TrainState, max_batches: int | None = None,
                model_cfg: ModelConfig | None = None) -> dict:
@@ -218,8 +219,10 @@ class _TrainLoop:
     self.flush()
     self.eval_metrics = self.trainer.evaluate(state, config.eval_batches or None)
     self.writer.write(done, 'eval', self.eval_metrics)
+    exact = self.eval_metrics.get('exact_match')
     bar.write(f"step {done}: eval loss {self.eval_metrics['loss']:.4f}, "
-              f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte")
+              f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte" +
+              ('' if exact is None else f', exact match {exact:.4f}'))
     if config.eval_sample_tokens:  # A text sample from the start of a file, for TensorBoard.
       self.sampler = self.sampler or sampling.Sampler(self.trainer.model_cfg, config.data.seq_len)
       prompt = config.eval_sample_prompt
@@ -287,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with workdir_lib.WorkdirLock(workdir, warn=log):
     train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
     # So does an eval split or feature that cannot be read: found now, not after training.
-    input_pipeline.check_split(**trainer.data_kwargs(config.data.eval_split))
+    tasks.check_split(config.data.task, **trainer.data_kwargs(config.data.eval_split))
     state = restore_or_init(trainer, train_iter, log)
     # Recorded only after the restore, so config.json always matches the checkpoints.
     entry_points.record_config(config, workdir, int(state.step), log)
