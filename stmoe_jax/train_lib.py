@@ -10,6 +10,7 @@ rebuilds it inside the step, so nothing stateful crosses the jit boundary. The m
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 
@@ -21,6 +22,7 @@ import tqdm
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import finetune
 from stmoe_jax import flops
 from stmoe_jax import guards
 from stmoe_jax import sampling
@@ -138,12 +140,15 @@ class Trainer:
 def restore_or_init(trainer: Trainer, train_iter, log) -> TrainState:
   """The newest good checkpoint of the trainer's workdir, or a fresh state.
 
+  A fresh run with `config.init_from` takes its parameters from that checkpoint (`finetune`).
   Resume order: check the config still fits the checkpoints, restore the newest readable step
   (arrays: params, buffers, optimizer, RNG, step, guard counters) onto this mesh's shardings,
   setting damaged newer steps aside, then move the data iterator to where that step left it.
   """
   ckpt, workdir = trainer.checkpointer, trainer.workdir
   if not ckpt.all_steps():
+    if trainer.config.init_from:  # Only here: a fine-tuning run resumes from its own steps.
+      return finetune.init_from(trainer.placement, trainer.init(), trainer.config.init_from, log)
     return trainer.init()
   check_resumable(trainer.config, entry_points.load_config(workdir),
                   entry_points.config_path(workdir))
@@ -286,6 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   trainer = Trainer(config, workdir)
   log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
+  if config.init_from and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    finetune.plan(config.init_from, trainer.placement)  # A misfit is refused before any I/O.
   workdir_lib.prepare(workdir)  # Only now: a config refused above leaves no directory behind.
   with workdir_lib.WorkdirLock(workdir, warn=log):
     train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
