@@ -28,14 +28,13 @@ def _flat(tree):
           for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
-def _pretrain(config, workdir, steps=2):
-  """A real train.py workdir: `steps` steps of `config`, a checkpoint, config.json; returns
-  its trainer and state."""
+def _pretrain(config, workdir):
+  """A real train.py workdir (checkpoint, config.json) holding `config`'s initial state at
+  seed 1, so that it differs from any seed-0 run's; returns the trainer and that state."""
+  config.seed = 1
   trainer = train_lib.Trainer(config, workdir)
-  state, data = trainer.init(), trainer.train_iterator()
-  for _ in range(steps):
-    state, _ = trainer.train_step(state, trainer.global_batch(next(data)))
-  trainer.checkpointer.save(steps, state, data.get_state(), force=True)
+  state = trainer.init()
+  trainer.checkpointer.save(1, state, trainer.train_iterator().get_state(), force=True)
   trainer.checkpointer.wait()
   entry_points.record_config(config, workdir, 0, LOG)
   return trainer, state
@@ -86,7 +85,7 @@ def task_run(pretrained, task_data_dir, tmp_path_factory):
   state after 3 steps."""
   config = _config(task_data_dir)
   config.data.update(task='func_name', name='stdlib_func_name', seq_len=32)
-  config.update(init_from=f'{pretrained[0]}:2', batch_size=2)
+  config.update(init_from=f'{pretrained[0]}:1', batch_size=2)
   config.finetune.trainable = 'non_moe'
   config.opt.update(weight_decay=0.5, warmup_steps=0)  # Decay would move frozen matrices.
   trainer = train_lib.Trainer(config, str(tmp_path_factory.mktemp('finetune')))
@@ -201,9 +200,10 @@ def test_upcycled_moe_matches_the_dense_model_at_step_0(stdlib_data_dir, tmp_pat
     for w in ('w_up', 'w_gate', 'w_down'):
       np.testing.assert_array_equal(got[f'blocks/1/ffn/experts/{w}'][e], want[f'blocks/1/ffn/{w}'])
   np.testing.assert_array_equal(got['blocks/1/ffn/router'], fresh['blocks/1/ffn/router'])
-  batch = next(data)
-  _, dense_metrics = dense_trainer.train_step(dense_state, dense_trainer.global_batch(batch))
-  _, moe_metrics = trainer.train_step(state, trainer.global_batch(batch))
+  batch, rng = next(data), jax.random.PRNGKey(0)
+  loss = lambda t, st: jax.jit(t.placement.model.loss_fn, static_argnums=2)(
+      st.params, st.buffers, t.graphdef, t.global_batch(batch), rng)[1][0]
+  dense_metrics, moe_metrics = loss(dense_trainer, dense_state), loss(trainer, state)
   assert float(moe_metrics['dropped_fraction']) == 0.0
   assert abs(float(moe_metrics['loss']) - float(dense_metrics['loss'])) < 1e-5
 
@@ -253,3 +253,24 @@ def test_task_needs_its_dataset_and_moe_only_needs_moe():
   config.moe.enabled, config.finetune.trainable = False, 'moe_only'
   with pytest.raises(ConfigError, match="config.finetune.trainable='moe_only' is invalid"):
     validate(config)
+
+
+def test_exact_match_counts_rows_whose_every_answer_token_is_the_argmax(task_run):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import losses  # pylint: disable=g-import-not-at-top
+  trainer, _, state, data = task_run
+  batch = next(data)
+  logits = np.asarray(nnx.merge(trainer.graphdef, state.params, state.buffers)(
+      batch['inputs'], mask_BL=batch['inputs'] != 256)[0])
+  argmax = logits.argmax(-1)
+  # Force a known pattern: row 0 exactly right (targets := argmax on its answer), row 1 wrong
+  # on one answer token only.
+  targets = np.array(batch['targets'])
+  answer = batch['weights'] > 0
+  targets[0][answer[0]] = argmax[0][answer[0]]
+  targets[1][answer[1]] = argmax[1][answer[1]]
+  targets[1][np.flatnonzero(answer[1])[0]] = (argmax[1][np.flatnonzero(answer[1])[0]] + 1) % 256
+  sums = losses.eval_step(state.params, state.buffers, {**batch, 'targets': targets},
+                          graphdef=trainer.graphdef)
+  assert int(sums['num_examples']) == 2 and int(sums['num_exact']) == 1
+  assert int(sums['num_correct']) == int(answer.sum()) - 1
