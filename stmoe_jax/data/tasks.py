@@ -73,10 +73,6 @@ FORMATS: dict[str, Callable[[np.ndarray, np.ndarray, int], dict]] = {
     'prefix_lm': prefix_lm_example}
 
 
-def _ids(value) -> np.ndarray:
-  return tokenizer.encode(value)
-
-
 class _ToExample(grain.transforms.Map):
   """record -> one formatted row (see FORMATS)."""
 
@@ -84,8 +80,8 @@ class _ToExample(grain.transforms.Map):
     self._task, self._format, self._seq_len = task, FORMATS[fmt], seq_len
 
   def map(self, record):
-    return self._format(_ids(record[self._task.prompt]), _ids(record[self._task.answer]),
-                        self._seq_len)
+    return self._format(tokenizer.encode(record[self._task.prompt]),
+                        tokenizer.encode(record[self._task.answer]), self._seq_len)
 
 
 def _source(task: str, name: str, split: str, data_dir):
