@@ -274,3 +274,21 @@ def test_exact_match_counts_rows_whose_every_answer_token_is_the_argmax(task_run
                           graphdef=trainer.graphdef)
   assert int(sums['num_examples']) == 2 and int(sums['num_exact']) == 1
   assert int(sums['num_correct']) == int(answer.sum()) - 1
+
+
+def test_shipped_finetune_and_upcycle_configs_fit_together(tmp_path):
+  """configs/finetune.py validates for every trainable; configs/upcycle.py's MoE stage plans
+  an upcycling of its dense stage (configs only, no arrays), both layers upcycled."""
+  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  from configs import upcycle  # pylint: disable=g-import-not-at-top
+  from stmoe_jax import train_state  # pylint: disable=g-import-not-at-top
+  for kind in ('all', 'non_moe', 'moe_only', 'attention'):
+    config = finetune_config.get_config(f'trainable={kind}')
+    validate(config)
+    assert config.finetune.trainable == kind and config.data.task == 'func_name'
+  entry_points.record_config(upcycle.get_config('stage=dense'), str(tmp_path), 0, LOG)
+  plan = finetune.plan(str(tmp_path), train_state.place(upcycle.get_config('stage=moe')))
+  assert plan.upcycled == ('blocks/0/ffn', 'blocks/1/ffn')
+  assert sorted(k for k, _ in plan.actions.values()).count('fresh') == 2
+  with pytest.raises(ValueError, match="stage='sparse' is invalid"):
+    upcycle.get_config('stage=sparse')
