@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.objective = 'causal_lm'  # 'causal_lm' (decoder_only) or 'span_corruption' (T5; encoder_decoder).
   data.noise_density = 0.15  # span_corruption: share of a window's tokens masked (T5: 0.15).
   data.mean_noise_span_length = 3.0  # span_corruption: mean tokens per masked span (T5: 3).
+  data.task = 'lm'  # 'lm' (language modelling) or 'func_name' (data.name='stdlib_func_name': body -> name).
 
   config.model = model = ml_collections.ConfigDict()
   model.vocab_size = 259  # 256 bytes + pad/bos/eos (stmoe_jax.data.tokenizer).
@@ -127,6 +128,12 @@ def get_config() -> ml_collections.ConfigDict:
   # the last good state and exits non-zero naming the step and the bad terms.
   config.on_nonfinite = 'stop'
   config.loss_spike_factor = 2.0  # Log a loss above this x the median of the last 32 steps; 0 = off.
+  # Fine-tuning (README "Fine-tuning and upcycling"): start from the parameters of another run's
+  # checkpoint, '<workdir>[:<step>]' (default its newest step); optimizer and step start fresh. A
+  # dense checkpoint into an MoE model upcycles: every expert a copy of the FFN it replaces.
+  config.init_from = ''  # '' = train from scratch.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.trainable = 'all'  # 'all', 'non_moe', 'moe_only' or 'attention' (ST-MoE Table 7).
   config.debug = debug = ml_collections.ConfigDict()
   debug.nan_at_step = 0  # Poison step n's (1-based) debug.nan_term with NaN, to test the guard; 0 = off.
   debug.nan_term = 'cross_entropy'  # 'cross_entropy', 'balance_loss', 'z_loss' or 'grad_norm'.

@@ -159,6 +159,11 @@ ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
 ARCHITECTURES = ('decoder_only', 'encoder_decoder')
 GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # Implemented in stmoe_jax.grouped_matmul.
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
+# data.task -> the dataset it reads ('' = any text dataset); stmoe_jax.data.tasks formats them.
+TASKS = {'lm': '', 'func_name': 'stdlib_func_name'}
+# finetune.trainable: which parameters the optimizer updates (ST-MoE Table 7); the selectors
+# live in stmoe_jax.trainable.
+TRAINABLE = ('all', 'non_moe', 'moe_only', 'attention')
 
 
 def _one_of(options) -> str:
@@ -183,7 +188,7 @@ _FIELDS = {
     'seed': int,
     'data': {'name': str, 'data_dir': str, 'feature_key': str, 'train_split': str,
              'eval_split': str, 'seq_len': int, 'objective': str, 'noise_density': float,
-             'mean_noise_span_length': float},
+             'mean_noise_span_length': float, 'task': str},
     'opt': {'name': str, 'lr': float, 'warmup_steps': int, 'schedule': str,
             'final_lr_fraction': float, 'decay_fraction': float, 'b1': float, 'b2': float, 'weight_decay': float,
             'grad_clip_norm': float},
@@ -193,6 +198,7 @@ _FIELDS = {
     'keep_checkpoints': int, 'on_nonfinite': str, 'loss_spike_factor': float,
     'eval_sample_tokens': int, 'eval_sample_prompt': str, 'peak_flops_per_device': float,
     'debug': {'nan_at_step': int, 'nan_term': str, 'step_sleep_s': float},
+    'init_from': str, 'finetune': {'trainable': str},
 }
 _TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
                dict: 'a dict', list: 'a list'}
@@ -325,6 +331,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                     'eval_every_steps', 'checkpoint_every_steps',
                                     'keep_checkpoints'])
   _positive_ints(config.data, 'data.', ['seq_len'])
+  _validate_finetune(config)
   _check(config.eval_sample_tokens >= 0, 'eval_sample_tokens', config.eval_sample_tokens,
          'an integer >= 0 (0 = no text sample at eval)')
   _check(config.peak_flops_per_device >= 0, 'peak_flops_per_device', config.peak_flops_per_device,
@@ -437,6 +444,37 @@ def routing_groups_per_batch(config: ml_collections.ConfigDict) -> tuple[int, ..
           batch * _span_lengths(data).decoder_len // moe.group_size)
 
 
+def _validate_finetune(config: ml_collections.ConfigDict) -> None:
+  """The `data.task`, `init_from` and `finetune` checks of `validate`."""
+  task = config.data.task
+  _check(task in TASKS, 'data.task', task, _one_of(TASKS))
+  _check(not TASKS[task] or config.data.name == TASKS[task], 'data.name', config.data.name,
+         f'{TASKS[task]!r} with data.task={task!r}')
+  _check(task == 'lm' or config.model.architecture == 'decoder_only', 'data.task', task,
+         "'lm' with model.architecture='encoder_decoder' (prompt -> answer tasks are formatted "
+         'for the decoder-only model only, as prefix-LM rows)')
+  trainable = config.finetune.trainable
+  _check(trainable in TRAINABLE, 'finetune.trainable', trainable, _one_of(TRAINABLE))
+  has_moe = config.moe.enabled and any(config.moe.every > 0 and i % config.moe.every ==
+                                       config.moe.every - 1
+                                       for i in range(config.model.num_layers))
+  _check(trainable != 'moe_only' or has_moe, 'finetune.trainable', trainable,
+         "not 'moe_only' for a model without MoE layers (nothing would train)")
+  if config.init_from:
+    workdir, step = parse_init_from(config.init_from)
+    _check(bool(workdir) and step != -1, 'init_from', config.init_from,
+           "'<workdir>' or '<workdir>:<step>' with an integer step >= 0 ('' = train from scratch)")
+
+
+def parse_init_from(spec: str) -> tuple[str, int | None]:
+  """'<workdir>[:<step>]' -> (workdir, step or None = its newest step); step -1 when the text
+  after the last ':' is not a step (a workdir path may not contain ':')."""
+  workdir, colon, step = spec.rpartition(':')
+  if not colon:
+    return spec, None
+  return workdir, int(step) if step.isdigit() else -1
+
+
 def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
   """The `config.attention` checks of `validate`."""
   expected_kind = ' or '.join(repr(k) for k in ATTENTION_KINDS)
@@ -466,7 +504,8 @@ RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.ex
                  'moe.num_shared_experts', 'moe.shared_expert_d_ff', 'moe.extra_dense_ffn',
                  'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
                  'data.train_split', 'data.objective', 'data.noise_density',
-                 'data.mean_noise_span_length', 'attention.kind', 'attention.layer_kinds')
+                 'data.mean_noise_span_length', 'attention.kind', 'attention.layer_kinds',
+                 'data.task', 'finetune.trainable')
 
 
 def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,

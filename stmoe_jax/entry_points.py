@@ -120,6 +120,19 @@ def checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointi
       save_every=config.checkpoint_every_steps)
 
 
+def workdir_placement(workdir: str, mesh: dict[str, int] | None = None
+                      ) -> train_state.Placement:
+  """The `train_state.Placement` of a train.py workdir's saved config, on its mesh or on `mesh`
+  (axis sizes) instead; restores and creates nothing. FileNotFoundError naming the path when
+  the workdir or its config is missing."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
+  config = load_config(workdir)
+  if mesh is not None:
+    config.mesh = dict(mesh)
+  return train_state.place(config)
+
+
 def restore_workdir(workdir: str, step: int | None = None,
                     mesh: dict[str, int] | None = None
                     ) -> tuple[train_state.Placement, int, train_state.TrainState]:
@@ -130,12 +143,7 @@ def restore_workdir(workdir: str, step: int | None = None,
   Raises FileNotFoundError naming the path when the workdir, its config or the checkpoint is
   missing, checkpointing.CheckpointError when no checkpoint is readable.
   """
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
-  config = load_config(workdir)
-  if mesh is not None:
-    config.mesh = dict(mesh)
-  placement = train_state.place(config)
+  placement = workdir_placement(workdir, mesh)
   step, state, _ = checkpointing.read_checkpoint(
       os.path.join(os.path.abspath(workdir), 'checkpoints'), placement.abstract_state, step)
   return placement, step, state

@@ -19,11 +19,11 @@ import numpy as np
 from stmoe_jax import layer_stats
 from stmoe_jax import model_factory
 from stmoe_jax.config import ModelConfig
-from stmoe_jax.data import input_pipeline
+from stmoe_jax.data import tasks
 
 
 def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
-             cfg: ModelConfig) -> dict:
+             cfg: ModelConfig, exact_match: bool = False) -> dict:
   """Runs `run_step` (a jitted eval step with params bound) over `batches` and reduces.
 
   Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
@@ -34,14 +34,19 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   `max_load_ratio`, `dropped_fraction` (share of assigned choices dropped at the eval capacity
   factor), `dropped_fraction_per_slot` (1st, 2nd, ... choice), `router_z` (mean
   logsumexp^2), `router_entropy` (nats) and `router_bias` (the aux-loss-free balancer's bias).
+  With `exact_match` (prompt -> answer tasks, one example per row) also `exact_match`: the share
+  of examples whose every answer token (and its EOS) is the argmax given the ones before, which
+  is when greedy decoding emits the answer exactly; `accuracy` is then the token accuracy over
+  the answers, and `num_examples` their count.
   """
   totals, routing = None, None
   stacks = cfg.moe_stacks()
   routed = {stack: layer_stats.key('num_routed', stack) for stack, _ in stacks}
+  keys = ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', *routed.values()) + (
+      ('num_exact', 'num_examples') if exact_match else ())
   for batch in batches:
     out = jax.device_get(run_step(batch))
-    sums = {k: float(out[k]) for k in
-            ('ce_sum', 'num_tokens', 'num_correct', 'num_bytes', *routed.values())}
+    sums = {k: float(out[k]) for k in keys}
     # Routing stats are per-batch means over real tokens: weight them by that count.
     stats = {(stack, k): np.asarray(out[layer_stats.key(k, stack)], np.float64) *
              sums[routed[stack]] for stack, _ in stacks for k in layer_stats.MOE}
@@ -52,7 +57,10 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   routing = {(stack, k): v / totals[routed[stack]] for (stack, k), v in routing.items()}
   total = lambda k: float(sum(np.sum(routing[stack, k]) for stack, _ in stacks))
   dropped = np.concatenate([routing[stack, 'dropped_fraction'] for stack, _ in stacks])
+  task = ({'exact_match': totals['num_exact'] / max(totals['num_examples'], 1.0),
+           'num_examples': int(totals['num_examples'])} if exact_match else {})
   return {
+      **task,
       'loss': totals['ce_sum'] / totals['num_tokens'],
       'bits_per_byte': totals['ce_sum'] / math.log(2) / max(totals['num_bytes'], 1.0),
       'accuracy': totals['num_correct'] / totals['num_tokens'],
@@ -127,9 +135,12 @@ def make_eval_step(placement, model_cfg: ModelConfig | None = None) -> Callable:
 def evaluate_split(placement, state, eval_step: Callable, max_batches: int | None = None,
                    model_cfg: ModelConfig | None = None) -> dict:
   """`evaluate` of `state` over the config's validation split (all of it, or `max_batches`),
-  with `eval_step` from `make_eval_step` (for `model_cfg`, default the placement's model)."""
+  with `eval_step` from `make_eval_step` (for `model_cfg`, default the placement's model); with
+  a prompt -> answer `data.task`, exact match too."""
   config = placement.config
-  batches = input_pipeline.make_eval_iterator(**placement.data_kwargs(config.data.eval_split),
-                                              max_batches=max_batches)
+  batches = tasks.eval_iterator(config.data.task, placement.model.task_format,
+                                **placement.data_kwargs(config.data.eval_split),
+                                max_batches=max_batches)
   run_step = lambda b: eval_step(state.params, state.buffers, placement.global_batch(b))
-  return evaluate(run_step, batches, model_cfg or placement.model_cfg)
+  return evaluate(run_step, batches, model_cfg or placement.model_cfg,
+                  exact_match=config.data.task != 'lm')

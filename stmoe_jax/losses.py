@@ -60,7 +60,8 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
 
 def eval_step(params, buffers, batch, *, graphdef) -> dict:
   """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
-  num_routed (non-padding inputs) and the per-MoE-layer routing stats [M, ...] of
+  num_routed (non-padding inputs), num_examples (rows with a weighted target) and num_exact
+  (those whose every weighted target is the argmax), and the per-MoE-layer routing stats of
   `Transformer.__call__`, which cover non-padding inputs only; `evaluation.evaluate` reduces
   them over batches."""
   model = nnx.merge(graphdef, params, buffers)
@@ -68,10 +69,16 @@ def eval_step(params, buffers, batch, *, graphdef) -> dict:
   real_BL = batch['inputs'] != tokenizer.PAD_ID
   logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
+  # A task row (one example, `data.tasks`) is exactly right when every weighted target is: the
+  # teacher-forced argmax then equals the answer and its EOS, so greedy decoding emits it.
+  scored_B = jnp.any(weights_BL > 0, axis=-1)
+  exact_B = scored_B & jnp.all(correct_BL | (weights_BL == 0), axis=-1)
   return {
       'ce_sum': jnp.sum(ce_BL * weights_BL),
       'num_tokens': jnp.sum(weights_BL),
-      'num_correct': jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL),
+      'num_correct': jnp.sum(correct_BL * weights_BL),
+      'num_exact': jnp.sum(exact_B), 'num_examples': jnp.sum(scored_B),
       'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
       'num_routed': jnp.sum(real_BL),
       **moe_stats,

@@ -35,12 +35,15 @@ class Model:
     eval_step: (params, buffers, batch, *, graphdef) -> sums and stats of one batch, reduced
       by `evaluation.evaluate`.
     batch_keys: the arrays each batch holds.
+    task_format: how a prompt -> answer example becomes a row of those arrays (a key of
+      `data.tasks.FORMATS`); its eval step must then also sum `num_exact` and `num_examples`.
   """
   cfg: ModelConfig
   make: Callable[[nnx.Rngs], nnx.Module]
   loss_fn: Callable
   eval_step: Callable
   batch_keys: tuple[str, ...]
+  task_format: str = 'prefix_lm'
 
   def abstract(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """The graphdef and shape-only (params, buffers) states, allocating nothing."""

@@ -10,6 +10,7 @@ rebuilds it inside the step, so nothing stateful crosses the jit boundary. The m
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 
@@ -21,6 +22,7 @@ import tqdm
 
 from stmoe_jax import checkpointing
 from stmoe_jax import evaluation
+from stmoe_jax import finetune
 from stmoe_jax import flops
 from stmoe_jax import guards
 from stmoe_jax import sampling
@@ -28,7 +30,7 @@ from stmoe_jax import train_state
 from stmoe_jax import entry_points
 from stmoe_jax import workdir as workdir_lib
 from stmoe_jax.config import NONFINITE_TERMS, ModelConfig, check_resumable
-from stmoe_jax.data import input_pipeline
+from stmoe_jax.data import tasks
 from stmoe_jax.metrics import MetricsWriter
 from stmoe_jax.train_state import TrainState
 
@@ -119,8 +121,9 @@ class Trainer:
     return entry_points.checkpointer(self.config, self.workdir)
 
   def train_iterator(self):
-    return input_pipeline.make_train_iterator(**self.data_kwargs(self.config.data.train_split),
-                                              seed=self.config.seed)
+    return tasks.train_iterator(self.config.data.task, self.placement.model.task_format,
+                                **self.data_kwargs(self.config.data.train_split),
+                                seed=self.config.seed)
 
   def evaluate(self, state: TrainState, max_batches: int | None = None,
                model_cfg: ModelConfig | None = None) -> dict:
@@ -137,12 +140,15 @@ class Trainer:
 def restore_or_init(trainer: Trainer, train_iter, log) -> TrainState:
   """The newest good checkpoint of the trainer's workdir, or a fresh state.
 
+  A fresh run with `config.init_from` takes its parameters from that checkpoint (`finetune`).
   Resume order: check the config still fits the checkpoints, restore the newest readable step
   (arrays: params, buffers, optimizer, RNG, step, guard counters) onto this mesh's shardings,
   setting damaged newer steps aside, then move the data iterator to where that step left it.
   """
   ckpt, workdir = trainer.checkpointer, trainer.workdir
   if not ckpt.all_steps():
+    if trainer.config.init_from:  # Only here: a fine-tuning run resumes from its own steps.
+      return finetune.init_from(trainer.placement, trainer.init(), trainer.config.init_from, log)
     return trainer.init()
   check_resumable(trainer.config, entry_points.load_config(workdir),
                   entry_points.config_path(workdir))
@@ -218,8 +224,10 @@ class _TrainLoop:
     self.flush()
     self.eval_metrics = self.trainer.evaluate(state, config.eval_batches or None)
     self.writer.write(done, 'eval', self.eval_metrics)
+    exact = self.eval_metrics.get('exact_match')
     bar.write(f"step {done}: eval loss {self.eval_metrics['loss']:.4f}, "
-              f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte")
+              f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte" +
+              ('' if exact is None else f', exact match {exact:.4f}'))
     if config.eval_sample_tokens:  # A text sample from the start of a file, for TensorBoard.
       self.sampler = self.sampler or sampling.make_sampler(self.trainer.model_cfg, config.data)
       prompt = config.eval_sample_prompt
@@ -283,11 +291,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   trainer = Trainer(config, workdir)
   log = lambda line: tqdm.tqdm.write(line, file=sys.stderr)
+  if config.init_from and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    finetune.plan(config.init_from, trainer.placement)  # A misfit is refused before any I/O.
   workdir_lib.prepare(workdir)  # Only now: a config refused above leaves no directory behind.
   with workdir_lib.WorkdirLock(workdir, warn=log):
     train_iter = trainer.train_iterator()  # Bad data fails here, before a checkpoint dir exists.
     # So does an eval split or feature that cannot be read: found now, not after training.
-    input_pipeline.check_split(**trainer.data_kwargs(config.data.eval_split))
+    tasks.check_split(config.data.task, **trainer.data_kwargs(config.data.eval_split))
     state = restore_or_init(trainer, train_iter, log)
     # Recorded only after the restore, so config.json always matches the checkpoints.
     entry_points.record_config(config, workdir, int(state.step), log)

@@ -22,6 +22,7 @@ from flax import nnx
 from stmoe_jax import expert_parallel
 from stmoe_jax import model_factory
 from stmoe_jax import sharding
+from stmoe_jax import trainable as trainable_lib
 from stmoe_jax.config import (ConfigError, ModelConfig, model_config, routing_groups_per_batch,
                               validate)
 
@@ -75,8 +76,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int):
-  """Global-norm clipping, then AdamW (decay on matrices only) or Adafactor."""
+def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int, trainable=None):
+  """Global-norm clipping, then AdamW (decay on matrices only) or Adafactor; with `trainable`
+  (a bool pytree like the params, `trainable.mask`) on the True parameters only, the others
+  frozen (`trainable.restrict`)."""
   schedule = learning_rate_schedule(opt, num_train_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   if opt.name == 'adamw':
@@ -88,7 +91,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int):
     decay = (lambda step: opt.weight_decay * schedule(step)) if opt.weight_decay else None
     base = optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=decay_mask)
   clip = optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity()
-  return optax.chain(clip, base), schedule
+  tx = optax.chain(clip, base)
+  if trainable is not None and not all(jax.tree.leaves(trainable)):
+    tx = trainable_lib.restrict(tx, trainable)
+  return tx, schedule
 
 
 def init_state(model: model_factory.Model, tx, seed: int) -> TrainState:
@@ -152,6 +158,26 @@ class Placement:
                 mean_noise_span_length=data.mean_noise_span_length)
 
 
+def _moment_shardings(opt_state, params, param_shardings, replicated):
+  """Optimizer moments are sharded like the parameters they track; counters and Adafactor's
+  factored (lower-rank) moments are replicated. A moment is found by its path ending in a
+  parameter's dict keys with that parameter's shape: unlike `optax.tree_map_params`, this also
+  reads the states of `optax.multi_transform` (frozen parameters, `trainable.restrict`)."""
+  by_name = {path: (p.shape, s) for (path, p), s in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+
+  def sharding_of(path, leaf):
+    keys = []
+    for key in reversed(path):  # The trailing dict keys: the tracked parameter's path.
+      if not isinstance(key, jax.tree_util.DictKey):
+        break
+      keys.insert(0, key)
+    shape, sharding = by_name.get(tuple(keys), (None, replicated))
+    return sharding if getattr(leaf, 'shape', None) == shape else replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
+
+
 def place(config: ml_collections.ConfigDict) -> Placement:
   """Validates `config` and lays out its model and train state on its mesh; compiles nothing.
 
@@ -174,18 +200,16 @@ def place(config: ml_collections.ConfigDict) -> Placement:
   if model.cfg.num_moe_layers:
     for num_groups in routing_groups_per_batch(config):
       expert_parallel.check(mesh_rules, config.moe.num_experts, num_groups)
-  tx, schedule = make_optimizer(config.opt, config.num_train_steps)
   graphdef, abstract_params, abstract_buffers = model.abstract()
+  trainable = trainable_lib.mask(nnx.merge(graphdef, abstract_params, abstract_buffers),
+                                 nnx.to_pure_dict(abstract_params), config.finetune.trainable)
+  tx, schedule = make_optimizer(config.opt, config.num_train_steps, trainable)
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
   buffer_shardings = sharding.state_shardings(abstract_buffers, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract = jax.eval_shape(lambda: init_state(model, tx, config.seed))
-  # Optimizer moments are sharded like the parameters they track; counters and Adafactor's
-  # factored (lower-rank) moments are replicated.
-  opt_shardings = optax.tree_map_params(
-      tx, lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
-      abstract.opt_state, abstract.params, param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = _moment_shardings(abstract.opt_state, abstract.params, param_shardings,
+                                    replicated)
   state_shardings = TrainState(step=replicated, params=param_shardings,
                                buffers=buffer_shardings, opt_state=opt_shardings,
                                rng=replicated, skipped_steps=replicated, halted_at=replicated)

@@ -27,11 +27,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from stmoe_jax.config import ConfigError
+from stmoe_jax.data import func_name_corpus
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import stdlib_corpus
 from stmoe_jax.data import tokenizer
 
 Batch = dict[str, np.ndarray]
+# Datasets built from the running interpreter's standard library on first use, by name.
+EMBEDDED = {stdlib_corpus.NAME: stdlib_corpus.StdlibPy,
+            func_name_corpus.NAME: func_name_corpus.StdlibFuncName}
 
 
 def get_data_source(
@@ -39,7 +43,8 @@ def get_data_source(
 ) -> Sequence[Mapping[str, Any]]:
   """Returns a random-access TFDS data source for `name`/`split`.
 
-  `stdlib_py` is prepared on first use (array_record, ~1 s, no network).
+  `stdlib_py` and `stdlib_func_name` (EMBEDDED) are prepared on first use (array_record,
+  ~1 s and ~1 min, no network).
   Any other dataset must already be prepared in `data_dir` in array_record
   format; it is never downloaded. A corpus built from local files by
   `python -m stmoe_jax.data.build` is read by its name from its directory.
@@ -60,11 +65,11 @@ def get_data_source(
   """
   data_dir = os.fspath(data_dir) if data_dir else None
   base, _, config = name.partition(':')[0].partition('/')
-  if base == stdlib_corpus.NAME:
+  if base in EMBEDDED:
     if config not in ('', stdlib_corpus.config_name()):
       raise ValueError(f'{name!r}: only this interpreter\'s corpus '
                        f'({stdlib_corpus.config_name()}) can be prepared.')
-    builder = stdlib_corpus.StdlibPy(data_dir=data_dir)
+    builder = EMBEDDED[base](data_dir=data_dir)
     if not builder.is_prepared():
       try:
         # try_download_gcs=False: otherwise tfds asks GCS whether a prepared
@@ -76,9 +81,9 @@ def get_data_source(
       except Exception:  # pylint: disable=broad-except
         # Another process (another host on a shared FS) may have won the race
         # to rename its incomplete dir into place; its result is identical.
-        if not stdlib_corpus.StdlibPy(data_dir=data_dir).is_prepared():
+        if not EMBEDDED[base](data_dir=data_dir).is_prepared():
           raise
-        builder = stdlib_corpus.StdlibPy(data_dir=data_dir)
+        builder = EMBEDDED[base](data_dir=data_dir)
   else:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
