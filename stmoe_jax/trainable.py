@@ -23,11 +23,14 @@ import optax
 from flax import nnx
 
 from stmoe_jax.attention import CausalSelfAttention  # Also the base of PatternAttention.
+from stmoe_jax.attention import CrossAttention
 from stmoe_jax.config import TRAINABLE
 from stmoe_jax.head_routing import HeadRoutedAttention
 from stmoe_jax.moe import MoeLayer
 
-ATTENTION_MODULES = (CausalSelfAttention, HeadRoutedAttention)
+# Self-attention of every kind (the encoder's bidirectional one subclasses the causal one) and
+# the decoder's cross-attention.
+ATTENTION_MODULES = (CausalSelfAttention, HeadRoutedAttention, CrossAttention)
 
 # finetune.trainable -> (inside an MoE layer, inside attention) -> whether the optimizer updates.
 SELECTORS = {
