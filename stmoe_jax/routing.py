@@ -12,6 +12,11 @@ expert's buffer it takes; any dispatch strategy (`stmoe_jax.dispatch`) consumes 
     first-come or Batch Prioritized capacity.
   - `expert_choice`: each expert picks its top-C tokens (Zhou et al. 2022), written as K = E
     choices per token so that the same dispatch code applies.
+  - `route_hierarchical`: an outer router over groups of experts, an inner one within each
+    chosen group (lucidrains mixture-of-experts `HeirarchicalMoE`).
+
+`tokens_choose_top_k` also takes the gating options of `stmoe_jax.gating`: sigmoid scores,
+group-limited top-k and a routed scaling factor (DeepSeek-V3), and per-rank later-choice policies.
 
 `ROUTERS` maps each `moe.router` name to its `Router`: config validation, `MoeLayer`, the layer
 stats and the plots all read it. A new router is one function with `Router.route`'s signature,

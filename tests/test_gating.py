@@ -3,6 +3,7 @@ loss, router noise, later-choice policies with per-rank thresholds, hierarchical
 against plain numpy written here, and their config refusals."""
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -320,3 +321,30 @@ def with_moe(overrides):
   config = default.get_config()
   config.moe = ml_collections.ConfigDict({**config.moe.to_dict(), **overrides})
   return config
+
+
+def test_every_router_option_is_a_valid_study_arm_and_tuples_parse_on_the_command_line(
+    monkeypatch):
+  """configs/moe_vs_dense.py:router=<option> on every MoE arm validates, and train.py's flags
+  (what sweeps and the study pass, `sweep.train_command`) parse tuple fields."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from configs import moe_vs_dense  # pylint: disable=g-import-not-at-top
+  for arm, (family, _, _) in moe_vs_dense.ARMS.items():
+    for option in moe_vs_dense.ROUTER_OPTIONS if family != 'dense' else ():
+      validate(moe_vs_dense.get_config(f'arm={arm},size=quick,router={option}'))
+  with pytest.raises(ValueError, match="router='hash' is invalid"):
+    moe_vs_dense.get_config('arm=stmoe16,router=hash')
+
+  def load(*overrides):  # As train.py loads it; config_flags reads overrides from sys.argv.
+    argv = ['train.py', '--config=configs/moe_vs_dense.py:arm=stmoe16,size=quick', *overrides]
+    monkeypatch.setattr(sys, 'argv', argv)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, 'Config.', flag_values=values,
+                                    lock_config=True)
+    values(argv)
+    return config_lib.model_config(values.config).moe
+
+  moe = load('--config.moe.router=hierarchical', '--config.moe.hierarchy=(2,8)')
+  assert moe.hierarchy == (2, 8) and moe.router == 'hierarchical'
+  assert load('--config.moe.threshold_eval=(0.3,)').threshold_eval == (0.3,)
