@@ -3,6 +3,7 @@ loss, router noise, later-choice policies with per-rank thresholds, hierarchical
 against plain numpy written here, and their config refusals."""
 
 import dataclasses
+import json
 import sys
 
 import jax
@@ -348,3 +349,41 @@ def test_every_router_option_is_a_valid_study_arm_and_tuples_parse_on_the_comman
   moe = load('--config.moe.router=hierarchical', '--config.moe.hierarchy=(2,8)')
   assert moe.hierarchy == (2, 8) and moe.router == 'hierarchical'
   assert load('--config.moe.threshold_eval=(0.3,)').threshold_eval == (0.3,)
+
+
+def test_route_tokens_choose_reads_every_gating_field():
+  """The layer's router passes each config field to `tokens_choose_top_k` (train and eval
+  policies and thresholds each their own)."""
+  logits = jnp.asarray(np.random.RandomState(5).randn(2, 16, 8), jnp.float32)
+  rng = jax.random.PRNGKey(0)
+  moe = dataclasses.replace(
+      config_lib.MoeConfig(), num_experts=8, top_k=3, score_fn='sigmoid',
+      routed_scaling_factor=2.5, n_groups=4, topk_groups=2, second_policy_train='random',
+      threshold_train=(0.4, 0.3), second_policy_eval='threshold', threshold_eval=(0.2, 0.35))
+  kwargs = dict(top_k=3, capacity=4, score_fn='sigmoid', routed_scaling_factor=2.5, n_groups=4,
+                topk_groups=2, rng=rng)
+
+  @jax.jit
+  def routes(logits):
+    return [(routing.route_tokens_choose(logits, moe, capacity=4, train=train, rng=rng),
+             routing.tokens_choose_top_k(logits, train=train, later_policy=policy,
+                                         thresholds=thresholds, **kwargs))
+            for train, policy, thresholds in ((True, 'random', (0.4, 0.3)),
+                                              (False, 'threshold', (0.2, 0.35)))]
+
+  for got, want in routes(logits):
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert 0 < np.mean(got.assigned) < 1
+
+
+def test_tuple_fields_survive_config_json():
+  """config.json stores tuples as lists: the loaded config validates, builds tuples, and
+  resumes the run that wrote it."""
+  config = with_moe(dict(router='hierarchical', hierarchy=(8, 8), hierarchy_outer_k=2))
+  loaded = ml_collections.ConfigDict(json.loads(config.to_json()))
+  assert loaded.moe.hierarchy == [8, 8]
+  assert config_lib.model_config(loaded).moe == config_lib.model_config(config).moe
+  config_lib.check_resumable(config, loaded, 'the workdir')
+  loaded.moe.hierarchy = [4, 16]
+  with pytest.raises(ConfigError, match=r'config.moe.hierarchy=\(8, 8\) differs from \[4, 16\]'):
+    config_lib.check_resumable(config, loaded, 'the workdir')
