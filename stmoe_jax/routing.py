@@ -345,14 +345,14 @@ def route_hierarchical(logits_GSE: jax.Array, moe: Any, *, capacity: int,
   valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
   # Inner level: every (routing group, outer group) pair is a balance group of the tokens that
   # chose that outer group.
-  chose_GSO = jnp.any(jax.nn.one_hot(h['outer_index'], O, dtype=bool), axis=2) & valid_GS[..., None]
-  to_pairs = lambda x_GSO_: jnp.swapaxes(x_GSO_, 1, 2).reshape(G * O, S, *x_GSO_.shape[3:])
+  chose_GSO = (jnp.any(jax.nn.one_hot(h['outer_index'], O, dtype=bool), axis=2) &
+               valid_GS[..., None])
+  to_pairs = lambda x_GSO: jnp.swapaxes(x_GSO, 1, 2).reshape(G * O, S, *x_GSO.shape[3:])
   balance = (load_balancing_loss(h['outer_probs'], h['outer_index'], valid_GS) +
              load_balancing_loss(to_pairs(h['inner_probs']), to_pairs(h['inner_index']),
                                  to_pairs(chose_GSO)))
-  inner_z = router_z_loss(inner_GSE.reshape(G, S * O, I),
-                          jnp.repeat(valid_GS, O, axis=1))
-  z = router_z_loss(outer_GSO, valid_GS) + inner_z
+  z = (router_z_loss(outer_GSO, valid_GS) +
+       router_z_loss(inner_GSE.reshape(G, S * O, I), jnp.repeat(valid_GS, O, axis=1)))
   assigned_GSK = jnp.broadcast_to(valid_GS[..., None], h['index'].shape)
   return _place(h['index'], h['gate'], assigned_GSK, h['probs'], inner_GSE, capacity,
                 balance_loss=balance, z_loss=z)
