@@ -72,6 +72,19 @@ def get_config() -> ml_collections.ConfigDict:
   moe.encoder_router = ''  # encoder_decoder: the encoder's router ('' = moe.router); expert_choice allowed.
   moe.encoder_batch_prioritized_routing = False  # encoder_decoder: BPR in the (non-causal) encoder.
   moe.encoder_group_size = 0  # encoder_decoder: encoder tokens per routing group; 0 = moe.group_size.
+  # Gating options (README "Routers"; stmoe_jax/gating.py).
+  moe.score_fn = 'softmax'  # 'sigmoid': DeepSeek-V3 per-expert sigmoid scores, gates renormalised over the k.
+  moe.routed_scaling_factor = 1.0  # Combine weights times this (DeepSeek-V3: 2.5).
+  moe.n_groups = 1  # Group-limited top-k: experts in n_groups groups...
+  moe.topk_groups = 1  # ...only each token's topk_groups best groups eligible (DeepSeek-V3: 8, 4).
+  moe.seq_aux_loss_coef = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (1e-4); 0 = off.
+  moe.router_noise = 'none'  # Training noise on router logits: 'gumbel' (st-moe-pytorch) or 'noisy_top_k' (Shazeer 2017).
+  moe.second_policy_train = 'random'  # Choices 2..k in training: 'all', 'none', 'threshold' or 'random'...
+  moe.second_policy_eval = 'threshold'  # ...and at eval (mixture-of-experts); thresholds 0 route all.
+  moe.threshold_train = ()  # Per-rank thresholds of choices 2..k, e.g. (0.2, 0.1); () = second_expert_threshold...
+  moe.threshold_eval = ()  # ...and at eval (st-moe-pytorch).
+  moe.hierarchy = ()  # router='hierarchical': (outer groups, experts per group), product num_experts.
+  moe.hierarchy_outer_k = 1  # router='hierarchical': outer groups per token; top_k / it experts in each.
 
   # Attention per layer (README "Sparse attention"). The pattern kinds compute only the key
   # blocks their pattern touches; head_routed picks top-k of model.num_heads heads per token.

@@ -3,6 +3,7 @@ r"""The arms of the MoE-vs-dense study (experiments/moe_vs_dense.py; README "Res
   python train.py --config=configs/moe_vs_dense.py:arm=stmoe64 --workdir=runs/mvd/stmoe64
   python train.py --config=configs/moe_vs_dense.py:arm=dense,lr=6e-3 --workdir=runs/mvd/d
   python train.py --config=configs/moe_vs_dense.py:arm=dense,size=quick --workdir=/tmp/q
+  python train.py --config=configs/moe_vs_dense.py:arm=stmoe64,router=deepseek --workdir=/tmp/ds
 
 A model small enough that the study's dense baseline sees many tokens per parameter: byte-level,
 d_model 64, 2 layers, and every FFN is the arm's FFN (moe.every=1). All arms do the same FFN
@@ -19,7 +20,8 @@ z-loss (1e-3). size=full: 1600 steps of 64 x 64 bytes (6.6M tokens, 50 per dense
 non-embedding parameter) on a warmup-stable-decay schedule whose stable part is shared by the
 shorter complete runs the study branches off; validation on 50 fixed batches every 160 steps.
 size=quick: one layer of d_model 32 and 20 steps, a smoke test of the study. `lr=0` takes the
-family's peak learning rate from TUNED_LR (the study's sweep chose it).
+family's peak learning rate from TUNED_LR (the study's sweep chose it). `router=<name>` swaps an
+MoE arm's gating for one of ROUTER_OPTIONS (README "Routers"); the study itself runs none of them.
 """
 
 from configs import common
@@ -41,11 +43,38 @@ ACTIVE_FFN_WIDTH = {'full': 256, 'quick': 64}
 TUNED_LR = {'dense': 6e-3, 'switch': 6e-3, 'stmoe': 6e-3, 'fine': 6e-3}
 
 
+
+
+def router_options(num_experts: int, top_k: int) -> dict[str, dict]:
+  """Gating options an MoE arm can run (`router=<name>`), as moe overrides for its E and k:
+  DeepSeek-V3 (sigmoid scores, 8 groups of which 4 eligible, gates x 2.5, sequence-wise loss,
+  aux-loss-free bias), Gumbel or noisy top-k router noise, ST-MoE per-rank thresholds for
+  choices 2..k, and a hierarchy of sqrt(E)-ish outer groups with one chosen per token."""
+  outer = next(o for o in (8, 4, 2, 1) if num_experts % o == 0 and num_experts // o >= top_k)
+  return {
+      'deepseek': dict(score_fn='sigmoid', routed_scaling_factor=2.5, n_groups=8, topk_groups=4,
+                       seq_aux_loss_coef=1e-4, bias_balancer_rate=1e-3),
+      'gumbel': dict(router_noise='gumbel'),
+      'noisy_top_k': dict(router_noise='noisy_top_k'),
+      'thresholds': dict(threshold_train=tuple(0.2 / j for j in range(1, top_k)),
+                         threshold_eval=tuple(0.2 / j for j in range(1, top_k))),
+      'hierarchical': dict(router='hierarchical', hierarchy=(outer, num_experts // outer),
+                           hierarchy_outer_k=1),
+  }
+
+
+ROUTER_OPTIONS = tuple(router_options(64, 2))
+
+
 def get_config(arg: str | None = None):
-  """Returns the config of one study arm: `arg` = 'arm=<arm>[,size=full|quick][,lr=<peak>]'."""
-  arg = common.parse_arg(arg, arm='stmoe64', size='full', lr=0.0)
+  """Returns the config of one study arm:
+  `arg` = 'arm=<arm>[,size=full|quick][,lr=<peak>][,router=<one of ROUTER_OPTIONS>]'."""
+  arg = common.parse_arg(arg, arm='stmoe64', size='full', lr=0.0, router='')
   if arg.arm not in ARMS:
     raise ValueError(f'config argument arm={arg.arm!r} is invalid: expected one of {list(ARMS)}')
+  if arg.router and (arg.router not in ROUTER_OPTIONS or ARMS[arg.arm][0] == 'dense'):
+    raise ValueError(f'config argument router={arg.router!r} is invalid: expected one of '
+                     f'{list(ROUTER_OPTIONS)} with an MoE arm')
   if arg.size not in SIZES:
     raise ValueError(f'config argument size={arg.size!r} is invalid: expected one of {SIZES}')
   family, num_experts, top_k = ARMS[arg.arm]
@@ -69,4 +98,6 @@ def get_config(arg: str | None = None):
     config.moe.update(enabled=False, top_k=1, expert_d_ff=width, num_experts=8)  # FFN width k * d_ff.
   else:
     config.moe.update(num_experts=num_experts, top_k=top_k, expert_d_ff=width // top_k)
+  if arg.router:
+    config.moe.update(router_options(num_experts, top_k)[arg.router])
   return config

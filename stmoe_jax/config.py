@@ -15,6 +15,7 @@ import typing
 import ml_collections
 
 from stmoe_jax import dispatch
+from stmoe_jax import gating
 from stmoe_jax import routing
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
@@ -54,6 +55,18 @@ class MoeConfig:
   encoder_router: str = ''
   encoder_batch_prioritized_routing: bool = False
   encoder_group_size: int = 0
+  score_fn: str = 'softmax'
+  routed_scaling_factor: float = 1.0
+  n_groups: int = 1
+  topk_groups: int = 1
+  seq_aux_loss_coef: float = 0.0
+  router_noise: str = 'none'
+  second_policy_train: str = 'random'
+  second_policy_eval: str = 'threshold'
+  threshold_train: tuple = ()
+  threshold_eval: tuple = ()
+  hierarchy: tuple = ()
+  hierarchy_outer_k: int = 1
 
   @property
   def shared_d_ff(self) -> int:
@@ -146,7 +159,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the frozen ModelConfig from `config.model`, `config.moe` and `config.attention`
   (validated first)."""
   validate(config)
-  moe = MoeConfig(**{f.name: config.moe[f.name] for f in dataclasses.fields(MoeConfig)})
+  # A config.json stores tuples as lists; the frozen config keeps them hashable.
+  moe = MoeConfig(**{f.name: (tuple(v) if isinstance(v := config.moe[f.name], list) else v)
+                     for f in dataclasses.fields(MoeConfig)})
   attention = AttentionConfig(**{f.name: config.attention[f.name]
                                  for f in dataclasses.fields(AttentionConfig)})
   fields = [f.name for f in dataclasses.fields(ModelConfig)
@@ -201,7 +216,7 @@ _FIELDS = {
     'init_from': str, 'finetune': {'trainable': str},
 }
 _TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
-               dict: 'a dict', list: 'a list'}
+               dict: 'a dict', list: 'a list', tuple: 'a tuple'}
 # Terms the non-finite guard reports, and that `debug.nan_term` can poison.
 NONFINITE_TERMS = ('cross_entropy', 'balance_loss', 'z_loss', 'grad_norm')
 
@@ -221,7 +236,7 @@ def _type_ok(value, expected: type) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
   if expected is dict:
     return isinstance(value, (dict, ml_collections.ConfigDict))
-  if expected is list:
+  if expected in (list, tuple):
     return isinstance(value, (list, tuple))
   return isinstance(value, expected)
 
@@ -327,6 +342,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0 <= moe.router_jitter < 1, 'moe.router_jitter', moe.router_jitter, 'in [0, 1)')
   for name in ('aux_loss_coef', 'z_loss_coef'):
     _check(moe[name] >= 0, f'moe.{name}', moe[name], 'a number >= 0')
+  _validate_router_options(moe)
   _positive_ints(config, '', ['batch_size', 'num_train_steps', 'log_every_steps',
                                     'eval_every_steps', 'checkpoint_every_steps',
                                     'keep_checkpoints'])
@@ -475,6 +491,51 @@ def parse_init_from(spec: str) -> tuple[str, int | None]:
   return workdir, int(step) if step.isdigit() else -1
 
 
+def _validate_router_options(moe: ml_collections.ConfigDict) -> None:
+  """The `validate` checks of the gating options (`stmoe_jax.gating`) and their combinations."""
+  E, k = moe.num_experts, moe.top_k
+  _check(moe.score_fn in gating.SCORE_FNS, 'moe.score_fn', moe.score_fn, _one_of(gating.SCORE_FNS))
+  _check(moe.routed_scaling_factor > 0, 'moe.routed_scaling_factor', moe.routed_scaling_factor,
+         'a number > 0 (DeepSeek-V3: 2.5)')
+  _positive_ints(moe, 'moe.', ['n_groups', 'topk_groups', 'hierarchy_outer_k'])
+  _check(E % moe.n_groups == 0, 'moe.n_groups', moe.n_groups,
+         f'a divisor of moe.num_experts={E}')
+  _check(moe.topk_groups <= moe.n_groups, 'moe.topk_groups', moe.topk_groups,
+         f'at most moe.n_groups={moe.n_groups}')
+  _check(moe.topk_groups * (E // moe.n_groups) >= k, 'moe.topk_groups', moe.topk_groups,
+         f'enough groups of moe.n_groups={moe.n_groups} to hold moe.top_k={k} experts')
+  _check(moe.seq_aux_loss_coef >= 0, 'moe.seq_aux_loss_coef', moe.seq_aux_loss_coef,
+         'a number >= 0 (DeepSeek-V3: 1e-4)')
+  _check(moe.router_noise in gating.ROUTER_NOISES, 'moe.router_noise', moe.router_noise,
+         _one_of(gating.ROUTER_NOISES))
+  for when in ('train', 'eval'):
+    policy, thresholds = moe[f'second_policy_{when}'], moe[f'threshold_{when}']
+    _check(policy in gating.LATER_CHOICE_POLICIES, f'moe.second_policy_{when}', policy,
+           _one_of(gating.LATER_CHOICE_POLICIES))
+    _check(len(thresholds) in (0, k - 1) and all(
+        _type_ok(t, float) and 0 <= t < 1 for t in thresholds), f'moe.threshold_{when}',
+           thresholds, f'() or moe.top_k - 1 = {k - 1} thresholds in [0, 1), for choices 2..k')
+  if moe.router == 'hierarchical':
+    _check(len(moe.hierarchy) == 2 and all(_type_ok(n, int) and n > 0 for n in moe.hierarchy)
+           and moe.hierarchy[0] * moe.hierarchy[1] == E, 'moe.hierarchy', moe.hierarchy,
+           f'(outer groups, experts per group) whose product is moe.num_experts={E}')
+    outer, inner = moe.hierarchy
+    _check(moe.hierarchy_outer_k <= outer and k % moe.hierarchy_outer_k == 0 and
+           k // moe.hierarchy_outer_k <= inner, 'moe.hierarchy_outer_k', moe.hierarchy_outer_k,
+           f'at most {outer} outer groups, dividing moe.top_k={k} into at most {inner} '
+           'experts per group')
+    for name, off in (('score_fn', 'softmax'), ('n_groups', 1), ('bias_balancer_rate', 0.0),
+                      ('second_expert_threshold', 0.0), ('second_policy_train', 'random'),
+                      ('second_policy_eval', 'threshold'), ('threshold_train', ()),
+                      ('threshold_eval', ()), ('routed_scaling_factor', 1.0)):
+      value = tuple(moe[name]) if isinstance(moe[name], (list, tuple)) else moe[name]
+      _check(value == off, f'moe.{name}', moe[name],
+             f"{off!r} with moe.router='hierarchical' (its two levels do not use it)")
+  else:
+    _check(not moe.hierarchy, 'moe.hierarchy', moe.hierarchy,
+           "() unless moe.router='hierarchical'")
+
+
 def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
   """The `config.attention` checks of `validate`."""
   expected_kind = ' or '.join(repr(k) for k in ATTENTION_KINDS)
@@ -501,6 +562,7 @@ def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
 # shapes, optimizer state structure or the data stream. Everything else (steps, capacity
 # factors, learning rate, logging) may change between restarts.
 RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.expert_d_ff',
+                 'moe.hierarchy', 'moe.router_noise',
                  'moe.num_shared_experts', 'moe.shared_expert_d_ff', 'moe.extra_dense_ffn',
                  'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
                  'data.train_split', 'data.objective', 'data.noise_density',
@@ -524,6 +586,6 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
     now = config[section][key] if key else config[section]
     then = saved[section][key] if key else saved[section]
     for (name, a), (_, b) in zip(flat(now, field), flat(then, field)):
-      if a != b:
+      if (tuple(a) if isinstance(a, list) else a) != (tuple(b) if isinstance(b, list) else b):
         raise ConfigError(f'config.{name}={a!r} differs from {b!r} in the run saved at {where}; '
                           'use a new --workdir to train a different model')

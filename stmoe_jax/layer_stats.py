@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
 
-# One MoE layer: `routing.routing_stats` plus the layer's aux-loss-free `router_bias`.
-MOE = {'balance_loss': (), 'z_loss': (), 'expert_load': ('E',), 'max_load_ratio': (),
-       'dropped_fraction': (), 'dropped_fraction_per_slot': ('K',), 'router_entropy': (),
-       'max_router_logit': (), 'router_bias': ('E',)}
+# One MoE layer: `routing.routing_stats` plus `moe.sequence_balance_loss` and the layer's
+# aux-loss-free `router_bias`.
+MOE = {'balance_loss': (), 'z_loss': (), 'seq_balance_loss': (), 'expert_load': ('E',),
+       'max_load_ratio': (), 'dropped_fraction': (), 'dropped_fraction_per_slot': ('K',),
+       'router_entropy': (), 'max_router_logit': (), 'router_bias': ('E',)}
 # Every attention layer (`logit_z_loss`: mean logsumexp(attention logits)^2 over real tokens).
 ATTENTION = {'logit_z_loss': ()}
 # A head-routed attention layer: its router's `routing.routing_stats` with `head_load` for

@@ -18,7 +18,8 @@ from stmoe_jax.data import tokenizer
 
 
 def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
-  """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z, averaged over target tokens.
+  """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z (+ seq_aux_loss_coef * the
+  sequence-wise balance loss when on), averaged over target tokens.
 
   Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
   Switch/ST-MoE). Returns (loss, (metrics, new_buffers)): float32 scalar metrics plus per-layer
@@ -34,7 +35,10 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   balance = jnp.sum(moe_stats['balance_loss'])
   z = jnp.sum(moe_stats['z_loss'])
   moe, attention = cfg.moe, cfg.attention
+  seq_balance = jnp.sum(moe_stats['seq_balance_loss'])
   loss = ce + moe.aux_loss_coef * balance + moe.z_loss_coef * z
+  if moe.seq_aux_loss_coef:  # Off by default: the loss stays the same sum as before.
+    loss += moe.seq_aux_loss_coef * seq_balance
   # Attention losses: head-routed layers' balance and z-losses summed over those layers, the
   # attention-logit z-loss summed over all layers.
   attn_balance = jnp.sum(moe_stats['attn_balance_loss'])
@@ -48,6 +52,7 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   correct = target_logit_BL >= jnp.max(logits_BLV, axis=-1)
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
+      'seq_balance_loss': seq_balance,
       'accuracy': jnp.sum(correct * weights_BL) / num_tokens,
       **moe_metrics(moe_stats),
       'attn_balance_loss': attn_balance, 'attn_z_loss': attn_z,

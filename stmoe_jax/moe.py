@@ -22,6 +22,7 @@ from flax import nnx
 
 from stmoe_jax import dispatch
 from stmoe_jax import expert_parallel
+from stmoe_jax import gating
 from stmoe_jax import layers
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
@@ -65,6 +66,21 @@ def balanced_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Arra
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
 
 
+def sequence_balance_loss(route: routing.Routing, shape_BLD: tuple[int, int, int],
+                          mask_BL: jax.Array | None = None) -> jax.Array:
+  """DeepSeek-V3's sequence-wise balance loss (eq. 17-20): the Switch loss of each sequence.
+
+  E * sum_i f_i P_i per sequence of L tokens instead of per routing group, with `route.probs`
+  the normalised scores s'_{i,t} and f_i over the sequence's assigned choices; averaged over
+  the B sequences (1.0 when balanced). It keeps single sequences from collapsing onto a few
+  experts even when the group as a whole is balanced. Float32 scalar.
+  """
+  B, L, _ = shape_BLD
+  regroup = lambda x_GSX: from_groups(x_GSX, (B, L, x_GSX.shape[-1]))
+  return routing.load_balancing_loss(regroup(route.probs), regroup(route.expert_index), mask_BL,
+                                     regroup(route.assigned))
+
+
 class MoeLayer(nnx.Module):
   """Mixture of experts replacing one FFN: [B, L, D] -> [B, L, D] (see module docstring).
 
@@ -86,8 +102,13 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'moe.router={moe.router!r} fixes every expert\'s load at its capacity; '
                        f'use moe.dispatch={with_capacity} with it, not {moe.dispatch!r}')
     dtype = jnp.dtype(cfg.dtype)
+    num_logits = self.router_kind.num_logits(moe)
     self.router = layers.param(rngs, layers.switch_init(cfg.init_scale),
-                               (cfg.d_model, moe.num_experts), ('embed', None))
+                               (cfg.d_model, num_logits), ('embed', None))
+    # Shazeer et al. 2017's noise scale softplus(x W_noise), W_noise zero-initialised as there.
+    self.noise_router = (layers.param(rngs, nnx.initializers.zeros, (cfg.d_model, num_logits),
+                                      ('embed', None))
+                         if moe.router_noise == 'noisy_top_k' else None)
     self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
     self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
                            cfg.init_scale, dtype, dropout=moe.expert_dropout,
@@ -123,6 +144,13 @@ class MoeLayer(nnx.Module):
       router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
     logits_GSE = layers.dense(router_in, self.router[...])
+    if train and moe.router_noise != 'none':
+      # Its own stream, so that the jitter and policy keys (and their numbers) stay as they were.
+      noise_std_GSE = (jax.nn.softplus(layers.dense(router_in, self.noise_router[...]))
+                       if self.noise_router is not None else None)
+      logits_GSE = gating.noisy_logits(logits_GSE, moe.router_noise,
+                                       None if rng is None else jax.random.fold_in(rng, 1),
+                                       noise_std_GSE)
     return self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
         mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
@@ -140,7 +168,7 @@ class MoeLayer(nnx.Module):
       mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
         no routed output and is left out of the stats.
     Returns:
-      (y_BLD, stats): `routing.routing_stats` plus `router_bias` [E].
+      (y_BLD, stats): `routing.routing_stats` plus `seq_balance_loss` and `router_bias` [E].
     """
     moe = self.moe
     route_rng, dropout_rng = (None, None) if rng is None else jax.random.split(rng)
@@ -165,6 +193,7 @@ class MoeLayer(nnx.Module):
     if self.shared is not None:
       y_BLD += self.shared(x_BLD).astype(x_BLD.dtype)
     stats = routing.routing_stats(route, mask_GS)
+    stats['seq_balance_loss'] = sequence_balance_loss(route, x_BLD.shape, mask_BL)
     stats['router_bias'] = self.router_bias[...]
     if train and moe.bias_balancer_rate > 0:
       self.router_bias[...] = balanced_bias(self.router_bias[...], stats['expert_load'],

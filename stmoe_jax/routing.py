@@ -12,6 +12,11 @@ expert's buffer it takes; any dispatch strategy (`stmoe_jax.dispatch`) consumes 
     first-come or Batch Prioritized capacity.
   - `expert_choice`: each expert picks its top-C tokens (Zhou et al. 2022), written as K = E
     choices per token so that the same dispatch code applies.
+  - `route_hierarchical`: an outer router over groups of experts, an inner one within each
+    chosen group (lucidrains mixture-of-experts `HeirarchicalMoE`).
+
+`tokens_choose_top_k` also takes the gating options of `stmoe_jax.gating`: sigmoid scores,
+group-limited top-k and a routed scaling factor (DeepSeek-V3), and per-rank later-choice policies.
 
 `ROUTERS` maps each `moe.router` name to its `Router`: config validation, `MoeLayer`, the layer
 stats and the plots all read it. A new router is one function with `Router.route`'s signature,
@@ -32,6 +37,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from stmoe_jax import gating
+
 
 @flax.struct.dataclass
 class Routing:
@@ -44,8 +51,10 @@ class Routing:
     assigned: bool [G, S, K], the router sent this choice (a real token, not dropped by the
       second-expert policy); what expert load is measured on.
     kept: bool [G, S, K], assigned and within capacity: the choice reaches its expert.
-    probs: float32 [G, S, E], router softmax probabilities.
+    probs: float32 [G, S, E], router probabilities (softmax, or normalised sigmoid scores).
     logits: float32 [G, S, E], router logits.
+    balance_loss, z_loss: optional float32 scalars replacing `routing_stats`'s Switch balance
+      loss and z-loss of probs/logits, for routers whose losses are not those (hierarchical).
   """
   expert_index: jax.Array
   gate: jax.Array
@@ -54,6 +63,8 @@ class Routing:
   kept: jax.Array
   probs: jax.Array
   logits: jax.Array
+  balance_loss: jax.Array | None = None
+  z_loss: jax.Array | None = None
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -68,24 +79,6 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
   assignments = group_size * (top_k if scaled_by_k else 1)
   capacity = math.ceil(capacity_factor * assignments / num_experts)
   return int(min(group_size, max(min_capacity, capacity)))
-
-
-def second_expert_policy(gate_GSK: jax.Array, threshold: float, *, train: bool,
-                         rng: jax.Array | None) -> jax.Array:
-  """ST-MoE/mesh-tf policy for choices 2..k: bool [G, S, K], True where the choice is routed.
-
-  In training choice j >= 2 is routed with probability min(1, gate_j / threshold), so a token
-  whose second expert barely matters does not spend that expert's capacity. At evaluation the
-  rule is deterministic: routed iff gate_j >= threshold (mesh-tf's 'threshold' policy). The
-  first choice is always routed.
-  """
-  if train:
-    if rng is None:
-      raise ValueError('the sampled second-expert policy needs an rng in training')
-    use_GSK = jax.random.uniform(rng, gate_GSK.shape) < gate_GSK / threshold
-  else:
-    use_GSK = gate_GSK >= threshold
-  return use_GSK.at[..., 0].set(True)
 
 
 def positions_in_arrival_order(expert_index_GSK: jax.Array, assigned_GSK: jax.Array,
@@ -118,46 +111,75 @@ def tokens_choose_top_k(logits_GSE: jax.Array, *, top_k: int, capacity: int,
                         renormalize: bool = True, mask_GS: jax.Array | None = None,
                         bias_E: jax.Array | None = None, second_expert_threshold: float = 0.0,
                         batch_prioritized: bool = False, train: bool = False,
-                        rng: jax.Array | None = None) -> Routing:
+                        rng: jax.Array | None = None, score_fn: str = 'softmax',
+                        routed_scaling_factor: float = 1.0, n_groups: int = 1,
+                        topk_groups: int = 1, later_policy: str = '',
+                        thresholds: tuple[float, ...] | None = None) -> Routing:
   """Each token picks its top-k experts; an expert keeps the first `capacity` that arrive.
 
   Args:
     logits_GSE: router logits [G, S, E]; cast to float32.
     top_k: choices per token (1 = Switch, 2 = GShard/ST-MoE).
     capacity: buffer slots per expert and group (see `expert_capacity`).
-    renormalize: combine weights are the chosen probabilities divided by their sum (mesh-tf,
-      ST-MoE, MaxText) rather than raw softmax probabilities (flaxformer). At k=1 the raw
-      probability is always used: renormalised it would be 1 and the router would get no gradient.
+    renormalize: combine weights are the chosen scores divided by their sum (mesh-tf,
+      ST-MoE, MaxText, DeepSeek-V3) rather than raw softmax probabilities (flaxformer). At k=1
+      the raw score is always used: renormalised it would be 1 and the router would get no
+      gradient.
     mask_GS: optional bool [G, S]; False marks padding, which takes no capacity and is never
       dispatched.
-    bias_E: optional float32 [E] added to the probabilities for *choosing* only (DeepSeek-V3
-      aux-loss-free balancing); combine weights stay the unbiased probabilities.
-    second_expert_threshold: > 0 enables `second_expert_policy` for choices 2..k (ST-MoE: 0.2).
+    bias_E: optional float32 [E] added to the scores for *choosing* only (DeepSeek-V3
+      aux-loss-free balancing); combine weights stay the unbiased scores.
+    second_expert_threshold: the threshold of every choice 2..k when `thresholds` is None
+      (ST-MoE: 0.2; 0 = route them all).
     batch_prioritized: capacity goes to the most confident tokens first (highest top-1
       probability) instead of first-come: Batch Prioritized Routing, for non-causal use only.
-    train: sampled (True) or deterministic (False) second-expert policy.
-    rng: PRNG key for the sampled policy.
+    train: selects the default later-choice policy ('random' in training, 'threshold' at eval).
+    rng: PRNG key for the 'random' policy.
+    score_fn: 'softmax' or 'sigmoid' (DeepSeek-V3), see `gating.router_scores`.
+    routed_scaling_factor: combine weights are multiplied by it (DeepSeek-V3: 2.5).
+    n_groups, topk_groups: group-limited top-k, only the experts of each token's `topk_groups`
+      best of `n_groups` groups are eligible (`gating.group_limited_mask`); 1, 1 = off.
+    later_policy: `gating.later_choice_policy` for choices 2..k; '' = the train/eval default.
+    thresholds: top_k - 1 per-rank thresholds of the policy (None = second_expert_threshold).
   Returns:
     A `Routing` record with K = top_k.
   """
   logits_GSE = logits_GSE.astype(jnp.float32)
   G, S, E = logits_GSE.shape
-  probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-  scores_GSE = probs_GSE if bias_E is None else probs_GSE + bias_E.astype(jnp.float32)
-  _, index_GSK = jax.lax.top_k(jax.lax.stop_gradient(scores_GSE), top_k)
-  gate_GSK = jnp.take_along_axis(probs_GSE, index_GSK, axis=-1)
+  scores_GSE, probs_GSE = gating.router_scores(logits_GSE, score_fn)
+  select_GSE = scores_GSE if bias_E is None else scores_GSE + bias_E.astype(jnp.float32)
+  select_GSE = jax.lax.stop_gradient(select_GSE)
+  if n_groups > 1:
+    eligible_GSE = gating.group_limited_mask(select_GSE, n_groups, topk_groups)
+    select_GSE = jnp.where(eligible_GSE, select_GSE, -jnp.inf)
+  _, index_GSK = jax.lax.top_k(select_GSE, top_k)
+  gate_GSK = jnp.take_along_axis(scores_GSE, index_GSK, axis=-1)
   if renormalize and top_k > 1:
     gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
   valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
   assigned_GSK = jnp.broadcast_to(valid_GS[..., None], (G, S, top_k))
-  if second_expert_threshold > 0 and top_k > 1:
-    assigned_GSK &= second_expert_policy(jax.lax.stop_gradient(gate_GSK),
-                                         second_expert_threshold, train=train, rng=rng)
+  policy = later_policy or ('random' if train else 'threshold')
+  if thresholds is None:
+    thresholds = (second_expert_threshold,) * (top_k - 1)
+  if top_k > 1 and not (policy == 'all' or policy in ('random', 'threshold') and
+                        not any(thresholds)):
+    assigned_GSK &= gating.later_choice_policy(jax.lax.stop_gradient(gate_GSK), policy,
+                                               tuple(thresholds), rng)
+  if routed_scaling_factor != 1.0:
+    gate_GSK = gate_GSK * routed_scaling_factor
   priority_GS = jnp.max(probs_GSE, axis=-1) if batch_prioritized else None
-  position_GSK = positions_in_arrival_order(index_GSK, assigned_GSK, E, priority_GS)
+  return _place(index_GSK, gate_GSK, assigned_GSK, probs_GSE, logits_GSE, capacity, priority_GS)
+
+
+def _place(index_GSK, gate_GSK, assigned_GSK, probs_GSE, logits_GSE, capacity, priority_GS=None,
+           **losses) -> Routing:
+  """The `Routing` of assigned choices: their buffer positions, what fits, the kept gates."""
+  position_GSK = positions_in_arrival_order(index_GSK, assigned_GSK, probs_GSE.shape[-1],
+                                            priority_GS)
   kept_GSK = assigned_GSK & (position_GSK < capacity)
   return Routing(expert_index=index_GSK, gate=gate_GSK * kept_GSK, position=position_GSK,
-                 assigned=assigned_GSK, kept=kept_GSK, probs=probs_GSE, logits=logits_GSE)
+                 assigned=assigned_GSK, kept=kept_GSK, probs=probs_GSE, logits=logits_GSE,
+                 **losses)
 
 
 def expert_choice(logits_GSE: jax.Array, *, capacity: int,
@@ -272,9 +294,10 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
   dropped_K = jnp.sum(assigned_GSK - kept_GSK, axis=(0, 1))
   entropy_GS = -jnp.sum(route.probs * jnp.log(jnp.maximum(route.probs, 1e-30)), axis=-1)
   return {
-      'balance_loss': load_balancing_loss(route.probs, route.expert_index, mask_GS,
-                                          route.assigned),
-      'z_loss': router_z_loss(route.logits, mask_GS),
+      'balance_loss': (load_balancing_loss(route.probs, route.expert_index, mask_GS,
+                                           route.assigned)
+                       if route.balance_loss is None else route.balance_loss),
+      'z_loss': router_z_loss(route.logits, mask_GS) if route.z_loss is None else route.z_loss,
       'expert_load': load_E,
       'max_load_ratio': jnp.max(load_E) * E,
       'dropped_fraction': jnp.sum(dropped_K) / jnp.maximum(jnp.sum(assigned_K), 1.0),
@@ -289,10 +312,50 @@ def route_tokens_choose(logits_GSE: jax.Array, moe: Any, *, capacity: int,
                         mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
                         train: bool = False, rng: jax.Array | None = None) -> Routing:
   """`tokens_choose_top_k` with the settings of `moe` (a `config.MoeConfig`)."""
+  thresholds = moe.threshold_train if train else moe.threshold_eval
   return tokens_choose_top_k(
       logits_GSE, top_k=moe.top_k, capacity=capacity, renormalize=moe.renormalize_gates,
       mask_GS=mask_GS, bias_E=bias_E, second_expert_threshold=moe.second_expert_threshold,
-      batch_prioritized=moe.batch_prioritized_routing, train=train, rng=rng)
+      batch_prioritized=moe.batch_prioritized_routing, train=train, rng=rng,
+      score_fn=moe.score_fn, routed_scaling_factor=moe.routed_scaling_factor,
+      n_groups=moe.n_groups, topk_groups=moe.topk_groups,
+      later_policy=moe.second_policy_train if train else moe.second_policy_eval,
+      thresholds=tuple(thresholds) or None)
+
+
+def route_hierarchical(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+                       mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+                       train: bool = False, rng: jax.Array | None = None) -> Routing:
+  """Two-level routing (`gating.hierarchical_top_k`) with `moe.hierarchy = (O, I)`.
+
+  `logits_GSE` holds E inner logits then O outer logits (`Router.num_logits`). The balance loss
+  is the Switch loss at each level, summed (lucidrains `loss_outer + loss_inner`): over the O
+  groups, plus, averaged over groups, over each group's I experts among the tokens that chose
+  it; a balanced router gives 2. The z-loss likewise sums the outer z-loss and the mean of the
+  groups' inner z-losses. No selection bias, randomness or later-choice policy.
+  """
+  del bias_E, train, rng
+  logits_GSE = logits_GSE.astype(jnp.float32)
+  G, S, _ = logits_GSE.shape
+  O, I = moe.hierarchy
+  inner_GSE, outer_GSO = logits_GSE[..., :O * I], logits_GSE[..., O * I:]
+  outer_k = moe.hierarchy_outer_k
+  h = gating.hierarchical_top_k(outer_GSO, inner_GSE, outer_k=outer_k,
+                                inner_k=moe.top_k // outer_k, renormalize=moe.renormalize_gates)
+  valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+  # Inner level: every (routing group, outer group) pair is a balance group of the tokens that
+  # chose that outer group.
+  chose_GSO = (jnp.any(jax.nn.one_hot(h['outer_index'], O, dtype=bool), axis=2) &
+               valid_GS[..., None])
+  to_pairs = lambda x_GSO: jnp.swapaxes(x_GSO, 1, 2).reshape(G * O, S, *x_GSO.shape[3:])
+  balance = (load_balancing_loss(h['outer_probs'], h['outer_index'], valid_GS) +
+             load_balancing_loss(to_pairs(h['inner_probs']), to_pairs(h['inner_index']),
+                                 to_pairs(chose_GSO)))
+  z = (router_z_loss(outer_GSO, valid_GS) +
+       router_z_loss(inner_GSE.reshape(G, S * O, I), jnp.repeat(valid_GS, O, axis=1)))
+  assigned_GSK = jnp.broadcast_to(valid_GS[..., None], h['index'].shape)
+  return _place(h['index'], h['gate'], assigned_GSK, h['probs'], inner_GSE, capacity,
+                balance_loss=balance, z_loss=z)
 
 
 def route_expert_choice(logits_GSE: jax.Array, moe: Any, *, capacity: int,
@@ -315,11 +378,13 @@ class Router:
     causal: a token's choices depend only on it and earlier tokens, so a decoder may use it.
     fixed_load: every expert takes exactly `capacity` choices, so it has no dropless form.
     num_choices: moe -> K, the choices per token of its `Routing`.
+    num_logits: moe -> the router's output width (E; hierarchical: E inner + O outer).
   """
   route: Callable[..., Routing]
   causal: bool
   fixed_load: bool
   num_choices: Callable[[Any], int]
+  num_logits: Callable[[Any], int] = lambda moe: moe.num_experts
 
 
 ROUTERS = {
@@ -327,6 +392,9 @@ ROUTERS = {
                             num_choices=lambda moe: moe.top_k),
     'expert_choice': Router(route_expert_choice, causal=False, fixed_load=True,
                             num_choices=lambda moe: moe.num_experts),
+    'hierarchical': Router(route_hierarchical, causal=True, fixed_load=False,
+                           num_choices=lambda moe: moe.top_k,
+                           num_logits=lambda moe: moe.num_experts + moe.hierarchy[0]),
 }
 
 

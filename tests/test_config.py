@@ -26,7 +26,7 @@ from stmoe_jax.config import ConfigError, model_config, validate
     ('opt.name', 'sgd', "config.opt.name='sgd'"),
     ('opt.lr', 0.0, 'config.opt.lr=0.0'),
     ('moe.router', 'hash', "config.moe.router='hash'"),
-    ('moe.router', 'expert_choice', "config.moe.router='expert_choice' is invalid: expected 'tokens_choose' in this causal"),
+    ('moe.router', 'expert_choice', "config.moe.router='expert_choice' is invalid: expected 'tokens_choose' or 'hierarchical' in this causal"),
     ('moe.batch_prioritized_routing', True, 'config.moe.batch_prioritized_routing=True is invalid: expected False in this causal'),
     ('moe.dispatch', 'sorted', "config.moe.dispatch='sorted'"),
     ('moe.second_expert_threshold', 1.5, 'config.moe.second_expert_threshold=1.5'),

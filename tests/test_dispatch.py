@@ -149,3 +149,49 @@ def test_config_accepts_exactly_the_registered_dispatch_paths():
   with pytest.raises(ConfigError, match="expected one of 'einsum', 'scatter', 'dropless'"):
     validate(config)
   assert [d.uses_capacity for d in DISPATCHES.values()] == [True, True, False]
+
+
+def numpy_gelu(x):
+  """jax.nn.gelu's default tanh approximation."""
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize('router', [
+    # DeepSeek-V3: sigmoid scores, 2 groups of 2 experts with 1 eligible, gates times 2.5, and
+    # an eval threshold that leaves some second choices unrouted.
+    dict(score_fn='sigmoid', routed_scaling_factor=2.5, n_groups=2, topk_groups=1,
+         second_policy_eval='threshold', threshold_eval=(0.45,), seq_aux_loss_coef=1e-4),
+    dict(router='hierarchical', hierarchy=(2, 2), hierarchy_outer_k=2),  # 2 groups, 1 in each.
+])
+def test_every_dispatch_runs_the_gating_options_choices(router):
+  """Whatever the router chose (its choices are checked against numpy in test_gating.py), the
+  three dispatch paths send each routed choice to its expert with its gate: the output equals
+  sum_k gate_k * FFN_{e_k}(x) over the routed choices, in numpy."""
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 8))
+  expected = None
+  for dispatch in DISPATCHES:
+    layer = MoeLayer(layer_cfg(dispatch=dispatch, **router), rngs=nnx.Rngs(3))
+    graphdef, state = nnx.split(layer)
+
+    @jax.jit
+    def forward(state, x):
+      model = nnx.merge(graphdef, state)
+      route = model.route(x.reshape(2, 8, 8), train=False, rng=None, mask_GS=None)
+      return model(x, train=False)[0], route
+
+    y, route = forward(state, x)
+    if expected is None:  # Same init seed: every dispatch has the same experts and router.
+      assigned = np.asarray(route.assigned)
+      assert np.all(np.asarray(route.kept) == assigned) and 0.5 < assigned.mean()
+      if 'threshold_eval' in router:
+        assert assigned.mean() < 1
+      w = {k: np.asarray(v[...], np.float64) for k, v in
+           (('up', layer.experts.w_up), ('gate', layer.experts.w_gate),
+            ('down', layer.experts.w_down))}
+      xs = np.asarray(x, np.float64).reshape(16, 8)
+      e_TK = np.asarray(route.expert_index).reshape(16, -1)
+      g_TK = np.asarray(route.gate, np.float64).reshape(16, -1) * assigned.reshape(16, -1)
+      h_TKF = (numpy_gelu(np.einsum('td,tkdf->tkf', xs, w['gate'][e_TK])) *
+               np.einsum('td,tkdf->tkf', xs, w['up'][e_TK]))
+      expected = np.einsum('tk,tkf,tkfd->td', g_TK, h_TKF, w['down'][e_TK]).reshape(2, 8, 8)
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=1e-5, err_msg=dispatch)

@@ -1,5 +1,6 @@
 """Expert parallelism on 8 fake CPU devices: every mesh and dispatch strategy gives one
-device's loss and gradients; experts or groups that do not split over the mesh are refused
+device's loss and gradients (einsum with the DeepSeek-V3 gating options, dropless with the
+hierarchical router, see sharding_checks.STRATEGY_ROUTING); experts or groups that do not split over the mesh are refused
 before compiling. (The `sharding_checks` fixture of conftest.py runs tests/sharding_checks.py.)
 """
 

@@ -246,5 +246,6 @@ def test_a_registered_router_is_what_validation_the_layer_and_the_stats_use(monk
   np.testing.assert_allclose(stats['expert_load'], [1.0, 0.0, 0.0, 0.0])  # ...the layer routes.
   monkeypatch.setitem(routing.ROUTERS, 'first_expert', routing.Router(
       route_to_first_expert, causal=False, fixed_load=False, num_choices=lambda moe: 1))
-  with pytest.raises(ConfigError, match="expected 'tokens_choose' in this causal decoder"):
+  with pytest.raises(ConfigError,
+                     match="expected 'tokens_choose' or 'hierarchical' in this causal decoder"):
     validate(config)  # A non-causal router is refused in the decoder.
