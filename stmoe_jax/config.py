@@ -15,6 +15,7 @@ import typing
 import ml_collections
 
 from stmoe_jax import dispatch
+from stmoe_jax import remat
 from stmoe_jax import routing
 from stmoe_jax.data import tokenizer
 
@@ -101,6 +102,8 @@ class ModelConfig:
   rope_max_wavelength: float = 10_000
   init_scale: float = 0.1
   dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: str = 'none'
   moe: MoeConfig = MoeConfig()
   attention: AttentionConfig = AttentionConfig()
   # Not a config field: the Trainer sets a `sharding.MeshRules` here (None = one device).
@@ -257,6 +260,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary pairs)')
   _check(m.activation in ACTIVATIONS, 'model.activation', m.activation, _one_of(ACTIVATIONS))
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
+  _check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype', m.param_dtype,
+         "'float32' (master weights for bfloat16 compute) or 'bfloat16'")
+  _check(m.remat in remat.REMAT_POLICIES, 'model.remat', m.remat, _one_of(remat.REMAT_POLICIES))
   _check(m.init_scale > 0, 'model.init_scale', m.init_scale, 'a positive number')
   _positive_ints(moe, 'moe.', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
   _check(isinstance(moe.every, int) and moe.every >= 0, 'moe.every', moe.every,

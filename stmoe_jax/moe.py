@@ -23,6 +23,7 @@ from flax import nnx
 from stmoe_jax import dispatch
 from stmoe_jax import expert_parallel
 from stmoe_jax import layers
+from stmoe_jax import remat
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Experts, Mlp
@@ -122,7 +123,7 @@ class MoeLayer(nnx.Module):
     if train and moe.router_jitter > 0:
       router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
-    logits_GSE = layers.dense(router_in, self.router[...])
+    logits_GSE = remat.name(layers.dense(router_in, self.router[...]), remat.ROUTER_LOGITS)
     return self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
         mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,

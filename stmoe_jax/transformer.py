@@ -13,6 +13,7 @@ from flax import nnx
 
 from stmoe_jax import layer_stats
 from stmoe_jax import layers
+from stmoe_jax import remat
 from stmoe_jax.attention import CausalSelfAttention, KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Mlp
@@ -105,6 +106,13 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
+    self.remat = cfg.remat
+    # Every layer creates float32 parameters (`layers.param`); a bfloat16 `param_dtype` stores
+    # them, and so the optimizer state that follows their dtype, at half the bytes.
+    if cfg.param_dtype != 'float32':
+      for _, variable in nnx.iter_graph(self):
+        if isinstance(variable, nnx.Param):
+          variable.set_value(variable.get_value().astype(cfg.param_dtype))
 
   def constrain(self, x_BLD: jax.Array) -> jax.Array:
     """The residual stream [B, L, D] sharded by its logical names (batch, length, embed) on the
@@ -133,9 +141,11 @@ class Transformer(nnx.Module):
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = self.constrain(jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype))
     per_layer = []
+    run_block = remat.wrap(lambda block, x, pos, key, mask: block(
+        x, pos, train=train, rng=key, mask_BL=mask), self.remat)
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BLD, report = block(x_BLD, positions_BL, train=train, rng=layer_rng, mask_BL=mask_BL)
+      x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL)
       x_BLD = self.constrain(x_BLD)
       per_layer.append(report)
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
