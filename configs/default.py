@@ -98,12 +98,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Mesh axis sizes (-1 = all remaining devices) and the one table from logical axis names
   # (on parameters and activations) to mesh axes, a tuple of axes, or None = replicated. The
-  # batch is split over data and expert axes: expert shards bring their own tokens (README
-  # "Scaling out"); experts over 'expert', expert and FFN hidden units over 'model'.
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'expert': 1, 'model': 1})
+  # batch is split over data, fsdp and expert axes: expert shards bring their own tokens (README
+  # "Scaling out"); experts over 'expert', expert and FFN hidden units over 'model'; the model
+  # dim of every parameter (and so its optimizer state) over 'fsdp' (ZeRO-3).
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'expert': 1, 'model': 1})
   config.logical_axis_rules = [
-      ('batch', ('data', 'expert')), ('expert', 'expert'), ('mlp', 'model'), ('heads', 'model'),
-      ('vocab', 'model'), ('embed', None), ('kv', None), ('length', None),
+      ('batch', ('data', 'fsdp', 'expert')), ('expert', 'expert'), ('mlp', 'model'),
+      ('heads', 'model'), ('vocab', 'model'), ('embed', 'fsdp'), ('kv', None), ('length', None),
   ]
 
   config.batch_size = 64  # Global batch, in sequences (4096 tokens).
