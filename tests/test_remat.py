@@ -16,9 +16,10 @@ from stmoe_jax import remat
 from stmoe_jax.transformer import Transformer
 
 B, L = 2, 16
-# Both layers MoE, with router jitter (so the recomputed forward must redraw the same noise).
-# Sizes all distinct, so that shapes name tensors: D 16, F 24, E 4, C ceil(1.25*2*32/4) = 20.
-CFG = tiny_model_config(moe=dict(every=1, router_jitter=0.1, expert_d_ff=24))
+# One MoE block (remat wraps each block alike), with router jitter, so the recomputed forward
+# must redraw the same noise. Sizes all distinct, so that shapes name tensors: D 16, F 24, E 4,
+# C = ceil(1.25 * 2 * 32 / 4) = 20.
+CFG = tiny_model_config(num_layers=1, moe=dict(every=1, router_jitter=0.1, expert_d_ff=24))
 LOGITS_GSE, EXPERT_IO_ECD, HIDDEN_ECF = (1, 32, 4), (4, 20, 16), (4, 20, 24)
 
 
