@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   moe.group_size = 512  # Tokens per routing group: capacity and balance are computed per group.
   moe.router = 'tokens_choose'  # Each token picks top_k experts. 'expert_choice' is non-causal: refused here.
   moe.dispatch = 'scatter'  # 'scatter' (index gather), 'einsum' (one-hot masks, GShard) or 'dropless' (grouped matmuls).
-  moe.grouped_matmul = 'auto'  # dropless: 'ragged_dot', 'blocked' (padded row blocks), 'auto' = blocked on CPU only.
+  moe.grouped_matmul = 'auto'  # dropless: 'ragged_dot', 'blocked' (padded row blocks), 'megablox' (Pallas TPU); 'auto' = blocked on CPU, megablox on TPU.
   moe.train_capacity_factor = 1.25  # ST-MoE: 1.25 in training...
   moe.eval_capacity_factor = 2.0  # ...and 2.0 at evaluation. Both ignored by 'dropless'.
   moe.capacity_scaled_by_k = True  # C = CF * k * S / E (MaxText, ST-MoE); False: CF * S / E (flaxformer).

@@ -134,7 +134,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
-GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # Implemented in stmoe_jax.grouped_matmul.
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked', 'megablox')  # In stmoe_jax.grouped_matmul.
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
 
 

@@ -104,7 +104,8 @@ class Experts(nnx.Module):
               dropout_rng: jax.Array | None = None, impl: str | None = None) -> jax.Array:
     """Rows sorted by expert, expert e owning the next group_sizes_E[e] rows: [X, D] -> [X, D].
 
-    Grouped matmuls (dropless dispatch) with `jax.lax.ragged_dot`, or on the padded block layout
+    Grouped matmuls (dropless dispatch) with `jax.lax.ragged_dot` or `megablox.gmm`, or on the
+    padded block layout
     of `grouped_matmul` (laid out once for all three matmuls; dropout then draws its mask over
     the blocks); rows past the last group come out zero. `impl` overrides the module's
     `grouped_matmul` choice.
@@ -120,10 +121,12 @@ class Experts(nnx.Module):
       bias = None if mult_bias is None else mult_bias[layout.group_N][:, None, :]
       h_NBF = _dropout(activate(h_up, h_gate, bias), self.dropout, dropout_rng)
       return remat.name(gmm.from_blocks(matmul(h_NBF, w_down), layout), remat.EXPERT_OUTPUTS)
-    h_up = jax.lax.ragged_dot(x_XD, w_up, group_sizes_E)
-    h_gate = None if w_gate is None else jax.lax.ragged_dot(x_XD, w_gate, group_sizes_E)
+    matmul = (gmm.megablox_matmul if gmm.resolve(impl or self.grouped_matmul) == 'megablox'
+              else jax.lax.ragged_dot)
+    h_up = matmul(x_XD, w_up, group_sizes_E)
+    h_gate = None if w_gate is None else matmul(x_XD, w_gate, group_sizes_E)
     if mult_bias is not None:  # Each row's own expert's bias: repeat expert e's row group_sizes_E[e] times.
       mult_bias = jnp.repeat(mult_bias, group_sizes_E, axis=0,
                              total_repeat_length=x_XD.shape[0])
     h_XF = _dropout(activate(h_up, h_gate, mult_bias), self.dropout, dropout_rng)
-    return remat.name(jax.lax.ragged_dot(h_XF, w_down, group_sizes_E), remat.EXPERT_OUTPUTS)
+    return remat.name(matmul(h_XF, w_down, group_sizes_E), remat.EXPERT_OUTPUTS)
