@@ -102,7 +102,7 @@ def fsdp_gather(param: nnx.Param, mesh_rules) -> jax.Array:
 
 
 def fsdp_gathered(block: nnx.Module, mesh_rules) -> Callable:
-  """`block`'s (any module's) call with its parameters all-gathered over the mesh axes of 'embed' (FSDP).
+  """`block`'s (any module's) call, its parameters all-gathered over the axes of 'embed' (FSDP).
 
   Parameters live split over 'fsdp' on their model dim; left to itself, XLA's sharding
   propagation may instead split the activations' model dim to match them and gather the batch,
@@ -180,6 +180,7 @@ class Transformer(nnx.Module):
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = self.constrain(jnp.take(self.table(self.embed), tokens_BL, axis=0).astype(self.dtype))
     per_layer = []
+
     def block_fn(block, x, pos, key, mask):
       if self.fsdp():
         return fsdp_gathered(block, self.mesh_rules)(x, pos, train=train, rng=key, mask_BL=mask)
@@ -192,7 +193,8 @@ class Transformer(nnx.Module):
       x_BLD = self.constrain(x_BLD)
       per_layer.append(report)
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
-    final_norm = fsdp_gathered(self.final_norm, self.mesh_rules) if self.fsdp() else self.final_norm
+    final_norm = (fsdp_gathered(self.final_norm, self.mesh_rules) if self.fsdp()
+                  else self.final_norm)
     x_BLD = final_norm(x_BLD).astype(jnp.float32)
     logits_BLV = layers.dense(x_BLD, self.table(self.lm_head))
     return logits_BLV, layer_stats.stack(per_layer, self.stat_dims)
