@@ -37,8 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.rope_max_wavelength = 10_000
   model.init_scale = 0.1  # Switch Transformer: truncated normal, std sqrt(init_scale / fan_in).
   model.dtype = 'float32'  # Activation/compute dtype: 'float32' or 'bfloat16'. Router is float32.
-  model.param_dtype = 'float32'  # Parameters and optimizer state ('bfloat16' halves them); compute casts to dtype.
-  model.remat = 'none'  # Per-block recompute in backward: 'none', 'full', 'save_dots', 'moe_save_dispatched'.
+  model.param_dtype = 'float32'  # Storage of parameters and optimizer state; 'bfloat16' halves them.
+  model.remat = 'none'  # Recompute per block: 'none', 'full', 'save_dots', 'moe_save_dispatched'.
 
   config.moe = moe = ml_collections.ConfigDict()
   moe.enabled = True  # False: every MoE layer becomes a dense FFN of width top_k * expert_d_ff.

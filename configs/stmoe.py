@@ -1,4 +1,4 @@
-r"""ST-MoE presets: `size=tiny|small|base|1b`, optionally `runlocal` (a few steps, for a smoke test).
+r"""ST-MoE presets: `size=tiny|small|base|1b`, optionally `runlocal` (a few steps: a smoke test).
 
   python train.py --config=configs/stmoe.py:size=tiny --workdir=runs/stmoe_tiny
   python train.py --config=configs/stmoe.py:size=small --workdir=runs/stmoe_small

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from stmoe_jax.config import GROUPED_MATMULS
 
-IMPLEMENTATIONS = GROUPED_MATMULS  # 'auto', 'ragged_dot', 'blocked', 'megablox' (config validates it).
+IMPLEMENTATIONS = GROUPED_MATMULS  # 'auto', 'ragged_dot', 'blocked', 'megablox' (config checks).
 BLOCK_ROWS = 64  # Rows per block: padding costs under this many rows per expert.
 
 
