@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'  # Activation/compute dtype: 'float32' or 'bfloat16'. Router is float32.
   model.architecture = 'decoder_only'  # Or 'encoder_decoder' (T5/ST-MoE; num_layers = decoder layers).
   model.num_encoder_layers = 0  # encoder_decoder: encoder layers (MoE at moe.every as in the decoder).
+  model.param_dtype = 'float32'  # Storage of parameters and optimizer state; 'bfloat16' halves them.
+  model.remat = 'none'  # Recompute per block: 'none', 'full', 'save_dots', 'moe_save_dispatched'.
 
   config.moe = moe = ml_collections.ConfigDict()
   moe.enabled = True  # False: every MoE layer becomes a dense FFN of width top_k * expert_d_ff.
@@ -53,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   moe.group_size = 512  # Tokens per routing group: capacity and balance are computed per group.
   moe.router = 'tokens_choose'  # Each token picks top_k experts. 'expert_choice' is non-causal: refused here.
   moe.dispatch = 'scatter'  # 'scatter' (index gather), 'einsum' (one-hot masks, GShard) or 'dropless' (grouped matmuls).
-  moe.grouped_matmul = 'auto'  # dropless: 'ragged_dot', 'blocked' (padded row blocks), 'auto' = blocked on CPU only.
+  moe.grouped_matmul = 'auto'  # dropless: 'ragged_dot', 'blocked' (padded row blocks), 'megablox' (Pallas TPU); 'auto' = blocked on CPU, megablox on TPU.
   moe.train_capacity_factor = 1.25  # ST-MoE: 1.25 in training...
   moe.eval_capacity_factor = 2.0  # ...and 2.0 at evaluation. Both ignored by 'dropless'.
   moe.capacity_scaled_by_k = True  # C = CF * k * S / E (MaxText, ST-MoE); False: CF * S / E (flaxformer).
@@ -118,12 +120,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Mesh axis sizes (-1 = all remaining devices) and the one table from logical axis names
   # (on parameters and activations) to mesh axes, a tuple of axes, or None = replicated. The
-  # batch is split over data and expert axes: expert shards bring their own tokens (README
-  # "Scaling out"); experts over 'expert', expert and FFN hidden units over 'model'.
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'expert': 1, 'model': 1})
+  # batch is split over data, fsdp and expert axes: expert shards bring their own tokens (README
+  # "Scaling out"); experts over 'expert', expert and FFN hidden units over 'model'; the model
+  # dim of every parameter (and so its optimizer state) over 'fsdp' (ZeRO-3).
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'expert': 1, 'model': 1})
   config.logical_axis_rules = [
-      ('batch', ('data', 'expert')), ('expert', 'expert'), ('mlp', 'model'), ('heads', 'model'),
-      ('vocab', 'model'), ('embed', None), ('kv', None), ('length', None),
+      ('batch', ('data', 'fsdp', 'expert')), ('expert', 'expert'), ('mlp', 'model'),
+      ('heads', 'model'), ('vocab', 'model'), ('embed', 'fsdp'), ('kv', None), ('length', None),
   ]
 
   config.batch_size = 64  # Global batch, in sequences (4096 tokens).

@@ -1,4 +1,4 @@
-r"""ST-MoE presets: `size=tiny|small|base`, optionally `runlocal` (a few steps, for a smoke test).
+r"""ST-MoE presets: `size=tiny|small|base|1b`, optionally `runlocal` (a few steps: a smoke test).
 
   python train.py --config=configs/stmoe.py:size=tiny --workdir=runs/stmoe_tiny
   python train.py --config=configs/stmoe.py:size=small --workdir=runs/stmoe_small
@@ -8,18 +8,26 @@ r"""ST-MoE presets: `size=tiny|small|base`, optionally `runlocal` (a few steps, 
 tiny: 2 layers, d_model 32, 4 experts, 40 steps of 4 x 32 bytes: seconds on a CPU (the notebook's
 model). small: configs/default.py, sized for 2 CPU cores (~5 minutes). base: 8 layers,
 d_model 512, 32 experts of width 1024 in every 4th layer (ST-MoE's spacing), 512-byte windows,
-batch 256, bfloat16: meant for an accelerator. Any field can still be overridden with
---config.<field>=<value>.
+batch 256, bfloat16: meant for an accelerator. 1b: about 1B parameters (~0.37B active), 24
+layers, d_model 1024, 32 experts of width 1152 in every 4th layer, top-2, 1024-byte windows,
+batch 256, bfloat16 compute over float32 master weights, full remat, meant for 16 accelerators
+with FSDP x expert parallelism (README "Scaling out"; `benchmarks/scale.py` compiles it on 16
+simulated CPU devices to show it fits):
+
+  python train.py --config=configs/stmoe.py:size=1b --workdir=$RUNS/stmoe_1b \
+    --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.expert=4
+
+Any field can still be overridden with --config.<field>=<value>.
 """
 
 from configs import common
 from configs import default
 
-SIZES = ('tiny', 'small', 'base')
+SIZES = ('tiny', 'small', 'base', '1b')
 
 
 def get_config(arg: str | None = None):
-  """Returns the ST-MoE config for `arg` = 'size=<tiny|small|base>[,runlocal]'."""
+  """Returns the ST-MoE config for `arg` = 'size=<tiny|small|base|1b>[,runlocal]'."""
   arg = common.parse_arg(arg, size='small', runlocal=False)
   if arg.size not in SIZES:
     raise ValueError(f'config argument size={arg.size!r} is invalid: expected one of {SIZES}')
@@ -41,6 +49,15 @@ def get_config(arg: str | None = None):
     config.opt.update(lr=1e-3, warmup_steps=1000, schedule='cosine', final_lr_fraction=0.1)
     config.update(batch_size=256, num_train_steps=50_000, log_every_steps=100,
                   eval_every_steps=2000, eval_batches=100, checkpoint_every_steps=2000)
+  elif arg.size == '1b':
+    config.data.seq_len = 1024
+    config.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, d_ff=4096,
+                        dtype='bfloat16', param_dtype='float32', remat='full')
+    config.moe.update(num_experts=32, top_k=2, every=4, expert_d_ff=1152, group_size=1024,
+                      aux_loss_coef=1e-2)
+    config.opt.update(lr=1e-3, warmup_steps=2000, schedule='cosine', final_lr_fraction=0.1)
+    config.update(batch_size=256, num_train_steps=100_000, log_every_steps=100,
+                  eval_every_steps=5000, eval_batches=100, checkpoint_every_steps=2000)
   if arg.runlocal:  # Same model, a handful of small steps: checks a config end to end.
     config.update(num_train_steps=10, log_every_steps=5, eval_every_steps=10, eval_batches=2,
                   checkpoint_every_steps=10)

@@ -1,4 +1,4 @@
-r"""Switch Transformer presets: top-1 routing, `size=tiny|small|base` as in configs/stmoe.py.
+r"""Switch Transformer presets: top-1 routing, `size=tiny|small|base|1b` as in configs/stmoe.py.
 
   python train.py --config=configs/switch.py:size=small --workdir=runs/switch_small
   python train.py --config=configs/switch.py:size=tiny --workdir=runs/switch_tiny
@@ -13,7 +13,7 @@ from configs import stmoe
 
 
 def get_config(arg: str | None = None):
-  """Returns the top-1 Switch config for `arg` = 'size=<tiny|small|base>[,runlocal]'."""
+  """Returns the top-1 Switch config for `arg` = 'size=<tiny|small|base|1b>[,runlocal]'."""
   config = stmoe.get_config(arg)
   config.moe.update(top_k=1, train_capacity_factor=1.0, eval_capacity_factor=2.0,
                     router_jitter=0.01, aux_loss_coef=1e-2, z_loss_coef=0.0)

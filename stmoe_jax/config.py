@@ -16,6 +16,7 @@ import ml_collections
 
 from stmoe_jax import dispatch
 from stmoe_jax import gating
+from stmoe_jax import remat
 from stmoe_jax import routing
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
@@ -120,6 +121,8 @@ class ModelConfig:
   dtype: str = 'float32'
   architecture: str = 'decoder_only'
   num_encoder_layers: int = 0
+  param_dtype: str = 'float32'
+  remat: str = 'none'
   moe: MoeConfig = MoeConfig()
   attention: AttentionConfig = AttentionConfig()
   # Not a config field: the Trainer sets a `sharding.MeshRules` here (None = one device).
@@ -172,7 +175,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 ACTIVATIONS = ('gelu', 'geglu', 'geglu_mult_bias')
 ARCHITECTURES = ('decoder_only', 'encoder_decoder')
-GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked')  # Implemented in stmoe_jax.grouped_matmul.
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'blocked', 'megablox')  # In stmoe_jax.grouped_matmul.
 EXTRA_DENSE_FFN = ('none', 'before', 'after')
 # data.task -> the dataset it reads ('' = any text dataset); stmoe_jax.data.tasks formats them.
 TASKS = {'lm': '', 'func_name': 'stdlib_func_name'}
@@ -305,6 +308,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (rotary pairs)')
   _check(m.activation in ACTIVATIONS, 'model.activation', m.activation, _one_of(ACTIVATIONS))
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
+  _check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype', m.param_dtype,
+         "'float32' (master weights for bfloat16 compute) or 'bfloat16'")
+  _check(m.remat in remat.REMAT_POLICIES, 'model.remat', m.remat, _one_of(remat.REMAT_POLICIES))
   _check(m.init_scale > 0, 'model.init_scale', m.init_scale, 'a positive number')
   _positive_ints(moe, 'moe.', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
   _check(isinstance(moe.every, int) and moe.every >= 0, 'moe.every', moe.every,
@@ -448,6 +454,9 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
          "'dense' (and attention.layer_kinds='') with model.architecture='encoder_decoder'")
   _check(att.logit_z_loss_coef == 0, 'attention.logit_z_loss_coef', att.logit_z_loss_coef,
          "0 with model.architecture='encoder_decoder' (not implemented there)")
+  _check(m.remat == 'none', 'model.remat', m.remat,
+         "'none' with model.architecture='encoder_decoder' (remat is applied to the "
+         'decoder-only stack only)')
 
 
 def routing_groups_per_batch(config: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -72,16 +72,16 @@ def check(mesh_rules: MeshRules, num_experts: int, num_groups: int) -> None:
     raise ConfigError(f'config.moe.group_size gives {num_groups} routing groups per batch: '
                       f'expected a multiple of the {shards} token shards of axes '
                       f'{token_axes(mesh_rules)} (use a smaller group_size or larger batch)')
-  if mesh_rules.mesh_axes('embed') and mesh_rules.size('embed') > 1:
-    raise ConfigError("config.logical_axis_rules shards 'embed' over a mesh axis; expert "
-                      'parallelism expects it replicated (map it to None)')
 
 
 def _experts_apply(experts: Experts, mesh_rules: MeshRules):
-  """(graphdef, weights dict, specs dict) of `experts`, specs from their logical names."""
+  """(graphdef, weights dict, specs dict) of `experts`, specs from their logical names but for
+  'embed': an FSDP-sharded model dim is gathered where the weights enter the shard_map (and
+  the gradient reduce-scattered on the way out), as XLA does for every other layer."""
   graphdef, state = nnx.split(experts)
-  specs = jax.tree.map(lambda v: mesh_rules.spec(v.get_metadata()['out_sharding']), state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  whole_embed = lambda names: tuple(None if n == 'embed' else n for n in names)
+  specs = jax.tree.map(lambda v: mesh_rules.spec(whole_embed(v.get_metadata()['out_sharding'])),
+                       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(specs)
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from stmoe_jax import grouped_matmul as gmm
 from stmoe_jax import layers
+from stmoe_jax import remat
 
 def activate(h_up: jax.Array, h_gate: jax.Array | None,
              mult_bias: jax.Array | None = None) -> jax.Array:
@@ -92,24 +93,25 @@ class Experts(nnx.Module):
   def __call__(self, x_ECD: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Applies expert e to x_ECD[e]: [E, C, D] -> [E, C, D]; dropout only with `dropout_rng`."""
     w_up, w_gate, mult_bias, w_down = self._weights()
-    x_ECD = x_ECD.astype(self.dtype)
+    x_ECD = remat.name(x_ECD.astype(self.dtype), remat.EXPERT_INPUTS)
     h_up = jnp.einsum('ecd,edf->ecf', x_ECD, w_up)
     h_gate = None if w_gate is None else jnp.einsum('ecd,edf->ecf', x_ECD, w_gate)
     h_ECF = activate(h_up, h_gate, None if mult_bias is None else mult_bias[:, None, :])
     h_ECF = _dropout(h_ECF, self.dropout, dropout_rng)
-    return jnp.einsum('ecf,efd->ecd', h_ECF, w_down)
+    return remat.name(jnp.einsum('ecf,efd->ecd', h_ECF, w_down), remat.EXPERT_OUTPUTS)
 
   def grouped(self, x_XD: jax.Array, group_sizes_E: jax.Array, *,
               dropout_rng: jax.Array | None = None, impl: str | None = None) -> jax.Array:
     """Rows sorted by expert, expert e owning the next group_sizes_E[e] rows: [X, D] -> [X, D].
 
-    Grouped matmuls (dropless dispatch) with `jax.lax.ragged_dot`, or on the padded block layout
+    Grouped matmuls (dropless dispatch) with `jax.lax.ragged_dot` or `megablox.gmm`, or on the
+    padded block layout
     of `grouped_matmul` (laid out once for all three matmuls; dropout then draws its mask over
     the blocks); rows past the last group come out zero. `impl` overrides the module's
     `grouped_matmul` choice.
     """
     w_up, w_gate, mult_bias, w_down = self._weights()
-    x_XD = x_XD.astype(self.dtype)
+    x_XD = remat.name(x_XD.astype(self.dtype), remat.EXPERT_INPUTS)
     if gmm.resolve(impl or self.grouped_matmul) == 'blocked':
       layout = gmm.block_layout(group_sizes_E, x_XD.shape[0], gmm.BLOCK_ROWS)
       x_NBD = gmm.to_blocks(x_XD, layout)
@@ -118,11 +120,13 @@ class Experts(nnx.Module):
       h_gate = None if w_gate is None else matmul(x_NBD, w_gate)
       bias = None if mult_bias is None else mult_bias[layout.group_N][:, None, :]
       h_NBF = _dropout(activate(h_up, h_gate, bias), self.dropout, dropout_rng)
-      return gmm.from_blocks(matmul(h_NBF, w_down), layout)
-    h_up = jax.lax.ragged_dot(x_XD, w_up, group_sizes_E)
-    h_gate = None if w_gate is None else jax.lax.ragged_dot(x_XD, w_gate, group_sizes_E)
+      return remat.name(gmm.from_blocks(matmul(h_NBF, w_down), layout), remat.EXPERT_OUTPUTS)
+    matmul = (gmm.megablox_matmul if gmm.resolve(impl or self.grouped_matmul) == 'megablox'
+              else jax.lax.ragged_dot)
+    h_up = matmul(x_XD, w_up, group_sizes_E)
+    h_gate = None if w_gate is None else matmul(x_XD, w_gate, group_sizes_E)
     if mult_bias is not None:  # Each row's own expert's bias: repeat expert e's row group_sizes_E[e] times.
       mult_bias = jnp.repeat(mult_bias, group_sizes_E, axis=0,
                              total_repeat_length=x_XD.shape[0])
     h_XF = _dropout(activate(h_up, h_gate, mult_bias), self.dropout, dropout_rng)
-    return jax.lax.ragged_dot(h_XF, w_down, group_sizes_E)
+    return remat.name(matmul(h_XF, w_down, group_sizes_E), remat.EXPERT_OUTPUTS)

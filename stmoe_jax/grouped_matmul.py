@@ -1,11 +1,14 @@
 """Grouped matmuls over expert-sorted rows, for dropless dispatch: ragged_dot, or blocks.
 
 Rows [X, D] are sorted by group (expert), group e owning the next `group_sizes[e]` rows; row r of
-group e is multiplied by w[e] [D, F]. Two implementations:
+group e is multiplied by w[e] [D, F]. Three implementations:
 
   - 'ragged_dot': `jax.lax.ragged_dot`, the grouped-GEMM kernel where the platform has one
     (TPU/GPU). XLA:CPU lowers it densely: every row against every group's weights, then a mask,
     i.e. E times the useful FLOPs and an [E, X, F] intermediate.
+  - 'megablox': `jax.experimental.pallas.ops.tpu.megablox.gmm`, the Pallas TPU grouped-matmul
+    kernel MaxText uses (tiles of rows that each belong to one group, a custom backward pass);
+    on other backends it runs in Pallas interpret mode (slow: tests only).
   - 'blocked': each group's rows padded to a multiple of `block` rows and laid out as [N, block, D]
     blocks that each belong to one group; a loop multiplies each used block by its group's
     weights (unused trailing blocks are skipped), with a hand-written backward pass that
@@ -25,17 +28,40 @@ import jax.numpy as jnp
 
 from stmoe_jax.config import GROUPED_MATMULS
 
-IMPLEMENTATIONS = GROUPED_MATMULS  # 'auto', 'ragged_dot', 'blocked' (config validates the field).
+IMPLEMENTATIONS = GROUPED_MATMULS  # 'auto', 'ragged_dot', 'blocked', 'megablox' (config checks).
 BLOCK_ROWS = 64  # Rows per block: padding costs under this many rows per expert.
 
 
 def resolve(impl: str) -> str:
-  """'auto' -> 'blocked' on CPU (its ragged_dot is dense), else 'ragged_dot'."""
+  """'auto' -> 'blocked' on CPU (its ragged_dot is dense), 'megablox' on TPU, else 'ragged_dot'."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'grouped matmul {impl!r} is invalid: expected one of {IMPLEMENTATIONS}')
   if impl == 'auto':
-    return 'blocked' if jax.default_backend() == 'cpu' else 'ragged_dot'
+    return {'cpu': 'blocked', 'tpu': 'megablox'}.get(jax.default_backend(), 'ragged_dot')
   return impl
+
+
+def megablox_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """`megablox.gmm`: [X, D] x [E, D, F] -> [X, F] in x's dtype; rows past the last group zero.
+
+  The kernel takes row tiles of `tm` rows (X is padded to a multiple) and feature tiles of 128
+  where D and F allow it (else the whole dim); off TPU it runs in Pallas interpret mode.
+  """
+  # Imported on first use: importing Pallas costs every other run a second.
+  from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=g-import-not-at-top
+  X, D = x_XD.shape
+  F = w_EDF.shape[-1]
+  tm = min(128, -(-X // 8) * 8)
+  padded = -(-X // tm) * tm
+  # The kernel leaves rows in no group unwritten (garbage), forward and backward: select them
+  # away on the way in (so their dx is zero too) and out.
+  in_group_X = (jnp.arange(X) < jnp.sum(group_sizes_E))[:, None]
+  x_PD = jnp.pad(jnp.where(in_group_X, x_XD, 0), ((0, padded - X), (0, 0)))
+  tile = lambda n: 128 if n % 128 == 0 else n
+  y_PF = megablox.gmm(x_PD, w_EDF.astype(x_XD.dtype), group_sizes_E.astype(jnp.int32),
+                      preferred_element_type=x_XD.dtype, tiling=(tm, tile(D), tile(F)),
+                      interpret=jax.default_backend() != 'tpu')
+  return jnp.where(in_group_X, y_PF[:X], 0).astype(x_XD.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +170,8 @@ def grouped_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, 
   """
   if resolve(impl) == 'ragged_dot':
     return jax.lax.ragged_dot(x_XD, w_EDF, group_sizes_E)
+  if resolve(impl) == 'megablox':
+    return megablox_matmul(x_XD, w_EDF, group_sizes_E)
   layout = block_layout(group_sizes_E, x_XD.shape[0], block or BLOCK_ROWS)
   y_NBF = blocked_matmul(to_blocks(x_XD, layout), w_EDF, layout.group_N, layout.used_N)
   return from_blocks(y_NBF, layout)

@@ -24,6 +24,7 @@ from stmoe_jax import dispatch
 from stmoe_jax import expert_parallel
 from stmoe_jax import gating
 from stmoe_jax import layers
+from stmoe_jax import remat
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Experts, Mlp
@@ -151,6 +152,7 @@ class MoeLayer(nnx.Module):
       logits_GSE = gating.noisy_logits(logits_GSE, moe.router_noise,
                                        None if rng is None else jax.random.fold_in(rng, 1),
                                        noise_std_GSE)
+    logits_GSE = remat.name(logits_GSE, remat.ROUTER_LOGITS)
     return self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
         mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,

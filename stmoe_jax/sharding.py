@@ -2,8 +2,14 @@
 
 Parameters carry logical names in their `out_sharding` metadata (see `layers.param`); the
 config's `logical_axis_rules` maps each name to a mesh axis, a tuple of mesh axes (the dim is
-split over their product, e.g. ('batch', ('data', 'expert'))) or None: replicated. A mesh axis
-of size 1 is harmless, so the same rules serve one CPU and a pod.
+split over their product, e.g. ('batch', ('data', 'fsdp', 'expert'))) or None: replicated. A
+mesh axis of size 1 is harmless, so the same rules serve one CPU and a pod.
+
+Within one array a mesh axis shards at most one dim, the first whose name maps to it (flax's
+`logical_to_mesh_axes` does the same). That is what makes FSDP one rule: 'embed' -> 'fsdp'
+shards every parameter (each has a model dim) and so its optimizer moments, ZeRO-3 style, while
+activations [batch, length, embed], whose batch dim already takes 'fsdp', keep embed whole; XLA
+gathers each weight where a layer uses it and reduce-scatters its gradient.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from stmoe_jax.config import ConfigError
 
-MESH_AXES = ('data', 'expert', 'model')
+MESH_AXES = ('data', 'fsdp', 'expert', 'model')
 # Every logical name a parameter or activation carries; a rule for any other name is a typo.
 LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'expert', 'heads', 'kv', 'vocab')
 
@@ -84,7 +90,7 @@ class MeshRules:
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes ('data', 'expert', 'model'); one size may be -1 to take the rest.
+  """A mesh with axes `MESH_AXES` (absent ones: size 1); one size may be -1 to take the rest.
 
   Raises ConfigError naming `config.mesh` when the sizes need more devices than there are (or,
   with several processes, fewer: every process's devices must take part).
@@ -119,7 +125,7 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """'data=2,expert=2' -> {'data': 2, 'expert': 2, 'model': 1}: axes not named are 1.
+  """'data=2,expert=2' -> {'data': 2, 'fsdp': 1, 'expert': 2, 'model': 1}: axes not named are 1.
 
   Raises ConfigError naming the bad entry (unknown axis, or a size that is not an integer).
   """
@@ -134,13 +140,22 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Sequence[Sequence]) -> PartitionSpec:
-  """PartitionSpec for a tuple of logical names; an unmapped name raises ConfigError."""
+  """PartitionSpec for a tuple of logical names; an unmapped name raises ConfigError.
+
+  A mesh axis an earlier dim already uses is left out of a later dim's entry (see the module
+  docstring): ('batch', 'embed') with batch -> ('data', 'fsdp'), embed -> 'fsdp' gives
+  P(('data', 'fsdp'), None).
+  """
   table = dict((name, mesh_axis) for name, mesh_axis in rules)
   missing = [a for a in axes if a is not None and a not in table]
   if missing:
     raise ConfigError(f'logical axis names {missing} have no entry in config.logical_axis_rules')
-  entry = lambda a: tuple(table[a]) if isinstance(table[a], list) else table[a]
-  return PartitionSpec(*(None if a is None else entry(a) for a in axes))
+  used, entries = set(), []
+  for a in axes:
+    free = tuple(m for m in (() if a is None else _mesh_axes(table[a])) if m not in used)
+    used.update(free)
+    entries.append(None if not free else free[0] if isinstance(table[a], str) else free)
+  return PartitionSpec(*entries)
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict:

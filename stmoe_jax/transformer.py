@@ -7,12 +7,15 @@ M MoE layers, E experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from stmoe_jax import layer_stats
 from stmoe_jax import layers
+from stmoe_jax import remat
 from stmoe_jax.attention import BidirectionalSelfAttention, CausalSelfAttention, KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.experts import Mlp
@@ -96,6 +99,35 @@ class Block(nnx.Module):
     return self.feed_forward(x_BLD, train=False)[0], cache
 
 
+def fsdp_gather(param: nnx.Param, mesh_rules) -> jax.Array:
+  """`param`'s value constrained to its sharding without the 'embed' (FSDP) axes: gathered."""
+  names = tuple(None if n == 'embed' else n for n in param.get_metadata()['out_sharding'])
+  return mesh_rules.constrain(param.get_value(), names)
+
+
+def fsdp_gathered(block: nnx.Module, mesh_rules) -> Callable:
+  """`block`'s (any module's) call, its parameters all-gathered over the axes of 'embed' (FSDP).
+
+  Parameters live split over 'fsdp' on their model dim; left to itself, XLA's sharding
+  propagation may instead split the activations' model dim to match them and gather the batch,
+  which replicates every activation over 'fsdp'. Constraining each weight to its sharding
+  without the 'embed' axes where the block starts makes the gather explicit (ZeRO-3: one block's
+  weights at a time; under remat the backward pass gathers again) and its transpose
+  reduce-scatters the gradients. Buffers the block updates (the router bias) are written back.
+  """
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+  params = jax.tree.map(lambda v: v.replace(fsdp_gather(v, mesh_rules)), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  gathered = nnx.merge(graphdef, params, rest)
+
+  def call(*args, **kwargs):
+    out = gathered(*args, **kwargs)
+    nnx.update(block, nnx.state(gathered, layers.Buffer))
+    return out
+
+  return call
+
+
 class Transformer(nnx.Module):
   """Byte-level decoder-only language model: tokens [B, L] -> logits [B, L, V] (float32)."""
 
@@ -109,6 +141,13 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
+    self.remat = cfg.remat
+    # Every layer creates float32 parameters (`layers.param`); a bfloat16 `param_dtype` stores
+    # them, and so the optimizer state that follows their dtype, at half the bytes.
+    if cfg.param_dtype != 'float32':
+      for _, variable in nnx.iter_graph(self):
+        if isinstance(variable, nnx.Param):
+          variable.set_value(variable.get_value().astype(cfg.param_dtype))
 
   def constrain(self, x_BLD: jax.Array) -> jax.Array:
     """The residual stream [B, L, D] sharded by its logical names (batch, length, embed) on the
@@ -116,6 +155,14 @@ class Transformer(nnx.Module):
     if self.mesh_rules is None:
       return x_BLD
     return self.mesh_rules.constrain(x_BLD, ('batch', 'length', 'embed'))
+
+  def fsdp(self) -> bool:
+    """Whether parameters are split over an FSDP axis (their 'embed' dim is sharded)."""
+    return self.mesh_rules is not None and self.mesh_rules.size('embed') > 1
+
+  def table(self, param: nnx.Param) -> jax.Array:
+    """The embedding or head matrix, gathered first under FSDP (see `fsdp_gathered`)."""
+    return fsdp_gather(param, self.mesh_rules) if self.fsdp() else param[...]
 
   def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
                rng: jax.Array | None = None,
@@ -135,16 +182,25 @@ class Transformer(nnx.Module):
       `attn_logit_z_loss` [num_layers], `attn_head_load` [A, H] over head-routed layers.
     """
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    x_BLD = self.constrain(jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype))
+    x_BLD = self.constrain(jnp.take(self.table(self.embed), tokens_BL, axis=0).astype(self.dtype))
     per_layer = []
+
+    def block_fn(block, x, pos, key, mask):
+      if self.fsdp():
+        return fsdp_gathered(block, self.mesh_rules)(x, pos, train=train, rng=key, mask_BL=mask)
+      return block(x, pos, train=train, rng=key, mask_BL=mask)
+
+    run_block = remat.wrap(block_fn, self.remat)
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BLD, report = block(x_BLD, positions_BL, train=train, rng=layer_rng, mask_BL=mask_BL)
+      x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL)
       x_BLD = self.constrain(x_BLD)
       per_layer.append(report)
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
-    x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
-    logits_BLV = layers.dense(x_BLD, self.lm_head[...])
+    final_norm = (fsdp_gathered(self.final_norm, self.mesh_rules) if self.fsdp()
+                  else self.final_norm)
+    x_BLD = final_norm(x_BLD).astype(jnp.float32)
+    logits_BLV = layers.dense(x_BLD, self.table(self.lm_head))
     return logits_BLV, layer_stats.stack(per_layer, self.stat_dims)
 
   def decode(self, tokens_BL: jax.Array,

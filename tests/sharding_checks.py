@@ -22,11 +22,11 @@ from stmoe_jax import train_lib
 from stmoe_jax.config import ConfigError
 
 MESHES = [{'data': 8}, {'expert': 8}, {'data': 2, 'expert': 4},
-          {'data': 2, 'expert': 2, 'model': 2}]
+          {'data': 2, 'expert': 2, 'model': 2}, {'fsdp': 2, 'expert': 2, 'model': 2}]
 # Scatter on every mesh; einsum and dropless on the two meshes that exercise most (compiles on
 # 8 fake CPU devices are slow).
 STRATEGIES = {0: ('scatter',), 1: ('scatter', 'einsum', 'dropless'), 2: ('scatter',),
-              3: ('scatter', 'einsum', 'dropless')}
+              3: ('scatter', 'einsum', 'dropless'), 4: ('scatter',)}
 RTOL, ATOL = 1e-5, 1e-6  # float32; reductions are split differently across shards.
 # Routing is global and every router's `Routing` takes the same exchange, so instead of more
 # compiles einsum runs the DeepSeek-V3 gating options and dropless the hierarchical router
@@ -143,9 +143,18 @@ def check_state(state, mesh, host_params, name):
   """Initial parameters as on one device, sharded as declared; Adam moments like params."""
   jax.tree.map(np.testing.assert_array_equal, host_params, jax.device_get(state.params))
   w_up = state.params['blocks'][0]['ffn']['experts']['w_up']
-  assert w_up.sharding.spec == PartitionSpec('expert', None, 'model'), (name, w_up.sharding)
-  e_shard, _, f_shard = w_up.addressable_shards[0].data.shape
-  assert (e_shard, f_shard) == (8 // mesh.get('expert', 1), 32 // mesh.get('model', 1)), name
+  assert w_up.sharding.spec == PartitionSpec('expert', 'fsdp', 'model'), (name, w_up.sharding)
+  shard = tuple(w_up.addressable_shards[0].data.shape)
+  assert shard == (8 // mesh.get('expert', 1), 32 // mesh.get('fsdp', 1),
+                   32 // mesh.get('model', 1)), (name, shard)
+  # FSDP (ZeRO-3): every parameter has a model dim, split over 'fsdp', so each device holds
+  # 1/fsdp of the parameters that the expert and model axes leave whole.
+  for path, p in jax.tree_util.tree_leaves_with_path(state.params):
+    spec = [a for entry in p.sharding.spec if entry
+            for a in (entry if isinstance(entry, tuple) else (entry,))]
+    assert 'fsdp' in spec, (name, path, p.sharding.spec)
+    split = np.prod([mesh.get(a, 1) for a in spec])
+    assert p.addressable_shards[0].data.size * split == p.size, (name, path)
   adam = state.opt_state[1][0]
   for moment in (adam.mu, adam.nu):
     jax.tree.map(lambda m, p: assert_same_sharding(m, p, name), moment, state.params)

@@ -52,7 +52,7 @@ def test_expert_parallel_benchmark_quick():
   records = run_benchmark('expert_parallel.py', '--quick')
   assert [r['dispatch'] for r in records] == ['scatter', 'einsum', 'dropless']
   for r in records:
-    assert r['mesh'] == {'data': 1, 'expert': 4, 'model': 1} and r['devices'] == 4
+    assert r['mesh'] == {'data': 1, 'fsdp': 1, 'expert': 4, 'model': 1} and r['devices'] == 4
   # Capacity dispatch exchanges by all-to-all; the dropless fallback by all-gather and
   # reduce-scatter instead.
   assert all(r['all_to_all_ops'] > 0 for r in records[:2])
@@ -71,3 +71,25 @@ def test_profile_step_quick():
   matmul = sum(k['ms_per_step'] for k in kinds if k['op'] in ('ynn_fusion', 'dot', 'custom-call'))
   assert share['matmul_ms_per_step'] == pytest.approx(matmul, abs=0.01)
   assert 0 < share['share_of_op_time'] < 1
+
+
+def test_scale_compiles_abstract_step_and_counts_per_device_bytes():
+  """configs/stmoe.py:size=tiny on fsdp=2 x expert=2 (4 simulated devices), counted by hand."""
+  records = run_benchmark('scale.py', '--config=configs/stmoe.py:size=tiny',
+                          '--mesh=fsdp=2,expert=2', '--devices=4', '--batch=8')
+  (r,) = records
+  assert r['mesh'] == {'data': 1, 'fsdp': 2, 'expert': 2, 'model': 1} and r['devices'] == 4
+  # tiny: V 259, D 32, 2 layers (2 heads of 16), dense GEGLU FFN 64 wide in layer 0, layer 1
+  # MoE with 4 GEGLU experts of width 32, top-2.
+  V, D, HK, F, E, FE, k = 259, 32, 32, 64, 4, 32, 2
+  experts = E * 3 * D * FE
+  others = 2 * V * D + 2 * (4 * D * HK + 2 * D) + 3 * D * F + D * E + D  # + final norm
+  assert r['total_params'] == others + experts
+  assert r['active_params'] == others + experts * k // E
+  # Per device: every parameter's model dim split over fsdp=2, experts also over expert=2;
+  # float32 params + Adam mu and nu. The rest (batch shard, router bias, counters) is small.
+  state_bytes = 3 * 4 * (others // 2 + experts // 4)
+  assert 0 < r['argument_bytes'] - state_bytes < 2048, (r['argument_bytes'], state_bytes)
+  assert r['temp_bytes'] > 0 and r['compile_seconds'] > 0
+  # Experts exchanged all-to-all over 'expert'; FSDP weights gathered over 'fsdp'.
+  assert r['collectives']['all-to-all'] > 0 and r['collectives']['all-gather'] > 0

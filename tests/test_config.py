@@ -19,6 +19,8 @@ from stmoe_jax.config import ConfigError, model_config, validate
     ('model.head_dim', 7, 'config.model.head_dim=7'),
     ('model.activation', 'relu', "config.model.activation='relu'"),
     ('model.dtype', 'float16', "config.model.dtype='float16'"),
+    ('model.remat', 'selective', "config.model.remat='selective'"),
+    ('model.param_dtype', 'float16', "config.model.param_dtype='float16'"),
     ('moe.group_size', 100, 'config.moe.group_size=100'),
     ('moe.every', -1, 'config.moe.every=-1'),
     ('batch_size', 0, 'config.batch_size=0'),

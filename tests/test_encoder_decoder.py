@@ -205,6 +205,7 @@ def _t5_tiny(**overrides):
                              'multiple of decoder length=8'),
     ({'attention.kind': 'local'}, "config.attention.kind='local' is invalid: expected 'dense'"),
     ({'attention.logit_z_loss_coef': 1e-4}, 'config.attention.logit_z_loss_coef=0.0001 is'),
+    ({'model.remat': 'full'}, "config.model.remat='full' is invalid: expected 'none' with"),
     ({'data.seq_len': 1, 'moe.group_size': 1, 'moe.encoder_group_size': 1},
      'config.data.seq_len=1 is invalid: expected at least 2'),
     ({'model.architecture': 'decoder_only'}, "config.data.objective='span_corruption' is "

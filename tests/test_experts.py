@@ -31,7 +31,7 @@ def test_experts_apply_expert_e_to_row_e(experts):
   np.testing.assert_allclose(experts(x), want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['ragged_dot', 'blocked'])
+@pytest.mark.parametrize('impl', ['ragged_dot', 'blocked', 'megablox'])
 def test_grouped_rows_equal_the_batched_experts(experts, impl):
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 4))
   sizes = jnp.array([2, 0, 5], jnp.int32)  # Rows of expert 0, none of 1, 5 of expert 2.

@@ -1,4 +1,4 @@
-"""grouped_matmul: the blocked layout and both implementations against a numpy loop over groups."""
+"""grouped_matmul: the blocked layout and every implementation against a numpy loop over groups."""
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,9 @@ def test_block_layout_pads_each_group_to_whole_blocks():
   np.testing.assert_array_equal(layout.used_N, np.arange(14) < 9)
 
 
-@pytest.mark.parametrize('block', [1, 4, 64])
-@pytest.mark.parametrize('impl', ['ragged_dot', 'blocked'])
+@pytest.mark.parametrize('impl, block', [('ragged_dot', 1), ('ragged_dot', 4), ('ragged_dot', 64),
+                                         ('blocked', 1), ('blocked', 4), ('blocked', 64),
+                                         ('megablox', None)])  # Pallas interpret mode off TPU.
 def test_grouped_matmul_matches_the_loop_in_outputs_and_gradients(impl, block):
   rng = np.random.RandomState(0)
   x, w = rng.randn(37, 5).astype(np.float32), rng.randn(4, 5, 7).astype(np.float32)
@@ -72,4 +73,5 @@ def test_blocked_bfloat16_sums_gradients_in_float32():
 def test_bad_implementation_is_named():
   with pytest.raises(ValueError, match="grouped matmul 'cutlass' is invalid"):
     gmm.resolve('cutlass')
-  assert gmm.resolve('auto') == ('blocked' if jax.default_backend() == 'cpu' else 'ragged_dot')
+  assert gmm.resolve('auto') == {'cpu': 'blocked', 'tpu': 'megablox'}.get(jax.default_backend(),
+                                                                         'ragged_dot')

@@ -41,7 +41,7 @@ def test_every_size_is_valid_and_grows(module):
       cfg = model_config(config)
       nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # Builds (shapes only).
     per_token.append(flops.forward_flops_per_token(cfg, config.data.seq_len))
-  assert per_token == sorted(per_token) and len(set(per_token)) == 3
+  assert per_token == sorted(per_token) and len(set(per_token)) == len(stmoe.SIZES)
   # Docstring commands name this file and every size they use exists.
   commands = re.findall(r'python train.py --config=(\S+?):size=(\w+)', module.__doc__)
   assert commands and all(path == f'configs/{module.__name__.split(".")[-1]}.py' and
@@ -57,7 +57,7 @@ def test_small_is_the_default_config_and_switch_is_top1():
 
 
 @pytest.mark.parametrize('arg,message', [
-    ('size=huge', "size='huge' is invalid: expected one of ('tiny', 'small', 'base')"),
+    ('size=huge', "size='huge' is invalid: expected one of ('tiny', 'small', 'base', '1b')"),
     ('sise=tiny', "config argument 'sise' is unknown"),
     ('size=tiny,runlocal=maybe', "runlocal='maybe' is invalid: expected true or false"),
 ])

@@ -31,7 +31,13 @@ def test_rules_and_mesh_parsing():
     sharding.check_rules([('mlp', 'tensor')])
   with pytest.raises(ConfigError, match='no entry in config.logical_axis_rules'):
     sharding.logical_to_spec(('vocab',), rules)
-  assert sharding.parse_mesh('data=2, expert=2') == {'data': 2, 'expert': 2, 'model': 1}
+  # A mesh axis shards one dim per array, the first that asks (FSDP: parameters split their
+  # model dim over 'fsdp'; activations, whose batch already takes 'fsdp', keep it whole).
+  fsdp = sharding.check_rules([('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'model')])
+  assert sharding.logical_to_spec(('batch', None, 'embed'), fsdp) == sharding.PartitionSpec(
+      ('data', 'fsdp'), None, None)
+  assert sharding.logical_to_spec(('embed', 'mlp'), fsdp) == sharding.PartitionSpec('fsdp', 'model')
+  assert sharding.parse_mesh('data=2, expert=2') == {'data': 2, 'fsdp': 1, 'expert': 2, 'model': 1}
   with pytest.raises(ConfigError, match="--mesh entry 'experts=2'"):
     sharding.parse_mesh('experts=2')
   with pytest.raises(ConfigError, match='needs 2 devices; 1 available'):
