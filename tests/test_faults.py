@@ -325,7 +325,7 @@ def test_config_file_syntax_error_is_one_line(tmp_path):
 @pytest.mark.parametrize('config_file,arg,message', [
     ('configs/stmoe.py', ':size=huge',
      "ValueError: config argument size='huge' is invalid: expected one of ('tiny', 'small', "
-     "'base')"),
+     "'base', '1b')"),
     ('bad_value.py', '', "TypeError: Could not override field 'batch_size' (reference). four is "
      "of original type <class 'str'> and cannot be casted to type <class 'int'>"),
 ])
