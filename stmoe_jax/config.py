@@ -415,9 +415,10 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
   _check(m.num_encoder_layers > 0, 'model.num_encoder_layers', m.num_encoder_layers,
          "a positive integer with model.architecture='encoder_decoder'")
   _check(data.seq_len >= 2, 'data.seq_len', data.seq_len, 'at least 2 for span corruption')
-  # data.objective stays 'span_corruption' with a task: its fields set the decoder length of the
-  # task's rows (`tasks.decoder_len`), but the rows hold no sentinel, so any vocabulary of at
-  # least the bytes fits (checked above), such as a model's pre-trained at another data.seq_len.
+  # data.objective stays 'span_corruption' with a task: its fields set the decoder length of
+  # the task's rows (`tasks.seq2seq_decoder_len`), but the rows hold no sentinel, so any
+  # vocabulary of at least the bytes fits (checked above), such as a model's pre-trained at
+  # another data.seq_len.
   if data.task == 'lm':
     vocab = tokenizer.VOCAB_SIZE + _span_lengths(data).num_sentinels
     _check(m.vocab_size >= vocab, 'model.vocab_size', m.vocab_size,

@@ -10,7 +10,7 @@ as span corruption's (`span_corruption.to_batch`), so a span-corruption pre-trai
 fine-tunes on the same shapes. The task datasets, the iterators and the metrics are shared.
 
 Every row of a task batch is one example or all padding (weights 0), so an example is exactly
-right when every weighted target of its row is: `losses.eval_step` counts that as exact match.
+right when every weighted target of its row is: `losses.exact_match_sums` counts that.
 
 Batch layout ('prefix_lm'): {'inputs': int32[B, L], 'targets': int32[B, L], 'weights':
 float32[B, L]}, L = data.seq_len. ('seq2seq'): {'encoder_inputs': int32[B, T], 'decoder_inputs',
@@ -107,8 +107,8 @@ FORMATS: dict[str, Callable[[np.ndarray, np.ndarray, int, int], dict]] = {
     'prefix_lm': prefix_lm_example, 'seq2seq': seq2seq_example}
 
 
-def decoder_len(seq_len: int, noise_density: float = 0.15,
-                mean_noise_span_length: float = 3.0) -> int:
+def seq2seq_decoder_len(seq_len: int, noise_density: float = 0.15,
+                        mean_noise_span_length: float = 3.0) -> int:
   """The decoder length of 'seq2seq' rows: span corruption's at these data fields, so that the
   config's routing-group checks (`config.routing_groups_per_batch`) hold for task batches too."""
   return span_corruption.lengths(seq_len, noise_density, mean_noise_span_length).decoder_len
@@ -149,7 +149,7 @@ def make_task_train_iterator(*, task: str, fmt: str, name: str, split: str, data
       _source(task, name, split, data_dir), task, fmt, seq_len=seq_len, batch_size=batch_size,
       seed=seed, process_index=process_index, process_count=process_count,
       where=dict(name=name, split=split),
-      decoder_len=decoder_len(seq_len, noise_density, mean_noise_span_length))
+      decoder_len=seq2seq_decoder_len(seq_len, noise_density, mean_noise_span_length))
 
 
 def task_train_iterator(source, task: str, fmt: str, *, seq_len: int, batch_size: int,
@@ -211,8 +211,8 @@ def make_task_eval_iterator(*, task: str, fmt: str, name: str, split: str, data_
   return TaskEvalIterable(_source(task, name, split, data_dir), task, fmt, seq_len=seq_len,
                           batch_size=batch_size, process_index=process_index,
                           process_count=process_count, max_batches=max_batches,
-                          decoder_len=decoder_len(seq_len, noise_density,
-                                                  mean_noise_span_length))
+                          decoder_len=seq2seq_decoder_len(seq_len, noise_density,
+                                                          mean_noise_span_length))
 
 
 # The three entry points the trainer and evaluation call, for any `data.task`.

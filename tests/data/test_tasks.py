@@ -110,8 +110,8 @@ def test_seq2seq_batches_use_the_span_corruption_decoder_length():
   source = _source(3)
   batches = list(tasks.TaskEvalIterable(
       source, 'func_name', 'seq2seq', seq_len=32, batch_size=2, process_index=0,
-      process_count=1, max_batches=None, decoder_len=tasks.decoder_len(32, 0.15, 3.0)))
-  assert tasks.decoder_len(32, 0.15, 3.0) == 8 and len(batches) == 2
+      process_count=1, max_batches=None, decoder_len=tasks.seq2seq_decoder_len(32)))
+  assert tasks.seq2seq_decoder_len(32, 0.15, 3.0) == 8 and len(batches) == 2
   assert batches[0]['decoder_inputs'].shape == (2, 8)
   assert batches[0]['encoder_inputs'].shape == (2, 32)
   want = tasks.seq2seq_example(tokenizer.encode('return 2\n'), tokenizer.encode('f2'), 32, 8)
