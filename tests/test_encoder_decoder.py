@@ -262,9 +262,12 @@ def test_encoder_fields_are_refused_without_an_encoder(field, value):
 def test_presets_are_valid_and_grow():
   sizes = []
   for size in t5_stmoe.SIZES:
-    for arg in (f'size={size}', f'size={size},runlocal'):
+    for arg in (f'size={size},task=func_name', f'size={size}', f'size={size},runlocal'):
       config = t5_stmoe.get_config(arg)
       validate(config)
+      if 'task' in arg:  # The fine-tune keeps the pre-trained model, vocabulary included.
+        assert config.model == t5_stmoe.get_config(f'size={size}').model, size
+        assert config.data.task == 'func_name' and config.finetune.trainable == 'all'
     cfg = model_factory.get_model(entry_points.model_config(config)).cfg
     sizes.append(sum(np.prod(p.value.shape) for _, p in nnx.to_flat_state(
         model_factory.get_model(cfg).abstract()[1])))
