@@ -1,5 +1,5 @@
 r"""Encoder-decoder ST-MoE presets (the paper's setting: T5 span corruption), `size=tiny|small|base`,
-optionally `runlocal` (a few steps, for a smoke test).
+optionally `runlocal` (a few steps, for a smoke test), or `task=func_name` (fine-tuning, below).
 
   python train.py --config=configs/t5_stmoe.py:size=tiny --workdir=runs/t5_tiny
   python eval.py --workdir=runs/t5_tiny
@@ -17,10 +17,19 @@ arm), 64-byte encoder inputs. base: 8 + 8 layers, d_model 512, 32 experts of wid
 encoder may route non-causally, e.g. --config.moe.encoder_router=expert_choice or
 --config.moe.encoder_batch_prioritized_routing=True; moe.enabled=False gives the dense twin at
 equal active FLOPs.
+
+task=func_name[,trainable=all|non_moe|moe_only|attention]: the same size's model (vocabulary
+included, so its span-corruption run loads with init_from) fine-tuned on stdlib_func_name, body
+to the encoder, name to the decoder (`tasks.seq2seq_example`); without init_from, the task from
+scratch. Encoder inputs grow to 128 bytes (tiny, small), which makes the decoder 32 long.
+
+  python train.py --config=configs/t5_stmoe.py:size=tiny,task=func_name,trainable=non_moe \
+      --workdir=runs/t5_tiny_ft --config.init_from=runs/t5_tiny
 """
 
 from configs import common
 from configs import default
+from stmoe_jax.config import TASKS
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 
@@ -28,8 +37,9 @@ SIZES = ('tiny', 'small', 'base')
 
 
 def get_config(arg: str | None = None):
-  """Returns the encoder-decoder config for `arg` = 'size=<tiny|small|base>[,runlocal]'."""
-  arg = common.parse_arg(arg, size='tiny', runlocal=False)
+  """Returns the encoder-decoder config for `arg` =
+  'size=<tiny|small|base>[,runlocal][,task=func_name[,trainable=<finetune.trainable>]]'."""
+  arg = common.parse_arg(arg, size='tiny', runlocal=False, task='lm', trainable='all')
   if arg.size not in SIZES:
     raise ValueError(f'config argument size={arg.size!r} is invalid: expected one of {SIZES}')
   config = default.get_config()
@@ -63,6 +73,15 @@ def get_config(arg: str | None = None):
   shape = span_corruption.lengths(config.data.seq_len, config.data.noise_density,
                                   config.data.mean_noise_span_length)
   config.model.vocab_size = tokenizer.VOCAB_SIZE + shape.num_sentinels
+  if arg.task != 'lm':  # After vocab_size: the pre-trained model's, sentinels included.
+    config.data.update(task=arg.task, name=TASKS.get(arg.task) or config.data.name,
+                       seq_len=max(config.data.seq_len, 128))
+    config.finetune.trainable = arg.trainable
+    config.update(eval_batches=0, eval_sample_tokens=0)  # All validation; exact match says it.
+    if arg.size == 'tiny':
+      config.opt.update(lr=3e-3, warmup_steps=10)
+      config.update(num_train_steps=300, log_every_steps=25, eval_every_steps=100,
+                    checkpoint_every_steps=100)
   if arg.runlocal:  # Same model, a handful of small steps: checks a config end to end.
     config.update(num_train_steps=10, log_every_steps=5, eval_every_steps=10, eval_batches=2,
                   checkpoint_every_steps=10)

@@ -437,10 +437,15 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
   _check(m.num_encoder_layers > 0, 'model.num_encoder_layers', m.num_encoder_layers,
          "a positive integer with model.architecture='encoder_decoder'")
   _check(data.seq_len >= 2, 'data.seq_len', data.seq_len, 'at least 2 for span corruption')
-  vocab = tokenizer.VOCAB_SIZE + _span_lengths(data).num_sentinels
-  _check(m.vocab_size >= vocab, 'model.vocab_size', m.vocab_size,
-         f'at least {vocab}: bytes, pad/bos/eos and one sentinel per noise span '
-         '(span_corruption.lengths(...).num_sentinels)')
+  # data.objective stays 'span_corruption' with a task: its fields set the decoder length of
+  # the task's rows (`tasks.seq2seq_decoder_len`), but the rows hold no sentinel, so any
+  # vocabulary of at least the bytes fits (checked above), such as a model's pre-trained at
+  # another data.seq_len.
+  if data.task == 'lm':
+    vocab = tokenizer.VOCAB_SIZE + _span_lengths(data).num_sentinels
+    _check(m.vocab_size >= vocab, 'model.vocab_size', m.vocab_size,
+           f'at least {vocab}: bytes, pad/bos/eos and one sentinel per noise span '
+           '(span_corruption.lengths(...).num_sentinels)')
   _check(moe.encoder_router == '' or moe.encoder_router in routing.ROUTERS, 'moe.encoder_router',
          moe.encoder_router, "'' (= moe.router) or " + _one_of(routing.ROUTERS))
   router = routing.ROUTERS[moe.encoder_router or moe.router]
@@ -475,9 +480,6 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
   _check(task in TASKS, 'data.task', task, _one_of(TASKS))
   _check(not TASKS[task] or config.data.name == TASKS[task], 'data.name', config.data.name,
          f'{TASKS[task]!r} with data.task={task!r}')
-  _check(task == 'lm' or config.model.architecture == 'decoder_only', 'data.task', task,
-         "'lm' with model.architecture='encoder_decoder' (prompt -> answer tasks are formatted "
-         'for the decoder-only model only, as prefix-LM rows)')
   trainable = config.finetune.trainable
   _check(trainable in TRAINABLE, 'finetune.trainable', trainable, _one_of(TRAINABLE))
   has_moe = config.moe.enabled and any(config.moe.every > 0 and i % config.moe.every ==

@@ -75,19 +75,25 @@ def eval_step(params, buffers, batch, *, graphdef) -> dict:
   logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
   correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
-  # A task row (one example, `data.tasks`) is exactly right when every weighted target is: the
-  # teacher-forced argmax then equals the answer and its EOS, so greedy decoding emits it.
-  scored_B = jnp.any(weights_BL > 0, axis=-1)
-  exact_B = scored_B & jnp.all(correct_BL | (weights_BL == 0), axis=-1)
   return {
       'ce_sum': jnp.sum(ce_BL * weights_BL),
       'num_tokens': jnp.sum(weights_BL),
       'num_correct': jnp.sum(correct_BL * weights_BL),
-      'num_exact': jnp.sum(exact_B), 'num_examples': jnp.sum(scored_B),
+      **exact_match_sums(correct_BL, weights_BL),
       'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
       'num_routed': jnp.sum(real_BL),
       **moe_stats,
   }
+
+
+def exact_match_sums(correct_BL: jax.Array, weights_BL: jax.Array) -> dict[str, jax.Array]:
+  """{'num_exact', 'num_examples'} of one batch from correct_BL = (argmax == target) [B, L] and
+  the loss weights [B, L]: rows with a weighted target, and those whose every weighted target is
+  correct. A task row (one example, `data.tasks`) is then exactly right: the teacher-forced
+  argmax equals the answer and its EOS, so greedy decoding emits it (any model family)."""
+  scored_B = jnp.any(weights_BL > 0, axis=-1)
+  exact_B = scored_B & jnp.all(correct_BL | (weights_BL == 0), axis=-1)
+  return {'num_exact': jnp.sum(exact_B), 'num_examples': jnp.sum(scored_B)}
 
 
 def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -57,11 +57,13 @@ class Model:
 
 def get_model(cfg: ModelConfig) -> Model:
   """The model family of `cfg.architecture`: the decoder-only `Transformer` language model, or
-  the span-corruption `EncoderDecoder` (batches of `span_corruption.to_batch`)."""
+  the span-corruption `EncoderDecoder` (batches of `span_corruption.to_batch`, or a task's
+  'seq2seq' rows of the same shapes)."""
   if cfg.architecture == 'encoder_decoder':
     return Model(cfg=cfg, make=functools.partial(EncoderDecoder, cfg),
                  loss_fn=functools.partial(seq2seq_losses.compute_loss, cfg=cfg),
-                 eval_step=seq2seq_losses.eval_step, batch_keys=span_corruption.BATCH_KEYS)
+                 eval_step=seq2seq_losses.eval_step, batch_keys=span_corruption.BATCH_KEYS,
+                 task_format='seq2seq')
   return Model(cfg=cfg, make=functools.partial(Transformer, cfg),
                loss_fn=functools.partial(losses.compute_loss, cfg=cfg),
                eval_step=losses.eval_step, batch_keys=('inputs', 'targets', 'weights'))

@@ -1,6 +1,7 @@
-"""The encoder-decoder's span-corruption objective: the training loss (cross-entropy on the
-decoder targets plus both stacks' router losses, with per-stack routing telemetry) and the
-evaluation step's sums, in the shapes `losses` gives the decoder-only model.
+"""The encoder-decoder's objective (span corruption, or a task's 'seq2seq' rows): the training
+loss (cross-entropy on the decoder targets plus both stacks' router losses, with per-stack
+routing telemetry) and the evaluation step's sums, in the shapes `losses` gives the decoder-only
+model.
 
 Einsum letters: B batch, T encoder length, L decoder length, V vocabulary.
 """
@@ -73,17 +74,20 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
 
 def eval_step(params, buffers, batch, *, graphdef) -> dict:
   """Sums over one batch (eval capacity factor) as `losses.eval_step`: ce_sum, num_tokens,
-  num_correct, num_bytes (byte targets; sentinels and EOS are not bytes), and per stack
+  num_correct, num_bytes (byte targets; sentinels and EOS are not bytes), num_exact and
+  num_examples (`losses.exact_match_sums`: exact match of 'seq2seq' task rows), and per stack
   `layer_stats.key('num_routed', stack)` and its `layer_stats.MOE` stats [M, ...] over real
   tokens, which `evaluation.evaluate` reduces per stack."""
   model = nnx.merge(graphdef, params, buffers)
   logits_BLV, stats, encoder_mask_BT, decoder_mask_BL = _forward(model, batch, train=False)
   targets_BL, weights_BL = batch['targets'], batch['weights']
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
   return {
       'ce_sum': jnp.sum(ce_BL * weights_BL),
       'num_tokens': jnp.sum(weights_BL),
-      'num_correct': jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL),
+      'num_correct': jnp.sum(correct_BL * weights_BL),
+      **losses.exact_match_sums(correct_BL, weights_BL),
       'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
       layer_stats.key('num_routed', 'encoder'): jnp.sum(encoder_mask_BT),
       layer_stats.key('num_routed', 'decoder'): jnp.sum(decoder_mask_BL),

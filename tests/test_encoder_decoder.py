@@ -26,6 +26,7 @@ from stmoe_jax import sampling
 from stmoe_jax import config as config_lib
 from stmoe_jax.config import ConfigError, validate
 from stmoe_jax.data import span_corruption
+from stmoe_jax.data import tasks
 from stmoe_jax.data import tokenizer
 from stmoe_jax.encoder_decoder import EncoderDecoder, init_caches
 
@@ -177,6 +178,36 @@ def test_loss_and_eval_report_routing_per_stack():
   assert report['num_tokens'] == 2 * int(w.sum())
 
 
+def test_task_exact_match_counts_rows_whose_every_answer_token_is_the_argmax():
+  """seq2seq task rows (tasks.seq2seq_example): with the targets forced to the model's own
+  argmax, row 0 everywhere on its answer + EOS and row 1 all but one answer token, eval counts
+  one exact example of two and one wrong token (the decoder-only test's pattern)."""
+  cfg = encdec_config()
+  model = model_factory.get_model(cfg)
+  assert model.task_format == 'seq2seq'
+  params, buffers = model.init(jax.random.PRNGKey(0))
+  graphdef = model.abstract()[0]
+  rows = [tasks.FORMATS[model.task_format](tokenizer.encode(p), tokenizer.encode(a), T, L)
+          for p, a in (('return a + b', 'add'), ('return -x', 'neg_it'))]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  logits = jitted(nnx.merge(graphdef, params, buffers), lambda m, b: m(
+      b['encoder_inputs'], b['decoder_inputs'], encoder_mask_BT=b['encoder_inputs'] != PAD,
+      decoder_mask_BL=b['decoder_inputs'] != PAD, train=False)[0])(batch)
+  argmax = np.asarray(logits).argmax(-1)
+  answer = batch['weights'] > 0
+  targets = np.array(batch['targets'])
+  targets[answer] = argmax[answer]
+  wrong = np.flatnonzero(answer[1])[2]
+  targets[1, wrong] = (argmax[1, wrong] + 1) % cfg.vocab_size
+  sums = jax.jit(lambda b: model.eval_step(params, buffers, b, graphdef=graphdef))(
+      {**batch, 'targets': targets})
+  assert int(sums['num_examples']) == 2 and int(sums['num_exact']) == 1
+  assert int(sums['num_correct']) == int(answer.sum()) - 1 == 4 + 7 - 1
+  sums = jax.jit(lambda b: model.eval_step(params, buffers, b, graphdef=graphdef))(
+      {**batch, 'targets': np.where(answer, argmax, targets)})
+  assert int(sums['num_exact']) == 2
+
+
 def _t5_tiny(**overrides):
   config = t5_stmoe.get_config('size=tiny')
   for key, value in overrides.items():
@@ -232,9 +263,12 @@ def test_encoder_fields_are_refused_without_an_encoder(field, value):
 def test_presets_are_valid_and_grow():
   sizes = []
   for size in t5_stmoe.SIZES:
-    for arg in (f'size={size}', f'size={size},runlocal'):
+    for arg in (f'size={size},task=func_name', f'size={size}', f'size={size},runlocal'):
       config = t5_stmoe.get_config(arg)
       validate(config)
+      if 'task' in arg:  # The fine-tune keeps the pre-trained model, vocabulary included.
+        assert config.model == t5_stmoe.get_config(f'size={size}').model, size
+        assert config.data.task == 'func_name' and config.finetune.trainable == 'all'
     cfg = model_factory.get_model(entry_points.model_config(config)).cfg
     sizes.append(sum(np.prod(p.value.shape) for _, p in nnx.to_flat_state(
         model_factory.get_model(cfg).abstract()[1])))

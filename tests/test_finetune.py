@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import t5_stmoe
 from configs import tiny
 from stmoe_jax import entry_points
 from stmoe_jax import finetune
@@ -254,11 +255,15 @@ def test_task_needs_its_dataset_and_moe_only_needs_moe():
   config.moe.enabled, config.finetune.trainable = False, 'moe_only'
   with pytest.raises(ConfigError, match="config.finetune.trainable='moe_only' is invalid"):
     validate(config)
+  # The encoder-decoder's task rows hold no sentinel: its pre-trained vocabulary (261 at
+  # seq_len 32) fits a task at seq_len 128, where span corruption would need 266 ids.
   config = sweep.load_config_file(os.path.join(sweep.REPO, 'configs', 't5_stmoe.py:size=tiny'))
-  config.data.task, config.data.name = 'func_name', 'stdlib_func_name'
-  with pytest.raises(ConfigError, match="config.data.task='func_name' is invalid: expected 'lm' "
-                                        "with model.architecture='encoder_decoder'"):
+  config.data.seq_len = 128
+  with pytest.raises(ConfigError, match='config.model.vocab_size=261 is invalid: expected at '
+                                        'least 266'):
     validate(config)
+  config.data.task, config.data.name = 'func_name', 'stdlib_func_name'
+  validate(config)
 
 
 def test_exact_match_counts_rows_whose_every_answer_token_is_the_argmax(task_run):
@@ -298,3 +303,53 @@ def test_shipped_finetune_and_upcycle_configs_fit_together(tmp_path):
   assert sorted(k for k, _ in plan.actions.values()).count('fresh') == 2
   with pytest.raises(ValueError, match="stage='sparse' is invalid"):
     upcycle.get_config('stage=sparse')
+
+
+# The encoder-decoder (the paper's setting): span-corruption pre-trained, fine-tuned on the task.
+
+
+@pytest.fixture(scope='module')
+def t5_task_run(stdlib_data_dir, task_data_dir, tmp_path_factory):
+  """configs/t5_stmoe.py:size=tiny's initial state saved as a span-corruption run, then its
+  task=func_name,trainable=non_moe preset from it (shrunk: 32-byte encoder inputs, 2 rows):
+  the pre-trained state, the fine-tune's first state and its state after 3 steps."""
+  mesh = {'data': 1, 'expert': 1, 'model': 1}
+  config = t5_stmoe.get_config('size=tiny')
+  config.data.data_dir, config.mesh = stdlib_data_dir, mesh
+  workdir = str(tmp_path_factory.mktemp('t5_pretrained'))
+  _, source = _pretrain(config, workdir)
+  config = t5_stmoe.get_config('size=tiny,task=func_name,trainable=non_moe')
+  config.data.update(data_dir=task_data_dir, seq_len=32)  # Decoder length 8.
+  config.moe.update(group_size=16, encoder_group_size=64)  # One group per batch of 2 rows.
+  config.update(init_from=f'{workdir}:1', batch_size=2, mesh=mesh)
+  config.opt.update(weight_decay=0.5, warmup_steps=0)  # Decay would move frozen matrices.
+  trainer = train_lib.Trainer(config, str(tmp_path_factory.mktemp('t5_finetune')))
+  data = trainer.train_iterator()
+  state = train_lib.restore_or_init(trainer, data, LOG)
+  first = jax.device_get(state)
+  for _ in range(3):
+    state, _ = trainer.train_step(state, trainer.global_batch(next(data)))
+  return trainer, source, first, state
+
+
+def test_encoder_decoder_finetune_from_span_corruption_freezes_its_experts(t5_task_run):
+  trainer, source, first, state = t5_task_run
+  batch = next(trainer.train_iterator())
+  assert set(batch) == {'encoder_inputs', 'decoder_inputs', 'targets', 'weights'}
+  assert batch['decoder_inputs'].shape == (2, 8) and not np.any(batch['targets'] >= 259)
+  pre, start, after = _flat(source.params), _flat(first.params), _flat(state.params)
+  assert start.keys() == pre.keys()
+  for name in pre:
+    np.testing.assert_array_equal(start[name], pre[name], err_msg=name)
+  # t5 tiny: FFN 1 of each stack is the MoE layer (4 experts and a router each).
+  moe = {n for n in pre if n.split('/')[0] in ('encoder_blocks', 'decoder_blocks') and
+         n.split('/')[1:3] == ['1', 'ffn']}
+  assert len(moe) == 8, sorted(moe)
+  for name in pre:
+    if name in moe:
+      np.testing.assert_array_equal(after[name], start[name], err_msg=name)
+    else:
+      assert np.any(after[name] != start[name]), name
+  metrics = trainer.evaluate(state)
+  assert metrics['num_examples'] == 2  # two() and three().
+  assert metrics['exact_match'] in (0.0, 0.5, 1.0)

@@ -4,15 +4,18 @@ or a prompt -> answer task such as 'func_name' (`func_name_corpus`), one example
 A model family takes a (prompt, answer) example in its own format (`model_factory.Model.
 task_format`, a key of FORMATS). The decoder-only Transformer uses 'prefix_lm': one causal
 sequence `[BOS] prompt [SEP] answer [EOS]` whose loss weights cover the answer and its EOS
-only (attention stays causal over the prompt too: the same model as in pre-training). An
-encoder-decoder family adds its format here (prompt to the encoder, answer to the decoder) and
-names it in its `Model`; the task datasets, the iterators and the metrics stay as they are.
+only (attention stays causal over the prompt too: the same model as in pre-training). The
+encoder-decoder uses 'seq2seq': the prompt to the encoder, the answer to the decoder, rows shaped
+as span corruption's (`span_corruption.to_batch`), so a span-corruption pre-trained model
+fine-tunes on the same shapes. The task datasets, the iterators and the metrics are shared.
 
 Every row of a task batch is one example or all padding (weights 0), so an example is exactly
-right when every weighted target of its row is: `losses.eval_step` counts that as exact match.
+right when every weighted target of its row is: `losses.exact_match_sums` counts that.
 
 Batch layout ('prefix_lm'): {'inputs': int32[B, L], 'targets': int32[B, L], 'weights':
-float32[B, L]}, L = data.seq_len.
+float32[B, L]}, L = data.seq_len. ('seq2seq'): {'encoder_inputs': int32[B, T], 'decoder_inputs',
+'targets': int32[B, L], 'weights': float32[B, L]}, T = data.seq_len, L = the decoder length of
+span corruption at data.seq_len (`span_corruption.lengths(...).decoder_len`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from stmoe_jax.config import TASKS
 from stmoe_jax.data import func_name_corpus
 from stmoe_jax.data import input_pipeline
+from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 
 # The separator between prompt and answer. EOS, not a new id: the byte vocabulary (259) stays
@@ -48,14 +52,17 @@ TASK_SPECS = {'func_name': Task(func_name_corpus.NAME, func_name_corpus.PROMPT,
 assert {k: t.dataset for k, t in TASK_SPECS.items()} == {k: v for k, v in TASKS.items() if v}
 
 
-def prefix_lm_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int) -> dict:
+def prefix_lm_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
+                      decoder_len: int = 0) -> dict:
   """One decoder-only row: `[BOS] prompt [SEP] answer [EOS]` as inputs/targets shifted by one.
 
   The prompt (byte ids, int [P]) is cut to its first bytes so that the answer and its EOS fit in
   the L + 1 tokens; an answer too long for the window is cut too (that example can then never
   be exactly right). Padding is PAD_ID. weights[t] = 1 iff targets[t] is an answer byte or the
-  EOS after it. Returns {'inputs', 'targets': int32 [L], 'weights': float32 [L]}.
+  EOS after it. Returns {'inputs', 'targets': int32 [L], 'weights': float32 [L]}. `decoder_len`
+  is unused (one sequence, no decoder).
   """
+  del decoder_len
   L = seq_len  # pylint: disable=invalid-name
   answer = np.append(answer, tokenizer.EOS_ID)
   budget = max(L + 1 - 2 - answer.size, 0)  # Room left for the prompt beside BOS and SEP.
@@ -68,20 +75,56 @@ def prefix_lm_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int) -> d
   return {'inputs': padded[:-1], 'targets': padded[1:], 'weights': weights}
 
 
-# Model family's task format -> (prompt ids, answer ids, seq_len) -> one row of each batch key.
-FORMATS: dict[str, Callable[[np.ndarray, np.ndarray, int], dict]] = {
-    'prefix_lm': prefix_lm_example}
+def seq2seq_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
+                    decoder_len: int) -> dict:
+  """One encoder-decoder row: the prompt (byte ids, int [P]) and EOS to the encoder, the answer
+  to the decoder behind BOS (the decoder start token, as in span corruption).
+
+  encoder_inputs = prompt + [EOS], cut to its first T = seq_len tokens (a prompt too long loses
+  its end and its EOS); targets = answer + [EOS] and decoder_inputs = [BOS] + answer, both cut to
+  L = decoder_len (an answer of L bytes or more can then never be exactly right); PAD fills the
+  rest, weights are 1 on the answer and its EOS. Returns {'encoder_inputs': int32 [T],
+  'decoder_inputs', 'targets': int32 [L], 'weights': float32 [L]}.
+  """
+  T, L = seq_len, decoder_len  # pylint: disable=invalid-name
+  encoder = np.append(prompt, tokenizer.EOS_ID)[:T]
+  targets = np.append(answer, tokenizer.EOS_ID)[:L]
+  row = {'encoder_inputs': np.full(T, tokenizer.PAD_ID, np.int32),
+         'decoder_inputs': np.full(L, tokenizer.PAD_ID, np.int32),
+         'targets': np.full(L, tokenizer.PAD_ID, np.int32),
+         'weights': np.zeros(L, np.float32)}
+  row['encoder_inputs'][:encoder.size] = encoder
+  row['targets'][:targets.size] = targets
+  row['decoder_inputs'][0] = tokenizer.BOS_ID
+  row['decoder_inputs'][1:targets.size] = targets[:-1]
+  row['weights'][:targets.size] = 1.0
+  return row
+
+
+# Model family's task format -> (prompt ids, answer ids, seq_len, decoder_len) -> one row of
+# each of its batch keys.
+FORMATS: dict[str, Callable[[np.ndarray, np.ndarray, int, int], dict]] = {
+    'prefix_lm': prefix_lm_example, 'seq2seq': seq2seq_example}
+
+
+def seq2seq_decoder_len(seq_len: int, noise_density: float = 0.15,
+                        mean_noise_span_length: float = 3.0) -> int:
+  """The decoder length of 'seq2seq' rows: span corruption's at these data fields, so that the
+  config's routing-group checks (`config.routing_groups_per_batch`) hold for task batches too."""
+  return span_corruption.lengths(seq_len, noise_density, mean_noise_span_length).decoder_len
 
 
 class _ToExample(grain.transforms.Map):
   """record -> one formatted row (see FORMATS)."""
 
-  def __init__(self, task: Task, fmt: str, seq_len: int):
+  def __init__(self, task: Task, fmt: str, seq_len: int, decoder_len: int):
     self._task, self._format, self._seq_len = task, FORMATS[fmt], seq_len
+    self._decoder_len = decoder_len
 
   def map(self, record):
     return self._format(tokenizer.encode(record[self._task.prompt]),
-                        tokenizer.encode(record[self._task.answer]), self._seq_len)
+                        tokenizer.encode(record[self._task.answer]), self._seq_len,
+                        self._decoder_len)
 
 
 def _source(task: str, name: str, split: str, data_dir):
@@ -96,24 +139,29 @@ def _source(task: str, name: str, split: str, data_dir):
 
 def make_task_train_iterator(*, task: str, fmt: str, name: str, split: str, data_dir,
                              seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-                             process_count: int = 1, **unused) -> input_pipeline.TrainIterator:
+                             process_count: int = 1, noise_density: float = 0.15,
+                             mean_noise_span_length: float = 3.0,
+                             **unused) -> input_pipeline.TrainIterator:
   """An infinite, checkpointable iterator of task batches (`task_train_iterator` of the
-  dataset's split)."""
+  dataset's split); the noise fields set only the 'seq2seq' decoder length (`decoder_len`)."""
   del unused  # `Placement.data_kwargs` as it is (feature_key: the task names its features).
   return task_train_iterator(
       _source(task, name, split, data_dir), task, fmt, seq_len=seq_len, batch_size=batch_size,
       seed=seed, process_index=process_index, process_count=process_count,
-      where=dict(name=name, split=split))
+      where=dict(name=name, split=split),
+      decoder_len=seq2seq_decoder_len(seq_len, noise_density, mean_noise_span_length))
 
 
 def task_train_iterator(source, task: str, fmt: str, *, seq_len: int, batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
-                        where: dict | None = None) -> input_pipeline.TrainIterator:
+                        where: dict | None = None,
+                        decoder_len: int = 0) -> input_pipeline.TrainIterator:
   """Task batches from `source` (a sequence of records): examples shuffled per epoch with
   `seed`, one per row, this process's share `process_index::process_count`; each batch as
-  FORMATS[fmt] gives its rows, stacked to [batch_size, seq_len]."""
+  FORMATS[fmt] gives its rows (at seq_len, decoder_len), stacked to [batch_size, ...]."""
   ds = input_pipeline._shard(grain.MapDataset.source(source), process_index, process_count)  # pylint: disable=protected-access
-  ds = ds.shuffle(seed=seed).repeat(None).map(_ToExample(TASK_SPECS[task], fmt, seq_len))
+  ds = ds.shuffle(seed=seed).repeat(None).map(
+      _ToExample(TASK_SPECS[task], fmt, seq_len, decoder_len))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=16))
   it_ds = it_ds.batch(batch_size, drop_remainder=True)
   config = dict(task=task, format=fmt, **(where or {}), seq_len=seq_len, seed=seed,
@@ -127,9 +175,10 @@ class TaskEvalIterable:
   every one yields the same number of batches (collective eval steps never deadlock)."""
 
   def __init__(self, source, task: str, fmt: str, *, seq_len: int, batch_size: int,
-               process_index: int, process_count: int, max_batches: int | None):
+               process_index: int, process_count: int, max_batches: int | None,
+               decoder_len: int = 0):
     self._source, self._spec = source, TASK_SPECS[task]
-    self._map = _ToExample(self._spec, fmt, seq_len)
+    self._map = _ToExample(self._spec, fmt, seq_len, decoder_len)
     self._seq_len, self._batch_size = seq_len, batch_size
     self._indices = range(process_index, len(source), process_count)
     longest = -(-len(source) // process_count)  # Process 0's share, the largest.
@@ -154,12 +203,16 @@ class TaskEvalIterable:
 def make_task_eval_iterator(*, task: str, fmt: str, name: str, split: str, data_dir,
                             seq_len: int, batch_size: int, process_index: int = 0,
                             process_count: int = 1, max_batches: int | None = None,
+                            noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                             **unused) -> TaskEvalIterable:
-  """The `TaskEvalIterable` of a task's split (all of it, or the first `max_batches`)."""
+  """The `TaskEvalIterable` of a task's split (all of it, or the first `max_batches`); the noise
+  fields set only the 'seq2seq' decoder length."""
   del unused
   return TaskEvalIterable(_source(task, name, split, data_dir), task, fmt, seq_len=seq_len,
                           batch_size=batch_size, process_index=process_index,
-                          process_count=process_count, max_batches=max_batches)
+                          process_count=process_count, max_batches=max_batches,
+                          decoder_len=seq2seq_decoder_len(seq_len, noise_density,
+                                                          mean_noise_span_length))
 
 
 # The three entry points the trainer and evaluation call, for any `data.task`.

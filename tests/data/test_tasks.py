@@ -77,3 +77,45 @@ def test_train_iterator_shuffles_whole_examples_and_restores_its_position():
   resumed.set_state(state)
   for k, v in next(resumed).items():
     np.testing.assert_array_equal(v, expected[k])
+
+
+def _reference_seq2seq_row(prompt: str, answer: str, seq_len: int, decoder_len: int):
+  """Lists built from strings: encoder = prompt bytes + EOS cut to T then padded; decoder reads
+  BOS + answer, predicts answer + EOS (both cut to L), weights on those targets."""
+  encoder = (list(prompt.encode()) + [EOS])[:seq_len]
+  encoder += [PAD] * (seq_len - len(encoder))
+  targets = (list(answer.encode()) + [EOS])[:decoder_len]
+  decoder = ([BOS] + list(answer.encode()))[:len(targets)]
+  pad = decoder_len - len(targets)
+  return encoder, decoder + [PAD] * pad, targets + [PAD] * pad, [1.0] * len(targets) + [0.0] * pad
+
+
+def test_seq2seq_rows_match_the_reference():
+  for prompt, answer, seq_len, decoder_len in [
+      ('return a + b', 'add', 32, 8),  # Both fit with padding.
+      ('x = 1\ny = 2\nreturn x + y', 'three', 8, 8),  # Prompt (and its EOS) cut.
+      ('abc', 'a_very_long_name', 16, 8),  # Answer cut: no EOS target.
+      ('abcdef', 'f', 7, 4)]:  # Prompt + EOS exactly fill the encoder.
+    got = tasks.seq2seq_example(tokenizer.encode(prompt), tokenizer.encode(answer), seq_len,
+                                decoder_len)
+    want = _reference_seq2seq_row(prompt, answer, seq_len, decoder_len)
+    for key, ref in zip(('encoder_inputs', 'decoder_inputs', 'targets', 'weights'), want):
+      np.testing.assert_array_equal(got[key], ref, err_msg=f'{prompt!r} {key}')
+    assert got['encoder_inputs'].dtype == np.int32 and got['weights'].dtype == np.float32
+
+
+def test_seq2seq_batches_use_the_span_corruption_decoder_length():
+  """The eval iterable's rows are `seq2seq_example` at span corruption's decoder length for
+  data.seq_len (8 at seq_len 32, `span_corruption.lengths`), padding rows all PAD / weight 0."""
+  source = _source(3)
+  batches = list(tasks.TaskEvalIterable(
+      source, 'func_name', 'seq2seq', seq_len=32, batch_size=2, process_index=0,
+      process_count=1, max_batches=None, decoder_len=tasks.seq2seq_decoder_len(32)))
+  assert tasks.seq2seq_decoder_len(32, 0.15, 3.0) == 8 and len(batches) == 2
+  assert batches[0]['decoder_inputs'].shape == (2, 8)
+  assert batches[0]['encoder_inputs'].shape == (2, 32)
+  want = tasks.seq2seq_example(tokenizer.encode('return 2\n'), tokenizer.encode('f2'), 32, 8)
+  for k, v in want.items():
+    np.testing.assert_array_equal(batches[1][k][0], v)
+  assert (batches[1]['encoder_inputs'][1] == PAD).all()
+  assert (batches[1]['weights'][1] == 0).all()
