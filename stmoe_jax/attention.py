@@ -62,17 +62,21 @@ class KVCache:
     return KVCache(k=write(self.k, k_BLHK), v=write(self.v, v_BLHK), end=self.end + L)
 
 
+def projections(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Param, ...]:
+  """Multi-head attention's weights: w_q, w_k, w_v [D, H, K] and w_o [H, K, D], Switch-style
+  truncated-normal initialised, with their logical axis names (self- and cross-attention)."""
+  D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+  init_in = layers.switch_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
+  w_qkv = [layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv')) for _ in range(3)]
+  init_out = layers.switch_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
+  return (*w_qkv, layers.param(rngs, init_out, (H, K, D), ('heads', 'kv', 'embed')))
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head attention where position t attends to positions <= t: [B, L, D] -> [B, L, D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
-    init_in = layers.switch_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
-    self.w_q = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
-    self.w_k = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
-    self.w_v = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
-    init_out = layers.switch_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
-    self.w_o = layers.param(rngs, init_out, (H, K, D), ('heads', 'kv', 'embed'))
+    self.w_q, self.w_k, self.w_v, self.w_o = projections(cfg, rngs)
     self.rope_max_wavelength = cfg.rope_max_wavelength
     self.dtype = jnp.dtype(cfg.dtype)
 
@@ -149,13 +153,7 @@ class CrossAttention(nnx.Module):
   them), padding keys hidden."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
-    init_in = layers.switch_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
-    self.w_q = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
-    self.w_k = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
-    self.w_v = layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv'))
-    init_out = layers.switch_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
-    self.w_o = layers.param(rngs, init_out, (H, K, D), ('heads', 'kv', 'embed'))
+    self.w_q, self.w_k, self.w_v, self.w_o = projections(cfg, rngs)
     self.dtype = jnp.dtype(cfg.dtype)
 
   def kv(self, encoded_BTD: jax.Array, mask_BT: jax.Array) -> CrossCache:

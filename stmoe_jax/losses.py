@@ -73,6 +73,16 @@ def eval_step(params, buffers, batch, *, graphdef) -> dict:
   targets_BL, weights_BL = batch['targets'], batch['weights']
   real_BL = batch['inputs'] != tokenizer.PAD_ID
   logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
+  return {**token_sums(logits_BLV, targets_BL, weights_BL), 'num_routed': jnp.sum(real_BL),
+          **moe_stats}
+
+
+def token_sums(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
+               ) -> dict[str, jax.Array]:
+  """The eval step's sums over the weighted targets of one batch, from logits [B, L, V],
+  targets [B, L] and weights [B, L]: `ce_sum` (nats), `num_tokens`, `num_correct` (argmax),
+  `num_bytes` (targets that are bytes, not PAD/BOS/EOS) and `exact_match_sums`'s two counts.
+  Every model family's eval step returns these, for `evaluation.evaluate` to reduce."""
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
   correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
   return {
@@ -81,8 +91,6 @@ def eval_step(params, buffers, batch, *, graphdef) -> dict:
       'num_correct': jnp.sum(correct_BL * weights_BL),
       **exact_match_sums(correct_BL, weights_BL),
       'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
-      'num_routed': jnp.sum(real_BL),
-      **moe_stats,
   }
 
 

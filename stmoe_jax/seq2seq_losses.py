@@ -81,14 +81,8 @@ def eval_step(params, buffers, batch, *, graphdef) -> dict:
   model = nnx.merge(graphdef, params, buffers)
   logits_BLV, stats, encoder_mask_BT, decoder_mask_BL = _forward(model, batch, train=False)
   targets_BL, weights_BL = batch['targets'], batch['weights']
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
-  correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
   return {
-      'ce_sum': jnp.sum(ce_BL * weights_BL),
-      'num_tokens': jnp.sum(weights_BL),
-      'num_correct': jnp.sum(correct_BL * weights_BL),
-      **losses.exact_match_sums(correct_BL, weights_BL),
-      'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
+      **losses.token_sums(logits_BLV, targets_BL, weights_BL),
       layer_stats.key('num_routed', 'encoder'): jnp.sum(encoder_mask_BT),
       layer_stats.key('num_routed', 'decoder'): jnp.sum(decoder_mask_BL),
       **{k: v for k, v in stats.items()
