@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_encoder_layers = 0  # encoder_decoder: encoder layers (MoE at moe.every as in the decoder).
   model.param_dtype = 'float32'  # Storage of parameters and optimizer state; 'bfloat16' halves them.
   model.remat = 'none'  # Recompute per block: 'none', 'full', 'save_dots', 'moe_save_dispatched'.
+  model.scan_layers = False  # Scan over the repeating unit of layers: compile time flat in depth.
 
   config.moe = moe = ml_collections.ConfigDict()
   moe.enabled = True  # False: every MoE layer becomes a dense FFN of width top_k * expert_d_ff.
@@ -127,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.logical_axis_rules = [
       ('batch', ('data', 'fsdp', 'expert')), ('expert', 'expert'), ('mlp', 'model'),
       ('heads', 'model'), ('vocab', 'model'), ('embed', 'fsdp'), ('kv', None), ('length', None),
+      ('layers', None),  # The stacked-layers dim of model.scan_layers parameters: never split.
   ]
 
   config.batch_size = 64  # Global batch, in sequences (4096 tokens).

@@ -106,6 +106,13 @@ class AttentionConfig:
     return kinds[layer % len(kinds)]
 
 
+def layer_period(moe_every: int, attention_layer_kinds: str) -> int:
+  """The least common multiple of `moe.every` and the length of `attention.layer_kinds`: the
+  number of layers after which the stack's pattern of FFN and attention kinds repeats."""
+  kinds = len(attention_layer_kinds.split(',')) if attention_layer_kinds else 1
+  return math.lcm(moe_every or 1, kinds)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Transformer settings; see configs/default.py for what each field means."""
@@ -123,6 +130,7 @@ class ModelConfig:
   num_encoder_layers: int = 0
   param_dtype: str = 'float32'
   remat: str = 'none'
+  scan_layers: bool = False
   moe: MoeConfig = MoeConfig()
   attention: AttentionConfig = AttentionConfig()
   # Not a config field: the Trainer sets a `sharding.MeshRules` here (None = one device).
@@ -133,6 +141,10 @@ class ModelConfig:
     if not self.moe.is_moe_layer(layer):
       return 'dense'
     return 'moe' if self.moe.enabled else 'dense_matched'
+
+  def layer_period(self) -> int:
+    """Layers in the stack's repeating unit (see `layer_period`); `scan_layers` scans over units."""
+    return layer_period(self.moe.every, self.attention.layer_kinds)
 
   @property
   def num_moe_layers(self) -> int:
@@ -315,6 +327,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive_ints(moe, 'moe.', ['num_experts', 'top_k', 'expert_d_ff', 'group_size', 'min_capacity'])
   _check(isinstance(moe.every, int) and moe.every >= 0, 'moe.every', moe.every,
          'an integer >= 0 (0 = no MoE layers)')
+  _check(isinstance(m.scan_layers, bool), 'model.scan_layers', m.scan_layers, 'True or False')
+  if m.scan_layers:
+    period = layer_period(moe.every, config.attention.layer_kinds)
+    _check(m.num_layers % period == 0, 'model.num_layers', m.num_layers,
+           f'a multiple of {period} with model.scan_layers=True (the stack scans over units of '
+           f'lcm(moe.every={moe.every}, len(attention.layer_kinds))={period} layers)')
+    _check(m.architecture == 'decoder_only', 'model.scan_layers', m.scan_layers,
+           "False with model.architecture='encoder_decoder' (the decoder-only stack scans)")
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
          f'at least moe.top_k={moe.top_k}')
   _check(moe.router in routing.ROUTERS, 'moe.router', moe.router, _one_of(routing.ROUTERS))

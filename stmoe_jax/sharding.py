@@ -27,7 +27,7 @@ from stmoe_jax.config import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'expert', 'model')
 # Every logical name a parameter or activation carries; a rule for any other name is a typo.
-LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'expert', 'heads', 'kv', 'vocab')
+LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'expert', 'heads', 'kv', 'vocab', 'layers')
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
