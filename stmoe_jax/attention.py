@@ -17,6 +17,12 @@ from flax import nnx
 from stmoe_jax import layers
 from stmoe_jax.config import ModelConfig
 
+# Queries per chunk of `causal_attention` (memory-efficient attention above this length). A chunk's
+# float32 logits are [B, H, QUERY_CHUNK, L]; unchunked they are [B, H, L, L], and the backward
+# pass kept them (with the softmax output, probabilities and mask): 2.75 GiB per layer and
+# device for the 1b preset (README "Scaling out"). Windows of at most this length are unchanged.
+QUERY_CHUNK = 256
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -62,6 +68,38 @@ class KVCache:
     return KVCache(k=write(self.k, k_BLHK), v=write(self.v, v_BLHK), end=self.end + L)
 
 
+def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
+                     query_chunk: int = QUERY_CHUNK) -> jax.Array:
+  """Causal softmax attention [B, L, H, K] x 3 -> [B, L, H, K], in O(L * query_chunk) memory.
+
+  Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory"), query-chunked form: a
+  `lax.map` over L / query_chunk chunks of queries, each attending to all L keys under the
+  causal mask with `jax.nn.dot_product_attention` (the same float32 logits and softmax as the
+  unchunked call, so the same numbers), and each chunk rematerialized (`jax.checkpoint`): the
+  backward pass recomputes one chunk's [B, H, query_chunk, L] logits at a time instead of
+  keeping all [B, H, L, L] from the forward pass. The loop keeps that bound on every backend
+  (XLA:CPU's scheduler ignores remat's ordering barriers between unrolled layers, not a loop's).
+  The cost is one more query-key matmul in the backward pass. When L <= query_chunk or the
+  chunk does not divide L, it is the plain call.
+  """
+  B, L, H, K = q_BLHK.shape
+  if L <= query_chunk or L % query_chunk:
+    return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+  N = L // query_chunk
+  q_NBQHK = jnp.moveaxis(q_BLHK.reshape(B, N, query_chunk, H, K), 1, 0)
+  key_positions_L = jnp.arange(L)
+
+  def chunk(args):
+    q_BQHK, start = args
+    visible_QL = (start + jnp.arange(query_chunk))[:, None] >= key_positions_L[None, :]
+    return jax.nn.dot_product_attention(q_BQHK, k_BLHK, v_BLHK, mask=visible_QL[None, None])
+
+  # prevent_cse=False: inside a loop XLA cannot merge the recomputation into the forward pass.
+  out_NBQHK = jax.lax.map(jax.checkpoint(chunk, prevent_cse=False),
+                          (q_NBQHK, jnp.arange(N) * query_chunk))
+  return jnp.moveaxis(out_NBQHK, 0, 1).reshape(B, L, H, K)
+
+
 def projections(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Param, ...]:
   """Multi-head attention's weights: w_q, w_k, w_v [D, H, K] and w_o [H, K, D], Switch-style
   truncated-normal initialised, with their logical axis names (self- and cross-attention)."""
@@ -96,7 +134,7 @@ class CausalSelfAttention(nnx.Module):
     del mask_BL
     q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
     # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
-    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
+    out_BLHK = causal_attention(q_BLHK, k_BLHK, v_BLHK)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2), {}
 
   def decode(self, x_BLD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -38,3 +38,54 @@ def test_dense_attention_has_the_common_call_signature_and_is_causal(tiny_model_
   assert y.shape == (1, 6, 16) and stats == {}  # Plain dense attention computes no stats.
   y_changed, _ = run(x.at[:, 4].add(1.0))
   np.testing.assert_array_equal(y[:, :4], y_changed[:, :4])
+
+
+def _largest_intermediate(jaxpr) -> int:
+  """Elements of the largest value any equation of `jaxpr` (or of a jaxpr inside it: scan
+  bodies, checkpoints, pjit) produces."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for out in eqn.outvars:
+      largest = max(largest, int(np.prod(out.aval.shape)) if hasattr(out.aval, 'shape') else 0)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          largest = max(largest, _largest_intermediate(inner))
+  return largest
+
+
+def _naive_causal_attention(q, k, v):
+  """numpy float64: softmax(q k^T / sqrt(K) masked to s <= t) v, per batch row and head."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum('bthk,bshk->bhts', q, k) / np.sqrt(q.shape[-1])
+  L = q.shape[1]
+  logits = np.where(np.tril(np.ones((L, L), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum('bhts,bshk->bthk', probs, v)
+
+
+def test_query_chunked_attention_equals_the_unchunked_and_never_holds_l_by_l_logits():
+  from stmoe_jax.attention import causal_attention
+  B, L, H, K, Q = 2, 64, 2, 8, 16
+  q, k, v = jax.random.normal(jax.random.PRNGKey(1), (3, B, L, H, K))
+  chunked = causal_attention(q, k, v, query_chunk=Q)
+  whole = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  np.testing.assert_allclose(chunked, _naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-7)
+  # Gradients of a loss that weights every output differently, against the unchunked call's.
+  w = jax.random.normal(jax.random.PRNGKey(2), (B, L, H, K))
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+  grads = jax.grad(loss(lambda *a: causal_attention(*a, query_chunk=Q)), argnums=(0, 1, 2))
+  ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, is_causal=True)),
+                 argnums=(0, 1, 2))
+  for got, want in zip(grads(q, k, v), ref(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Forward and backward: no [B, H, L, L] value anywhere, only one chunk's [B, H, Q, L].
+  assert _largest_intermediate(jax.make_jaxpr(ref)(q, k, v).jaxpr) == B * H * L * L
+  assert _largest_intermediate(jax.make_jaxpr(grads)(q, k, v).jaxpr) == B * H * Q * L
+  # Up to one chunk's length (or a chunk that does not divide L) it is the plain call.
+  short = causal_attention(q[:, :Q], k[:, :Q], v[:, :Q], query_chunk=Q)
+  np.testing.assert_array_equal(short, jax.nn.dot_product_attention(
+      q[:, :Q], k[:, :Q], v[:, :Q], is_causal=True))
