@@ -4,6 +4,7 @@ r"""Does a config fit? Compile its train step for N simulated devices and report
     --devices=16 --remat=full --batch=256
   python benchmarks/scale.py --config=configs/stmoe.py:size=tiny --mesh=fsdp=2,expert=2 \
     --devices=4 --batch=8      # seconds; CI runs this
+  ... --scan                   # model.scan_layers=True; any field: --override=model.num_layers=4
 
 Sets `--xla_force_host_platform_device_count=N` before JAX starts, builds the Trainer's jitted
 train step (the same shardings, donation and step function as training), then lowers and
@@ -35,8 +36,9 @@ def parse_args(argv=None):
   parser.add_argument('--devices', type=int, default=16, help='simulated CPU devices')
   parser.add_argument('--remat', default='', help='model.remat (default: the config\'s)')
   parser.add_argument('--batch', type=int, default=0, help='global batch (default: the config\'s)')
+  parser.add_argument('--scan', action='store_true', help='model.scan_layers=True')
   parser.add_argument('--override', action='append', default=[],
-                      help='config field=value, e.g. model.num_layers=4')
+                      help='config field=value, e.g. model.num_layers=4 (repeatable)')
   return parser.parse_args(argv)
 
 
@@ -85,6 +87,8 @@ def main(argv=None) -> dict:
     config.model.remat = args.remat
   if args.batch:
     config.batch_size = args.batch
+  if args.scan:
+    config.model.scan_layers = True
   for text in args.override:
     apply_override(config, text)
   trainer = train_lib.Trainer(config, '/nonexistent')  # Builds jits; compiles and writes nothing.
@@ -102,7 +106,8 @@ def main(argv=None) -> dict:
   record = {
       'config': args.config, 'mesh': dict(trainer.mesh.shape), 'devices': jax.device_count(),
       'batch': config.batch_size, 'seq_len': config.data.seq_len,
-      'remat': config.model.remat, 'dtype': config.model.dtype,
+      'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
+      'num_layers': config.model.num_layers, 'dtype': config.model.dtype,
       'param_dtype': config.model.param_dtype,
       'lower_seconds': round(lower_seconds, 2), 'compile_seconds': round(compile_seconds, 2),
       'argument_bytes': memory.argument_size_in_bytes,

@@ -79,6 +79,7 @@ def test_scale_compiles_abstract_step_and_counts_per_device_bytes():
                           '--mesh=fsdp=2,expert=2', '--devices=4', '--batch=8')
   (r,) = records
   assert r['mesh'] == {'data': 1, 'fsdp': 2, 'expert': 2, 'model': 1} and r['devices'] == 4
+  assert (r['num_layers'], r['scan_layers'], r['remat']) == (2, False, 'none')
   # tiny: V 259, D 32, 2 layers (2 heads of 16), dense GEGLU FFN 64 wide in layer 0, layer 1
   # MoE with 4 GEGLU experts of width 32, top-2.
   V, D, HK, F, E, FE, k = 259, 32, 32, 64, 4, 32, 2
