@@ -172,3 +172,4 @@ def test_scanned_run_resumes_exactly(stdlib_data_dir, tmp_path):
   assert resumed == losses_seen[2:]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
                jax.device_get(state.params))
+
