@@ -16,7 +16,9 @@ Every parameter of this model is one of
 and anything else (another shape, a parameter the checkpoint lacks, a checkpoint parameter
 this model has no place for) is refused before anything is restored, in one line naming the
 parameter and both shapes. Buffers (e.g. router biases) are copied where the name and shape
-match, fresh otherwise.
+match, fresh otherwise. A checkpoint of the other layer layout (`model.scan_layers`) is first
+converted to this model's (`layer_scan.relayout`), so names and shapes compare as if it were
+saved in it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from flax import nnx
 
 from stmoe_jax import checkpointing
 from stmoe_jax import entry_points
+from stmoe_jax import layer_scan
 from stmoe_jax import trainable
 from stmoe_jax.checkpointing import IncompatibleCheckpointError
 from stmoe_jax.config import parse_init_from
@@ -57,6 +60,25 @@ class Plan:
   upcycled: tuple[str, ...]
 
 
+def _expert_axis(cfg) -> int:
+  """The expert axis of a stacked expert weight: 1 behind the scanned 'layers' axis, else 0."""
+  return 1 if cfg.scan_layers else 0
+
+
+def _relayout(tree, source: Placement, target: Placement):
+  """`source`'s params or buffers in `target`'s layer layout (`model.scan_layers`)."""
+  return layer_scan.relayout(tree, source.model_cfg, target.model_cfg)
+
+
+def _source_module(path: str, source: Placement) -> str:
+  """The checkpoint's module that holds (unit 0 of) this model's module `path`: block i is
+  layer i of either layout's first unit, block i % P of a scanned checkpoint's."""
+  parts = path.split('/')
+  if source.model_cfg.scan_layers and parts[0] == 'blocks' and len(parts) > 1:
+    parts[1] = str(int(parts[1]) % source.model_cfg.layer_period())
+  return '/'.join(parts)
+
+
 def _shapes(params) -> dict[str, tuple[int, ...]]:
   return {trainable.path_name(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -72,8 +94,8 @@ def _upcycled_layers(spec: str, source: Placement, target: Placement) -> tuple[s
   """Module paths where this model has an MoE layer and the checkpoint a dense FFN; raises
   ConfigError when such a layer cannot be an exact copy of it."""
   before, after = _modules(source), _modules(target)
-  paths = tuple(p for p, m in after.items()
-                if isinstance(m, MoeLayer) and isinstance(before.get(p), Mlp))
+  paths = tuple(p for p, m in after.items() if isinstance(m, MoeLayer)
+                and isinstance(before.get(_source_module(p, source)), Mlp))
   s_cfg, t_cfg = source.model_cfg, target.model_cfg
   if paths and s_cfg.activation != t_cfg.activation:
     raise IncompatibleCheckpointError(
@@ -97,8 +119,10 @@ def plan(spec: str, target: Placement) -> Plan:
   workdir, step = parse_init_from(spec)
   source = entry_points.workdir_placement(workdir, mesh=dict(target.config.mesh))
   upcycled = _upcycled_layers(spec, source, target)
-  have = _shapes(source.abstract_state.params)
+  have = _shapes(jax.eval_shape(lambda t: _relayout(t, source, target),
+                                source.abstract_state.params))
   need = _shapes(target.abstract_state.params)
+  axis = _expert_axis(target.model_cfg)
   where = f'init_from={spec!r}'
   actions, used = {}, set()
   for name, shape in need.items():
@@ -114,7 +138,7 @@ def plan(spec: str, target: Placement) -> Plan:
       actions[name] = ('fresh', '')
     elif layer is not None and name.startswith(f'{layer}/experts/'):
       dense = f'{layer}/{name.rsplit("/", 1)[1]}'
-      if have.get(dense) != shape[1:]:
+      if have.get(dense) != shape[:axis] + shape[axis + 1:]:
         raise IncompatibleCheckpointError(
             f'{where}: upcycling {layer} copies its dense FFN parameter {dense} '
             f'{list(have.get(dense, ()))} into every expert, but this model\'s {name} is '
@@ -132,9 +156,11 @@ def plan(spec: str, target: Placement) -> Plan:
   return Plan(workdir=workdir, step=step, source=source, actions=actions, upcycled=upcycled)
 
 
-def transfer(actions: dict[str, tuple[str, str]], source_params, target_params):
+def transfer(actions: dict[str, tuple[str, str]], source_params, target_params,
+             expert_axis: int = 0):
   """The target params pytree with each entry replaced as `actions` says: copied from
-  `source_params`, broadcast over the expert axis ('experts': [...] -> [E, ...]), or kept."""
+  `source_params`, broadcast over the expert axis ('experts': [...] -> [E, ...], or
+  [U, ...] -> [U, E, ...] with `expert_axis` 1 for scanned layers), or kept."""
   flat = {trainable.path_name(p): x
           for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
 
@@ -143,7 +169,7 @@ def transfer(actions: dict[str, tuple[str, str]], source_params, target_params):
     if kind == 'copy':
       return flat[name]
     if kind == 'experts':
-      return jnp.broadcast_to(flat[name][None], fresh.shape)
+      return jnp.broadcast_to(jnp.expand_dims(flat[name], expert_axis), fresh.shape)
     return fresh
 
   return jax.tree_util.tree_map_with_path(pick, target_params)
@@ -171,9 +197,11 @@ def init_from(placement: Placement, state: TrainState, spec: str,
   step, source, _ = checkpointing.read_checkpoint(directory, the_plan.source.abstract_state,
                                                   the_plan.step, warn=log)
   shardings = placement.state_shardings
-  params = jax.device_put(transfer(the_plan.actions, source.params, state.params),
-                          shardings.params)
-  buffers = jax.device_put(_matching_buffers(source.buffers, state.buffers), shardings.buffers)
+  source_params = _relayout(source.params, the_plan.source, placement)
+  source_buffers = _relayout(source.buffers, the_plan.source, placement)
+  params = jax.device_put(transfer(the_plan.actions, source_params, state.params,
+                                   _expert_axis(placement.model_cfg)), shardings.params)
+  buffers = jax.device_put(_matching_buffers(source_buffers, state.buffers), shardings.buffers)
   opt_state = jax.jit(placement.tx.init, out_shardings=shardings.opt_state)(params)
   kinds = [k for k, _ in the_plan.actions.values()]
   log(f'Initialised from {os.path.join(directory, str(step))}: {kinds.count("copy")} '

@@ -158,6 +158,7 @@ def expert_choices(model, tokens_BL) -> list[np.ndarray]:
       inputs.append((self.layer, x_BLD))
       return self.layer(x_BLD, **kwargs)
 
+  model = model.unscanned()  # One Block per layer, so that each MoE layer can be wrapped.
   moe_blocks = [block for block in model.blocks if block.is_moe]
   for block in moe_blocks:
     block.ffn = Recorder(block.ffn)

@@ -67,6 +67,7 @@ def capture_routing(model, tokens_BL: jax.Array, mask_BL: jax.Array
   False for padding (mask_BL 0), choices the router did not send and those over capacity.
   """
   records = []
+  model = model.unscanned()  # One Block per layer, so that each layer's `route` can be wrapped.
   layers = [block.ffn for block in model.blocks if block.is_moe]
   for layer in layers:
     def recording_route(*args, _route=layer.route, **kwargs):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax import layer_scan
 from stmoe_jax import layer_stats
 from stmoe_jax import layers
 from stmoe_jax import remat
@@ -134,7 +135,15 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0),
                               (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    # Unscanned: one Block per layer. Scanned (`layer_scan`): one per position in the repeating
+    # unit, each stacked over the units.
+    self.scan_layers = cfg.scan_layers
+    if cfg.scan_layers:
+      period = cfg.layer_period()
+      self.blocks = layer_scan.stacked_blocks(lambda p, rngs: Block(cfg, p, rngs=rngs), period,
+                                              cfg.num_layers // period, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
@@ -191,17 +200,22 @@ class Transformer(nnx.Module):
       return block(x, pos, train=train, rng=key, mask_BL=mask)
 
     run_block = remat.wrap(block_fn, self.remat)
-    for i, block in enumerate(self.blocks):
-      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL)
-      x_BLD = self.constrain(x_BLD)
-      per_layer.append(report)
+    if self.scan_layers:
+      x_BLD, stats = layer_scan.forward(self.blocks, run_block, x_BLD, positions_BL, rng, mask_BL,
+                                        self.constrain, self.stat_dims)
+    else:
+      for i, block in enumerate(self.blocks):
+        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+        x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL)
+        x_BLD = self.constrain(x_BLD)
+        per_layer.append(report)
+      stats = layer_stats.stack(per_layer, self.stat_dims)
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
     final_norm = (fsdp_gathered(self.final_norm, self.mesh_rules) if self.fsdp()
                   else self.final_norm)
     x_BLD = final_norm(x_BLD).astype(jnp.float32)
     logits_BLV = layers.dense(x_BLD, self.table(self.lm_head))
-    return logits_BLV, layer_stats.stack(per_layer, self.stat_dims)
+    return logits_BLV, stats
 
   def decode(self, tokens_BL: jax.Array,
              caches: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
@@ -213,12 +227,25 @@ class Transformer(nnx.Module):
     group_size 1: dropless per-token routing).
     """
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
-    new_caches = []
-    for block, cache in zip(self.blocks, caches):
-      x_BLD, cache = block.decode(x_BLD, cache)
-      new_caches.append(cache)
+    if self.scan_layers:
+      x_BLD, new_caches = layer_scan.decode(self.blocks, x_BLD, caches)
+    else:
+      new_caches = []
+      for block, cache in zip(self.blocks, caches):
+        x_BLD, cache = block.decode(x_BLD, cache)
+        new_caches.append(cache)
     x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
     return layers.dense(x_BLD, self.lm_head[...]), tuple(new_caches)
+
+  def unscanned(self) -> 'Transformer':
+    """This model with one Block per layer (a copy if scanned, else itself): for tools that
+    hook single layers (`specialization`, `plot`); same function and parameters."""
+    if not self.scan_layers:
+      return self
+    model = nnx.clone(self)
+    model.blocks = nnx.List(layer_scan.unstacked_blocks(self.blocks))
+    model.scan_layers = False
+    return model
 
 
 def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...]:
@@ -226,11 +253,16 @@ def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...
 
   A `local` layer keeps only min(window, length) slots (a ring buffer: memory O(window) at any
   length); a head-routed layer one shared key/value head; every other layer `length` slots.
+  With `cfg.scan_layers`, one cache per position in the repeating unit, stacked over the units
+  ([U, B, T, H, K]), as `layer_scan.decode` takes them.
   """
   caches = []
-  for layer in range(cfg.num_layers):
+  for layer in range(cfg.layer_period() if cfg.scan_layers else cfg.num_layers):
     kind = cfg.attention.layer_kind(layer)
     slots = min(cfg.attention.window, length) if kind == 'local' else length
     caches.append(KVCache.zeros(batch, slots, cfg, num_heads=1 if kind == 'head_routed' else None))
+  if cfg.scan_layers:  # One cache per position in the unit, stacked over the units.
+    units = cfg.num_layers // cfg.layer_period()
+    return tuple(jax.tree.map(lambda x: jnp.broadcast_to(x, (units, *x.shape)), c) for c in caches)
   return tuple(caches)
 

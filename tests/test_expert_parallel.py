@@ -33,3 +33,11 @@ def test_experts_and_groups_that_do_not_split_fail_before_compiling(sharding_che
                                                                      message):
   assert message in sharding_checks['errors'][key]
   assert '\n' not in sharding_checks['errors'][key]
+
+
+def test_scanned_fsdp_expert_model_mesh_matches_one_device(sharding_checks):
+  """tests/sharding_checks.py `check_scanned`: a scanned 2-unit stack on fsdp=2, expert=2,
+  model=2 (stacked weights [U, E, D, F] sharded (None, expert, fsdp, model)) gives one device's
+  loss and gradients (asserted there), its step a loop with all-to-all inside."""
+  result = sharding_checks['scanned']
+  assert result['loss'] == pytest.approx(result['ref_loss'], rel=1e-5)
