@@ -69,7 +69,7 @@ class KVCache:
 
 
 def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-                     query_chunk: int = QUERY_CHUNK) -> jax.Array:
+                     query_chunk: int | None = None) -> jax.Array:
   """Causal softmax attention [B, L, H, K] x 3 -> [B, L, H, K], in O(L * query_chunk) memory.
 
   Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory"), query-chunked form: a
@@ -80,8 +80,9 @@ def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   keeping all [B, H, L, L] from the forward pass. The loop keeps that bound on every backend
   (XLA:CPU's scheduler ignores remat's ordering barriers between unrolled layers, not a loop's).
   The cost is one more query-key matmul in the backward pass. When L <= query_chunk or the
-  chunk does not divide L, it is the plain call.
+  chunk does not divide L, it is the plain call. `query_chunk` defaults to `QUERY_CHUNK`.
   """
+  query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
   B, L, H, K = q_BLHK.shape
   if L <= query_chunk or L % query_chunk:
     return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)

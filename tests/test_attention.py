@@ -1,4 +1,5 @@
-"""The KV cache's slots (full length and ring buffer) and dense attention's call signature."""
+"""The KV cache's slots (full length and ring buffer), dense attention's call signature, and
+query-chunked causal attention (`causal_attention`) against the unchunked call."""
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +90,27 @@ def test_query_chunked_attention_equals_the_unchunked_and_never_holds_l_by_l_log
   short = causal_attention(q[:, :Q], k[:, :Q], v[:, :Q], query_chunk=Q)
   np.testing.assert_array_equal(short, jax.nn.dot_product_attention(
       q[:, :Q], k[:, :Q], v[:, :Q], is_causal=True))
+
+
+def test_a_scanned_rematerialized_model_with_chunked_attention_has_unchunked_loss_and_grads(
+    tiny_model_cfg, monkeypatch):
+  import dataclasses
+  from stmoe_jax import attention, layers, losses
+  from stmoe_jax.transformer import Transformer
+  cfg = dataclasses.replace(tiny_model_cfg(), remat='full', scan_layers=True)
+  B, L = 2, 16
+  graphdef, params, buffers = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), *layers.STATE_FILTERS)
+  params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+  tokens = np.random.default_rng(0).integers(0, 256, (B, L + 1), dtype=np.int32)
+  batch = {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:]),
+           'weights': jnp.ones((B, L), jnp.float32)}
+
+  def loss_and_grads(query_chunk):
+    monkeypatch.setattr(attention, 'QUERY_CHUNK', query_chunk)  # Read when traced.
+    fn = lambda p: losses.compute_loss(p, buffers, graphdef, batch, jax.random.PRNGKey(1), cfg)[0]
+    return jax.jit(jax.value_and_grad(fn))(params)
+
+  (loss, grads), (ref_loss, ref_grads) = loss_and_grads(4), loss_and_grads(L)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7),
+               grads, ref_grads)
