@@ -21,6 +21,10 @@ from typing import Iterator
 TRACEBACK_ENV = 'STMOE_JAX_TRACEBACK'
 
 
+class ConfigError(ValueError):
+  """A config field has a value the library cannot use; the message names the field."""
+
+
 def one_line(error: BaseException) -> str:
   """The message of `error` on one line: a full disk said so, a config file's syntax error
   by file and line, a traceback flattened into a message (ml_collections' config loading)
