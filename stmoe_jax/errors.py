@@ -2,11 +2,13 @@
 
 Failures the library can name (bad config, data, workdir, checkpoints, a full disk) end the
 process with exit status 1 and one line on stderr; a traceback would only bury that line. Set
-the environment variable `STMOE_JAX_TRACEBACK=1` to get the traceback as well. `ConfigError`
-(re-exported by `stmoe_jax.config`) is the bad-config failure. Anything not
+the environment variable `STMOE_JAX_TRACEBACK=1` to get the traceback as well. Anything not
 listed is a bug and keeps its traceback. Orbax logs the failures of its background save
 threads (a full disk) with tracebacks before the save reports them to us; `quiet_orbax_errors`
 drops those log records, as the one line says the same.
+
+`ConfigError`, the bad-config failure, lives here (a leaf module every layer may import) and is
+re-exported by `stmoe_jax.config`.
 """
 
 from __future__ import annotations
