@@ -21,7 +21,7 @@ Modules, in reading order: routing (routers and their registry, router losses, t
 dispatch (einsum, scatter, dropless and their registry), experts (batched expert FFNs),
 grouped_matmul (dropless matmuls), moe (route -> dispatch -> experts -> combine),
 expert_parallel, attention, sparse_attention, head_routing, layer_stats (the per-layer stats),
-transformer, encoder_decoder (+ seq2seq_losses), config (validation and frozen model configs), sharding (logical axes -> mesh), data
+transformer, encoder_decoder (+ seq2seq_losses), config (frozen model configs; config_schema, config_validation), sharding (logical axes -> mesh), data
 (stdlib corpus, grain pipelines, span corruption), losses, model_factory (config -> model family), train_state
 (optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
 entry_points (config.json and its history, restoring for eval.py and sample.py), workdir
