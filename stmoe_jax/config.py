@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import ml_collections
 
@@ -91,5 +92,9 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
     then = saved[section][key] if key else saved[section]
     for (name, a), (_, b) in zip(flat(now, field), flat(then, field)):
       if (tuple(a) if isinstance(a, list) else a) != (tuple(b) if isinstance(b, list) else b):
+        hint = ('use a new --workdir to train a different model'
+                + (f' (or, to go on from these weights in the other layer layout, start one with '
+                   f'--config.init_from={os.path.dirname(where)}; its optimizer starts fresh)'
+                   if name == 'model.scan_layers' else ''))
         raise ConfigError(f'config.{name}={a!r} differs from {b!r} in the run saved at {where}; '
-                          'use a new --workdir to train a different model')
+                          + hint)

@@ -18,7 +18,7 @@ from stmoe_jax import layers
 from stmoe_jax import losses
 from stmoe_jax import specialization
 from stmoe_jax import train_lib
-from stmoe_jax.config import ConfigError, validate
+from stmoe_jax.config import ConfigError, check_resumable, validate
 from stmoe_jax.transformer import Transformer, init_caches
 
 B, L = 2, 16
@@ -142,6 +142,17 @@ def test_period_must_divide_the_layers():
   config.model.update(num_layers=4, architecture='encoder_decoder', num_encoder_layers=2)
   with pytest.raises(ConfigError, match='model.scan_layers'):
     validate(config)
+
+
+def test_resuming_in_the_other_layout_is_refused_with_the_way_to_convert():
+  saved, config = tiny.get_config(), tiny.get_config()
+  config.model.scan_layers = True
+  with pytest.raises(ConfigError) as e:
+    check_resumable(config, saved, '/runs/x/config.json')
+  assert str(e.value) == (
+      "config.model.scan_layers=True differs from False in the run saved at /runs/x/config.json; "
+      'use a new --workdir to train a different model (or, to go on from these weights in the '
+      'other layer layout, start one with --config.init_from=/runs/x; its optimizer starts fresh)')
 
 
 def _scanned_trainer(stdlib_data_dir, workdir, **model):
