@@ -73,6 +73,9 @@ RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.ex
                  'data.train_split', 'data.objective', 'data.noise_density',
                  'data.mean_noise_span_length', 'attention.kind', 'attention.layer_kinds',
                  'data.task', 'finetune.trainable')
+# Within 'model', these change only how the step computes, not what the checkpoint holds: a run
+# may resume with remat turned on (e.g. after running out of memory) or another compute dtype.
+RESUME_FREE = ('model.remat', 'model.dtype')
 
 
 def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
@@ -91,6 +94,8 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
     now = config[section][key] if key else config[section]
     then = saved[section][key] if key else saved[section]
     for (name, a), (_, b) in zip(flat(now, field), flat(then, field)):
+      if name in RESUME_FREE:
+        continue
       if (tuple(a) if isinstance(a, list) else a) != (tuple(b) if isinstance(b, list) else b):
         hint = ('use a new --workdir to train a different model'
                 + (f' (or, to go on from these weights in the other layer layout, start one with '

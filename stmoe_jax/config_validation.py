@@ -173,6 +173,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'a divisor or multiple of {name}={seq_len} dividing batch_size * {seq_len} = {tokens}')
   _validate_attention(config.attention, m.num_heads)
   _check(opt.name in ('adamw', 'adafactor'), 'opt.name', opt.name, "'adamw' or 'adafactor'")
+  # Adafactor's parameter scale and update clipping take an RMS over the whole array: over all
+  # stacked layers of a scanned stack at once, a different optimizer from the unscanned one.
+  _check(opt.name == 'adamw' or not config.model.scan_layers, 'opt.name', opt.name,
+         "'adamw' with model.scan_layers=True (Adafactor's RMS statistics would span all "
+         'stacked layers)')
   _check(opt.lr > 0, 'opt.lr', opt.lr, 'a number > 0')
   _check(opt.schedule in ('cosine', 'rsqrt', 'wsd'), 'opt.schedule', opt.schedule,
          "'cosine', 'rsqrt' or 'wsd'")
