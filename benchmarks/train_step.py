@@ -21,6 +21,7 @@ data pipeline is not part of the step.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -54,12 +55,27 @@ def measured_matmul_peak(d: int, dtype) -> float:
 
 
 def apply_override(config, text: str):
+  """Sets the config field of `text` = 'section.field=value', the value read as the field's
+  type: a bool only from True/False, a tuple or list as a Python literal; raises ValueError
+  naming the field for a value of another type (a typo must not flip a flag silently)."""
   key, _, value = text.partition('=')
   *sections, name = key.split('.')
   node = config
   for section in sections:
     node = node[section]
-  node[name] = type(node[name])(value) if not isinstance(node[name], bool) else value == 'True'
+  old = node[name]
+  try:
+    if isinstance(old, bool):
+      if value not in ('True', 'False'):
+        raise ValueError('expected True or False')
+      new = value == 'True'
+    elif isinstance(old, (tuple, list)):
+      new = type(old)(ast.literal_eval(value))
+    else:
+      new = type(old)(value)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f'--override {key}={value!r} is invalid: {e}') from None
+  node[name] = new
 
 
 def random_batch(trainer, config) -> dict:

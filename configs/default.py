@@ -16,14 +16,14 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default ST-MoE configuration (see field comments)."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # Parameter init, data order, router noise; a run is reproducible from it.
 
   config.data = data = ml_collections.ConfigDict()
   data.name = 'stdlib_py'  # TFDS dataset; 'stdlib_py' is built locally from the Python stdlib.
   data.data_dir = ''  # TFDS data dir; '' = the TFDS default (~/tensorflow_datasets).
   data.feature_key = 'text'  # Which string feature of each example to train on.
-  data.train_split = 'train'
-  data.eval_split = 'validation'
+  data.train_split = 'train'  # TFDS split to train on.
+  data.eval_split = 'validation'  # TFDS split of the periodic eval and eval.py.
   data.seq_len = 64  # Tokens (bytes) per training sequence (the encoder's input, span corruption).
   data.objective = 'causal_lm'  # 'causal_lm' (decoder_only) or 'span_corruption' (T5; encoder_decoder).
   data.noise_density = 0.15  # span_corruption: share of a window's tokens masked (T5: 0.15).
@@ -32,13 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = model = ml_collections.ConfigDict()
   model.vocab_size = 259  # 256 bytes + pad/bos/eos (stmoe_jax.data.tokenizer).
-  model.d_model = 64
-  model.num_layers = 2
-  model.num_heads = 2
-  model.head_dim = 32
+  model.d_model = 64  # Width of the residual stream.
+  model.num_layers = 2  # Transformer blocks (the decoder's, for encoder_decoder).
+  model.num_heads = 2  # Attention heads per layer.
+  model.head_dim = 32  # Width of each head's queries, keys and values (even: rotary pairs).
   model.d_ff = 256  # Hidden width of the dense FFN layers.
   model.activation = 'geglu'  # 'gelu', 'geglu' or 'geglu_mult_bias' (ST-MoE), for dense FFNs and experts.
-  model.rope_max_wavelength = 10_000
+  model.rope_max_wavelength = 10_000  # Longest rotary wavelength, in positions (RoFormer).
   model.init_scale = 0.1  # Switch Transformer: truncated normal, std sqrt(init_scale / fan_in).
   model.dtype = 'float32'  # Activation/compute dtype: 'float32' or 'bfloat16'. Router is float32.
   model.architecture = 'decoder_only'  # Or 'encoder_decoder' (T5/ST-MoE; num_layers = decoder layers).
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.moe = moe = ml_collections.ConfigDict()
   moe.enabled = True  # False: every MoE layer becomes a dense FFN of width top_k * expert_d_ff.
   moe.every = 1  # Layer i is MoE when i % every == every - 1 (every=2: layers 1, 3, ...).
-  moe.num_experts = 64
+  moe.num_experts = 64  # Experts per MoE layer (a multiple of mesh.expert).
   moe.top_k = 8  # 1 = Switch, 2 = ST-MoE/GShard, 8 of 64 narrow experts = fine-grained.
   moe.expert_d_ff = 32  # Hidden width of each expert.
   moe.group_size = 512  # Tokens per routing group: capacity and balance are computed per group.
@@ -108,14 +108,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.opt = opt = ml_collections.ConfigDict()
   opt.name = 'adamw'  # 'adamw' or 'adafactor'.
   opt.lr = 3e-3  # Peak learning rate.
-  opt.warmup_steps = 100
+  opt.warmup_steps = 100  # Linear warmup from 0 to lr.
   # 'cosine' (to final_lr_fraction * lr), 'rsqrt' (inverse square root) or 'wsd' (warmup-stable-
   # decay: constant lr, then linear to final_lr_fraction * lr over the last decay_fraction).
-  opt.schedule = 'wsd'
-  opt.final_lr_fraction = 0.0
+  opt.schedule = 'wsd'  # See the two lines above.
+  opt.final_lr_fraction = 0.0  # 'cosine'/'wsd': the last step's lr as a fraction of lr.
   opt.decay_fraction = 0.2  # 'wsd' only: a run of N steps branches off a longer one at 0.8 N.
-  opt.b1 = 0.9
-  opt.b2 = 0.98
+  opt.b1 = 0.9  # AdamW first-moment decay.
+  opt.b2 = 0.98  # AdamW second-moment decay.
   opt.weight_decay = 0.1  # Decoupled; applied to matrices only, not norms.
   opt.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
 
@@ -134,13 +134,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64  # Global batch, in sequences (4096 tokens).
   config.num_train_steps = 1000  # Length of the learning-rate schedule and of the run.
   config.stop_at_step = 0  # Exit early (after a checkpoint) at this step, e.g. for job slices; 0 = off.
-  config.log_every_steps = 50
-  config.eval_every_steps = 500
+  config.log_every_steps = 50  # Train metrics to metrics.jsonl/TensorBoard, averaged over this many.
+  config.eval_every_steps = 500  # Periodic eval on eval_batches (and always at the last step).
   config.eval_batches = 40  # Validation batches per periodic eval; 0 = the whole split.
-  config.checkpoint_every_steps = 500
-  config.keep_checkpoints = 3
+  config.checkpoint_every_steps = 500  # Orbax checkpoint interval (and at the last step).
+  config.keep_checkpoints = 3  # Newest checkpoints kept; older ones are deleted.
   config.eval_sample_tokens = 64  # Bytes generated at each eval (TensorBoard text); 0 = off.
-  config.eval_sample_prompt = 'def '
+  config.eval_sample_prompt = 'def '  # Prompt of those samples.
   config.peak_flops_per_device = 0.0  # For the MFU metric; 0 = the datasheet peak if known (not CPUs).
   # Non-finite loss or gradients: 'skip' drops that update (counted and logged), 'stop' saves
   # the last good state and exits non-zero naming the step and the bad terms.

@@ -18,15 +18,20 @@ stays light):
   plot                                      PNG plots of runs, routing plots for notebooks
 
 Modules, in reading order: routing (routers and their registry, router losses, telemetry),
-dispatch (einsum, scatter, dropless and their registry), experts (batched expert FFNs),
-grouped_matmul (dropless matmuls), moe (route -> dispatch -> experts -> combine),
-expert_parallel, attention, sparse_attention, head_routing, layer_stats (the per-layer stats),
-transformer, encoder_decoder (+ seq2seq_losses), config (validation and frozen model configs), sharding (logical axes -> mesh), data
-(stdlib corpus, grain pipelines, span corruption), losses, model_factory (config -> model family), train_state
+gating (scores, noise, group-limited top-k, later-choice policies), dispatch (einsum, scatter,
+dropless and their registry), experts (batched expert FFNs), grouped_matmul (dropless matmuls),
+moe (route -> dispatch -> experts -> combine), expert_parallel, layers (parameters with logical
+axes, buffers, RMSNorm, rotary), attention, sparse_attention, head_routing, layer_stats (the
+per-layer stats), remat (per-block rematerialization), layer_scan (scan over layers),
+transformer, encoder_decoder (+ seq2seq_losses), config (frozen model configs; config_schema,
+config_validation), sharding (logical axes -> mesh), data (stdlib corpora, grain pipelines,
+span corruption, tasks, your own files), losses, model_factory (config -> model family),
+trainable (which parameters train), finetune (init_from, sparse upcycling), train_state
 (optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
 entry_points (config.json and its history, restoring for eval.py and sample.py), workdir
 (writable checks, the one-run lock), errors (one-line errors at the entry points), metrics
-(metrics.jsonl + TensorBoard), flops, sampling, plot, sweep.
+(metrics.jsonl + TensorBoard), flops, sampling, byte_classes + specialization (+
+specialization_report: what each expert learned), plot, sweep.
 """
 
 import importlib

@@ -6,6 +6,9 @@ the environment variable `STMOE_JAX_TRACEBACK=1` to get the traceback as well. A
 listed is a bug and keeps its traceback. Orbax logs the failures of its background save
 threads (a full disk) with tracebacks before the save reports them to us; `quiet_orbax_errors`
 drops those log records, as the one line says the same.
+
+`ConfigError`, the bad-config failure, lives here (a leaf module every layer may import) and is
+re-exported by `stmoe_jax.config`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import traceback
 from typing import Iterator
 
 TRACEBACK_ENV = 'STMOE_JAX_TRACEBACK'
+
+
+class ConfigError(ValueError):
+  """A config field has a value the library cannot use; the message names the field."""
 
 
 def one_line(error: BaseException) -> str:

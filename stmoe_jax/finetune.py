@@ -119,8 +119,11 @@ def plan(spec: str, target: Placement) -> Plan:
   workdir, step = parse_init_from(spec)
   source = entry_points.workdir_placement(workdir, mesh=dict(target.config.mesh))
   upcycled = _upcycled_layers(spec, source, target)
-  have = _shapes(jax.eval_shape(lambda t: _relayout(t, source, target),
-                                source.abstract_state.params))
+  try:
+    have = _shapes(jax.eval_shape(lambda t: _relayout(t, source, target),
+                                  source.abstract_state.params))
+  except layer_scan.LayoutError as e:
+    raise IncompatibleCheckpointError(f'init_from={spec!r}: {e}') from None
   need = _shapes(target.abstract_state.params)
   axis = _expert_axis(target.model_cfg)
   where = f'init_from={spec!r}'

@@ -31,6 +31,10 @@ LAYERS_AXIS = 'layers'
 _METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
 
+class LayoutError(ValueError):
+  """A stack whose layers cannot be stacked into the scanned layout (`to_scanned`)."""
+
+
 def stacked_blocks(make_block: Callable[[int, nnx.Rngs], nnx.Module], period: int, units: int,
                    rngs: nnx.Rngs) -> nnx.List:
   """P = `period` blocks, block p built by `make_block(p, rngs)` once per unit (`units` draws of
@@ -109,12 +113,18 @@ def unstacked_blocks(blocks: nnx.List) -> list[nnx.Module]:
 def to_scanned(tree: Mapping, period: int) -> dict:
   """A params/buffers dict of the unscanned layout ({'blocks': {layer: {...}}, ...}) in the
   scanned one ({'blocks': {p: {...} stacked over units}}); other entries unchanged. Layers
-  without state (e.g. dense blocks in a buffers dict) may be missing, consistently per p."""
+  without state (e.g. dense blocks in a buffers dict) may be missing, consistently per p.
+  Raises LayoutError naming the first layer whose parameters differ from its unit's first."""
   blocks = tree['blocks']
-  positions = sorted({layer % period for layer in blocks})
-  stacked = {p: jax.tree.map(lambda *xs: jnp.stack(xs),
-                             *[blocks[i] for i in sorted(blocks) if i % period == p])
-             for p in positions}
+  stacked = {}
+  for p in sorted({layer % period for layer in blocks}):
+    group = [i for i in sorted(blocks) if i % period == p]
+    shapes = lambda i: jax.tree.map(jnp.shape, blocks[i])
+    for i in group[1:]:
+      if shapes(i) != shapes(group[0]):
+        raise LayoutError(f'layer {i} differs from layer {group[0]} in its parameters: the stack '
+                          f'does not repeat every {period} layers, so it cannot be scanned')
+    stacked[p] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in group])
   return {**tree, 'blocks': stacked}
 
 

@@ -43,12 +43,14 @@ def name(x: jax.Array, tag: str) -> jax.Array:
   return checkpoint_name(x, tag)
 
 
-def wrap(block_fn: Callable, remat: str) -> Callable:
+def wrap(block_fn: Callable, remat: str, *, in_scan: bool = False) -> Callable:
   """`block_fn(block, *args)` rematerialized under the `remat` policy (unchanged for 'none').
 
   `block_fn` takes the nnx block first; `nnx.remat` carries its state (e.g. a router bias the
-  forward pass updates) in and out of the `jax.checkpoint`.
+  forward pass updates) in and out of the `jax.checkpoint`. `in_scan`: the block runs inside a
+  scan over layers, whose loop already keeps XLA from merging the recomputation with the
+  forward pass, so the CSE barriers (costly on GPU) are left out, as `jax.checkpoint` advises.
   """
   if remat == 'none':
     return block_fn
-  return nnx.remat(block_fn, policy=REMAT_POLICIES[remat])
+  return nnx.remat(block_fn, policy=REMAT_POLICIES[remat], prevent_cse=not in_scan)

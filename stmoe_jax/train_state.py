@@ -76,12 +76,29 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int, trainable=None):
-  """Global-norm clipping, then AdamW (decay on matrices only) or Adafactor; with `trainable`
-  (a bool pytree like the params, `trainable.mask`) on the True parameters only, the others
-  frozen (`trainable.restrict`)."""
+def decay_mask(abstract_params: nnx.State) -> dict:
+  """Which parameters weight decay shrinks, as a bool dict like the params: the matrices, i.e.
+  parameters with at least two dims besides the stacked 'layers' dim of `model.scan_layers`
+  (read from their logical axis names, so a scanned [U, D] norm scale is not one), except
+  GEGLU's multiplicative bias b ([F], or [E, F] per expert), which starts at 1."""
+  flags = {}
+  for path, variable in nnx.to_flat_state(abstract_params):
+    names = variable.get_metadata().get('out_sharding') or ()
+    dims = len(variable.shape) - sum(name == 'layers' for name in names)
+    flags[trainable_lib.path_name(path)] = dims >= 2 and path[-1] != 'mult_bias'
+  return jax.tree_util.tree_map_with_path(lambda path, _: flags[trainable_lib.path_name(path)],
+                                          nnx.to_pure_dict(abstract_params))
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int, trainable=None,
+                   decay=None):
+  """Global-norm clipping, then AdamW or Adafactor with weight decay on the True parameters of
+  `decay` (a bool pytree like the params, `decay_mask`; default: those with ndim >= 2); with
+  `trainable` (likewise, `trainable.mask`) on the True parameters only, the others frozen
+  (`trainable.restrict`)."""
   schedule = learning_rate_schedule(opt, num_train_steps)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decay_mask = decay if decay is not None else (
+      lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
   if opt.name == 'adamw':
     base = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
@@ -203,7 +220,8 @@ def place(config: ml_collections.ConfigDict) -> Placement:
   graphdef, abstract_params, abstract_buffers = model.abstract()
   trainable = trainable_lib.mask(nnx.merge(graphdef, abstract_params, abstract_buffers),
                                  nnx.to_pure_dict(abstract_params), config.finetune.trainable)
-  tx, schedule = make_optimizer(config.opt, config.num_train_steps, trainable)
+  tx, schedule = make_optimizer(config.opt, config.num_train_steps, trainable,
+                                decay_mask(abstract_params))
   param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
   buffer_shardings = sharding.state_shardings(abstract_buffers, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -192,18 +192,18 @@ class Transformer(nnx.Module):
     """
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = self.constrain(jnp.take(self.table(self.embed), tokens_BL, axis=0).astype(self.dtype))
-    per_layer = []
 
     def block_fn(block, x, pos, key, mask):
       if self.fsdp():
         return fsdp_gathered(block, self.mesh_rules)(x, pos, train=train, rng=key, mask_BL=mask)
       return block(x, pos, train=train, rng=key, mask_BL=mask)
 
-    run_block = remat.wrap(block_fn, self.remat)
+    run_block = remat.wrap(block_fn, self.remat, in_scan=self.scan_layers)
     if self.scan_layers:
       x_BLD, stats = layer_scan.forward(self.blocks, run_block, x_BLD, positions_BL, rng, mask_BL,
                                         self.constrain, self.stat_dims)
     else:
+      per_layer = []
       for i, block in enumerate(self.blocks):
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
         x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL)
@@ -221,7 +221,8 @@ class Transformer(nnx.Module):
              caches: tuple[KVCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """Incremental forward pass: logits [B, L, V] for L tokens that follow the cached ones.
 
-    `caches` holds one `KVCache` per layer (`init_caches`, sized by each layer's attention kind);
+    `caches` holds one `KVCache` per layer (`init_caches`, sized by each layer's attention kind;
+    with `scan_layers`, one per position of the repeating unit, stacked over the units);
     call with the prompt first, then one token at a time. MoE layers route at eval capacity with
     this model's `moe.group_size`, which must fit [B, L] (sampling builds the model with
     group_size 1: dropless per-token routing).

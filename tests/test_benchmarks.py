@@ -94,3 +94,15 @@ def test_scale_compiles_abstract_step_and_counts_per_device_bytes():
   assert r['temp_bytes'] > 0 and r['compile_seconds'] > 0
   # Experts exchanged all-to-all over 'expert'; FSDP weights gathered over 'fsdp'.
   assert r['collectives']['all-to-all'] > 0 and r['collectives']['all-gather'] > 0
+
+
+def test_override_reads_the_field_type_and_refuses_a_misspelt_bool():
+  from benchmarks.train_step import apply_override  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  for text in ('model.scan_layers=True', 'model.num_layers=4', 'moe.threshold_train=(0.3, 0.2)'):
+    apply_override(config, text)
+  assert config.model.scan_layers is True and config.model.num_layers == 4
+  assert tuple(config.moe.threshold_train) == (0.3, 0.2)
+  with pytest.raises(ValueError, match="^--override model.scan_layers='true' is invalid"):
+    apply_override(config, 'model.scan_layers=true')

@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from configs import default, dense, tiny
-from stmoe_jax.config import ConfigError, model_config, validate
+from stmoe_jax.config import ConfigError, check_resumable, model_config, validate
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -130,3 +130,13 @@ def test_bad_attention_values_name_the_field(field, value, message):
   config[section][key] = value
   with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
     validate(config)
+
+
+def test_resume_allows_remat_and_compute_dtype_but_not_shapes():
+  saved, config = tiny.get_config(), tiny.get_config()
+  config.model.update(remat='full', dtype='bfloat16')  # How the step computes: resumable.
+  check_resumable(config, saved, 'config.json')
+  config.model.param_dtype = 'bfloat16'  # What the checkpoint holds: refused.
+  with pytest.raises(ConfigError, match="^config.model.param_dtype='bfloat16' differs from "
+                     "'float32' in the run saved at config.json"):
+    check_resumable(config, saved, 'config.json')

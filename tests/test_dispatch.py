@@ -5,7 +5,6 @@ gives reference gradients for the router, the expert weights and the input. Tole
 round-off of differently ordered sums, rtol 2e-4 / atol 2e-6.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -14,6 +14,7 @@ from configs import t5_stmoe
 from configs import tiny
 from stmoe_jax import entry_points
 from stmoe_jax import finetune
+from stmoe_jax import layer_scan
 from stmoe_jax import sweep
 from stmoe_jax import train_lib
 from stmoe_jax import trainable
@@ -353,3 +354,45 @@ def test_encoder_decoder_finetune_from_span_corruption_freezes_its_experts(t5_ta
   metrics = trainer.evaluate(state)
   assert metrics['num_examples'] == 2  # two() and three().
   assert metrics['exact_match'] in (0.0, 0.5, 1.0)
+
+
+# Across layer layouts (model.scan_layers): the checkpoint is converted (layer_scan.relayout).
+
+
+def test_upcycling_a_dense_run_into_a_scanned_moe_run(stdlib_data_dir, tmp_path):
+  dense, sparse = _dense_and_moe(stdlib_data_dir, top_k=2, renormalize_gates=True,
+                                 train_capacity_factor=2.0)
+  dense.model.num_layers = sparse.model.num_layers = 4  # Scanned: 2 units of (dense, MoE).
+  sparse.model.scan_layers = True
+  workdir = str(tmp_path / 'dense')
+  dense_trainer, dense_state = _pretrain(dense, workdir)
+  sparse.init_from = workdir
+  trainer = train_lib.Trainer(sparse, str(tmp_path / 'moe'))
+  data = trainer.train_iterator()
+  state = train_lib.restore_or_init(trainer, data, LOG)
+  got, want = _flat(state.params), _flat(dense_state.params)
+  for u, layer in enumerate((1, 3)):  # Scanned block 1, unit u = layer 2u + 1.
+    for e in range(4):
+      np.testing.assert_array_equal(got['blocks/1/ffn/experts/w_up'][u, e],
+                                    want[f'blocks/{layer}/ffn/w_up'])
+  for u, layer in enumerate((0, 2)):
+    np.testing.assert_array_equal(got['blocks/0/attn/w_q'][u], want[f'blocks/{layer}/attn/w_q'])
+  batch, rng = next(data), jax.random.PRNGKey(0)
+  loss = lambda t, st: jax.jit(t.placement.model.loss_fn, static_argnums=2)(
+      st.params, st.buffers, t.graphdef, t.global_batch(batch), rng)[1][0]
+  dense_metrics, moe_metrics = loss(dense_trainer, dense_state), loss(trainer, state)
+  assert float(moe_metrics['dropped_fraction']) == 0.0
+  assert abs(float(moe_metrics['loss']) - float(dense_metrics['loss'])) < 1e-5
+
+
+def test_a_scanned_checkpoint_initialises_an_unscanned_run(stdlib_data_dir, tmp_path):
+  source = _config(stdlib_data_dir)
+  source.model.update(num_layers=4, scan_layers=True)
+  _, source_state = _pretrain(source, str(tmp_path / 'scanned'))
+  target = _config(stdlib_data_dir)
+  target.model.num_layers = 4
+  target.init_from = str(tmp_path / 'scanned')
+  trainer = train_lib.Trainer(target, str(tmp_path / 'plain'))
+  state = train_lib.restore_or_init(trainer, trainer.train_iterator(), LOG)
+  want = layer_scan.to_unscanned(jax.device_get(source_state.params), 2)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), want)

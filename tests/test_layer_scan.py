@@ -18,7 +18,8 @@ from stmoe_jax import layers
 from stmoe_jax import losses
 from stmoe_jax import specialization
 from stmoe_jax import train_lib
-from stmoe_jax.config import ConfigError, validate
+from stmoe_jax import train_state
+from stmoe_jax.config import ConfigError, check_resumable, validate
 from stmoe_jax.transformer import Transformer, init_caches
 
 B, L = 2, 16
@@ -85,6 +86,10 @@ def test_layout_conversion_round_trips_and_unscanned_model_matches():
     back = layer_scan.to_unscanned(layer_scan.to_scanned(tree, PERIOD), PERIOD)
     assert jax.tree.structure(back) == jax.tree.structure(tree)
     jax.tree.map(np.testing.assert_array_equal, back, tree)
+  # A stack that does not repeat every 1 layer (dense, MoE, ...) has no 1-layer scanned layout.
+  with pytest.raises(layer_scan.LayoutError, match='^layer 1 differs from layer 0 in its '
+                     'parameters: the stack does not repeat every 1 layers'):
+    layer_scan.to_scanned(params, 1)
   scanned = Transformer(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
   plain = scanned.unscanned()
   assert len(plain.blocks) == 4 and not plain.scan_layers
@@ -142,6 +147,45 @@ def test_period_must_divide_the_layers():
   config.model.update(num_layers=4, architecture='encoder_decoder', num_encoder_layers=2)
   with pytest.raises(ConfigError, match='model.scan_layers'):
     validate(config)
+
+
+def test_optimizer_step_is_the_unscanned_one_per_layer():
+  """Weight decay reads logical axes, so a scanned [U, D] norm scale is not a matrix; one AdamW
+  step on converted parameters and gradients equals the unscanned step, converted."""
+  config = tiny.get_config()
+  config.model.update(num_layers=4, activation='geglu_mult_bias')
+  config.opt.weight_decay = 0.5
+  plain = train_state.place(config)
+  config.model.scan_layers = True
+  scanned = train_state.place(config)
+  masks = [train_state.decay_mask(p.model.abstract()[1]) for p in (plain, scanned)]
+  jax.tree.map(lambda m, ref: np.testing.assert_array_equal(np.broadcast_to(m, np.shape(ref)), ref),
+               masks[1], layer_scan.to_scanned(masks[0], PERIOD))
+  assert masks[1]['blocks'][0]['attn_norm']['scale'] is False
+  assert masks[1]['blocks'][0]['attn']['w_q'] is True
+  assert masks[1]['blocks'][1]['ffn']['experts']['mult_bias'] is False  # [U, E, F]: a bias.
+  params, _ = plain.model.init(jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape),
+                       params)
+  step = lambda tx, p, g: tx.update(g, tx.init(p), p)[0]
+  want = step(plain.tx, params, grads)
+  got = step(scanned.tx, layer_scan.to_scanned(params, PERIOD), layer_scan.to_scanned(grads, PERIOD))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+               layer_scan.to_unscanned(got, PERIOD), want)
+  config.opt.name = 'adafactor'
+  with pytest.raises(ConfigError, match="config.opt.name='adafactor' is invalid"):
+    validate(config)
+
+
+def test_resuming_in_the_other_layout_is_refused_with_the_way_to_convert():
+  saved, config = tiny.get_config(), tiny.get_config()
+  config.model.scan_layers = True
+  with pytest.raises(ConfigError) as e:
+    check_resumable(config, saved, '/runs/x/config.json')
+  assert str(e.value) == (
+      "config.model.scan_layers=True differs from False in the run saved at /runs/x/config.json; "
+      'use a new --workdir to train a different model (or, to go on from these weights in the '
+      'other layer layout, start one with --config.init_from=/runs/x; its optimizer starts fresh)')
 
 
 def _scanned_trainer(stdlib_data_dir, workdir, **model):

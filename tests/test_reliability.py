@@ -22,7 +22,6 @@ import optax
 import pytest
 
 from configs import tiny
-from stmoe_jax import checkpointing
 from stmoe_jax import guards
 from stmoe_jax import train_lib
 from stmoe_jax import entry_points

@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import tiny_model_config
 from configs import tiny
-from stmoe_jax import attention, routing
+from stmoe_jax import attention
 from stmoe_jax.config import AttentionConfig
 from stmoe_jax.head_routing import HeadRoutedAttention
 from stmoe_jax.sparse_attention import (PatternAttention, attend_at_positions, key_block_table,

@@ -25,7 +25,6 @@ import textwrap
 import warnings
 from collections.abc import Iterator
 
-from etils import epath
 import tensorflow_datasets as tfds
 
 from stmoe_jax.data import stdlib_corpus
@@ -84,7 +83,7 @@ def iter_functions(root: str, paths: list[str]) -> Iterator[Function]:
     yield from functions_of(rel, stdlib_corpus.read_source(root, rel))
 
 
-class StdlibFuncName(tfds.core.GeneratorBasedBuilder):
+class StdlibFuncName(stdlib_corpus.StdlibBuilder):
   """Function body -> function name over the running interpreter's standard library.
 
   Features: `body` (prompt), `name` (answer), `path` (the file, relative to the stdlib root).
@@ -94,29 +93,10 @@ class StdlibFuncName(tfds.core.GeneratorBasedBuilder):
   name = NAME
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [stdlib_corpus._current_config()]  # pylint: disable=protected-access
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # As in stdlib_corpus: the base implementation probes `importlib_resources`.
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            PROMPT: tfds.features.Text(), ANSWER: tfds.features.Text(),
-            'path': tfds.features.Text()}),
-        supervised_keys=(PROMPT, ANSWER),
-        homepage='https://docs.python.org/3/library/ast.html')
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Local files only: nothing to download.
-    root = self.builder_config.stdlib_root or stdlib_corpus.stdlib_root()
-    paths = stdlib_corpus.list_stdlib_files(root)
-    return {split: self._generate_examples(
-        root, [p for p in paths if stdlib_corpus.split_for_path(p) == split])
-            for split in (stdlib_corpus.TRAIN, stdlib_corpus.VALIDATION)}
+  BUILDER_CONFIGS = [stdlib_corpus.current_config()]
+  FEATURES = (PROMPT, ANSWER, 'path')
+  SUPERVISED_KEYS = (PROMPT, ANSWER)
+  HOMEPAGE = 'https://docs.python.org/3/library/ast.html'
 
   def _generate_examples(self, root, paths):
     for fn in iter_functions(root, paths):

@@ -16,8 +16,10 @@ errors='replace', so the example count equals the number of .py files.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
+import inspect
 import os
 import sys
 import sysconfig
@@ -83,7 +85,8 @@ class StdlibPyConfig(tfds.core.BuilderConfig):
   stdlib_root: str = ''
 
 
-def _current_config() -> StdlibPyConfig:
+def current_config() -> StdlibPyConfig:
+  """The builder config of the running interpreter: its version and stdlib root."""
   version = python_version()
   return StdlibPyConfig(
       name=config_name(version),
@@ -96,32 +99,34 @@ def _current_config() -> StdlibPyConfig:
   )
 
 
-class StdlibPy(tfds.core.GeneratorBasedBuilder):
-  """The .py files of the running interpreter's standard library.
+class StdlibBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the TFDS builders over the running interpreter's standard library.
 
-  Features: `text` (file contents, str) and `path` (relative path, str).
+  The files of `list_stdlib_files`, split by `split_for_path`, every feature text. A subclass
+  sets `name`, `VERSION`, `RELEASE_NOTES`, `BUILDER_CONFIGS = [current_config()]`, `FEATURES`,
+  `SUPERVISED_KEYS` and `HOMEPAGE`, and yields the examples of some files in
+  `_generate_examples`. TFDS registers no dataset for this class: `skip_registration` keeps it
+  out of the registry and, as `_generate_examples` is abstract, out of its module's builders.
   """
 
-  name = NAME
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [_current_config()]
+  FEATURES: tuple[str, ...] = ()  # The text features, in this order.
+  SUPERVISED_KEYS: tuple[str, str] | None = None
+  HOMEPAGE = ''
 
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
     # The base implementation probes `importlib_resources`, which tfds 4.9.10
-    # imports lazily but this stack does not install; the file is all it needs.
-    return epath.Path(__file__)
+    # imports lazily but this stack does not install; the file is all it needs
+    # (the subclass's own, as the base implementation would find).
+    return epath.Path(inspect.getfile(cls))
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'text': tfds.features.Text(),
-            'path': tfds.features.Text(),
-        }),
-        supervised_keys=None,
-        homepage='https://docs.python.org/3/library/',
+        features=tfds.features.FeaturesDict(
+            {feature: tfds.features.Text() for feature in self.FEATURES}),
+        supervised_keys=self.SUPERVISED_KEYS,
+        homepage=self.HOMEPAGE,
     )
 
   def _split_generators(self, dl_manager):
@@ -134,6 +139,24 @@ class StdlibPy(tfds.core.GeneratorBasedBuilder):
         )
         for split in (TRAIN, VALIDATION)
     }
+
+  @abc.abstractmethod
+  def _generate_examples(self, root: str, paths: list[str]):
+    """Yields (key, example) for the files `paths`, relative to `root`."""
+
+
+class StdlibPy(StdlibBuilder):
+  """The .py files of the running interpreter's standard library.
+
+  Features: `text` (file contents, str) and `path` (relative path, str).
+  """
+
+  name = NAME
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [current_config()]
+  FEATURES = ('text', 'path')
+  HOMEPAGE = 'https://docs.python.org/3/library/'
 
   def _generate_examples(self, root, paths):
     for rel in paths:

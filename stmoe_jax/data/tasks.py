@@ -31,6 +31,7 @@ import numpy as np
 from stmoe_jax.config import TASKS
 from stmoe_jax.data import func_name_corpus
 from stmoe_jax.data import input_pipeline
+from stmoe_jax.data import sources
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 
@@ -159,7 +160,7 @@ def task_train_iterator(source, task: str, fmt: str, *, seq_len: int, batch_size
   """Task batches from `source` (a sequence of records): examples shuffled per epoch with
   `seed`, one per row, this process's share `process_index::process_count`; each batch as
   FORMATS[fmt] gives its rows (at seq_len, decoder_len), stacked to [batch_size, ...]."""
-  ds = input_pipeline._shard(grain.MapDataset.source(source), process_index, process_count)  # pylint: disable=protected-access
+  ds = sources.shard(grain.MapDataset.source(source), process_index, process_count)
   ds = ds.shuffle(seed=seed).repeat(None).map(
       _ToExample(TASK_SPECS[task], fmt, seq_len, decoder_len))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=16))

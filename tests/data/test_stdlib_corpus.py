@@ -4,7 +4,9 @@ import platform
 import sysconfig
 
 import pytest
+import tensorflow_datasets as tfds
 
+from stmoe_jax.data import func_name_corpus
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import stdlib_corpus
 
@@ -77,3 +79,14 @@ def test_config_records_python_version(stdlib_data_dir):
 def test_split_for_path_matches_independent_hash(paths):
   for p in paths['train'] + paths['validation']:
     assert (stdlib_corpus.split_for_path(p) == 'validation') == _is_validation(p)
+
+
+def test_only_the_concrete_builders_register_with_tfds():
+  """The shared base is no dataset: TFDS finds the two builders by name, not the base, and each
+  builder's code_path is its own module (where TFDS looks for its checksums)."""
+  assert tfds.builder_cls('stdlib_py') is stdlib_corpus.StdlibPy
+  assert tfds.builder_cls('stdlib_func_name') is func_name_corpus.StdlibFuncName
+  with pytest.raises(tfds.core.registered.DatasetNotFoundError):
+    tfds.builder_cls(stdlib_corpus.StdlibBuilder.name)
+  assert os.fspath(stdlib_corpus.StdlibPy.code_path) == stdlib_corpus.__file__
+  assert os.fspath(func_name_corpus.StdlibFuncName.code_path) == func_name_corpus.__file__
