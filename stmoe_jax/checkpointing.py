@@ -198,12 +198,15 @@ class Checkpointer:
     self._saving = None  # The step of the newest save, perhaps still being written.
 
   def step_path(self, step: int) -> str:
+    """The directory of checkpoint `step`."""
     return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
+    """The newest saved step, None if there is none."""
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Every saved step, oldest first."""
     return sorted(self.manager.all_steps())
 
   def should_save(self, step: int) -> bool:

@@ -137,6 +137,7 @@ class ModelConfig:
 
   @property
   def num_moe_layers(self) -> int:
+    """M: the MoE layers of all stacks (0 for a dense model)."""
     return sum(len(layers) for _, layers in self.moe_stacks())
 
   def moe_stacks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:

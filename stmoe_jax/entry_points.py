@@ -36,6 +36,7 @@ from stmoe_jax.config import model_config, with_defaults
 
 
 def config_path(workdir: str) -> str:
+  """The run's saved config: `<workdir>/config.json`."""
   return os.path.join(workdir, 'config.json')
 
 

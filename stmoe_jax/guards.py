@@ -55,6 +55,7 @@ class StepMonitor:
     self.skipped_steps = self.loss_spikes = 0
 
   def observe(self, metrics: dict, step: int) -> None:
+    """Records one step's metrics: counts a skipped update, notes a loss spike."""
     if float(metrics['nonfinite']):
       terms = ', '.join(nonfinite_terms(metrics))
       if self.on_nonfinite == 'stop':
@@ -73,6 +74,8 @@ class StepMonitor:
     self.window.append(metrics)
 
   def summary(self) -> dict | None:
+    """The metrics averaged (maxima for `max_*`) since the last summary, with the skip and spike
+    counts; None if no step was observed. Starts a new window."""
     if not self.window:
       return None
     summary = {}

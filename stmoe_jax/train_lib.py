@@ -121,6 +121,7 @@ class Trainer:
     return entry_points.checkpointer(self.config, self.workdir)
 
   def train_iterator(self):
+    """A fresh training batch iterator (grain; checkpointable state) of config.data.task."""
     return tasks.train_iterator(self.config.data.task, self.placement.model.task_format,
                                 **self.data_kwargs(self.config.data.train_split),
                                 seed=self.config.seed)
@@ -205,6 +206,7 @@ class _TrainLoop:
       raise guards.NonFiniteError(f'{e}; the last good state is checkpoint {where}') from None
 
   def log_train(self, done: int, bar) -> None:
+    """Writes the train metrics averaged since the last log at step `done` and updates `bar`."""
     self.flush()
     summary = self.monitor.summary() or {'skipped_steps': self.monitor.skipped_steps}
     summary['tokens_per_sec'] = (self.timed_steps * self.tokens_per_step /
@@ -220,6 +222,7 @@ class _TrainLoop:
     self.timed_steps, self.t0 = 0, time.perf_counter()
 
   def eval_and_log(self, done: int, bar) -> None:
+    """Evaluates the state at step `done` on eval_batches and writes the eval metrics."""
     config, state = self.config, self.state
     self.flush()
     self.eval_metrics = self.trainer.evaluate(state, config.eval_batches or None)

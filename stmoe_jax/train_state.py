@@ -152,10 +152,12 @@ class Placement:
 
   @property
   def model_cfg(self) -> ModelConfig:
+    """The frozen model config (with this mesh's rules)."""
     return self.model.cfg
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
+    """The sharding of a value every device holds whole (step, RNG, scalars)."""
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def global_batch(self, local_batch: dict) -> dict:

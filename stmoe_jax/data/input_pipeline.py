@@ -114,12 +114,14 @@ class TrainIterator(grain.DatasetIterator):
     return next(self._parent)
 
   def get_state(self) -> dict[str, Any]:
+    """The iterator's position (grain state) and the config it was built with."""
     # The config lets set_state reject a state from another pipeline (other
     # seed/seq_len/shard) instead of silently misaligning.
     return {'grain': _json_state(self._parent.get_state()),
             'config': copy.deepcopy(self.config)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    """Moves to a `get_state` position; raises ValueError if it came from another pipeline."""
     saved = state.get('config')
     if saved is not None and dict(saved) != self.config:
       raise ValueError(f'Iterator state is for {saved}, not {self.config}.')
