@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--num_heads', type=int, default=4)
   parser.add_argument('--head_dim', type=int, default=32)
   parser.add_argument('--window', type=int, default=256)
+  parser.add_argument('--query_chunk', type=int, default=256,
+                      help="attention.query_chunk of dense attention; 0 = unchunked")
   parser.add_argument('--block_size', type=int, default=64)
   parser.add_argument('--stride', type=int, default=128)
   parser.add_argument('--num_local_blocks', type=int, default=4)
@@ -64,7 +66,8 @@ def layer_step(kind: str, args: argparse.Namespace):
   d_model = args.num_heads * args.head_dim
   att = AttentionConfig(kind=kind, block_size=args.block_size, window=args.window,
                         stride=args.stride, num_local_blocks=args.num_local_blocks,
-                        num_global_blocks=args.num_global_blocks, head_top_k=args.head_top_k)
+                        num_global_blocks=args.num_global_blocks, head_top_k=args.head_top_k,
+                        query_chunk=args.query_chunk)
   cfg = ModelConfig(d_model=d_model, num_layers=1, num_heads=args.num_heads,
                     head_dim=args.head_dim, dtype=args.dtype, attention=att)
   layer = transformer.make_attention(cfg, 0, rngs=nnx.Rngs(0))
@@ -100,7 +103,7 @@ def measure(kind: str, seq_len: int, args: argparse.Namespace) -> dict:
           'fwd_bwd_ms': 1e3 * statistics.median(times) if times else None,
           'peak_bytes': int(peak), 'gflops': float(cost.get('flops', -1)) / 1e9,
           'batch': args.batch, 'num_heads': args.num_heads, 'head_dim': args.head_dim,
-          'window': args.window, 'block_size': args.block_size,
+          'window': args.window, 'block_size': args.block_size, 'query_chunk': args.query_chunk,
           'device': jax.devices()[0].device_kind}
 
 

@@ -10,7 +10,8 @@ model). small: configs/default.py, sized for 2 CPU cores (~5 minutes). base: 8 l
 d_model 512, 32 experts of width 1024 in every 4th layer (ST-MoE's spacing), 512-byte windows,
 batch 256, bfloat16: meant for an accelerator. 1b: about 1B parameters (~0.37B active), 24
 layers, d_model 1024, 32 experts of width 1152 in every 4th layer, top-2, 1024-byte windows,
-batch 256, bfloat16 compute over float32 master weights, full remat, meant for 16 accelerators
+batch 256, bfloat16 compute over float32 master weights, full remat over scanned layers (6 units
+of 4), meant for 16 accelerators
 with FSDP x expert parallelism (README "Scaling out"; `benchmarks/scale.py` compiles it on 16
 simulated CPU devices to show it fits):
 
@@ -52,7 +53,7 @@ def get_config(arg: str | None = None):
   elif arg.size == '1b':
     config.data.seq_len = 1024
     config.model.update(d_model=1024, num_layers=24, num_heads=16, head_dim=64, d_ff=4096,
-                        dtype='bfloat16', param_dtype='float32', remat='full')
+                        dtype='bfloat16', param_dtype='float32', remat='full', scan_layers=True)
     config.moe.update(num_experts=32, top_k=2, every=4, expert_d_ff=1152, group_size=1024,
                       aux_loss_coef=1e-2)
     config.opt.update(lr=1e-3, warmup_steps=2000, schedule='cosine', final_lr_fraction=0.1)

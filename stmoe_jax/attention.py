@@ -17,13 +17,6 @@ from flax import nnx
 from stmoe_jax import layers
 from stmoe_jax.config import ModelConfig
 
-# Queries per chunk of `causal_attention` (memory-efficient attention above this length). A chunk's
-# float32 logits are [B, H, QUERY_CHUNK, L]; unchunked they are [B, H, L, L], and the backward
-# pass kept them (with the softmax output, probabilities and mask): 2.75 GiB per layer and
-# device for the 1b preset (README "Scaling out"). Windows of at most this length are unchanged.
-QUERY_CHUNK = 256
-
-
 @flax.struct.dataclass
 class KVCache:
   """Keys and values of the positions decoded so far, for one attention layer.
@@ -69,7 +62,7 @@ class KVCache:
 
 
 def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-                     query_chunk: int | None = None) -> jax.Array:
+                     query_chunk: int = 0) -> jax.Array:
   """Causal softmax attention [B, L, H, K] x 3 -> [B, L, H, K], in O(L * query_chunk) memory.
 
   Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory"), query-chunked form: a
@@ -79,12 +72,14 @@ def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   backward pass recomputes one chunk's [B, H, query_chunk, L] logits at a time instead of
   keeping all [B, H, L, L] from the forward pass. The loop keeps that bound on every backend
   (XLA:CPU's scheduler ignores remat's ordering barriers between unrolled layers, not a loop's).
-  The cost is one more query-key matmul in the backward pass. When L <= query_chunk or the
-  chunk does not divide L, it is the plain call. `query_chunk` defaults to `QUERY_CHUNK`.
+  The cost is one more query-key matmul in the backward pass. With `query_chunk` 0, or when
+  L <= query_chunk or the chunk does not divide L, it is the plain call. Why chunk at all: for
+  the 1b preset the unchunked backward pass kept float32 logits, their exponentials, the
+  probabilities and the mask, [B, H, L, L] each: 2.75 GiB per layer and device (README
+  "Scaling out"); `attention.query_chunk` sets the chunk (256 by default).
   """
-  query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
   B, L, H, K = q_BLHK.shape
-  if L <= query_chunk or L % query_chunk:
+  if not query_chunk or L <= query_chunk or L % query_chunk:
     return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
   N = L // query_chunk
   q_NBQHK = jnp.moveaxis(q_BLHK.reshape(B, N, query_chunk, H, K), 1, 0)
@@ -118,6 +113,7 @@ class CausalSelfAttention(nnx.Module):
     self.w_q, self.w_k, self.w_v, self.w_o = projections(cfg, rngs)
     self.rope_max_wavelength = cfg.rope_max_wavelength
     self.dtype = jnp.dtype(cfg.dtype)
+    self.query_chunk = cfg.attention.query_chunk
 
   def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
     """Rotated queries and keys and the values of x_BLD, each [B, L, H, K] in `self.dtype`."""
@@ -135,7 +131,7 @@ class CausalSelfAttention(nnx.Module):
     del mask_BL
     q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
     # XLA implementation: softmax in float32 internally, runs on CPU, GPU and TPU alike.
-    out_BLHK = causal_attention(q_BLHK, k_BLHK, v_BLHK)
+    out_BLHK = causal_attention(q_BLHK, k_BLHK, v_BLHK, self.query_chunk)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2), {}
 
   def decode(self, x_BLD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -86,6 +86,7 @@ class AttentionConfig:
   head_aux_loss_coef: float = 1e-2
   head_z_loss_coef: float = 1e-3
   logit_z_loss_coef: float = 0.0
+  query_chunk: int = 256
 
   def layer_kind(self, layer: int) -> str:
     """The attention kind of `layer` (0-based): `layer_kinds` cycled over layers, else `kind`."""

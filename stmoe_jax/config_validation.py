@@ -359,6 +359,8 @@ def _validate_attention(att: ml_collections.ConfigDict, num_heads: int) -> None:
              f'comma-separated kinds, each {expected_kind}')
   _positive_ints(att, 'attention.', ['block_size', 'window', 'stride', 'num_local_blocks',
                                     'head_top_k'])
+  _check(isinstance(att.query_chunk, int) and att.query_chunk >= 0, 'attention.query_chunk',
+         att.query_chunk, 'an integer >= 0 (0 = unchunked)')
   _check(isinstance(att.num_global_blocks, int) and att.num_global_blocks >= 0,
          'attention.num_global_blocks', att.num_global_blocks, 'an integer >= 0')
   _check(att.head_top_k <= num_heads, 'attention.head_top_k', att.head_top_k,

@@ -167,9 +167,10 @@ def test_optimizer_step_is_the_unscanned_one_per_layer():
   params, _ = plain.model.init(jax.random.PRNGKey(0))
   grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape),
                        params)
-  step = lambda tx, p, g: tx.update(g, tx.init(p), p)[0]
-  want = step(plain.tx, params, grads)
-  got = step(scanned.tx, layer_scan.to_scanned(params, PERIOD), layer_scan.to_scanned(grads, PERIOD))
+  step = lambda tx: jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])
+  want = step(plain.tx)(params, grads)
+  got = step(scanned.tx)(layer_scan.to_scanned(params, PERIOD),
+                         layer_scan.to_scanned(grads, PERIOD))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
                layer_scan.to_unscanned(got, PERIOD), want)
   config.opt.name = 'adafactor'
