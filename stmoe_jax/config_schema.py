@@ -105,7 +105,11 @@ def layer_period(moe_every: int, attention_layer_kinds: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Transformer settings; see configs/default.py for what each field means."""
+  """Transformer settings; see configs/default.py for what each field means.
+
+  The field defaults describe a mid-size reference model for building modules by hand (the
+  benchmarks and tests do), not configs/default.py's values: a run's ModelConfig comes from its
+  ConfigDict through `config.model_config`."""
   vocab_size: int = 259
   d_model: int = 256
   num_layers: int = 4
