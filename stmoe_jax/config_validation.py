@@ -320,7 +320,7 @@ def _validate_router_options(moe: ml_collections.ConfigDict) -> None:
   _check(moe.router_noise in gating.ROUTER_NOISES, 'moe.router_noise', moe.router_noise,
          _one_of(gating.ROUTER_NOISES))
   for name in ('importance_loss_coef', 'load_loss_coef'):
-    _check(moe[name] >= 0, f'moe.{name}', moe[name], 'a number >= 0 (0 = off; Shazeer 2017: 0.1)')
+    _check(moe[name] >= 0, f'moe.{name}', moe[name], 'a number >= 0 (0 = off)')
   if moe.load_loss_coef > 0:  # Shazeer's load estimator is the probability under his noise.
     _check(moe.router_noise == 'noisy_top_k', 'moe.load_loss_coef', moe.load_loss_coef,
            f"0 unless moe.router_noise='noisy_top_k' (it is {moe.router_noise!r}: the smooth "

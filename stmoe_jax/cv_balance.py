@@ -33,7 +33,8 @@ _MIN_NOISE_STD = 1e-9
 
 def cv_squared(x_GE: jax.Array) -> jax.Array:
   """float32 [G]: squared coefficient of variation over the experts of each group's sums x_GE,
-  population variance / (mean^2 + 1e-10) as tensor2tensor's `cv_squared`; 0 when balanced."""
+  population variance / (mean^2 + 1e-10) as tensor2tensor's `cv_squared` (the PyTorch port
+  davidmrau/mixture-of-experts takes the sample variance, E/(E-1) times this); 0 when balanced."""
   x_GE = x_GE.astype(jnp.float32)
   return jnp.var(x_GE, axis=-1) / (jnp.mean(x_GE, axis=-1) ** 2 + _EPSILON)
 
