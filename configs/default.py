@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   moe.topk_groups = 1  # ...only each token's topk_groups best groups eligible (DeepSeek-V3: 8, 4).
   moe.seq_aux_loss_coef = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (1e-4); 0 = off.
   moe.router_noise = 'none'  # Training noise on router logits: 'gumbel' (st-moe-pytorch) or 'noisy_top_k' (Shazeer 2017).
+  moe.importance_loss_coef = 0.0  # Shazeer 2017 w_importance * CV(gate sums per expert)^2, per group (e.g. 0.1); 0 = off.
+  moe.load_loss_coef = 0.0  # Shazeer 2017 w_load * CV(smooth load)^2 (e.g. 0.1); needs router_noise='noisy_top_k'; 0 = off.
   moe.second_policy_train = 'random'  # Choices 2..k in training: 'all', 'none', 'threshold' or 'random'...
   moe.second_policy_eval = 'threshold'  # ...and at eval (mixture-of-experts); thresholds 0 route all.
   moe.threshold_train = ()  # Per-rank thresholds of choices 2..k, e.g. (0.2, 0.1); () = second_expert_threshold...

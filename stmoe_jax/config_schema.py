@@ -51,6 +51,8 @@ class MoeConfig:
   topk_groups: int = 1
   seq_aux_loss_coef: float = 0.0
   router_noise: str = 'none'
+  importance_loss_coef: float = 0.0
+  load_loss_coef: float = 0.0
   second_policy_train: str = 'random'
   second_policy_eval: str = 'threshold'
   threshold_train: tuple = ()

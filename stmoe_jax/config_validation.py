@@ -319,6 +319,16 @@ def _validate_router_options(moe: ml_collections.ConfigDict) -> None:
          'a number >= 0 (DeepSeek-V3: 1e-4)')
   _check(moe.router_noise in gating.ROUTER_NOISES, 'moe.router_noise', moe.router_noise,
          _one_of(gating.ROUTER_NOISES))
+  for name in ('importance_loss_coef', 'load_loss_coef'):
+    _check(moe[name] >= 0, f'moe.{name}', moe[name], 'a number >= 0 (0 = off)')
+  if moe.load_loss_coef > 0:  # Shazeer's load estimator is the probability under his noise.
+    _check(moe.router_noise == 'noisy_top_k', 'moe.load_loss_coef', moe.load_loss_coef,
+           f"0 unless moe.router_noise='noisy_top_k' (it is {moe.router_noise!r}: the smooth "
+           'load estimator needs the learned noise scale)')
+    _check(moe.router == 'tokens_choose' and moe.encoder_router in ('', 'tokens_choose')
+           and k < E, 'moe.load_loss_coef', moe.load_loss_coef,
+           "0 unless every MoE layer routes with moe.router='tokens_choose' and "
+           f'moe.top_k < moe.num_experts={E} (the load estimator is of a flat top-k)')
   for when in ('train', 'eval'):
     policy, thresholds = moe[f'second_policy_{when}'], moe[f'threshold_{when}']
     _check(policy in gating.LATER_CHOICE_POLICIES, f'moe.second_policy_{when}', policy,

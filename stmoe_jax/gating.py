@@ -7,7 +7,8 @@ hierarchical router (E = O * I).
 The routers of `stmoe_jax.routing` compose these pure functions:
   - `router_scores`: softmax (Switch, ST-MoE) or sigmoid (DeepSeek-V3) scores;
   - `noisy_logits`: Gumbel noise (st-moe-pytorch `noise_gates`) or Shazeer et al. 2017's
-    noisy top-k noise with a learned per-expert scale, in training only;
+    noisy top-k noise with a learned per-expert scale, in training only (its importance and
+    load losses: `stmoe_jax.cv_balance`);
   - `group_limited_mask`: DeepSeek-V3's group-limited top-k (only the best groups of experts
     are eligible);
   - `later_choice_policy`: which of choices 2..k are routed (mesh-tf/lucidrains

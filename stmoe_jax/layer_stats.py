@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from stmoe_jax import routing
 from stmoe_jax.config import ModelConfig
 
-# One MoE layer: `routing.routing_stats` plus `moe.sequence_balance_loss` and the layer's
-# aux-loss-free `router_bias`.
-MOE = {'balance_loss': (), 'z_loss': (), 'seq_balance_loss': (), 'expert_load': ('E',),
+# One MoE layer: `routing.routing_stats` plus `moe.sequence_balance_loss`, Shazeer's CV^2
+# `importance_loss` and `load_loss` (`cv_balance.cv_stats`) and the layer's aux-loss-free
+# `router_bias`.
+MOE = {'balance_loss': (), 'z_loss': (), 'seq_balance_loss': (), 'importance_loss': (),
+       'load_loss': (), 'expert_load': ('E',),
        'max_load_ratio': (), 'dropped_fraction': (), 'dropped_fraction_per_slot': ('K',),
        'router_entropy': (), 'max_router_logit': (), 'router_bias': ('E',)}
 # Every attention layer (`logit_z_loss`: mean logsumexp(attention logits)^2 over real tokens).

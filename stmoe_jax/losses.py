@@ -19,7 +19,8 @@ from stmoe_jax.data import tokenizer
 
 def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   """Cross-entropy + aux_loss_coef * balance + z_loss_coef * z (+ seq_aux_loss_coef * the
-  sequence-wise balance loss when on), averaged over target tokens.
+  sequence-wise balance loss, importance_loss_coef * importance and load_loss_coef * load, the
+  `cv_balance` losses, when on), averaged over target tokens.
 
   Balance and z-losses are summed over MoE layers (each layer is regularised on its own, as in
   Switch/ST-MoE). Returns (loss, (metrics, new_buffers)): float32 scalar metrics plus per-layer
@@ -39,6 +40,8 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   loss = ce + moe.aux_loss_coef * balance + moe.z_loss_coef * z
   if moe.seq_aux_loss_coef:  # Off by default: the loss stays the same sum as before.
     loss += moe.seq_aux_loss_coef * seq_balance
+  importance, load = jnp.sum(moe_stats['importance_loss']), jnp.sum(moe_stats['load_loss'])
+  loss += shazeer_losses(moe, importance, load)
   # Attention losses: head-routed layers' balance and z-losses summed over those layers, the
   # attention-logit z-loss summed over all layers.
   attn_balance = jnp.sum(moe_stats['attn_balance_loss'])
@@ -52,7 +55,7 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   correct = target_logit_BL >= jnp.max(logits_BLV, axis=-1)
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
-      'seq_balance_loss': seq_balance,
+      'seq_balance_loss': seq_balance, 'importance_loss': importance, 'load_loss': load,
       'accuracy': jnp.sum(correct * weights_BL) / num_tokens,
       **moe_metrics(moe_stats),
       'attn_balance_loss': attn_balance, 'attn_z_loss': attn_z,
@@ -61,6 +64,18 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
                         if moe_stats['attn_head_load'].size else jnp.zeros(())),
   }
   return loss, (metrics, nnx.to_pure_dict(nnx.state(model, layers.Buffer)))
+
+
+def shazeer_losses(moe, importance: jax.Array, load: jax.Array) -> jax.Array | float:
+  """importance_loss_coef * importance + load_loss_coef * load (Shazeer et al. 2017, the CV^2
+  losses of `cv_balance`, each summed over MoE layers), with `moe` a `config.MoeConfig`; a
+  term whose coefficient is 0 is left out, so that the loss stays the sum it was without them."""
+  total = 0.0
+  if moe.importance_loss_coef:
+    total += moe.importance_loss_coef * importance
+  if moe.load_loss_coef:
+    total += moe.load_loss_coef * load
+  return total
 
 
 def eval_step(params, buffers, batch, *, graphdef) -> dict:

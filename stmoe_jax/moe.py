@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax import cv_balance
 from stmoe_jax import dispatch
 from stmoe_jax import expert_parallel
 from stmoe_jax import gating
@@ -144,7 +145,8 @@ class MoeLayer(nnx.Module):
     if train and moe.router_jitter > 0:
       router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
-    logits_GSE = layers.dense(router_in, self.router[...])
+    clean_GSE = logits_GSE = layers.dense(router_in, self.router[...])
+    noise_std_GSE = None
     if train and moe.router_noise != 'none':
       # Its own stream, so that the jitter and policy keys (and their numbers) stay as they were.
       noise_std_GSE = (jax.nn.softplus(layers.dense(router_in, self.noise_router[...]))
@@ -153,10 +155,14 @@ class MoeLayer(nnx.Module):
                                        None if rng is None else jax.random.fold_in(rng, 1),
                                        noise_std_GSE)
     logits_GSE = remat.name(logits_GSE, remat.ROUTER_LOGITS)
-    return self.router_kind.route(
+    route = self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
         mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
         train=train, rng=policy_rng)
+    if noise_std_GSE is not None and moe.router == 'tokens_choose':
+      # Shazeer's smooth load estimator (`cv_balance.smooth_load`) needs all three.
+      route = route.replace(clean_logits=clean_GSE, noise_std=noise_std_GSE)
+    return route
 
   def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
                mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -170,7 +176,8 @@ class MoeLayer(nnx.Module):
       mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
         no routed output and is left out of the stats.
     Returns:
-      (y_BLD, stats): `routing.routing_stats` plus `seq_balance_loss` and `router_bias` [E].
+      (y_BLD, stats): `routing.routing_stats` plus `seq_balance_loss`, `cv_balance.cv_stats`'s
+      `importance_loss` and `load_loss`, and `router_bias` [E].
     """
     moe = self.moe
     route_rng, dropout_rng = (None, None) if rng is None else jax.random.split(rng)
@@ -196,6 +203,7 @@ class MoeLayer(nnx.Module):
       y_BLD += self.shared(x_BLD).astype(x_BLD.dtype)
     stats = routing.routing_stats(route, mask_GS)
     stats['seq_balance_loss'] = sequence_balance_loss(route, x_BLD.shape, mask_BL)
+    stats.update(cv_balance.cv_stats(route, moe.top_k, mask_GS))
     stats['router_bias'] = self.router_bias[...]
     if train and moe.bias_balancer_rate > 0:
       self.router_bias[...] = balanced_bias(self.router_bias[...], stats['expert_load'],

@@ -55,6 +55,11 @@ class Routing:
     logits: float32 [G, S, E], router logits.
     balance_loss, z_loss: optional float32 scalars replacing `routing_stats`'s Switch balance
       loss and z-loss of probs/logits, for routers whose losses are not those (hierarchical).
+    assigned_gate: optional float32 [G, S, K], the gate of every assigned choice before capacity
+      drops (0 where not assigned), what `cv_balance.importance_loss` sums; None: `gate`.
+    clean_logits, noise_std: optional float32 [G, S, E], the logits before Shazeer's noise and
+      its scale softplus(x W_noise), for `cv_balance.smooth_load` (`logits` are the noisy
+      ones); set by `MoeLayer.route` for tokens-choose routing with noisy_top_k in training.
   """
   expert_index: jax.Array
   gate: jax.Array
@@ -65,6 +70,9 @@ class Routing:
   logits: jax.Array
   balance_loss: jax.Array | None = None
   z_loss: jax.Array | None = None
+  assigned_gate: jax.Array | None = None
+  clean_logits: jax.Array | None = None
+  noise_std: jax.Array | None = None
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -179,7 +187,7 @@ def _place(index_GSK, gate_GSK, assigned_GSK, probs_GSE, logits_GSE, capacity, p
   kept_GSK = assigned_GSK & (position_GSK < capacity)
   return Routing(expert_index=index_GSK, gate=gate_GSK * kept_GSK, position=position_GSK,
                  assigned=assigned_GSK, kept=kept_GSK, probs=probs_GSE, logits=logits_GSE,
-                 **losses)
+                 assigned_gate=gate_GSK * assigned_GSK, **losses)
 
 
 def expert_choice(logits_GSE: jax.Array, *, capacity: int,

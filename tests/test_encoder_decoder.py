@@ -143,7 +143,7 @@ def test_params_carry_logical_axes_and_the_embedding_is_shared():
 
 
 def test_loss_and_eval_report_routing_per_stack():
-  cfg = encdec_config()
+  cfg = encdec_config(importance_loss_coef=0.5)  # Shazeer's importance loss: both stacks'.
   model = model_factory.get_model(cfg)
   params, buffers = model.init(jax.random.PRNGKey(0))
   graphdef = model.abstract()[0]
@@ -166,7 +166,10 @@ def test_loss_and_eval_report_routing_per_stack():
   ce = -jnp.sum(jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0] * w) / w.sum()
   balance = stats['balance_loss/encoder'].sum() + stats['balance_loss/decoder'].sum()
   z = stats['z_loss/encoder'].sum() + stats['z_loss/decoder'].sum()
-  np.testing.assert_allclose(float(loss), float(ce + 1e-2 * balance + 1e-3 * z), rtol=1e-5)
+  importance = stats['importance_loss/encoder'].sum() + stats['importance_loss/decoder'].sum()
+  assert importance > 0
+  np.testing.assert_allclose(float(loss), float(ce + 1e-2 * balance + 1e-3 * z +
+                                                0.5 * importance), rtol=1e-5)
   assert metrics['expert_load/encoder'].shape == metrics['expert_load/decoder'].shape == (1, 4)
   out = jax.jit(lambda b: model.eval_step(params, buffers, b, graphdef=graphdef))
   report = evaluation.evaluate(out, [batch, batch], cfg)
