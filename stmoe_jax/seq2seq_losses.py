@@ -40,7 +40,8 @@ def _stack_stats(stats: dict, stack: str) -> dict:
 
 def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   """Cross-entropy over the weighted targets + aux_loss_coef * balance + z_loss_coef * z (+ the
-  `losses.shazeer_losses` when on), the router losses summed over the MoE layers of both stacks.
+  `losses.shazeer_losses` and seq_aux_loss_coef * the sequence-wise balance loss when on), the
+  router losses summed over the MoE layers of both stacks.
 
   Returns (loss, (metrics, new_buffers)) as `losses.compute_loss`; the routing telemetry of
   `losses.moe_metrics` comes per stack ('expert_load/encoder' [M_enc, E],
@@ -57,13 +58,15 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   balance = sum(jnp.sum(s['balance_loss']) for s in per_stack.values())
   z = sum(jnp.sum(s['z_loss']) for s in per_stack.values())
   loss = ce + cfg.moe.aux_loss_coef * balance + cfg.moe.z_loss_coef * z
-  importance, load = (sum(jnp.sum(s[name]) for s in per_stack.values())
-                      for name in ('importance_loss', 'load_loss'))
+  importance, load, seq_balance = (sum(jnp.sum(s[name]) for s in per_stack.values())
+                                   for name in ('importance_loss', 'load_loss', 'seq_balance_loss'))
   loss += losses.shazeer_losses(cfg.moe, importance, load)
+  if cfg.moe.seq_aux_loss_coef:  # DeepSeek-V3's sequence-wise balance loss, both stacks'.
+    loss += cfg.moe.seq_aux_loss_coef * seq_balance
   target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
   correct = target_logit_BL >= jnp.max(logits_BLV, axis=-1)
   metrics = {'loss': loss, 'cross_entropy': ce, 'balance_loss': balance, 'z_loss': z,
-             'importance_loss': importance, 'load_loss': load,
+             'importance_loss': importance, 'load_loss': load, 'seq_balance_loss': seq_balance,
              'accuracy': jnp.sum(correct * weights_BL) / num_tokens}
   for stack, s in per_stack.items():
     metrics.update({layer_stats.key(k, stack): v for k, v in losses.moe_metrics(s).items()})

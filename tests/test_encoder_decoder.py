@@ -143,7 +143,8 @@ def test_params_carry_logical_axes_and_the_embedding_is_shared():
 
 
 def test_loss_and_eval_report_routing_per_stack():
-  cfg = encdec_config(importance_loss_coef=0.5)  # Shazeer's importance loss: both stacks'.
+  # Shazeer's importance and DeepSeek-V3's sequence-wise balance losses: both stacks'.
+  cfg = encdec_config(importance_loss_coef=0.5, seq_aux_loss_coef=0.25)
   model = model_factory.get_model(cfg)
   params, buffers = model.init(jax.random.PRNGKey(0))
   graphdef = model.abstract()[0]
@@ -167,9 +168,10 @@ def test_loss_and_eval_report_routing_per_stack():
   balance = stats['balance_loss/encoder'].sum() + stats['balance_loss/decoder'].sum()
   z = stats['z_loss/encoder'].sum() + stats['z_loss/decoder'].sum()
   importance = stats['importance_loss/encoder'].sum() + stats['importance_loss/decoder'].sum()
-  assert importance > 0
+  seq_balance = stats['seq_balance_loss/encoder'].sum() + stats['seq_balance_loss/decoder'].sum()
+  assert importance > 0 and seq_balance > 0
   np.testing.assert_allclose(float(loss), float(ce + 1e-2 * balance + 1e-3 * z +
-                                                0.5 * importance), rtol=1e-5)
+                                                0.5 * importance + 0.25 * seq_balance), rtol=1e-5)
   assert metrics['expert_load/encoder'].shape == metrics['expert_load/decoder'].shape == (1, 4)
   out = jax.jit(lambda b: model.eval_step(params, buffers, b, graphdef=graphdef))
   report = evaluation.evaluate(out, [batch, batch], cfg)
