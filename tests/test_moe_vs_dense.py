@@ -1,8 +1,8 @@
-"""experiments/moe_vs_dense.py: the schedule-fair speedup arithmetic by hand, and the --quick
-study end to end (its summary recomputed from the runs' metrics.jsonl with plain loops)."""
+"""experiments/moe_vs_dense.py and its library experiments/study/: the schedule-fair speedup
+arithmetic by hand, and the --quick study end to end (its summary recomputed from the runs'
+metrics.jsonl with plain loops)."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -11,34 +11,32 @@ import sys
 
 import pytest
 
+from experiments.study import analysis
+from experiments.study import plan
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    'moe_vs_dense_study', os.path.join(ROOT, 'experiments', 'moe_vs_dense.py'))
-study = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = study  # dataclasses look their module up there.
-_spec.loader.exec_module(study)
 
 
 def test_interpolation_is_linear_in_log_steps():
   steps, losses = [400, 800, 1600], [2.0, 1.8, 1.7]
   # 1.9 is halfway from 400 to 800 in log steps: sqrt(400 * 800).
-  assert study.interpolate_log_steps(steps, losses, 1.9) == pytest.approx(math.sqrt(400 * 800))
-  assert study.interpolate_log_steps(steps, losses, 1.8) == pytest.approx(800)
-  assert study.interpolate_log_steps(steps, losses, 2.5) == 400  # The shortest run gets there.
-  assert study.interpolate_log_steps(steps, losses, 1.6) is None
+  assert analysis.interpolate_log_steps(steps, losses, 1.9) == pytest.approx(math.sqrt(400 * 800))
+  assert analysis.interpolate_log_steps(steps, losses, 1.8) == pytest.approx(800)
+  assert analysis.interpolate_log_steps(steps, losses, 2.5) == 400  # The shortest run gets there.
+  assert analysis.interpolate_log_steps(steps, losses, 1.6) is None
 
 
 def test_step_speedup_from_complete_runs():
   lengths = [400, 800, 1600]
   dense = [2.0, 1.8, 1.7]
   # The MoE's 800-step run reaches dense's 1600-step loss exactly: 2x.
-  assert study.steps_to_match(lengths, dense, lengths, [1.9, 1.7, 1.6]) == (
+  assert analysis.steps_to_match(lengths, dense, lengths, [1.9, 1.7, 1.6]) == (
       pytest.approx(2.0), False)
   # Its 400-step run already does: 4x is only a lower bound.
-  assert study.steps_to_match(lengths, dense, lengths, [1.65, 1.6, 1.5]) == (
+  assert analysis.steps_to_match(lengths, dense, lengths, [1.65, 1.6, 1.5]) == (
       pytest.approx(4.0), True)
   # It never gets there; its final 1.9 is dense's at sqrt(400 * 800) steps: speedup < 1.
-  speedup, bound = study.steps_to_match(lengths, dense, lengths, [2.1, 2.0, 1.9])
+  speedup, bound = analysis.steps_to_match(lengths, dense, lengths, [2.1, 2.0, 1.9])
   assert speedup == pytest.approx(math.sqrt(400 * 800) / 1600) and not bound
 
 
@@ -89,8 +87,8 @@ def test_quick_study_summary_matches_the_logged_losses(quick_study):
   with open(os.path.join(root, 'tuned.json')) as f:
     tuned = json.load(f)
   # The chosen rate of each family is its sweep's best.
-  for family, arm in study.SWEEP_ARMS.items():
-    losses = {lr: final_loss(root, f'sweep/{arm}_lr{lr:g}', 20) for lr in study.SWEEP_LRS['quick']}
+  for family, arm in plan.SWEEP_ARMS.items():
+    losses = {lr: final_loss(root, f'sweep/{arm}_lr{lr:g}', 20) for lr in plan.SWEEP_LRS['quick']}
     assert tuned['lr'][family] == min(losses, key=losses.get)
   lengths = [5, 10, 20]
 
