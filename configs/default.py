@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   att.head_aux_loss_coef = 1e-2  # head_routed: Switch balance loss over heads.
   att.head_z_loss_coef = 1e-3  # head_routed: router z-loss over heads.
   att.logit_z_loss_coef = 0.0  # mean logsumexp(attention logits)^2, every layer (ST-MoE); 0 = off.
-  att.query_chunk = 256  # Dense causal attention in chunks of this many queries above it (memory O(L)); 0 = off.
+  att.query_chunk = 256  # Dense, encoder and cross-attention in chunks of this many queries above it (memory O(L)); 0 = off.
 
   config.opt = opt = ml_collections.ConfigDict()
   opt.name = 'adamw'  # 'adamw' or 'adafactor'.

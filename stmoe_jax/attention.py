@@ -1,5 +1,6 @@
 """Causal multi-head self-attention with rotary positions, and the KV cache of every kind;
-the encoder-decoder's bidirectional self-attention and cross-attention (with its cache).
+the encoder-decoder's bidirectional self-attention and cross-attention (with its cache). Long
+query sequences run query-chunked (`causal_attention`, `key_masked_attention`).
 
 The other kinds build on `CausalSelfAttention` (`sparse_attention`, `head_routing`);
 `transformer.make_attention` picks a layer's kind.
@@ -61,39 +62,75 @@ class KVCache:
     return KVCache(k=write(self.k, k_BLHK), v=write(self.v, v_BLHK), end=self.end + L)
 
 
+def _chunked(L: int, query_chunk: int) -> bool:
+  """Whether L queries run in chunks of `query_chunk`: only when that splits them into several
+  equal chunks (0 = off), so short sequences keep the plain call and its exact numbers."""
+  return bool(query_chunk) and L > query_chunk and not L % query_chunk
+
+
+def _map_query_chunks(attend_chunk, q_BLHK: jax.Array, query_chunk: int) -> jax.Array:
+  """Attention of q_BLHK [B, L, H, K] as a loop over its L / query_chunk chunks of queries.
+
+  Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory"), query-chunked form:
+  `attend_chunk(q_BQHK, start)` -> [B, Q, H, K] attends one chunk of Q = query_chunk queries
+  (the first at position `start`) to all keys, which it closes over. Each chunk runs inside a
+  `lax.map` and is rematerialized (`jax.checkpoint`): the backward pass recomputes one chunk's
+  [B, H, Q, T] logits at a time instead of keeping all [B, H, L, T] from the forward pass. The
+  loop keeps that bound on every backend (XLA:CPU's scheduler ignores remat's ordering barriers
+  between unrolled layers, not a loop's). The cost is one more query-key matmul in the backward
+  pass. Callers check `_chunked` first. Returns [B, L, H, K].
+  """
+  B, L, H, K = q_BLHK.shape
+  N = L // query_chunk
+  q_NBQHK = jnp.moveaxis(q_BLHK.reshape(B, N, query_chunk, H, K), 1, 0)
+  # prevent_cse=False: inside a loop XLA cannot merge the recomputation into the forward pass.
+  out_NBQHK = jax.lax.map(jax.checkpoint(lambda args: attend_chunk(*args), prevent_cse=False),
+                          (q_NBQHK, jnp.arange(N) * query_chunk))
+  return jnp.moveaxis(out_NBQHK, 0, 1).reshape(B, L, *out_NBQHK.shape[3:])
+
+
 def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
                      query_chunk: int = 0) -> jax.Array:
   """Causal softmax attention [B, L, H, K] x 3 -> [B, L, H, K], in O(L * query_chunk) memory.
 
-  Rabe & Staats 2021 ("Self-attention does not need O(n^2) memory"), query-chunked form: a
-  `lax.map` over L / query_chunk chunks of queries, each attending to all L keys under the
+  Chunks of `query_chunk` queries (`_map_query_chunks`), each attending to all L keys under the
   causal mask with `jax.nn.dot_product_attention` (the same float32 logits and softmax as the
-  unchunked call, so the same numbers), and each chunk rematerialized (`jax.checkpoint`): the
-  backward pass recomputes one chunk's [B, H, query_chunk, L] logits at a time instead of
-  keeping all [B, H, L, L] from the forward pass. The loop keeps that bound on every backend
-  (XLA:CPU's scheduler ignores remat's ordering barriers between unrolled layers, not a loop's).
-  The cost is one more query-key matmul in the backward pass. With `query_chunk` 0, or when
-  L <= query_chunk or the chunk does not divide L, it is the plain call. Why chunk at all: for
-  the 1b preset the unchunked backward pass kept float32 logits, their exponentials, the
-  probabilities and the mask, [B, H, L, L] each: 2.75 GiB per layer and device (README
-  "Scaling out"); `attention.query_chunk` sets the chunk (256 by default).
+  unchunked call, so the same numbers). With `query_chunk` 0, or when L <= query_chunk or the
+  chunk does not divide L, it is the plain call. Why chunk at all: for the 1b preset the
+  unchunked backward pass kept float32 logits, their exponentials, the probabilities and the
+  mask, [B, H, L, L] each: 2.75 GiB per layer and device (README "Scaling out");
+  `attention.query_chunk` sets the chunk (256 by default).
   """
-  B, L, H, K = q_BLHK.shape
-  if not query_chunk or L <= query_chunk or L % query_chunk:
+  L = q_BLHK.shape[1]
+  if not _chunked(L, query_chunk):
     return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True)
-  N = L // query_chunk
-  q_NBQHK = jnp.moveaxis(q_BLHK.reshape(B, N, query_chunk, H, K), 1, 0)
   key_positions_L = jnp.arange(L)
 
-  def chunk(args):
-    q_BQHK, start = args
+  def chunk(q_BQHK, start):
     visible_QL = (start + jnp.arange(query_chunk))[:, None] >= key_positions_L[None, :]
     return jax.nn.dot_product_attention(q_BQHK, k_BLHK, v_BLHK, mask=visible_QL[None, None])
 
-  # prevent_cse=False: inside a loop XLA cannot merge the recomputation into the forward pass.
-  out_NBQHK = jax.lax.map(jax.checkpoint(chunk, prevent_cse=False),
-                          (q_NBQHK, jnp.arange(N) * query_chunk))
-  return jnp.moveaxis(out_NBQHK, 0, 1).reshape(B, L, H, K)
+  return _map_query_chunks(chunk, q_BLHK, query_chunk)
+
+
+def key_masked_attention(q_BLHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array,
+                         mask_BT: jax.Array | None, query_chunk: int = 0) -> jax.Array:
+  """Softmax attention of L queries over T keys, no causal mask: [B, L, H, K], [B, T, H, K] x 2
+  and the key mask [B, T] (nonzero = visible; None = all) -> [B, L, H, K].
+
+  The encoder's self-attention (T = L) and cross-attention's decoder queries over the encoder
+  positions. Above `query_chunk` queries it is the same query-chunked loop as
+  `causal_attention` (`_map_query_chunks`; one chunk's [B, H, query_chunk, T] logits at a time),
+  each chunk the plain `jax.nn.dot_product_attention` call under the same key mask, so the same
+  numbers; a row with no visible key gets what that call gives it (every key equally weighted,
+  since masked logits are a large negative number, not -inf). With `query_chunk` 0, or when
+  L <= query_chunk or the chunk does not divide L, it is the plain call.
+  """
+  mask_B11T = None if mask_BT is None else mask_BT.astype(bool)[:, None, None, :]
+  attend = lambda q: jax.nn.dot_product_attention(q, k_BTHK, v_BTHK, mask=mask_B11T)
+  if not _chunked(q_BLHK.shape[1], query_chunk):
+    return attend(q_BLHK)
+  return _map_query_chunks(lambda q_BQHK, start: attend(q_BQHK), q_BLHK, query_chunk)
 
 
 def projections(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Param, ...]:
@@ -163,8 +200,7 @@ class BidirectionalSelfAttention(CausalSelfAttention):
     """Returns ([B, T, D] output, {}); `mask_BL` [B, T] (nonzero for real tokens) hides padding
     as keys, so real positions never depend on padding."""
     q_BTHK, k_BTHK, v_BTHK = self.qkv(x_BTD, positions_BT)
-    mask = None if mask_BL is None else mask_BL.astype(bool)[:, None, None, :]
-    out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, mask=mask)
+    out_BTHK = key_masked_attention(q_BTHK, k_BTHK, v_BTHK, mask_BL, self.query_chunk)
     return layers.dense(out_BTHK, self.w_o[...].astype(self.dtype), contract=2), {}
 
 
@@ -190,6 +226,7 @@ class CrossAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.w_q, self.w_k, self.w_v, self.w_o = projections(cfg, rngs)
     self.dtype = jnp.dtype(cfg.dtype)
+    self.query_chunk = cfg.attention.query_chunk
 
   def kv(self, encoded_BTD: jax.Array, mask_BT: jax.Array) -> CrossCache:
     """The keys and values of the encoder output [B, T, D] with its mask [B, T] (nonzero =
@@ -199,8 +236,9 @@ class CrossAttention(nnx.Module):
     return CrossCache(k=project(self.w_k), v=project(self.w_v), mask=mask_BT.astype(bool))
 
   def __call__(self, x_BLD: jax.Array, cache: CrossCache) -> jax.Array:
-    """[B, L, D] decoder states -> [B, L, D], attending over the encoder positions of `cache`."""
+    """[B, L, D] decoder states -> [B, L, D], attending over the encoder positions of `cache`:
+    the whole target in training and evaluation (query-chunked above `attention.query_chunk`
+    queries, as is a long decoder prompt), one token per decoding step (the plain call)."""
     q_BLHK = layers.dense(x_BLD.astype(self.dtype), self.w_q[...].astype(self.dtype))
-    out_BLHK = jax.nn.dot_product_attention(q_BLHK, cache.k, cache.v,
-                                            mask=cache.mask[:, None, None, :])
+    out_BLHK = key_masked_attention(q_BLHK, cache.k, cache.v, cache.mask, self.query_chunk)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
