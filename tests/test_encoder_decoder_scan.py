@@ -13,9 +13,12 @@ from flax import nnx
 
 from configs import t5_stmoe
 from conftest import tiny_model_config
+from stmoe_jax import entry_points
+from stmoe_jax import finetune
 from stmoe_jax import layer_scan
 from stmoe_jax import model_factory
 from stmoe_jax import sampling
+from stmoe_jax import train_state
 from stmoe_jax.config import validate
 from stmoe_jax.data import tokenizer
 from stmoe_jax.encoder_decoder import init_caches
@@ -147,3 +150,34 @@ def test_t5_config_scans_and_rematerializes():
   config.model.update(scan_layers=True, remat='full')
   validate(config)  # Refused before; an encoder not a multiple of the period still is
   # (test_encoder_decoder.test_bad_encoder_decoder_configs_are_refused).
+
+
+def _t5_placement(scan_layers: bool, **moe):
+  config = t5_stmoe.get_config('size=tiny')  # 2 + 2 layers, MoE in FFN 1 of each stack.
+  config.model.scan_layers = scan_layers
+  config.moe.update(**moe)
+  config.mesh = {'data': 1, 'expert': 1, 'model': 1}
+  return config, train_state.place(config)
+
+
+def _record(config, workdir) -> str:
+  """A workdir holding only `config`'s config.json: all `finetune.plan` reads."""
+  workdir.mkdir()
+  entry_points.record_config(config, str(workdir), 0, lambda line: None)
+  return str(workdir)
+
+
+def test_init_from_plans_across_layouts_in_both_stacks(tmp_path):
+  """`finetune.plan` (what `init_from` copies) reads a checkpoint of the other layout: every
+  parameter of both stacks is found after `layer_scan.relayout`, and a dense scanned run's
+  FFNs upcycle into either stack's MoE layers (the checkpoint's block 1 % P)."""
+  source, _ = _t5_placement(True)
+  the_plan = finetune.plan(_record(source, tmp_path / 'scanned'), _t5_placement(False)[1])
+  assert the_plan.actions and all(a == ('copy', n) for n, a in the_plan.actions.items())
+  assert 'encoder_blocks/1/ffn/router' in the_plan.actions
+  dense, _ = _t5_placement(True, every=0)  # Period 1: one scanned block per stack.
+  target = _t5_placement(False, expert_d_ff=dense.model.d_ff, num_shared_experts=0)[1]
+  the_plan = finetune.plan(_record(dense, tmp_path / 'dense'), target)
+  assert set(the_plan.upcycled) == {'encoder_blocks/1/ffn', 'decoder_blocks/1/ffn'}
+  assert the_plan.actions['decoder_blocks/1/ffn/experts/w_up'] == ('experts',
+                                                                   'decoder_blocks/1/ffn/w_up')
