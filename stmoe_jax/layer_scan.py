@@ -15,10 +15,10 @@ is the same for every layer, and in decoding its per-layer cross-attention cache
 per unit position like the KV caches.
 
 Layout: scanned `blocks/p/<name>`[u] is unscanned `blocks/(u*P + p)/<name>` (likewise under
-each key of `STACKS`). `to_scanned` and `to_unscanned` convert a state dict between the two (stacking or slicing, nothing recomputed);
-`init_from` applies them, so a run can start from the other layout's checkpoint (its optimizer
-state starts fresh). Resuming a run in the other layout is refused (the optimizer moments would
-have to be converted too).
+each key of `STACKS`). `to_scanned` and `to_unscanned` convert a state dict between the two
+(stacking or slicing, nothing recomputed); `init_from` applies them, so a run can start from
+the other layout's checkpoint (its optimizer state starts fresh). Resuming a run in the other
+layout is refused (the optimizer moments would have to be converted too).
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def forward(blocks: nnx.List, run_block: Callable, x_BLD: jax.Array, positions_B
   `run_block(block, x_BLD, positions_BL, key, mask_BL, *extra) -> (x_BLD, report)` runs one
   block (as in the unscanned loop: remat and FSDP gathering included); `extra` are inputs every
   layer reads alike (the decoder's encoder output [B, T, D] and mask [B, T]), broadcast over
-  the units. Layer i = u*P + p draws its key as
-  `fold_in(rng, i)`, as unscanned. `constrain` reshards the stream after each block. Returns
-  (x_BLD, stats) with stats in `layer_stats.stack`'s layout over all num_layers layers; buffers
-  the blocks update (router biases) are written back.
+  the units. Layer i = u*P + p draws its key as `fold_in(rng, i)`, as unscanned. `constrain`
+  reshards the stream after each block. Returns (x_BLD, stats) with stats in
+  `layer_stats.stack`'s layout over all num_layers layers; buffers the blocks update (router
+  biases) are written back.
   """
   period, units = len(blocks), num_units(blocks)
   keys = None
