@@ -62,6 +62,18 @@ def parameter_counts(params, cfg) -> tuple[int, int]:
   return total, active
 
 
+def batch_lengths(config) -> dict[str, int]:
+  """Each array of a train batch and its length: seq_len for the decoder-only model; for the
+  encoder-decoder, the span-corruption encoder and decoder lengths."""
+  from stmoe_jax.data import span_corruption  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if config.model.architecture != 'encoder_decoder':
+    return {'inputs': data.seq_len, 'targets': data.seq_len, 'weights': data.seq_len}
+  lengths = span_corruption.lengths(data.seq_len, data.noise_density, data.mean_noise_span_length)
+  return {'encoder_inputs': lengths.encoder_len, 'decoder_inputs': lengths.decoder_len,
+          'targets': lengths.decoder_len, 'weights': lengths.decoder_len}
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if 'jax' not in sys.modules:  # Simulated devices must be requested before jax starts.
@@ -94,10 +106,10 @@ def main(argv=None) -> dict:
   for text in args.override:
     apply_override(config, text)
   trainer = train_lib.Trainer(config, '/nonexistent')  # Builds jits; compiles and writes nothing.
-  shape = (config.batch_size, config.data.seq_len)
-  batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding),
-           'targets': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding),
-           'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=trainer.batch_sharding)}
+  batch = {key: jax.ShapeDtypeStruct((config.batch_size, length),
+                                     jnp.float32 if key == 'weights' else jnp.int32,
+                                     sharding=trainer.batch_sharding)
+           for key, length in batch_lengths(config).items()}
   start = time.perf_counter()
   lowered = trainer.train_step.lower(trainer.abstract_state, batch)
   lower_seconds = time.perf_counter() - start

@@ -108,8 +108,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(m.num_layers % period == 0, 'model.num_layers', m.num_layers,
            f'a multiple of {period} with model.scan_layers=True (the stack scans over units of '
            f'lcm(moe.every={moe.every}, len(attention.layer_kinds))={period} layers)')
-    _check(m.architecture == 'decoder_only', 'model.scan_layers', m.scan_layers,
-           "False with model.architecture='encoder_decoder' (the decoder-only stack scans)")
+    if m.architecture == 'encoder_decoder':  # The encoder scans over units of the same period.
+      _check(m.num_encoder_layers % period == 0, 'model.num_encoder_layers', m.num_encoder_layers,
+             f'a multiple of {period} with model.scan_layers=True (the encoder scans over units '
+             f'of lcm(moe.every={moe.every}, len(attention.layer_kinds))={period} layers)')
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
          f'at least moe.top_k={moe.top_k}')
   _check(moe.router in routing.ROUTERS, 'moe.router', moe.router, _one_of(routing.ROUTERS))
@@ -259,9 +261,6 @@ def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
          "'dense' (and attention.layer_kinds='') with model.architecture='encoder_decoder'")
   _check(att.logit_z_loss_coef == 0, 'attention.logit_z_loss_coef', att.logit_z_loss_coef,
          "0 with model.architecture='encoder_decoder' (not implemented there)")
-  _check(m.remat == 'none', 'model.remat', m.remat,
-         "'none' with model.architecture='encoder_decoder' (remat is applied to the "
-         'decoder-only stack only)')
 
 
 def routing_groups_per_batch(config: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -5,7 +5,8 @@ MoE layers may use expert-choice or Batch Prioritized Routing, `ModelConfig.enco
 the decoder is `num_layers` causal blocks with cross-attention to the encoder output between
 self-attention and FFN. Every `moe.every`-th FFN of either stack is an MoE layer. One byte
 embedding (with the span-corruption sentinels) feeds both stacks; the output head is untied, as
-in `transformer.Transformer`.
+in `transformer.Transformer`. As there, `model.remat` rematerializes every block of both stacks
+(`remat.wrap`) and `model.scan_layers` scans each stack over its repeating unit (`layer_scan`).
 
 Einsum letters: B batch, T encoder length, L decoder length, D model dim, V vocabulary.
 """
@@ -16,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax import layer_scan
 from stmoe_jax import layer_stats
 from stmoe_jax import layers
+from stmoe_jax import remat
 from stmoe_jax.attention import CrossAttention, CrossCache, KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.transformer import Block
@@ -56,11 +59,19 @@ class EncoderDecoder(nnx.Module):
     encoder_cfg = cfg.encoder_config()
     self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0),
                               (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
-    self.encoder_blocks = nnx.List([Block(encoder_cfg, i, rngs=rngs, causal=False)
-                                    for i in range(cfg.num_encoder_layers)])
+    make_encoder = lambda i, rngs: Block(encoder_cfg, i, rngs=rngs, causal=False)
+    make_decoder = lambda i, rngs: DecoderBlock(cfg, i, rngs=rngs)
+    # Unscanned: one block per layer. Scanned: one per position in the repeating unit (the same
+    # period in both stacks), each stacked over its stack's units, as `Transformer`'s.
+    self.scan_layers = cfg.scan_layers
+    if cfg.scan_layers:
+      period = cfg.layer_period()
+      stack = lambda make, n: layer_scan.stacked_blocks(make, period, n // period, rngs)
+    else:
+      stack = lambda make, n: nnx.List([make(i, rngs) for i in range(n)])
+    self.encoder_blocks = stack(make_encoder, cfg.num_encoder_layers)
     self.encoder_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.decoder_blocks = nnx.List([DecoderBlock(cfg, i, rngs=rngs)
-                                    for i in range(cfg.num_layers)])
+    self.decoder_blocks = stack(make_decoder, cfg.num_layers)
     self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
@@ -68,6 +79,7 @@ class EncoderDecoder(nnx.Module):
     self.encoder_stat_dims = layer_stats.dims(encoder_cfg)  # K differs with expert choice.
     self.decoder_stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
+    self.remat = cfg.remat
 
   def constrain(self, x_BLD: jax.Array) -> jax.Array:
     """A residual stream [B, L, D] sharded by its logical names (batch, length, embed) on the
@@ -85,18 +97,36 @@ class EncoderDecoder(nnx.Module):
     [B, T, D], its stats stacked by `layer_stats.stack`)."""
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     x_BTD = self._embed(tokens_BT)
+    run_block = lambda block, x, pos, key, mask: block(x, pos, train=train, rng=key, mask_BL=mask)
+    x_BTD, stats = self._stack(self.encoder_blocks, run_block, x_BTD, positions_BT, rng, mask_BT,
+                               self.encoder_stat_dims)
+    return self.encoder_norm(x_BTD), stats
+
+  def _stack(self, blocks, block_fn, x_BLD, positions_BL, rng, mask_BL, stat_dims, extra=()):
+    """One stack's blocks over the residual stream [B, L, D] in layer order, each run by
+    `block_fn(block, x, positions, key, mask, *extra)` under `model.remat`, layer i drawing
+    `fold_in(rng, i)`; scanned or a loop (as `Transformer.__call__`). -> (x_BLD, stats
+    stacked by `layer_stats.stack`)."""
+    run_block = remat.wrap(block_fn, self.remat, in_scan=self.scan_layers)
+    if self.scan_layers:
+      return layer_scan.forward(blocks, run_block, x_BLD, positions_BL, rng, mask_BL,
+                                self.constrain, stat_dims, extra)
     per_layer = []
-    for i, block in enumerate(self.encoder_blocks):
+    for i, block in enumerate(blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BTD, report = block(x_BTD, positions_BT, train=train, rng=layer_rng, mask_BL=mask_BT)
-      x_BTD = self.constrain(x_BTD)
+      x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL, *extra)
+      x_BLD = self.constrain(x_BLD)
       per_layer.append(report)
-    return self.encoder_norm(x_BTD), layer_stats.stack(per_layer, self.encoder_stat_dims)
+    return x_BLD, layer_stats.stack(per_layer, stat_dims)
 
   def cross_caches(self, encoded_BTD: jax.Array, mask_BT: jax.Array) -> tuple[CrossCache, ...]:
     """Every decoder layer's cross-attention keys and values of one encoder output: computed
-    once per input, read by every decoding step."""
-    return tuple(block.cross.kv(encoded_BTD, mask_BT) for block in self.decoder_blocks)
+    once per input, read by every decoding step. Scanned: one per position in the unit, each
+    stacked over the units ([U, B, T, H, K]), as `decode` takes them."""
+    kv = lambda block, encoded, mask: block.cross.kv(encoded, mask)
+    if self.scan_layers:
+      return layer_scan.per_unit(self.decoder_blocks, kv, encoded_BTD, mask_BT)
+    return tuple(kv(block, encoded_BTD, mask_BT) for block in self.decoder_blocks)
 
   def __call__(self, encoder_tokens_BT: jax.Array, decoder_tokens_BL: jax.Array, *,
                train: bool = False, rng: jax.Array | None = None,
@@ -119,18 +149,19 @@ class EncoderDecoder(nnx.Module):
     encoder_rng, decoder_rng = (None, None) if rng is None else jax.random.split(rng)
     encoded_BTD, encoder_stats = self.encode(encoder_tokens_BT, encoder_mask_BT, train=train,
                                              rng=encoder_rng)
-    crosses = self.cross_caches(encoded_BTD, encoder_mask_BT)
     positions_BL = jnp.broadcast_to(jnp.arange(decoder_tokens_BL.shape[1]),
                                     decoder_tokens_BL.shape)
     x_BLD = self._embed(decoder_tokens_BL)
-    per_layer = []
-    for i, (block, cross) in enumerate(zip(self.decoder_blocks, crosses)):
-      layer_rng = None if decoder_rng is None else jax.random.fold_in(decoder_rng, i)
-      x_BLD, report = block(x_BLD, positions_BL, cross, train=train, rng=layer_rng,
-                            mask_BL=decoder_mask_BL)
-      x_BLD = self.constrain(x_BLD)
-      per_layer.append(report)
-    decoder_stats = layer_stats.stack(per_layer, self.decoder_stat_dims)
+
+    # Each block projects the encoder output (the same for every layer) to its own keys and
+    # values: inside the block, so that remat recomputes them and a scan stacks no caches.
+    def block_fn(block, x, pos, key, mask, encoded_BTD, encoder_mask_BT):
+      cross = block.cross.kv(encoded_BTD, encoder_mask_BT)
+      return block(x, pos, cross, train=train, rng=key, mask_BL=mask)
+
+    x_BLD, decoder_stats = self._stack(self.decoder_blocks, block_fn, x_BLD, positions_BL,
+                                       decoder_rng, decoder_mask_BL, self.decoder_stat_dims,
+                                       (encoded_BTD, encoder_mask_BT))
     stats = {**{layer_stats.key(k, 'encoder'): v for k, v in encoder_stats.items()},
              **{layer_stats.key(k, 'decoder'): v for k, v in decoder_stats.items()}}
     return self._logits(x_BLD), stats
@@ -144,17 +175,38 @@ class EncoderDecoder(nnx.Module):
     """Incremental decoder pass: logits [B, L, V] for L tokens that follow the cached ones.
 
     `caches`: one self-attention `KVCache` per decoder layer (`init_caches`); `crosses`: the
-    `cross_caches` of the encoded input. Call with the decoder prompt first, then one token
-    at a time; MoE layers route as in `Transformer.decode`.
+    `cross_caches` of the encoded input (both, when scanned, one per position in the unit,
+    stacked over the units). Call with the decoder prompt first, then one token at a time;
+    MoE layers route as in `Transformer.decode`.
     """
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
+    if self.scan_layers:
+      x_BLD, new_caches = layer_scan.decode(self.decoder_blocks, x_BLD, caches, crosses)
+      return self._logits(x_BLD), tuple(new_caches)
     new_caches = []
     for block, cache, cross in zip(self.decoder_blocks, caches, crosses):
       x_BLD, cache = block.decode(x_BLD, cache, cross)
       new_caches.append(cache)
     return self._logits(x_BLD), tuple(new_caches)
 
+  def unscanned(self) -> 'EncoderDecoder':
+    """This model with one block per layer in both stacks (a copy if scanned, else itself), as
+    `Transformer.unscanned`: same function and parameters."""
+    if not self.scan_layers:
+      return self
+    model = nnx.clone(self)
+    model.encoder_blocks = nnx.List(layer_scan.unstacked_blocks(self.encoder_blocks))
+    model.decoder_blocks = nnx.List(layer_scan.unstacked_blocks(self.decoder_blocks))
+    model.scan_layers = False
+    return model
+
 
 def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...]:
-  """Empty decoder self-attention caches for `length` positions, one per decoder layer."""
-  return tuple(KVCache.zeros(batch, length, cfg) for _ in range(cfg.num_layers))
+  """Empty decoder self-attention caches for `length` positions, one per decoder layer; with
+  `cfg.scan_layers`, one per position in the unit, stacked over the units ([U, B, T, H, K])."""
+  if not cfg.scan_layers:
+    return tuple(KVCache.zeros(batch, length, cfg) for _ in range(cfg.num_layers))
+  period = cfg.layer_period()
+  cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers // period, *x.shape)),
+                       KVCache.zeros(batch, length, cfg))
+  return (cache,) * period

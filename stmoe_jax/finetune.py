@@ -72,9 +72,9 @@ def _relayout(tree, source: Placement, target: Placement):
 
 def _source_module(path: str, source: Placement) -> str:
   """The checkpoint's module that holds (unit 0 of) this model's module `path`: block i is
-  layer i of either layout's first unit, block i % P of a scanned checkpoint's."""
+  layer i of either layout's first unit, block i % P of a scanned checkpoint's (in each stack)."""
   parts = path.split('/')
-  if source.model_cfg.scan_layers and parts[0] == 'blocks' and len(parts) > 1:
+  if source.model_cfg.scan_layers and parts[0] in layer_scan.STACKS and len(parts) > 1:
     parts[1] = str(int(parts[1]) % source.model_cfg.layer_period())
   return '/'.join(parts)
 

@@ -241,7 +241,10 @@ def _t5_tiny(**overrides):
                              'multiple of decoder length=8'),
     ({'attention.kind': 'local'}, "config.attention.kind='local' is invalid: expected 'dense'"),
     ({'attention.logit_z_loss_coef': 1e-4}, 'config.attention.logit_z_loss_coef=0.0001 is'),
-    ({'model.remat': 'full'}, "config.model.remat='full' is invalid: expected 'none' with"),
+    ({'model.scan_layers': True, 'model.num_encoder_layers': 3},
+     'config.model.num_encoder_layers=3 is invalid: expected a multiple of 2 with '
+     'model.scan_layers=True (the encoder scans over units of lcm(moe.every=2, '
+     'len(attention.layer_kinds))=2 layers)'),
     ({'data.seq_len': 1, 'moe.group_size': 1, 'moe.encoder_group_size': 1},
      'config.data.seq_len=1 is invalid: expected at least 2'),
     ({'model.architecture': 'decoder_only'}, "config.data.objective='span_corruption' is "
