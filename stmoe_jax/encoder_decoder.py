@@ -64,14 +64,9 @@ class EncoderDecoder(nnx.Module):
     # Unscanned: one block per layer. Scanned: one per position in the repeating unit (the same
     # period in both stacks), each stacked over its stack's units, as `Transformer`'s.
     self.scan_layers = cfg.scan_layers
-    if cfg.scan_layers:
-      period = cfg.layer_period()
-      stack = lambda make, n: layer_scan.stacked_blocks(make, period, n // period, rngs)
-    else:
-      stack = lambda make, n: nnx.List([make(i, rngs) for i in range(n)])
-    self.encoder_blocks = stack(make_encoder, cfg.num_encoder_layers)
+    self.encoder_blocks = layer_scan.make_stack(make_encoder, cfg.num_encoder_layers, cfg, rngs)
     self.encoder_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.decoder_blocks = stack(make_decoder, cfg.num_layers)
+    self.decoder_blocks = layer_scan.make_stack(make_decoder, cfg.num_layers, cfg, rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
@@ -207,6 +202,5 @@ def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...
   if not cfg.scan_layers:
     return tuple(KVCache.zeros(batch, length, cfg) for _ in range(cfg.num_layers))
   period = cfg.layer_period()
-  cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers // period, *x.shape)),
-                       KVCache.zeros(batch, length, cfg))
-  return (cache,) * period
+  return (layer_scan.stack_over_units(KVCache.zeros(batch, length, cfg),
+                                      cfg.num_layers // period),) * period

@@ -52,6 +52,22 @@ def stacked_blocks(make_block: Callable[[int, nnx.Rngs], nnx.Module], period: in
   return nnx.List([make(p, jax.random.split(rngs.params(), units)) for p in range(period)])
 
 
+def make_stack(make_block: Callable[[int, nnx.Rngs], nnx.Module], num_layers: int, cfg,
+               rngs: nnx.Rngs) -> nnx.List:
+  """A stack of `num_layers` blocks, `make_block(layer, rngs)` each: one Block per layer, or with
+  `cfg.scan_layers` (a `ModelConfig`) the P = `cfg.layer_period()` stacked blocks of
+  `stacked_blocks` (block p built as layer p: every unit repeats the first's kinds)."""
+  if not cfg.scan_layers:
+    return nnx.List([make_block(i, rngs) for i in range(num_layers)])
+  period = cfg.layer_period()
+  return stacked_blocks(make_block, period, num_layers // period, rngs)
+
+
+def stack_over_units(tree, units: int):
+  """`tree` (e.g. an empty KV cache) repeated over a leading units axis: [...] -> [U, ...]."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (units, *x.shape)), tree)
+
+
 def num_units(blocks: nnx.List) -> int:
   """U: the length of the stacked 'layers' axis of scanned `blocks`."""
   return jax.tree.leaves(nnx.state(blocks[0]))[0].shape[0]

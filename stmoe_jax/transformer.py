@@ -138,12 +138,8 @@ class Transformer(nnx.Module):
     # Unscanned: one Block per layer. Scanned (`layer_scan`): one per position in the repeating
     # unit, each stacked over the units.
     self.scan_layers = cfg.scan_layers
-    if cfg.scan_layers:
-      period = cfg.layer_period()
-      self.blocks = layer_scan.stacked_blocks(lambda p, rngs: Block(cfg, p, rngs=rngs), period,
-                                              cfg.num_layers // period, rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.blocks = layer_scan.make_stack(lambda i, rngs: Block(cfg, i, rngs=rngs), cfg.num_layers,
+                                        cfg, rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
     self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
                                 (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
@@ -264,6 +260,6 @@ def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...
     caches.append(KVCache.zeros(batch, slots, cfg, num_heads=1 if kind == 'head_routed' else None))
   if cfg.scan_layers:  # One cache per position in the unit, stacked over the units.
     units = cfg.num_layers // cfg.layer_period()
-    return tuple(jax.tree.map(lambda x: jnp.broadcast_to(x, (units, *x.shape)), c) for c in caches)
+    return tuple(layer_scan.stack_over_units(c, units) for c in caches)
   return tuple(caches)
 
