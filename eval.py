@@ -15,11 +15,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from stmoe_jax import checkpointing
-from stmoe_jax import entry_points
+from stmoe_jax.train import checkpointing
+from stmoe_jax.train import entry_points
 from stmoe_jax import errors
-from stmoe_jax import evaluation
-from stmoe_jax import sharding
+from stmoe_jax.train import evaluation
+from stmoe_jax.nn import sharding
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import input_pipeline
 

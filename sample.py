@@ -3,16 +3,16 @@ r"""Generates text from a train.py checkpoint with a KV cache (dropless MoE rout
   python sample.py --workdir=runs/default --prompt="def " --max_new_tokens=200
   python sample.py --workdir=runs/default --prompt="import " --temperature=0 --step=425
 
-Prints the prompt followed by the generated text. The logic lives in stmoe_jax.entry_points and
-stmoe_jax.sampling.
+Prints the prompt followed by the generated text. The logic lives in stmoe_jax.train.entry_points and
+stmoe_jax.models.sampling.
 """
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from stmoe_jax import checkpointing
-from stmoe_jax import entry_points
+from stmoe_jax.train import checkpointing
+from stmoe_jax.train import entry_points
 from stmoe_jax import errors
 from stmoe_jax.config import ConfigError
 

@@ -6,7 +6,7 @@ r"""Runs a grid of train.py runs, one after another, each in its own workdir und
     --set=num_train_steps=20 --root=runs/topk --dry_run    # print the commands only
 
 Finished runs are skipped, so rerunning resumes the sweep. Writes <root>/results.csv and
-<root>/results.md. The logic lives in stmoe_jax.sweep.
+<root>/results.md. The logic lives in stmoe_jax.analysis.sweep.
 """
 
 import sys
@@ -14,7 +14,7 @@ import sys
 from absl import app
 from absl import flags
 
-from stmoe_jax import sweep
+from stmoe_jax.analysis import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'train.py --config value: path[:arg].')
 _SWEEP = flags.DEFINE_multi_string('sweep', [], 'field=v1,v2,...; one flag per sweep axis.')

@@ -8,7 +8,7 @@ Multi-host (README "Scaling out"): run the same command on every host, adding
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I   anywhere else
 (or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 
-The logic lives in stmoe_jax.train_lib so that notebooks can import it.
+The logic lives in stmoe_jax.train.train_lib so that notebooks can import it.
 """
 
 import os
@@ -20,11 +20,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from stmoe_jax import checkpointing
+from stmoe_jax.train import checkpointing
 from stmoe_jax import errors
-from stmoe_jax import guards
-from stmoe_jax import train_lib
-from stmoe_jax import workdir
+from stmoe_jax.train import guards
+from stmoe_jax.train import train_lib
+from stmoe_jax.train import workdir
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import input_pipeline
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from stmoe_jax import transformer
+from stmoe_jax.models import transformer
 from stmoe_jax.config import AttentionConfig, ModelConfig
 
 ALL_KINDS = ('dense', 'local', 'strided', 'block_sparse', 'head_routed')

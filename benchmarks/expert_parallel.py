@@ -41,7 +41,7 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import default, tiny  # pylint: disable=g-import-not-at-top
-  from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   from benchmarks.train_step import random_batch  # pylint: disable=g-import-not-at-top
 
   for dispatch in args.dispatch.split(','):

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, __file__.rsplit('/benchmarks/', 1)[0])
-from stmoe_jax import grouped_matmul  # noqa: E402
+from stmoe_jax.moe import grouped_matmul  # noqa: E402
 from stmoe_jax.config import MoeConfig, ModelConfig  # noqa: E402
-from stmoe_jax.experts import Mlp  # noqa: E402
-from stmoe_jax.moe import MoeLayer  # noqa: E402
+from stmoe_jax.moe.experts import Mlp  # noqa: E402
+from stmoe_jax.moe.layer import MoeLayer  # noqa: E402
 
 
 def timed(fn, *args, repeats: int) -> float:

@@ -5,7 +5,7 @@ r"""Where a train step's time goes: a jax.profiler trace of a few steps, summed 
   python benchmarks/profile_step.py --quick                             # configs/tiny.py
 
 Prints JSON lines: one `step` record (median seconds per step outside the profiler, XLA's
-`cost_analysis()` FLOPs of the compiled step, model FLOPs from `stmoe_jax.flops`), then one
+`cost_analysis()` FLOPs of the compiled step, model FLOPs from `stmoe_jax.models.flops`), then one
 `op_kind` record per kind of XLA op (the op's name without its numeric suffix: `ynn_fusion`
 and `dot` are matmuls, `*_fusion` elementwise and layout work) with its milliseconds per step
 and count, largest first, and finally the share of traced op time spent in matmuls. The trace
@@ -31,9 +31,9 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.train_step import apply_override, random_batch  # noqa: E402
-from stmoe_jax import flops  # noqa: E402
-from stmoe_jax import sweep  # noqa: E402
-from stmoe_jax import train_lib  # noqa: E402
+from stmoe_jax.models import flops  # noqa: E402
+from stmoe_jax.analysis import sweep  # noqa: E402
+from stmoe_jax.train import train_lib  # noqa: E402
 
 MATMUL_KINDS = ('ynn_fusion', 'dot', 'custom-call')  # XLA:CPU's matmul thunks.
 # Host-side events of the profiler and the runtime, not XLA ops.

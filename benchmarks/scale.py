@@ -90,9 +90,9 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from stmoe_jax import sharding  # pylint: disable=g-import-not-at-top
-  from stmoe_jax import sweep  # pylint: disable=g-import-not-at-top
-  from stmoe_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.nn import sharding  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.analysis import sweep  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.train import train_lib  # pylint: disable=g-import-not-at-top
   from benchmarks.train_step import apply_override  # pylint: disable=g-import-not-at-top
 
   config = sweep.load_config_file(args.config)

@@ -11,7 +11,7 @@ r"""Whole-model train-step throughput: MoE configs vs dense configs of equal act
 `moe_over_dense_tokens_per_sec` line per MoE config.
 
 Prints one JSON line per config: seconds per step (median of --steps after two warm-up steps),
-tokens/s, model FLOPs per token (`stmoe_jax.flops`: active parameters and attention, training =
+tokens/s, model FLOPs per token (`stmoe_jax.models.flops`: active parameters and attention, training =
 3x forward) and model FLOPs utilisation against the device's datasheet peak when known (GPU,
 TPU) and against a plain matmul measured in this process (`mfu_vs_measured_matmul`, the only
 peak a CPU has). The last line is the MoE/dense tokens/s ratio. Uses random tokens: the
@@ -36,9 +36,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import default, dense, tiny  # noqa: E402
-from stmoe_jax import flops  # noqa: E402
-from stmoe_jax import sweep  # noqa: E402
-from stmoe_jax import train_lib  # noqa: E402
+from stmoe_jax.models import flops  # noqa: E402
+from stmoe_jax.analysis import sweep  # noqa: E402
+from stmoe_jax.train import train_lib  # noqa: E402
 
 
 def measured_matmul_peak(d: int, dtype) -> float:

@@ -17,21 +17,11 @@ stays light):
   sample_workdir(workdir, prompt, n)        prompt + generated text from a checkpoint
   plot                                      PNG plots of runs, routing plots for notebooks
 
-Modules, in reading order: routing (routers and their registry, router losses, telemetry),
-gating (scores, noise, group-limited top-k, later-choice policies), dispatch (einsum, scatter,
-dropless and their registry), experts (batched expert FFNs), grouped_matmul (dropless matmuls),
-moe (route -> dispatch -> experts -> combine), expert_parallel, layers (parameters with logical
-axes, buffers, RMSNorm, rotary), attention, sparse_attention, head_routing, layer_stats (the
-per-layer stats), remat (per-block rematerialization), layer_scan (scan over layers),
-transformer, encoder_decoder (+ seq2seq_losses), config (frozen model configs; config_schema,
-config_validation), sharding (logical axes -> mesh), data (stdlib corpora, grain pipelines,
-span corruption, tasks, your own files), losses, model_factory (config -> model family),
-trainable (which parameters train), finetune (init_from, sparse upcycling), train_state
-(optimizer, state, placement on the mesh), train_lib, guards, evaluation, checkpointing,
-entry_points (config.json and its history, restoring for eval.py and sample.py), workdir
-(writable checks, the one-run lock), errors (one-line errors at the entry points), metrics
-(metrics.jsonl + TensorBoard), flops, sampling, byte_classes + specialization (+
-specialization_report: what each expert learned), plot, sweep.
+Subpackages, from the bottom up (each one imports only those before it): `config` (option
+declarations, frozen model configs, validation), `nn` (layers, attention), `moe` (routing,
+dispatch, experts, the MoE layer), `data` (corpora, pipelines, tasks), `models` (model families,
+losses, sampling, FLOPs), `train` (the loop, state, checkpoints, evaluation), `analysis`
+(specialization, plots, sweeps).
 """
 
 import importlib
@@ -39,24 +29,32 @@ import importlib
 _EXPORTS = {
     'ConfigError': 'config', 'ModelConfig': 'config', 'MoeConfig': 'config',
     'model_config': 'config', 'validate': 'config',
-    'Transformer': 'transformer', 'EncoderDecoder': 'encoder_decoder',
-    'Trainer': 'train_lib', 'train_and_evaluate': 'train_lib', 'get_model': 'model_factory',
-    'load_config': 'entry_points', 'evaluate_workdir': 'entry_points',
-    'load_checkpoint': 'entry_points', 'sample_workdir': 'entry_points', 'Sampler': 'sampling',
-    'make_sampler': 'sampling',
-    'MetricsWriter': 'metrics',
+    'Transformer': 'models.transformer', 'EncoderDecoder': 'models.encoder_decoder',
+    'Trainer': 'train.train_lib', 'train_and_evaluate': 'train.train_lib',
+    'get_model': 'models.factory',
+    'load_config': 'train.entry_points', 'evaluate_workdir': 'train.entry_points',
+    'load_checkpoint': 'train.entry_points', 'sample_workdir': 'train.entry_points',
+    'Sampler': 'models.sampling', 'make_sampler': 'models.sampling',
+    'MetricsWriter': 'train.metrics',
 }
-_SUBMODULES = ('plot', 'sweep', 'flops', 'sampling', 'train_lib', 'evaluation', 'metrics',
-               'entry_points')
+# Modules reachable as attributes (`stmoe_jax.plot.plot_losses(...)` in a notebook).
+_SUBMODULES = {'plot': 'analysis.plot', 'sweep': 'analysis.sweep', 'flops': 'models.flops',
+               'sampling': 'models.sampling', 'train_lib': 'train.train_lib',
+               'evaluation': 'train.evaluation', 'metrics': 'train.metrics',
+               'entry_points': 'train.entry_points'}
 
-__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+_PACKAGES = ('config', 'nn', 'moe', 'data', 'models', 'train', 'analysis')
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, *_PACKAGES])
 
 
 def __getattr__(name):
   if name in _EXPORTS:
     return getattr(importlib.import_module(f'stmoe_jax.{_EXPORTS[name]}'), name)
-  if name in _SUBMODULES:
+  if name in _PACKAGES:
     return importlib.import_module(f'stmoe_jax.{name}')
+  if name in _SUBMODULES:
+    return importlib.import_module(f'stmoe_jax.{_SUBMODULES[name]}')
   raise AttributeError(f'module stmoe_jax has no attribute {name!r}')
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import tiny
-from stmoe_jax import train_lib
+from stmoe_jax.train import train_lib
 from stmoe_jax.data import input_pipeline
 
 # The run both sides train: tiny, 8 experts over all 8 devices (the all-to-all crosses the

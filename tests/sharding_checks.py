@@ -17,8 +17,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
-from stmoe_jax import losses
-from stmoe_jax import train_lib
+from stmoe_jax.models import losses
+from stmoe_jax.train import train_lib
 from stmoe_jax.config import ConfigError
 
 MESHES = [{'data': 8}, {'expert': 8}, {'data': 2, 'expert': 4},

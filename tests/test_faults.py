@@ -21,13 +21,13 @@ import pytest
 import tensorstore as ts
 
 from configs import tiny
-from stmoe_jax import checkpointing
-from stmoe_jax import entry_points
+from stmoe_jax.train import checkpointing
+from stmoe_jax.train import entry_points
 from stmoe_jax import errors
-from stmoe_jax import evaluation
-from stmoe_jax import guards
-from stmoe_jax import train_lib
-from stmoe_jax import workdir as workdir_lib
+from stmoe_jax.train import evaluation
+from stmoe_jax.train import guards
+from stmoe_jax.train import train_lib
+from stmoe_jax.train import workdir as workdir_lib
 from stmoe_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,8 +1,12 @@
 """The stmoe_jax module graph has no cycle, counting imports inside functions.
 
 Read from the source with `ast` (nothing is imported): an edge A -> B for every `import B` or
-`from B import x` anywhere in A, plus A -> its parent packages, whose `__init__` Python runs
-first. An import inside a function to dodge a cycle is still a cycle.
+`from B import x` anywhere in A, and to the packages above B, whose `__init__` Python runs
+first. An import inside a function to dodge a cycle is still a cycle. A module's own parent
+package is no edge: that package is already importing when the module runs.
+
+The subpackages form layers, each importing only those below it (`LAYERS`); the library never
+imports the experiments in configs/.
 """
 
 import ast
@@ -47,9 +51,8 @@ def import_graph() -> dict[str, set[str]]:
       parts = target.split('.')
       # A module imports every package above it (their __init__ runs first).
       edges.update('.'.join(parts[:i]) for i in range(1, len(parts) + 1))
-    parts = module.split('.')
-    edges.update('.'.join(parts[:i]) for i in range(1, len(parts)))
-    graph[module] = {m for m in edges if m in modules and m != module}
+    parents = {module.rsplit('.', i)[0] for i in range(1, module.count('.') + 1)}
+    graph[module] = {m for m in edges if m in modules and m != module and m not in parents}
   return graph
 
 
@@ -87,10 +90,47 @@ def test_find_cycle_sees_a_cycle():
 
 def test_the_graph_reads_imports_inside_functions():
   graph = import_graph()
-  assert 'stmoe_jax.routing' in graph['stmoe_jax.moe']
-  assert 'stmoe_jax.data' in graph['stmoe_jax.data.tokenizer']  # The package runs first.
+  assert 'stmoe_jax.moe.routing' in graph['stmoe_jax.moe.layer']
+  assert 'stmoe_jax.data' in graph['stmoe_jax.models.losses']  # The package runs first.
 
 
 def test_stmoe_jax_has_no_import_cycle():
   cycle = find_cycle(import_graph())
   assert cycle is None, 'import cycle: ' + ' -> '.join(cycle)
+
+
+# Bottom to top; `errors` is a leaf every layer may use.
+LAYERS = ('stmoe_jax.errors', 'stmoe_jax.config', 'stmoe_jax.nn', 'stmoe_jax.moe',
+          'stmoe_jax.data', 'stmoe_jax.models', 'stmoe_jax.train', 'stmoe_jax.analysis')
+
+
+def _layer(module: str) -> int | None:
+  for i, prefix in enumerate(LAYERS):
+    if module == prefix or module.startswith(prefix + '.'):
+      return i
+  return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+  """(importer, imported) pairs where a module imports a layer above its own."""
+  return sorted((a, b) for a, targets in graph.items() for b in targets
+                if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a))
+
+
+def test_upward_imports_are_found():
+  assert upward_imports({'stmoe_jax.nn.layers': {'stmoe_jax.train.metrics'}}) == [
+      ('stmoe_jax.nn.layers', 'stmoe_jax.train.metrics')]
+
+
+def test_subpackages_import_only_the_layers_below_them():
+  assert upward_imports(import_graph()) == []
+
+
+def test_the_library_never_imports_the_experiments():
+  for module, path in _modules().items():
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+      assert not any(n == 'configs' or n.startswith('configs.') for n in names), module

@@ -8,9 +8,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import common, default, stmoe, switch
-from stmoe_jax import flops
+from stmoe_jax.models import flops
 from stmoe_jax.config import model_config, validate
-from stmoe_jax.transformer import Transformer
+from stmoe_jax.models.transformer import Transformer
 
 
 def load_via_flag(*argv):

@@ -22,9 +22,9 @@ import optax
 import pytest
 
 from configs import tiny
-from stmoe_jax import guards
-from stmoe_jax import train_lib
-from stmoe_jax import entry_points
+from stmoe_jax.train import guards
+from stmoe_jax.train import train_lib
+from stmoe_jax.train import entry_points
 from stmoe_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

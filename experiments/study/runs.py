@@ -20,7 +20,7 @@ import numpy as np
 
 from configs import moe_vs_dense
 from experiments.study import plan
-from stmoe_jax import sweep  # Imports no JAX: the driver stays light.
+from stmoe_jax.analysis import sweep  # Imports no JAX: the driver stays light.
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -131,7 +131,7 @@ def measure_throughput(arms: list[str], size: str, root: str, core: str) -> dict
 def parameter_counts(config) -> tuple[int, int]:
   """(total parameters, parameters a token's forward pass uses), embeddings included."""
   import jax  # pylint: disable=g-import-not-at-top  (the study's driver needs no JAX otherwise)
-  from stmoe_jax import model_factory  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.models import factory as model_factory  # pylint: disable=g-import-not-at-top
   from stmoe_jax.config import model_config  # pylint: disable=g-import-not-at-top
 
   model_cfg = model_config(config)
