@@ -29,7 +29,7 @@ scratch. Encoder inputs grow to 128 bytes (tiny, small), which makes the decoder
 
 from configs import common
 from configs import default
-from stmoe_jax.config import TASKS
+from stmoe_jax.data.tasks import TASKS
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 

@@ -23,7 +23,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout holding train.py, which each run executes.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Final metrics reported per run: (column, record kind, key).
 RESULT_COLUMNS = (('train_loss', 'train', 'loss'), ('eval_loss', 'eval', 'loss'),
                   ('bits_per_byte', 'eval', 'bits_per_byte'), ('accuracy', 'eval', 'accuracy'))
@@ -44,8 +45,6 @@ def load_config_file(config_arg: str):
   path, _, arg = config_arg.partition(':')
   if not os.path.exists(path):
     raise FileNotFoundError(f'config file {path!r} not found')
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # Preset configs import `configs.default`.
   spec = importlib.util.spec_from_file_location('sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

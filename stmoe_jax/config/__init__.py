@@ -1,29 +1,30 @@
-"""The one factory from ConfigDict to frozen model configs, and a saved run's config.
+"""Options, their registries, and the frozen model configs the modules take.
 
-Modules never read the ml_collections config: `model_config(config)` turns it into the frozen
-`ModelConfig`/`MoeConfig` dataclasses they take. `validate(config)` checks every field the
-library reads and raises `ConfigError` with one line naming the field, before anything compiles.
-A run's config.json is read back with `with_defaults` and must pass `check_resumable`.
+Every option is declared once (`options.Option`: type, default, domain, one-line doc), the core
+ones in `schema`, each extension's with its registry entry. From the declarations:
+`defaults()` is the config every preset starts from, `validate(config)` checks every field and
+raises `ConfigError` with one line naming it, before anything compiles, and docs/options.md is
+written (`python -m stmoe_jax.config.reference`). Modules never read the ml_collections config:
+`model_config(config)` turns it into the frozen `ModelConfig` (with `MoeConfig` and
+`AttentionConfig`). A run's config.json is read back with `with_defaults` and must pass
+`check_resumable`.
 
-The dataclasses and the field schema live in `config_schema`, the checks in
-`config_validation`; every config name is imported from here.
+This layer imports nothing of the library above it; `options.load_library` imports the modules
+that declare options by name when a table is first read.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 
 import ml_collections
 
-from stmoe_jax.config import schema as config_schema
+from stmoe_jax.config import options
 # pylint: disable=unused-import
-from stmoe_jax.config.schema import (ATTENTION_KINDS, AttentionConfig, ModelConfig, MoeConfig,
-                                     layer_period)
-from stmoe_jax.config.validation import (ACTIVATIONS, ARCHITECTURES, EXTRA_DENSE_FFN,
-                                         GROUPED_MATMULS, NONFINITE_TERMS, TASKS, TRAINABLE,
-                                         parse_init_from, routing_groups_per_batch, validate)
+from stmoe_jax.config.options import defaults
+from stmoe_jax.config.schema import AttentionConfig, ModelConfig, MoeConfig, layer_period
+from stmoe_jax.config.validation import parse_init_from, validate
 from stmoe_jax.errors import ConfigError
 # pylint: enable=unused-import
 
@@ -32,34 +33,33 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the frozen ModelConfig from `config.model`, `config.moe` and `config.attention`
   (validated first)."""
   validate(config)
-  # A config.json stores tuples as lists; the frozen config keeps them hashable.
-  moe = MoeConfig(**{f.name: (tuple(v) if isinstance(v := config.moe[f.name], list) else v)
-                     for f in dataclasses.fields(MoeConfig)})
-  attention = AttentionConfig(**{f.name: config.attention[f.name]
-                                 for f in dataclasses.fields(AttentionConfig)})
-  fields = [f.name for f in dataclasses.fields(ModelConfig)
-            if f.name not in ('moe', 'attention', 'mesh_rules')]
-  return ModelConfig(**{name: config.model[name] for name in fields}, moe=moe,
-                     attention=attention)
+  section = lambda cls: cls(**{name: config[cls.SECTION][name]
+                               for name in options.section_options(cls.SECTION)})
+  fields = {name: config.model[name] for name in options.section_options('model')}
+  return ModelConfig(**fields, moe=section(MoeConfig), attention=section(AttentionConfig))
 
 
-def with_defaults(saved: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
+def with_defaults(saved: ml_collections.ConfigDict
                   ) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """A copy of `saved` with every schema field it lacks taken from `defaults`, and the dotted
-  names of those fields: a run's config.json written before a field existed still loads. Fields
-  `saved` has that the schema does not know are kept, for `validate` to refuse."""
+  """A copy of `saved` with every option it lacks at its declared default, and the dotted names
+  of those options: a run's config.json written before an option existed still loads (an option
+  is added with the default that keeps earlier behaviour). Fields `saved` has that no option
+  declares are kept, for `validate` to refuse."""
   config = copy.deepcopy(saved)
+  base = defaults()
   added = []
-
-  def fill(node, default, schema, prefix):
-    for key, expected in schema.items():
-      if key not in node:
-        node[key] = copy.deepcopy(default[key])
-        added.append(prefix + key)
-      elif isinstance(expected, dict) and config_schema.type_ok(node[key], dict):
-        fill(node[key], default[key], expected, f'{prefix}{key}.')
-
-  fill(config, defaults, config_schema.schema(), '')
+  for name in options.all_options():
+    node, base_node, parts = config, base, name.split('.')
+    for part in parts[:-1]:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      if not options.type_ok(node[part], dict):
+        break  # A mistyped section: `validate` names it.
+      node, base_node = node[part], base_node[part]
+    else:
+      if parts[-1] not in node:
+        node[parts[-1]] = copy.deepcopy(base_node[parts[-1]])
+        added.append(name)
   return config, added
 
 

@@ -1,9 +1,13 @@
-"""The fields of a config and their types.
+"""The core options and the frozen configs the modules take.
 
-`model`, `moe` and `attention` are the frozen dataclasses the modules take (`ModelConfig` holds
-`MoeConfig` and `AttentionConfig`; `config.model_config` builds them); every other section is
-listed in `_FIELDS`. `schema()` joins both into the one table that `config_validation` checks a
-config against and `config.with_defaults` fills an old config.json from.
+`ModelConfig` (holding `MoeConfig` and `AttentionConfig`) is what every module reads: a frozen,
+hashable record whose fields are the options declared for its section, each at its declared
+default unless set. `config.model_config(config)` builds one from a run's ConfigDict; tests and
+notebooks build them by hand (`MoeConfig(num_experts=4)`). `dataclasses.replace` and
+`dataclasses.fields` work on them.
+
+The options below are the core: read whatever router, dispatch path, attention kind or model
+family is selected. Each extension's own options are declared with its registry entry.
 """
 
 from __future__ import annotations
@@ -12,53 +16,80 @@ import dataclasses
 import math
 import typing
 
-import ml_collections
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option, Range, Satisfies
+
+POSITIVE = Range(1)
+NON_NEGATIVE = Range(0)
+OFF_OR_MORE = Range(0, note='0 = off')
+UNIT = Range(0, 1, high_open=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class MoeConfig:
-  """Mixture-of-experts settings; see configs/default.py for what each field means."""
-  enabled: bool = True
-  every: int = 2
-  num_experts: int = 8
-  top_k: int = 2
-  expert_d_ff: int = 512
-  group_size: int = 1024
-  router: str = 'tokens_choose'
-  dispatch: str = 'scatter'
-  grouped_matmul: str = 'auto'
-  train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  capacity_scaled_by_k: bool = True
-  min_capacity: int = 4
-  renormalize_gates: bool = True
-  second_expert_threshold: float = 0.0
-  batch_prioritized_routing: bool = False
-  router_jitter: float = 0.0
-  bias_balancer_rate: float = 0.0
-  num_shared_experts: int = 0
-  shared_expert_d_ff: int = 0
-  expert_dropout: float = 0.0
-  extra_dense_ffn: str = 'none'
-  aux_loss_coef: float = 1e-2
-  z_loss_coef: float = 1e-3
-  encoder_router: str = ''
-  encoder_batch_prioritized_routing: bool = False
-  encoder_group_size: int = 0
-  score_fn: str = 'softmax'
-  routed_scaling_factor: float = 1.0
-  n_groups: int = 1
-  topk_groups: int = 1
-  seq_aux_loss_coef: float = 0.0
-  router_noise: str = 'none'
-  importance_loss_coef: float = 0.0
-  load_loss_coef: float = 0.0
-  second_policy_train: str = 'random'
-  second_policy_eval: str = 'threshold'
-  threshold_train: tuple = ()
-  threshold_eval: tuple = ()
-  hierarchy: tuple = ()
-  hierarchy_outer_k: int = 1
+class Section:
+  """Frozen record of one config section; fields are the options declared for `SECTION`.
+
+  Unset fields take their declared defaults when built. Behaves as a frozen dataclass for
+  `dataclasses.replace`/`fields`, `==` and `hash` (jit keys on it).
+  """
+  SECTION: typing.ClassVar[str] = ''
+  NESTED: typing.ClassVar[dict[str, typing.Any]] = {}  # Non-option fields and their defaults.
+
+  def __init__(self, **values):
+    options.load_library()  # Every option of the section declared, whoever declares it.
+    declared = options.section_options(self.SECTION)
+    fields = {**{name: o.default for name, o in declared.items()}, **self._nested_defaults()}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+      raise TypeError(f'{type(self).__name__} has no field {unknown[0]!r} (no option '
+                      f'{self.SECTION}.{unknown[0]} is declared)')
+    for name, value in values.items():  # A config.json stores tuples as lists.
+      if isinstance(value, list) and name in declared and declared[name].type is tuple:
+        values[name] = tuple(value)
+    object.__setattr__(self, '_values', {**fields, **values})
+
+  def _nested_defaults(self) -> dict:
+    return {name: (make() if callable(make) else make) for name, make in self.NESTED.items()}
+
+  def __getattr__(self, name):
+    try:
+      return self.__dict__['_values'][name]
+    except KeyError:
+      raise AttributeError(f'{type(self).__name__} has no field {name!r}') from None
+
+  def __setattr__(self, name, value):
+    raise dataclasses.FrozenInstanceError(f'cannot assign to field {name!r}')
+
+  def __eq__(self, other):
+    return type(other) is type(self) and other._values == self._values
+
+  def __hash__(self):
+    return hash((type(self).__name__, tuple(sorted(self._values.items()))))
+
+  def __repr__(self):
+    return f'{type(self).__name__}({", ".join(f"{k}={v!r}" for k, v in self._values.items())})'
+
+  def __reduce__(self):
+    return (_rebuild, (type(self), dict(self._values)))
+
+  @property
+  def __dataclass_fields__(self):  # So that dataclasses.replace and dataclasses.fields work.
+    fields = {}
+    for name in self._values:
+      field = dataclasses.field()
+      field.name, field._field_type = name, dataclasses._FIELD  # pylint: disable=protected-access
+      fields[name] = field
+    return fields
+
+
+def _rebuild(cls, values):
+  instance = object.__new__(cls)
+  object.__setattr__(instance, '_values', values)
+  return instance
+
+
+class MoeConfig(Section):
+  """The `moe` section: mixture-of-experts settings (docs/options.md)."""
+  SECTION = 'moe'
 
   @property
   def shared_d_ff(self) -> int:
@@ -70,25 +101,9 @@ class MoeConfig:
     return self.every > 0 and layer % self.every == self.every - 1
 
 
-ATTENTION_KINDS = ('dense', 'local', 'strided', 'block_sparse', 'head_routed')
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  """Attention kind per layer and each kind's settings; see configs/default.py `attention`."""
-  kind: str = 'dense'
-  layer_kinds: str = ''
-  block_size: int = 64
-  window: int = 256
-  stride: int = 64
-  num_local_blocks: int = 3
-  num_global_blocks: int = 1
-  head_top_k: int = 2
-  head_capacity_factor: float = 2.0
-  head_aux_loss_coef: float = 1e-2
-  head_z_loss_coef: float = 1e-3
-  logit_z_loss_coef: float = 0.0
-  query_chunk: int = 256
+class AttentionConfig(Section):
+  """The `attention` section: the attention kind per layer and each kind's settings."""
+  SECTION = 'attention'
 
   def layer_kind(self, layer: int) -> str:
     """The attention kind of `layer` (0-based): `layer_kinds` cycled over layers, else `kind`."""
@@ -105,32 +120,13 @@ def layer_period(moe_every: int, attention_layer_kinds: str) -> int:
   return math.lcm(moe_every or 1, kinds)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Transformer settings; see configs/default.py for what each field means.
+class ModelConfig(Section):
+  """The `model` section with its `moe` and `attention` sections: what the modules take.
 
-  The field defaults describe a mid-size reference model for building modules by hand (the
-  benchmarks and tests do), not configs/default.py's values: a run's ModelConfig comes from its
-  ConfigDict through `config.model_config`."""
-  vocab_size: int = 259
-  d_model: int = 256
-  num_layers: int = 4
-  num_heads: int = 4
-  head_dim: int = 64
-  d_ff: int = 1024
-  activation: str = 'geglu'
-  rope_max_wavelength: float = 10_000
-  init_scale: float = 0.1
-  dtype: str = 'float32'
-  architecture: str = 'decoder_only'
-  num_encoder_layers: int = 0
-  param_dtype: str = 'float32'
-  remat: str = 'none'
-  scan_layers: bool = False
-  moe: MoeConfig = MoeConfig()
-  attention: AttentionConfig = AttentionConfig()
-  # Not a config field: the Trainer sets a `sharding.MeshRules` here (None = one device).
-  mesh_rules: typing.Any = None
+  `mesh_rules` is no option: the Trainer sets a `sharding.MeshRules` there (None = one device).
+  """
+  SECTION = 'model'
+  NESTED = {'moe': MoeConfig, 'attention': AttentionConfig, 'mesh_rules': None}
 
   def ffn_kind(self, layer: int) -> str:
     """'moe' for a sparse layer, 'dense' otherwise; 'dense_matched' replaces MoE when disabled."""
@@ -167,45 +163,119 @@ class ModelConfig:
         group_size=moe.encoder_group_size or moe.group_size))
 
 
-# Every field outside `model`/`moe`/`attention` (those are the dataclasses above) and its type;
-# `validate` refuses unknown, missing and mistyped fields. A new config field must be added here.
-_FIELDS = {
-    'seed': int,
-    'data': {'name': str, 'data_dir': str, 'feature_key': str, 'train_split': str,
-             'eval_split': str, 'seq_len': int, 'objective': str, 'noise_density': float,
-             'mean_noise_span_length': float, 'task': str},
-    'opt': {'name': str, 'lr': float, 'warmup_steps': int, 'schedule': str,
-            'final_lr_fraction': float, 'decay_fraction': float, 'b1': float, 'b2': float, 'weight_decay': float,
-            'grad_clip_norm': float},
-    'mesh': dict, 'logical_axis_rules': list,
-    'batch_size': int, 'num_train_steps': int, 'stop_at_step': int, 'log_every_steps': int,
-    'eval_every_steps': int, 'eval_batches': int, 'checkpoint_every_steps': int,
-    'keep_checkpoints': int, 'on_nonfinite': str, 'loss_spike_factor': float,
-    'eval_sample_tokens': int, 'eval_sample_prompt': str, 'peak_flops_per_device': float,
-    'debug': {'nan_at_step': int, 'nan_term': str, 'step_sleep_s': float},
-    'init_from': str, 'finetune': {'trainable': str},
-}
-TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
-              dict: 'a dict', list: 'a list', tuple: 'a tuple'}
-
-
-def schema() -> dict:
-  """{field: type, or section: {field: type}} of every config field, in check order."""
-  sections = {'model': ModelConfig, 'moe': MoeConfig, 'attention': AttentionConfig}
-  dataclass_fields = {name: {f: t for f, t in typing.get_type_hints(cls).items()
-                             if f not in ('moe', 'attention', 'mesh_rules')}
-                      for name, cls in sections.items()}
-  return {**_FIELDS, **dataclass_fields}
-
-
-def type_ok(value, expected: type) -> bool:
-  """Whether `value` is a config value of type `expected` (a `schema()` leaf)."""
-  if expected is float:  # An int is a fine float (lr=1); a bool is neither.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if expected is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  if expected is dict:
-    return isinstance(value, (dict, ml_collections.ConfigDict))
-  if expected in (list, tuple):
-    return isinstance(value, (list, tuple))
-  return isinstance(value, expected)
+# The defaults of `model`, `moe` and `attention` describe a mid-size reference model for
+# building modules by hand; configs/default.py sizes the embedded run down from them.
+options.declare(
+    Option('seed', int, 0, 'Parameter init, data order, router noise; a run is reproducible '
+           'from it.', Range(0, 2**32 - 1)),
+    # data
+    Option('data.name', str, 'stdlib_py', "TFDS dataset, optionally 'name:version'; "
+           "'stdlib_py' is built locally from the Python stdlib."),
+    Option('data.data_dir', str, '', "TFDS data dir; '' = the TFDS default "
+           '(~/tensorflow_datasets).'),
+    Option('data.feature_key', str, 'text', 'Which string feature of each example to train on.'),
+    Option('data.train_split', str, 'train', 'TFDS split to train on.'),
+    Option('data.eval_split', str, 'validation', 'TFDS split of the periodic eval and eval.py.'),
+    Option('data.seq_len', int, 64, 'Tokens (bytes) per training sequence (the encoder input '
+           'under span corruption).', POSITIVE),
+    # model
+    Option('model.vocab_size', int, 259, '256 bytes + pad/bos/eos (data/tokenizer.py).',
+           POSITIVE),
+    Option('model.d_model', int, 256, 'Width of the residual stream.', POSITIVE),
+    Option('model.num_layers', int, 4, "Transformer blocks (the decoder's, for "
+           'encoder_decoder).', POSITIVE),
+    Option('model.num_heads', int, 4, 'Attention heads per layer.', POSITIVE),
+    Option('model.head_dim', int, 64, "Width of each head's queries, keys and values (even: "
+           'rotary pairs).', Satisfies(lambda d: d > 0 and d % 2 == 0,
+                                       'a positive even number (rotary pairs)')),
+    Option('model.d_ff', int, 1024, 'Hidden width of the dense FFN layers.', POSITIVE),
+    Option('model.activation', str, 'geglu', 'FFN and expert activation (ST-MoE: '
+           'geglu_mult_bias).', OneOf(('gelu', 'geglu', 'geglu_mult_bias'))),
+    Option('model.rope_max_wavelength', float, 10_000, 'Longest rotary wavelength, in '
+           'positions (RoFormer).', Range(1)),
+    Option('model.init_scale', float, 0.1, 'Switch Transformer init: truncated normal, std '
+           'sqrt(init_scale / fan_in).', Range(0, low_open=True)),
+    Option('model.dtype', str, 'float32', 'Activation/compute dtype; the router computes in '
+           'float32.', OneOf(('float32', 'bfloat16'))),
+    Option('model.param_dtype', str, 'float32', "Storage of parameters and optimizer state; "
+           "'bfloat16' halves them.", OneOf(('float32', 'bfloat16'))),
+    Option('model.scan_layers', bool, False, 'Scan over the repeating unit of layers: compile '
+           'time flat in depth.'),
+    # moe
+    Option('moe.enabled', bool, True, 'False: every MoE layer becomes a dense FFN of width '
+           'top_k * expert_d_ff (the equal-active-FLOPs twin).'),
+    Option('moe.every', int, 2, 'Layer i is MoE when i % every == every - 1 (every=2: layers 1, '
+           '3, ...).', Range(0, note='0 = no MoE layers')),
+    Option('moe.num_experts', int, 8, 'Experts per MoE layer (a multiple of mesh.expert).',
+           POSITIVE),
+    Option('moe.top_k', int, 2, 'Choices per token: 1 = Switch, 2 = ST-MoE/GShard, 8 of 64 '
+           'narrow experts = fine-grained.', POSITIVE),
+    Option('moe.expert_d_ff', int, 512, 'Hidden width of each expert.', POSITIVE),
+    Option('moe.group_size', int, 1024, 'Tokens per routing group: capacity and balance are '
+           'computed per group.', POSITIVE),
+    Option('moe.renormalize_gates', bool, True, 'Combine weights renormalised over the chosen k '
+           '(no effect at k=1).'),
+    Option('moe.batch_prioritized_routing', bool, False, 'Capacity to the most confident tokens '
+           'first (V-MoE); non-causal, so for encoders only.'),
+    Option('moe.router_jitter', float, 0.0, 'Multiplicative uniform jitter on router inputs in '
+           'training (Switch).', Range(0, 1, high_open=True, note='0 = off')),
+    Option('moe.bias_balancer_rate', float, 0.0, 'DeepSeek-V3 aux-loss-free balancing bias step '
+           '(1e-3).', OFF_OR_MORE),
+    Option('moe.num_shared_experts', int, 0, 'Experts every token passes through, added to the '
+           'routed output (DeepSeekMoE).', NON_NEGATIVE),
+    Option('moe.shared_expert_d_ff', int, 0, 'Hidden width of each shared expert; 0 = '
+           'expert_d_ff.', NON_NEGATIVE),
+    Option('moe.expert_dropout', float, 0.0, 'Dropout on expert hidden units in training '
+           '(Switch fine-tuning: 0.4).', UNIT),
+    Option('moe.extra_dense_ffn', str, 'none', 'ST-MoE sparse-dense stacking: a dense FFN '
+           "'before' or 'after' each MoE FFN.", OneOf(('none', 'before', 'after'))),
+    Option('moe.aux_loss_coef', float, 1e-2, 'Switch load-balancing loss weight.', OFF_OR_MORE),
+    Option('moe.z_loss_coef', float, 1e-3, 'ST-MoE router z-loss weight.', OFF_OR_MORE),
+    # attention
+    Option('attention.logit_z_loss_coef', float, 0.0, 'mean logsumexp(attention logits)^2, '
+           'every layer (ST-MoE).', OFF_OR_MORE),
+    Option('attention.query_chunk', int, 256, 'Dense, encoder and cross-attention in chunks of '
+           'this many queries above it (memory O(L)).', Range(0, note='0 = unchunked')),
+    # opt
+    Option('opt.lr', float, 3e-3, 'Peak learning rate.', Range(0, low_open=True)),
+    Option('opt.warmup_steps', int, 100, 'Linear warmup from 0 to lr.', NON_NEGATIVE),
+    Option('opt.weight_decay', float, 0.1, 'Decoupled; applied to matrices only, not norms.',
+           NON_NEGATIVE),
+    Option('opt.grad_clip_norm', float, 1.0, 'Global-norm clipping.', OFF_OR_MORE),
+    # The mesh and the one table from logical axis names to mesh axes.
+    Option('mesh', dict, {'data': -1, 'fsdp': 1, 'expert': 1, 'model': 1}, 'Mesh axis sizes '
+           '(-1 = all remaining devices); docs/scaling.md.'),
+    Option('logical_axis_rules', list,
+           [('batch', ('data', 'fsdp', 'expert')), ('expert', 'expert'), ('mlp', 'model'),
+            ('heads', 'model'), ('vocab', 'model'), ('embed', 'fsdp'), ('kv', None),
+            ('length', None), ('layers', None)],
+           'Logical axis name -> mesh axis, tuple of axes, or None = replicated.'),
+    # the run
+    Option('batch_size', int, 64, 'Global batch, in sequences.', POSITIVE),
+    Option('num_train_steps', int, 1000, 'Length of the learning-rate schedule and of the run.',
+           POSITIVE),
+    Option('stop_at_step', int, 0, 'Exit early (after a checkpoint) at this step, e.g. for job '
+           'slices.', Range(0, note='0 = off')),
+    Option('log_every_steps', int, 50, 'Train metrics to metrics.jsonl/TensorBoard, averaged '
+           'over this many steps.', POSITIVE),
+    Option('eval_every_steps', int, 500, 'Periodic eval on eval_batches (and always at the last '
+           'step).', POSITIVE),
+    Option('eval_batches', int, 40, 'Validation batches per periodic eval.',
+           Range(0, note='0 = the whole split')),
+    Option('checkpoint_every_steps', int, 500, 'Orbax checkpoint interval (and at the last '
+           'step).', POSITIVE),
+    Option('keep_checkpoints', int, 3, 'Newest checkpoints kept; older ones are deleted.',
+           POSITIVE),
+    Option('eval_sample_tokens', int, 64, 'Tokens generated at each eval (TensorBoard text).',
+           Range(0, note='0 = off')),
+    Option('eval_sample_prompt', str, 'def ', 'Prompt of those samples.'),
+    Option('peak_flops_per_device', float, 0.0, 'For the MFU metric.',
+           Range(0, note='0 = the datasheet peak of the device, if known')),
+    Option('loss_spike_factor', float, 2.0, 'Log a loss above this x the median of the last 32 '
+           'steps.', Satisfies(lambda f: f == 0 or (math.isfinite(f) and f > 1),
+                               'a number > 1, or 0 = off')),
+    Option('init_from', str, '', "Start from another run's parameters, '<workdir>[:<step>]'; a "
+           'dense checkpoint into an MoE model upcycles (docs/finetuning.md).'),
+    Option('debug.step_sleep_s', float, 0.0, 'Host sleep after each step, so tests can kill a '
+           'run at a chosen step.', NON_NEGATIVE),
+)

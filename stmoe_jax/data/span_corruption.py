@@ -29,8 +29,19 @@ import grain
 import numpy as np
 
 from stmoe_jax.data import tokenizer
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option, Range
 
 OBJECTIVES = ('causal_lm', 'span_corruption')
+
+options.declare(
+    Option('data.objective', str, 'causal_lm', "What a batch is: 'causal_lm' (the decoder-only "
+           "family) or 'span_corruption' (T5; the encoder-decoder).", OneOf(OBJECTIVES)),
+    Option('data.noise_density', float, 0.15, "span_corruption: share of a window's tokens "
+           'masked (T5: 0.15).', Range(0, 1, low_open=True, high_open=True)),
+    Option('data.mean_noise_span_length', float, 3.0, 'span_corruption: mean tokens per masked '
+           'span (T5: 3).', Range(1)),
+    owner='data.span_corruption')
 BATCH_KEYS = ('encoder_inputs', 'decoder_inputs', 'targets', 'weights')
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from stmoe_jax.config import TASKS
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option
 from stmoe_jax.data import func_name_corpus
 from stmoe_jax.data import input_pipeline
 from stmoe_jax.data import sources
@@ -50,7 +51,19 @@ class Task:
 
 TASK_SPECS = {'func_name': Task(func_name_corpus.NAME, func_name_corpus.PROMPT,
                                 func_name_corpus.ANSWER)}
-assert {k: t.dataset for k, t in TASK_SPECS.items()} == {k: v for k, v in TASKS.items() if v}
+# data.task -> the dataset it reads ('' = any text dataset).
+TASKS = {'lm': '', **{name: task.dataset for name, task in TASK_SPECS.items()}}
+options.declare(Option('data.task', str, 'lm', "'lm' (language modelling) or 'func_name' "
+                       "(data.name='stdlib_func_name': function body -> its name).",
+                       OneOf(tuple(TASKS))), owner='data.tasks')
+
+
+@options.add_check
+def _check_task(config) -> None:
+  task = config.data.task
+  if TASKS[task] and config.data.name != TASKS[task]:
+    raise options.ConfigError(f'config.data.name={config.data.name!r} is invalid: expected '
+                              f'{TASKS[task]!r} with data.task={task!r}.')
 
 
 def prefix_lm_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,

@@ -11,10 +11,20 @@ from typing import Iterable
 
 import numpy as np
 
+from stmoe_jax.config import options
+
 PAD_ID = 256
 BOS_ID = 257
 EOS_ID = 258
 VOCAB_SIZE = 259
+
+
+@options.add_check
+def _check_vocab(config) -> None:
+  if config.model.vocab_size < VOCAB_SIZE:
+    raise options.ConfigError(
+        f'config.model.vocab_size={config.model.vocab_size!r} is invalid: expected at least '
+        f'{VOCAB_SIZE} (bytes + pad/bos/eos; smaller would clip token ids).')
 
 
 def encode(text: str | bytes) -> np.ndarray:

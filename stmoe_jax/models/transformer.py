@@ -17,27 +17,19 @@ from stmoe_jax.models import layer_scan
 from stmoe_jax.moe import layer_stats
 from stmoe_jax.nn import layers
 from stmoe_jax.nn import remat
-from stmoe_jax.nn.attention import BidirectionalSelfAttention, CausalSelfAttention, KVCache
+from stmoe_jax.nn.attention import ATTENTION_KINDS, BidirectionalSelfAttention, KVCache
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.moe.experts import Mlp
-from stmoe_jax.moe.head_routing import HeadRoutedAttention
 from stmoe_jax.moe.layer import MoeLayer
-from stmoe_jax.nn.sparse_attention import PatternAttention
 
 
 def make_attention(cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
   """The attention module of `layer`, as `cfg.attention.layer_kind(layer)` says.
 
-  Every kind is called as `attn(x_BLD, positions_BL, mask_BL=...) -> ([B, L, D], stats)` and
-  decodes as `attn.decode(x_BLD, cache)`. Dense attention with the logit z-loss on runs as
-  the 'dense' pattern, which computes the attention logsumexp the loss needs.
+  Every kind (`nn.attention.ATTENTION_KINDS`) is called as `attn(x_BLD, positions_BL,
+  mask_BL=...) -> ([B, L, D], stats)` and decodes as `attn.decode(x_BLD, cache)`.
   """
-  kind = cfg.attention.layer_kind(layer)
-  if kind == 'head_routed':
-    return HeadRoutedAttention(cfg, rngs=rngs)
-  if kind == 'dense' and not cfg.attention.logit_z_loss_coef:
-    return CausalSelfAttention(cfg, rngs=rngs)
-  return PatternAttention(cfg, kind, rngs=rngs)
+  return ATTENTION_KINDS[cfg.attention.layer_kind(layer)].make(cfg, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -255,9 +247,9 @@ def init_caches(cfg: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...
   """
   caches = []
   for layer in range(cfg.layer_period() if cfg.scan_layers else cfg.num_layers):
-    kind = cfg.attention.layer_kind(layer)
-    slots = min(cfg.attention.window, length) if kind == 'local' else length
-    caches.append(KVCache.zeros(batch, slots, cfg, num_heads=1 if kind == 'head_routed' else None))
+    kind = ATTENTION_KINDS[cfg.attention.layer_kind(layer)]
+    caches.append(KVCache.zeros(batch, kind.cache_slots(cfg, length), cfg,
+                                num_heads=kind.cache_heads(cfg)))
   if cfg.scan_layers:  # One cache per position in the unit, stacked over the units.
     units = cfg.num_layers // cfg.layer_period()
     return tuple(layer_scan.stack_over_units(c, units) for c in caches)

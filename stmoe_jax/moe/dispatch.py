@@ -29,6 +29,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option, Range
+from stmoe_jax.moe import grouped_matmul as gmm
 from stmoe_jax.moe.routing import Routing
 
 
@@ -145,8 +148,8 @@ def combine_dropless(y_XD: jax.Array, plan: tuple[jax.Array, jax.Array]) -> jax.
   return jnp.einsum('gskd,gsk->gsd', y_GSKD, gate_GSK.astype(y_GSKD.dtype))
 
 
-@dataclasses.dataclass(frozen=True)
-class Dispatch:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dispatch(options.Entry):
   """One entry of `DISPATCHES`: how routed tokens reach the experts and come back.
 
   Attributes:
@@ -162,8 +165,43 @@ class Dispatch:
   uses_capacity: bool
 
 
-DISPATCHES = {
-    'einsum': Dispatch(dispatch_einsum, combine_einsum, uses_capacity=True),
-    'scatter': Dispatch(dispatch_scatter, combine_scatter, uses_capacity=True),
-    'dropless': Dispatch(dispatch_dropless, combine_dropless, uses_capacity=False),
-}
+DISPATCHES = options.Registry('dispatch', 'moe.dispatch', 'scatter',
+                              'How routed tokens reach the experts (moe/dispatch.py).')
+
+# Read by the capacity-based paths and `routing.expert_capacity`. Core, not the capacity-based
+# entries' own: evaluation sweeps one checkpoint over capacity factors and dropless dispatch
+# (eval.py --eval_capacity_factors), so a config keeps them whichever path it trains with.
+options.declare(
+    Option('moe.train_capacity_factor', float, 1.25, 'Expert capacity factor in training '
+           '(ST-MoE: 1.25)...', Range(0, low_open=True)),
+    Option('moe.eval_capacity_factor', float, 2.0, '...and at evaluation (ST-MoE: 2.0).',
+           Range(0, low_open=True)),
+    Option('moe.capacity_scaled_by_k', bool, True, 'C = CF * k * S / E (MaxText, ST-MoE); '
+           "False: CF * S / E (flaxformer's tokens-choose; it rounds, we take the ceiling)."),
+    Option('moe.min_capacity', int, 4, 'Floor on per-expert capacity, so tiny groups still '
+           'route.', Range(1)),
+    owner='moe.dispatch')
+
+
+def _validate_dropless(config) -> None:
+  moe = config.moe
+  for name in ('batch_prioritized_routing', 'encoder_batch_prioritized_routing'):
+    if moe[name]:
+      raise options.ConfigError(
+          f"config.moe.{name}=True is invalid with moe.dispatch='dropless': it orders tokens "
+          'for capacity, and dropless dispatch has none.')
+
+
+DISPATCHES.register(Dispatch(
+    name='einsum', dispatch=dispatch_einsum, combine=combine_einsum, uses_capacity=True,
+    doc='One-hot dispatch and combine masks (GShard, flaxformer).'))
+DISPATCHES.register(Dispatch(
+    name='scatter', dispatch=dispatch_scatter, combine=combine_scatter, uses_capacity=True,
+    doc='Index gathers into capacity buffers (MaxText-style).'))
+DISPATCHES.register(Dispatch(
+    name='dropless', dispatch=dispatch_dropless, combine=combine_dropless, uses_capacity=False,
+    options=(Option('moe.grouped_matmul', str, 'auto', 'How dropless experts multiply '
+                    '(moe/grouped_matmul.py); auto = the fastest known-good kernel per '
+                    'platform.', OneOf(gmm.IMPLEMENTATIONS)),),
+    validate=_validate_dropless,
+    doc='Tokens sorted by expert, grouped matmuls, nothing dropped (MegaBlocks).'))

@@ -24,9 +24,73 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option, Range, Satisfies
+
 SCORE_FNS = ('softmax', 'sigmoid')
 ROUTER_NOISES = ('none', 'gumbel', 'noisy_top_k')
 LATER_CHOICE_POLICIES = ('all', 'none', 'threshold', 'random')
+
+_THRESHOLDS = Satisfies(lambda ts: all(options.type_ok(t, float) and 0 <= t < 1 for t in ts),
+                        '() or moe.top_k - 1 thresholds in [0, 1), for choices 2..k')
+# The gating options of a flat top-k router (`routing.tokens_choose_top_k`): the routers that
+# use them list them among their own options.
+TOP_K_OPTIONS = (
+    Option('moe.score_fn', str, 'softmax', "'sigmoid': DeepSeek-V3 per-expert sigmoid scores, "
+           'gates renormalised over the k.', OneOf(SCORE_FNS)),
+    Option('moe.routed_scaling_factor', float, 1.0, 'Combine weights times this (DeepSeek-V3: '
+           '2.5).', Range(0, low_open=True)),
+    Option('moe.n_groups', int, 1, 'Group-limited top-k: experts in n_groups groups...',
+           Range(1)),
+    Option('moe.topk_groups', int, 1, "...only each token's topk_groups best groups eligible "
+           '(DeepSeek-V3: 8, 4).', Range(1)),
+    Option('moe.second_expert_threshold', float, 0.0, 'ST-MoE policy: route choice 2..k w.p. '
+           'min(1, gate/threshold) (0.2).', Range(0, 1, high_open=True, note='0 = always')),
+    Option('moe.second_policy_train', str, 'random', "Choices 2..k in training: 'all', 'none', "
+           "'threshold' or 'random'...", OneOf(LATER_CHOICE_POLICIES)),
+    Option('moe.second_policy_eval', str, 'threshold', '...and at eval (lucidrains '
+           'mixture-of-experts); thresholds 0 route all.', OneOf(LATER_CHOICE_POLICIES)),
+    Option('moe.threshold_train', tuple, (), 'Per-rank thresholds of choices 2..k, e.g. '
+           '(0.2, 0.1); () = second_expert_threshold...', _THRESHOLDS),
+    Option('moe.threshold_eval', tuple, (), '...and at eval (st-moe-pytorch).', _THRESHOLDS),
+)
+
+options.declare(
+    Option('moe.router_noise', str, 'none', "Training noise on router logits: 'gumbel' "
+           "(st-moe-pytorch) or 'noisy_top_k' (Shazeer 2017).", OneOf(ROUTER_NOISES)),
+    Option('moe.seq_aux_loss_coef', float, 0.0, 'DeepSeek-V3 sequence-wise balance loss weight '
+           '(1e-4).', Range(0, note='0 = off')),
+    Option('moe.importance_loss_coef', float, 0.0, 'Shazeer 2017 w_importance * CV(gate sums '
+           'per expert)^2, per group (e.g. 0.1).', Range(0, note='0 = off')),
+    Option('moe.load_loss_coef', float, 0.0, "Shazeer 2017 w_load * CV(smooth load)^2; needs "
+           "router_noise='noisy_top_k'.", Range(0, note='0 = off')),
+    owner='moe.gating')
+
+
+@options.add_check
+def _check_gating(config) -> None:
+  """Group-limited top-k fits the experts; Shazeer's load loss has its noise and a flat top-k."""
+  moe = config.moe
+  E, k = moe.num_experts, moe.top_k
+  def check(ok, name, expected):
+    if not ok:
+      raise options.ConfigError(f'config.moe.{name}={moe[name]!r} is invalid: expected '
+                                f'{expected}.')
+  check(E % moe.n_groups == 0, 'n_groups', f'a divisor of moe.num_experts={E}')
+  check(moe.topk_groups <= moe.n_groups, 'topk_groups', f'at most moe.n_groups={moe.n_groups}')
+  check(moe.topk_groups * (E // moe.n_groups) >= k, 'topk_groups',
+        f'enough groups of moe.n_groups={moe.n_groups} to hold moe.top_k={k} experts')
+  for when in ('train', 'eval'):
+    check(len(moe[f'threshold_{when}']) in (0, k - 1), f'threshold_{when}',
+          f'() or moe.top_k - 1 = {k - 1} thresholds in [0, 1), for choices 2..k')
+  if moe.load_loss_coef > 0:  # Shazeer's load estimator is the probability under his noise.
+    check(moe.router_noise == 'noisy_top_k', 'load_loss_coef',
+          f"0 unless moe.router_noise='noisy_top_k' (it is {moe.router_noise!r}: the smooth "
+          'load estimator needs the learned noise scale)')
+    check(moe.router == 'tokens_choose' and moe.encoder_router in ('', 'tokens_choose')
+          and k < E, 'load_loss_coef',
+          "0 unless every MoE layer routes with moe.router='tokens_choose' and "
+          f'moe.top_k < moe.num_experts={E} (the load estimator is of a flat top-k)')
 
 
 def router_scores(logits_GSE: jax.Array, score_fn: str) -> tuple[jax.Array, jax.Array]:

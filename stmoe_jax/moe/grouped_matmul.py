@@ -26,9 +26,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from stmoe_jax.config import GROUPED_MATMULS
 
-IMPLEMENTATIONS = GROUPED_MATMULS  # 'auto', 'ragged_dot', 'blocked', 'megablox' (config checks).
+IMPLEMENTATIONS = ('auto', 'ragged_dot', 'blocked', 'megablox')  # The moe.grouped_matmul values.
 BLOCK_ROWS = 64  # Rows per block: padding costs under this many rows per expert.
 
 

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stmoe_jax.nn import layers
+from stmoe_jax.config import ModelConfig
+from stmoe_jax.config import options
+from stmoe_jax.config.options import Option, Range
 from stmoe_jax.moe import dispatch
 from stmoe_jax.moe import routing
+from stmoe_jax.nn import layers
 from stmoe_jax.nn import sparse_attention
-from stmoe_jax.nn.attention import KVCache
-from stmoe_jax.config import ModelConfig
+from stmoe_jax.nn.attention import ATTENTION_KINDS, AttentionKind, KVCache
 
 
 def gather_choices(x_HCK: jax.Array, slot_BLR: jax.Array) -> jax.Array:
@@ -136,3 +138,25 @@ class HeadRoutedAttention(nnx.Module):
     o_XK = jnp.take(out_BX1K.reshape(B * L * R, K), order_X, axis=0)  # Sorted by head again.
     y_XD = jax.lax.ragged_dot(o_XK, self.w_o[...].astype(self.dtype), sizes_H)
     return dispatch.combine_dropless(y_XD, plan).astype(x_BLD.dtype), cache
+
+
+def _validate(config) -> None:
+  att, heads = config.attention, config.model.num_heads
+  if att.head_top_k > heads:
+    raise options.ConfigError(f'config.attention.head_top_k={att.head_top_k!r} is invalid: '
+                              f'expected at most model.num_heads={heads}.')
+
+
+ATTENTION_KINDS.register(AttentionKind(
+    name='head_routed', make=lambda cfg, *, rngs: HeadRoutedAttention(cfg, rngs=rngs),
+    cache_heads=lambda cfg: 1, validate=_validate,
+    options=(
+        Option('attention.head_top_k', int, 2, 'head_routed: heads each token runs (of '
+               'model.num_heads; MoA, SwitchHead).', Range(1)),
+        Option('attention.head_capacity_factor', float, 2.0, 'head_routed: head capacity = '
+               'ceil(CF * k * seq_len / num_heads).', Range(0, low_open=True)),
+        Option('attention.head_aux_loss_coef', float, 1e-2, 'head_routed: Switch balance loss '
+               'over heads.', Range(0, note='0 = off')),
+        Option('attention.head_z_loss_coef', float, 1e-3, 'head_routed: router z-loss over '
+               'heads.', Range(0, note='0 = off'))),
+    doc='Each token runs its top-k of the heads, keys and values shared (MoA, SwitchHead).'))

@@ -20,7 +20,7 @@ group-limited top-k and a routed scaling factor (DeepSeek-V3), and per-rank late
 
 `ROUTERS` maps each `moe.router` name to its `Router`: config validation, `MoeLayer`, the layer
 stats and the plots all read it. A new router is one function with `Router.route`'s signature,
-one line in `ROUTERS` and its test (README, "Adding a router").
+one `ROUTERS.register(...)` with its options, and its test (docs/extending.md).
 
 Everything runs in float32 because the softmax and logsumexp exponentiate (Switch "selective
 precision", ST-MoE).
@@ -37,6 +37,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import Option, Range
 from stmoe_jax.moe import gating
 
 
@@ -374,9 +376,9 @@ def route_expert_choice(logits_GSE: jax.Array, moe: Any, *, capacity: int,
   return expert_choice(logits_GSE, capacity=capacity, mask_GS=mask_GS)
 
 
-@dataclasses.dataclass(frozen=True)
-class Router:
-  """One entry of `ROUTERS`.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Router(options.Entry):
+  """One entry of `ROUTERS` (with `Entry`'s name, options, validate and doc).
 
   Attributes:
     route: (logits_GSE, moe, *, capacity, mask_GS, bias_E, train, rng) -> `Routing`, with `moe`
@@ -395,15 +397,50 @@ class Router:
   num_logits: Callable[[Any], int] = lambda moe: moe.num_experts
 
 
-ROUTERS = {
-    'tokens_choose': Router(route_tokens_choose, causal=True, fixed_load=False,
-                            num_choices=lambda moe: moe.top_k),
-    'expert_choice': Router(route_expert_choice, causal=False, fixed_load=True,
-                            num_choices=lambda moe: moe.num_experts),
-    'hierarchical': Router(route_hierarchical, causal=True, fixed_load=False,
-                           num_choices=lambda moe: moe.top_k,
-                           num_logits=lambda moe: moe.num_experts + moe.hierarchy[0]),
-}
+def _selected_routers(config) -> set[str]:
+  moe = config.moe
+  return {moe.router} | ({moe.encoder_router} if moe.encoder_router else set())
+
+
+ROUTERS = options.Registry(
+    'router', 'moe.router', 'tokens_choose', 'The router of every MoE layer (moe/routing.py).',
+    selected=_selected_routers)
+
+
+def _validate_hierarchical(config) -> None:
+  moe = config.moe
+  E, k, hierarchy = moe.num_experts, moe.top_k, moe.hierarchy
+  if not (len(hierarchy) == 2 and all(options.type_ok(n, int) and n > 0 for n in hierarchy)
+          and hierarchy[0] * hierarchy[1] == E):
+    raise options.ConfigError(
+        f'config.moe.hierarchy={hierarchy!r} is invalid: expected (outer groups, experts per '
+        f'group) whose product is moe.num_experts={E}.')
+  outer, inner = hierarchy
+  outer_k = moe.hierarchy_outer_k
+  if not (outer_k <= outer and k % outer_k == 0 and k // outer_k <= inner):
+    raise options.ConfigError(
+        f'config.moe.hierarchy_outer_k={outer_k!r} is invalid: expected at most {outer} outer '
+        f'groups, dividing moe.top_k={k} into at most {inner} experts per group.')
+
+
+ROUTERS.register(Router(
+    name='tokens_choose', route=route_tokens_choose, causal=True, fixed_load=False,
+    num_choices=lambda moe: moe.top_k, options=gating.TOP_K_OPTIONS,
+    doc='Each token picks its top_k experts (Switch k=1, GShard/ST-MoE k=2, DeepSeek-V3).'))
+ROUTERS.register(Router(
+    name='expert_choice', route=route_expert_choice, causal=False, fixed_load=True,
+    num_choices=lambda moe: moe.num_experts,
+    doc='Each expert picks its top-C tokens (Zhou et al. 2022); non-causal.'))
+ROUTERS.register(Router(
+    name='hierarchical', route=route_hierarchical, causal=True, fixed_load=False,
+    num_choices=lambda moe: moe.top_k,
+    num_logits=lambda moe: moe.num_experts + moe.hierarchy[0],
+    options=(Option('moe.hierarchy', tuple, (), '(outer groups, experts per group), product '
+                    'num_experts.'),
+             Option('moe.hierarchy_outer_k', int, 1, 'Outer groups per token; top_k / it '
+                    'experts in each.', Range(1))),
+    validate=_validate_hierarchical,
+    doc='An outer router over groups of experts, an inner one within each chosen group.'))
 
 
 def noncausal_setting(moe: Any) -> str | None:

@@ -15,8 +15,43 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stmoe_jax.nn import layers
+import dataclasses
+from collections.abc import Callable
+
 from stmoe_jax.config import ModelConfig
+from stmoe_jax.config import options
+from stmoe_jax.config.options import Option, Satisfies
+from stmoe_jax.nn import layers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionKind(options.Entry):
+  """One entry of `ATTENTION_KINDS`: a causal self-attention a decoder layer can run.
+
+  Attributes:
+    make: (cfg, *, rngs) -> module, called as `attn(x_BLD, positions_BL, mask_BL=...) ->
+      ([B, L, D], stats)` and decoding as `attn.decode(x_BLD, cache)`.
+    cache_slots: (cfg, length) -> KV-cache slots of a layer decoding `length` positions.
+    cache_heads: cfg -> heads the cache holds (None = model.num_heads).
+  """
+  make: Callable[..., nnx.Module]
+  cache_slots: Callable[[ModelConfig, int], int] = lambda cfg, length: length
+  cache_heads: Callable[[ModelConfig], int | None] = lambda cfg: None
+
+
+def _layer_kinds(config) -> set[str]:
+  att = config.attention
+  return {att.kind} | {k.strip() for k in att.layer_kinds.split(',') if att.layer_kinds}
+
+
+ATTENTION_KINDS = options.Registry(
+    'attention', 'attention.kind', 'dense', 'Attention of every decoder layer '
+    '(nn/attention.py, nn/sparse_attention.py, moe/head_routing.py).', selected=_layer_kinds)
+options.declare(Option(
+    'attention.layer_kinds', str, '', "Kinds cycled over layers, e.g. 'local,local,local,dense';"
+    " '' = all `kind`.", Satisfies(lambda kinds: all(
+        k.strip() in ATTENTION_KINDS for k in kinds.split(',')) if kinds else True,
+        'comma-separated attention kinds (attention.kind values)')))
 
 @flax.struct.dataclass
 class KVCache:

@@ -24,6 +24,9 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option
+
 # Names `checkpoint_name` gives inside the MoE layer (moe.py, experts.py).
 ROUTER_LOGITS = 'router_logits'
 EXPERT_INPUTS = 'expert_inputs'
@@ -36,6 +39,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     'moe_save_dispatched': jax.checkpoint_policies.save_only_these_names(
         ROUTER_LOGITS, EXPERT_INPUTS, EXPERT_OUTPUTS),
 }
+options.declare(Option('model.remat', str, 'none', 'Recompute per block in the backward pass: '
+                       "'full', 'save_dots', 'moe_save_dispatched'.",
+                       OneOf(tuple(REMAT_POLICIES))), owner='nn.remat')
 
 
 def name(x: jax.Array, tag: str) -> jax.Array:

@@ -36,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stmoe_jax.nn import layers
-from stmoe_jax.nn.attention import CausalSelfAttention, KVCache
 from stmoe_jax.config import AttentionConfig, ModelConfig
+from stmoe_jax.config import options
+from stmoe_jax.config.options import Option, Range
+from stmoe_jax.nn import layers
+from stmoe_jax.nn.attention import ATTENTION_KINDS, AttentionKind, CausalSelfAttention, KVCache
 
 PATTERN_KINDS = ('dense', 'local', 'strided', 'block_sparse')
 _MASKED = -1e30  # Finite, so a fully masked row (padding) gives zeros, not NaN.
@@ -300,3 +302,40 @@ def _local_over_ring(q_BLHK, k_BLHK, v_BLHK, q_pos_L, cache, att):
   parts = [_block_partial(q, k, v, 'local', att),
            _masked_partial(q, ring_k, ring_v, ring_mask_LT)]
   return _finish(parts, q_BLHK.dtype)[0]
+
+
+options.declare(Option('attention.block_size', int, 64, 'Query/key block of the pattern kinds '
+                       "(and of 'dense' with the logit z-loss); block_sparse's pattern block.",
+                       Range(1)))
+_WINDOW = Option('attention.window', int, 256, 'local and strided: a token sees itself and the '
+                 'window - 1 before it.', Range(1))
+
+
+def _make(kind: str):
+  def make(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    # Dense attention runs as the 'dense' pattern only when the logit z-loss needs its logsumexp.
+    if kind == 'dense' and not cfg.attention.logit_z_loss_coef:
+      return CausalSelfAttention(cfg, rngs=rngs)
+    return PatternAttention(cfg, kind, rngs=rngs)
+  return make
+
+
+ATTENTION_KINDS.register(AttentionKind(
+    name='dense', make=_make('dense'), doc='Every earlier token (query-chunked above '
+    'attention.query_chunk).'))
+ATTENTION_KINDS.register(AttentionKind(
+    name='local', make=_make('local'), options=(_WINDOW,),
+    cache_slots=lambda cfg, length: min(cfg.attention.window, length),
+    doc='A causal sliding window (Longformer); decodes with a ring buffer of window keys.'))
+ATTENTION_KINDS.register(AttentionKind(
+    name='strided', make=_make('strided'),
+    options=(_WINDOW, Option('attention.stride', int, 64, 'strided: also every stride-th '
+                             'earlier token (Sparse Transformer).', Range(1))),
+    doc='The Sparse Transformer\'s strided pattern: the window plus every stride-th token.'))
+ATTENTION_KINDS.register(AttentionKind(
+    name='block_sparse', make=_make('block_sparse'),
+    options=(Option('attention.num_local_blocks', int, 3, 'block_sparse: a query block sees its '
+                    'block and the ones before, this many...', Range(1)),
+             Option('attention.num_global_blocks', int, 1, '...plus the first this many blocks '
+                    '(global tokens, BigBird).', Range(0))),
+    doc='BigBird-style sliding and global blocks (causal: no random blocks).'))

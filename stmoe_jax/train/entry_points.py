@@ -8,8 +8,8 @@ The glue between the entry points and the library. Restoring needs no Trainer: t
 config.json is written here only, by `record_config` (train.py, after restoring): it holds the
 config in force, and `config.<step>.json` keeps the config every run since `<step>` used,
 written whenever a run starts fresh or resumes with changed fields; the changes are logged in
-one line, old -> new. A config.json written before a field existed loads with that field's value
-from configs/default.py and one warning line naming it; a field that no longer exists is
+one line, old -> new. A config.json written before an option existed loads with that option's
+declared default and one warning line naming it; a field that no longer exists is
 refused by `config.validate`.
 
 Readers (eval.py, sample.py) restore through `checkpointing.read_checkpoint`: they fall back
@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import ml_collections
 
-from configs import default as default_config
 from stmoe_jax.train import checkpointing
 from stmoe_jax.train import evaluation
 from stmoe_jax.models import sampling
@@ -99,18 +98,17 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, start_step: i
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir (FileNotFoundError naming the path if absent).
 
-  Fields the file predates get their configs/default.py values, named in one warning line on
-  stderr.
+  Options the file predates get their declared defaults, named in one warning line on stderr.
   """
   path = config_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a train.py workdir?')
   with open(path) as f:
     saved = ml_collections.ConfigDict(json.load(f))
-  config, added = with_defaults(saved, default_config.get_config())
+  config, added = with_defaults(saved)
   if added:
-    print(f'warning: {path} predates fields {", ".join(added)}: using their defaults from '
-          'configs/default.py', file=sys.stderr, flush=True)
+    print(f'warning: {path} predates fields {", ".join(added)}: using their defaults '
+          '(docs/options.md)', file=sys.stderr, flush=True)
   return config
 
 

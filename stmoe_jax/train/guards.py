@@ -16,7 +16,20 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from stmoe_jax.config import NONFINITE_TERMS
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option, Range
+
+# Terms the non-finite guard reports, and that `debug.nan_term` can poison.
+NONFINITE_TERMS = ('cross_entropy', 'balance_loss', 'z_loss', 'grad_norm')
+options.declare(
+    Option('on_nonfinite', str, 'stop', "Non-finite loss or gradients: 'skip' drops that update "
+           "(counted, logged); 'stop' saves the last good state and exits non-zero.",
+           OneOf(('skip', 'stop'))),
+    Option('debug.nan_at_step', int, 0, "Poison step n's (1-based) debug.nan_term with NaN, to "
+           'test the guard.', Range(0, note='0 = off')),
+    Option('debug.nan_term', str, 'cross_entropy', 'The term debug.nan_at_step poisons.',
+           OneOf(NONFINITE_TERMS)),
+    owner='train.guards')
 
 
 class NonFiniteError(FloatingPointError):

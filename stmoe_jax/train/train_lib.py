@@ -29,7 +29,8 @@ from stmoe_jax.models import sampling
 from stmoe_jax.train import train_state
 from stmoe_jax.train import entry_points
 from stmoe_jax.train import workdir as workdir_lib
-from stmoe_jax.config import NONFINITE_TERMS, ModelConfig, check_resumable
+from stmoe_jax.config import ModelConfig, check_resumable
+from stmoe_jax.train.guards import NONFINITE_TERMS
 from stmoe_jax.data import tasks
 from stmoe_jax.train.metrics import MetricsWriter
 from stmoe_jax.train.train_state import TrainState

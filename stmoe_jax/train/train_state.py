@@ -9,6 +9,7 @@ restore needs, compiling nothing: the Trainer adds its steps and checkpointer to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -19,11 +20,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import Option, Range
 from stmoe_jax.moe import expert_parallel
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.nn import sharding
 from stmoe_jax.train import trainable as trainable_lib
-from stmoe_jax.config import (ConfigError, ModelConfig, model_config, routing_groups_per_batch,
+from stmoe_jax.config import (ConfigError, ModelConfig, model_config,
                               validate)
 
 
@@ -51,8 +54,48 @@ class TrainState:
   halted_at: jax.Array
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Schedule(options.Entry):
+  """One entry of `SCHEDULES`: `decay(opt, num_train_steps)` -> the schedule after warmup, a
+  function of the steps since warmup ended."""
+  decay: Callable[[ml_collections.ConfigDict, int], Callable]
+
+
+SCHEDULES = options.Registry('schedule', 'opt.schedule', 'wsd',
+                             'The learning-rate schedule after linear warmup.')
+_FINAL_LR = Option('opt.final_lr_fraction', float, 0.0, "The last step's lr as a fraction of "
+                   'lr.', Range(0, 1))
+
+
+def _cosine(opt, num_train_steps):
+  return optax.cosine_decay_schedule(opt.lr, max(num_train_steps - opt.warmup_steps, 1),
+                                     alpha=opt.final_lr_fraction)
+
+
+def _wsd(opt, num_train_steps):
+  decay_steps = max(round(opt.decay_fraction * num_train_steps), 1)
+  stable_steps = max(num_train_steps - decay_steps - opt.warmup_steps, 0)
+  return optax.join_schedules(
+      [optax.constant_schedule(opt.lr),
+       optax.linear_schedule(opt.lr, opt.final_lr_fraction * opt.lr, decay_steps)],
+      [stable_steps])
+
+
+SCHEDULES.register(Schedule(name='cosine', decay=_cosine, options=(_FINAL_LR,),
+                            doc='Cosine decay to final_lr_fraction * lr.'))
+SCHEDULES.register(Schedule(
+    name='rsqrt', decay=lambda opt, n: lambda s: opt.lr * jax.lax.rsqrt(
+        1.0 + s / max(opt.warmup_steps, 1)), doc='Inverse square root (T5).'))
+SCHEDULES.register(Schedule(
+    name='wsd', decay=_wsd, doc='Warmup-stable-decay (MiniCPM): constant lr, then linear to '
+    'final_lr_fraction * lr over the last decay_fraction of the run.',
+    options=(_FINAL_LR, Option('opt.decay_fraction', float, 0.2, "wsd: the decay's share of "
+                               'the run; a run of N steps branches off a longer one at '
+                               '(1 - it) N.', Range(0, 1, low_open=True)))))
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int):
-  """Linear warmup to `opt.lr`, then cosine, rsqrt or warmup-stable-decay (WSD).
+  """Linear warmup to `opt.lr`, then `SCHEDULES[opt.schedule]`.
 
   WSD (MiniCPM, Hu et al. 2024) holds `lr` until the last `decay_fraction` of the run, then
   decays linearly to `final_lr_fraction * lr`. Its stable part does not depend on the run's
@@ -61,19 +104,46 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
   """
   # Step s of the warmup uses lr * (s + 1) / warmup_steps, so even the first step learns.
   warmup = lambda s: opt.lr * jnp.minimum(1.0, (s + 1.0) / max(opt.warmup_steps, 1))
-  if opt.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(opt.lr, max(num_train_steps - opt.warmup_steps, 1),
-                                        alpha=opt.final_lr_fraction)
-  elif opt.schedule == 'wsd':
-    decay_steps = max(round(opt.decay_fraction * num_train_steps), 1)
-    stable_steps = max(num_train_steps - decay_steps - opt.warmup_steps, 0)
-    decay = optax.join_schedules(
-        [optax.constant_schedule(opt.lr),
-         optax.linear_schedule(opt.lr, opt.final_lr_fraction * opt.lr, decay_steps)],
-        [stable_steps])
-  else:
-    decay = lambda s: opt.lr * jax.lax.rsqrt(1.0 + s / max(opt.warmup_steps, 1))
+  decay = SCHEDULES[opt.schedule].decay(opt, num_train_steps)
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Optimizer(options.Entry):
+  """One entry of `OPTIMIZERS`: `make(opt, schedule, decay_mask)` -> the optax transformation
+  (before clipping and freezing), with weight decay on the True leaves of `decay_mask`."""
+  make: Callable[..., optax.GradientTransformation]
+
+
+OPTIMIZERS = options.Registry('optimizer', 'opt.name', 'adamw', 'The optimizer.')
+
+
+def _adafactor(opt, schedule, decay_mask):
+  # optax adds Adafactor's decay after the learning-rate scaling: scale it by the schedule,
+  # as AdamW does, or weight_decay=0.1 would shrink every matrix by 10% per step.
+  decay = (lambda step: opt.weight_decay * schedule(step)) if opt.weight_decay else None
+  return optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=decay_mask)
+
+
+def _validate_adafactor(config) -> None:
+  # Adafactor's parameter scale and update clipping take an RMS over the whole array: over all
+  # stacked layers of a scanned stack at once, a different optimizer from the unscanned one.
+  if config.model.scan_layers:
+    raise options.ConfigError("config.opt.name='adafactor' is invalid with "
+                              "model.scan_layers=True: expected 'adamw' (Adafactor's RMS "
+                              'statistics would span all stacked layers).')
+
+
+OPTIMIZERS.register(Optimizer(
+    name='adamw', doc='AdamW (decoupled weight decay).',
+    make=lambda opt, schedule, mask: optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
+                                                 weight_decay=opt.weight_decay, mask=mask),
+    options=(Option('opt.b1', float, 0.9, 'AdamW first-moment decay.', Range(0, 1,
+                                                                          high_open=True)),
+             Option('opt.b2', float, 0.98, 'AdamW second-moment decay.', Range(0, 1,
+                                                                            high_open=True)))))
+OPTIMIZERS.register(Optimizer(name='adafactor', make=_adafactor, validate=_validate_adafactor,
+                              doc='Adafactor (T5, ST-MoE): factored second moments.'))
 
 
 def decay_mask(abstract_params: nnx.State) -> dict:
@@ -99,14 +169,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int, trainab
   schedule = learning_rate_schedule(opt, num_train_steps)
   decay_mask = decay if decay is not None else (
       lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-  if opt.name == 'adamw':
-    base = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
-                       mask=decay_mask)
-  else:
-    # optax adds Adafactor's decay after the learning-rate scaling: scale it by the schedule,
-    # as AdamW does, or weight_decay=0.1 would shrink every matrix by 10% per step.
-    decay = (lambda step: opt.weight_decay * schedule(step)) if opt.weight_decay else None
-    base = optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=decay_mask)
+  base = OPTIMIZERS[opt.name].make(opt, schedule, decay_mask)
   clip = optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm else optax.identity()
   tx = optax.chain(clip, base)
   if trainable is not None and not all(jax.tree.leaves(trainable)):
@@ -217,7 +280,7 @@ def place(config: ml_collections.ConfigDict) -> Placement:
                       f'of the {shards} batch shards of mesh {dict(mesh.shape)} '
                       f'and {jax.process_count()} processes')
   if model.cfg.num_moe_layers:
-    for num_groups in routing_groups_per_batch(config):
+    for num_groups in model_factory.routing_groups_per_batch(config):
       expert_parallel.check(mesh_rules, config.moe.num_experts, num_groups)
   graphdef, abstract_params, abstract_buffers = model.abstract()
   trainable = trainable_lib.mask(nnx.merge(graphdef, abstract_params, abstract_buffers),

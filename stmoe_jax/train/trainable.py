@@ -24,7 +24,8 @@ from flax import nnx
 
 from stmoe_jax.nn.attention import CausalSelfAttention  # Also the base of PatternAttention.
 from stmoe_jax.nn.attention import CrossAttention
-from stmoe_jax.config import TRAINABLE
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option
 from stmoe_jax.moe.head_routing import HeadRoutedAttention
 from stmoe_jax.moe.layer import MoeLayer
 
@@ -39,7 +40,20 @@ SELECTORS = {
     'moe_only': lambda in_moe, in_attention: in_moe,
     'attention': lambda in_moe, in_attention: in_attention,
 }
-assert tuple(SELECTORS) == TRAINABLE
+options.declare(Option('finetune.trainable', str, 'all', 'Which parameters the optimizer '
+                       'updates (ST-MoE Table 7).', OneOf(tuple(SELECTORS))),
+                owner='train.trainable')
+
+
+@options.add_check
+def _check_trainable(config) -> None:
+  moe = config.moe
+  has_moe = moe.enabled and any(moe.every > 0 and i % moe.every == moe.every - 1
+                                for i in range(config.model.num_layers))
+  if config.finetune.trainable == 'moe_only' and not has_moe:
+    raise options.ConfigError("config.finetune.trainable='moe_only' is invalid: expected "
+                              'another setting for a model without MoE layers (nothing would '
+                              'train).')
 
 
 def path_name(path) -> str:

@@ -50,7 +50,7 @@ from stmoe_jax.config import ConfigError, check_resumable, model_config, validat
     ('model.vocab_size', 256, 'config.model.vocab_size=256 is invalid: expected at least 259'),
     ('stop_at_step', 1001, 'config.stop_at_step=1001 is invalid: expected at most num_train_steps'),
     ('moe.every', 5, 'config.moe.every=5 is invalid: expected at most model.num_layers=2'),
-    ('on_nonfinite', 'ignore', "config.on_nonfinite='ignore' is invalid: expected 'skip'"),
+    ('on_nonfinite', 'ignore', "config.on_nonfinite='ignore' is invalid: expected one of 'skip'"),
     ('loss_spike_factor', 0.5, 'config.loss_spike_factor=0.5 is invalid'),
     ('debug.nan_at_step', 1001, 'config.debug.nan_at_step=1001 is invalid'),
     ('debug.nan_term', 'loss', "config.debug.nan_term='loss' is invalid: expected one of"),
@@ -85,7 +85,7 @@ def test_bad_values_name_the_field(field, value, message):
      'config.learning_rate is not a field stmoe_jax knows: expected one of ['),
     (lambda c: c.debug.update(nan_steps=3), 'config.debug.nan_steps is not a field'),
     (lambda c: c.opt.__delattr__('b2'),
-     'config.opt.b2 is missing: every config needs it (see configs/default.py).'),
+     'config.opt.b2 is missing: every config needs it (see docs/options.md).'),
 ])
 def test_unknown_and_missing_keys_name_the_field(edit, message):
   """A config file or dict with a key the library does not know (an unlocked ConfigDict or a

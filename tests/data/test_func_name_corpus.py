@@ -107,6 +107,6 @@ def test_bodies_are_the_dedented_statements(splits):
 
 
 def test_task_registry_points_at_the_builder():
-  from stmoe_jax.config import TASKS  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.data.tasks import TASKS  # pylint: disable=g-import-not-at-top
   assert TASKS['func_name'] == func_name_corpus.NAME
   assert input_pipeline.EMBEDDED[func_name_corpus.NAME] is func_name_corpus.StdlibFuncName

@@ -386,7 +386,7 @@ def test_sampler_greedy_equals_full_forward_argmax():
 
 def test_routing_groups_per_batch_count_each_stack():
   # t5 tiny: 8 x 32 encoder tokens in groups of 256, 8 x 8 decoder tokens in groups of 64.
-  assert config_lib.routing_groups_per_batch(_t5_tiny()) == (1, 1)
-  assert config_lib.routing_groups_per_batch(_t5_tiny(**{'moe.encoder_group_size': 32,
+  assert model_factory.routing_groups_per_batch(_t5_tiny()) == (1, 1)
+  assert model_factory.routing_groups_per_batch(_t5_tiny(**{'moe.encoder_group_size': 32,
                                                          'moe.group_size': 16})) == (8, 4)
-  assert config_lib.routing_groups_per_batch(t5_stmoe.default.get_config()) == (64 * 64 // 512,)
+  assert model_factory.routing_groups_per_batch(t5_stmoe.default.get_config()) == (64 * 64 // 512,)

@@ -289,15 +289,15 @@ def test_hierarchical_layer_has_outer_router_columns():
     ({'threshold_train': (0.2, 0.1)}, 'config.moe.threshold_train=(0.2, 0.1) is invalid: '
                                       'expected () or moe.top_k - 1 = 7 thresholds'),
     ({'threshold_eval': (0.2,) * 6 + (1.5,)}, 'config.moe.threshold_eval='),
-    ({'hierarchy': (8, 8)}, "config.moe.hierarchy=(8, 8) is invalid: expected () unless "
+    ({'hierarchy': (8, 8)}, "config.moe.hierarchy=(8, 8) is read only with "
                             "moe.router='hierarchical'"),
     ({'router': 'hierarchical', 'hierarchy': (8, 4)}, 'config.moe.hierarchy=(8, 4) is invalid: '
                                                       'expected (outer groups, experts per group)'),
     ({'router': 'hierarchical', 'hierarchy': (8, 8), 'hierarchy_outer_k': 3},
      'config.moe.hierarchy_outer_k=3 is invalid'),
     ({'router': 'hierarchical', 'hierarchy': (8, 8), 'score_fn': 'sigmoid'},
-     "config.moe.score_fn='sigmoid' is invalid: expected 'softmax' with "
-     "moe.router='hierarchical'"),
+     "config.moe.score_fn='sigmoid' is read only with moe.router='tokens_choose' (it is "
+     "'hierarchical')"),
     ({'threshold_train': ['a'] * 7}, 'config.moe.threshold_train='),
     ({'hierarchy': 4}, 'config.moe.hierarchy=4 is invalid: expected a tuple'),
 ])

@@ -236,8 +236,9 @@ def test_a_registered_router_is_what_validation_the_layer_and_the_stats_use(monk
   with pytest.raises(ConfigError, match="config.moe.router='first_expert' is invalid"):
     validate(config)
   monkeypatch.setitem(routing.ROUTERS, 'first_expert', routing.Router(
-      route_to_first_expert, causal=True, fixed_load=False, num_choices=lambda moe: 1))
-  validate(config)  # One registry line: the config accepts it...
+      name='first_expert', route=route_to_first_expert, causal=True, fixed_load=False,
+      num_choices=lambda moe: 1))
+  validate(config)  # One registration: the config accepts it...
   cfg = tiny_model_cfg(moe=dict(router='first_expert', group_size=8, eval_capacity_factor=8.0))
   assert dict(layer_stats.dims(cfg))['K'] == 1  # ...the stats size its choices...
   graphdef, state = nnx.split(MoeLayer(cfg, rngs=nnx.Rngs(0)))
@@ -245,7 +246,8 @@ def test_a_registered_router_is_what_validation_the_layer_and_the_stats_use(monk
       jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16)))
   np.testing.assert_allclose(stats['expert_load'], [1.0, 0.0, 0.0, 0.0])  # ...the layer routes.
   monkeypatch.setitem(routing.ROUTERS, 'first_expert', routing.Router(
-      route_to_first_expert, causal=False, fixed_load=False, num_choices=lambda moe: 1))
+      name='first_expert', route=route_to_first_expert, causal=False, fixed_load=False,
+      num_choices=lambda moe: 1))
   with pytest.raises(ConfigError,
                      match="expected 'tokens_choose' or 'hierarchical' in this causal decoder"):
     validate(config)  # A non-causal router is refused in the decoder.
