@@ -93,6 +93,15 @@ def get_model(cfg: ModelConfig) -> Model:
   return MODEL_FAMILIES[cfg.architecture].build(cfg)
 
 
+@options.add_check
+def _check_sampling(config) -> None:
+  family = MODEL_FAMILIES[config.model.architecture]
+  if config.eval_sample_tokens and not family.samples:
+    raise options.ConfigError(
+        f'config.eval_sample_tokens={config.eval_sample_tokens!r} is invalid: expected 0 with '
+        f'model.architecture={config.model.architecture!r} (that family does not sample).')
+
+
 def _decoder_only(cfg: ModelConfig) -> Model:
   return Model(cfg=cfg, make=functools.partial(Transformer, cfg),
                loss_fn=functools.partial(losses.compute_loss, cfg=cfg),

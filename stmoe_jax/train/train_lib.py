@@ -23,6 +23,7 @@ import tqdm
 from stmoe_jax.train import checkpointing
 from stmoe_jax.train import evaluation
 from stmoe_jax.train import finetune
+from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import flops
 from stmoe_jax.train import guards
 from stmoe_jax.models import sampling
@@ -173,7 +174,9 @@ class _TrainLoop:
     self.monitor.skipped_steps = int(state.skipped_steps)
     self.start, self.end = int(state.step), config.stop_at_step or config.num_train_steps
     self.tokens_per_step = config.batch_size * config.data.seq_len
-    self.flops_per_token = flops.run_train_flops_per_token(trainer.model_cfg, config.data)
+    family = model_factory.MODEL_FAMILIES[config.model.architecture]
+    self.flops_per_token = (family.train_flops_per_token(trainer.model_cfg, config.data)
+                            if family.train_flops_per_token else None)
     peak = (config.peak_flops_per_device or
             flops.peak_flops_per_device(jax.devices()[0].device_kind))
     self.peak_flops = peak * jax.device_count() if peak else None
@@ -212,11 +215,12 @@ class _TrainLoop:
     summary = self.monitor.summary() or {'skipped_steps': self.monitor.skipped_steps}
     summary['tokens_per_sec'] = (self.timed_steps * self.tokens_per_step /
                                  (time.perf_counter() - self.t0))
-    summary['model_flops_per_sec'] = summary['tokens_per_sec'] * self.flops_per_token
-    mfu = flops.model_flops_utilization(summary['tokens_per_sec'], self.flops_per_token,
-                                        self.peak_flops)
-    if mfu is not None:
-      summary['mfu'] = mfu
+    if self.flops_per_token:  # The family counts its FLOPs.
+      summary['model_flops_per_sec'] = summary['tokens_per_sec'] * self.flops_per_token
+      mfu = flops.model_flops_utilization(summary['tokens_per_sec'], self.flops_per_token,
+                                          self.peak_flops)
+      if mfu is not None:
+        summary['mfu'] = mfu
     self.writer.write(done, 'train', summary)
     if 'loss' in summary:
       bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_sec']:.0f}")
