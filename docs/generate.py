@@ -292,6 +292,10 @@ def doc_files() -> list[pathlib.Path]:
   return [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
 
 
+def _name(path: pathlib.Path) -> str:
+  return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def fill(path: pathlib.Path) -> str:
   """The text of `path` with every generated block rewritten."""
   text = path.read_text()
@@ -300,7 +304,7 @@ def fill(path: pathlib.Path) -> str:
   def replace(m: re.Match) -> str:
     name = m.group('name')
     if name not in GENERATORS:
-      raise KeyError(f'{path.relative_to(ROOT)}: no generator for block {name!r}')
+      raise KeyError(f'{_name(path)}: no generator for block {name!r}')
     return m.group(1) + GENERATORS[name](link).rstrip('\n') + '\n' + m.group(4)
   return _BLOCK.sub(replace, text)
 
@@ -315,13 +319,13 @@ def main(argv: list[str]) -> int:
   if '--check' in argv[1:]:
     bad = stale(paths)
     for p in bad:
-      print(f'{p.relative_to(ROOT)} is stale: run python docs/generate.py', file=sys.stderr)
+      print(f'{_name(p)} is stale: run python docs/generate.py', file=sys.stderr)
     return 1 if bad else 0
   for p in paths:
     text = fill(p)
     if text != p.read_text():
       p.write_text(text)
-      print(f'wrote {p.relative_to(ROOT)}')
+      print(f'wrote {_name(p)}')
   return 0
 
 
