@@ -272,7 +272,7 @@ def scale_1b(link: Link) -> str:
 
 @generator('train_step_grid')
 def train_step_grid(link: Link) -> str:
-  name = 'train_step_grid_e389716.json'
+  name = 'train_step_grid.json'
   rows = []
   ratio = {r['config']: r['moe_over_dense_tokens_per_sec'] for r in _json(name)
            if 'moe_over_dense_tokens_per_sec' in r}
