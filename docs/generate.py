@@ -26,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / 'docs' / 'results'
 Link = Callable[[str], str]
 GENERATORS: dict[str, Callable[[Link], str]] = {}
+sys.path.insert(0, str(ROOT))  # So that a generator may import stmoe_jax (e.g. the option registry).
 
 _BLOCK = re.compile(r'(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)',
                     re.DOTALL)
@@ -284,6 +285,11 @@ def train_step_grid(link: Link) -> str:
                  f"{ratio.get(r['config'], 1.0):.2f}"])
   return table(['config', 'ms/step', 'tokens/s', 'model GFLOP/s',
                 'of in-process matmul peak', 'MoE/dense tokens/s'], rows) + source(link, name)
+
+
+# More generators register the same way, e.g. the option reference in docs/options.md:
+#   @generator('options')
+#   def options(link): ...  # Imports the option declarations and returns their table.
 
 
 # Filling the files ---------------------------------------------------------------------------------
