@@ -3,7 +3,7 @@ r"""Fine-tuning on the stdlib_func_name task (function body -> function name), t
 The model is configs/default.py's, so the default pre-trained run loads into it; without
 init_from the same config trains on the task from scratch (the baseline). The decoder-only
 model reads each example as one prefix-LM row `[BOS] body [EOS] name [EOS]`, loss on the name
-only; eval reports exact match (README "Fine-tuning and upcycling").
+only; eval reports exact match (docs/finetuning.md).
 
   python train.py --config=configs/default.py --workdir=runs/default
   python train.py --config=configs/finetune.py --workdir=runs/ft --config.init_from=runs/default

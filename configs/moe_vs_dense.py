@@ -1,4 +1,4 @@
-r"""The arms of the MoE-vs-dense study (experiments/moe_vs_dense.py; README "Results").
+r"""The arms of the MoE-vs-dense study (experiments/moe_vs_dense.py; docs/results.md).
 
   python train.py --config=configs/moe_vs_dense.py:arm=stmoe64 --workdir=runs/mvd/stmoe64
   python train.py --config=configs/moe_vs_dense.py:arm=dense,lr=6e-3 --workdir=runs/mvd/d
@@ -21,7 +21,7 @@ non-embedding parameter) on a warmup-stable-decay schedule whose stable part is 
 shorter complete runs the study branches off; validation on 50 fixed batches every 160 steps.
 size=quick: one layer of d_model 32 and 20 steps, a smoke test of the study. `lr=0` takes the
 family's peak learning rate from TUNED_LR (the study's sweep chose it). `router=<name>` swaps an
-MoE arm's gating for one of ROUTER_OPTIONS (README "Routers"); the study itself runs none of them.
+MoE arm's gating for one of ROUTER_OPTIONS (docs/routers.md); the study itself runs none of them.
 """
 
 from configs import common

@@ -12,7 +12,7 @@ batch 256, bfloat16: meant for an accelerator. 1b: about 1B parameters (~0.37B a
 layers, d_model 1024, 32 experts of width 1152 in every 4th layer, top-2, 1024-byte windows,
 batch 256, bfloat16 compute over float32 master weights, full remat over scanned layers (6 units
 of 4), meant for 16 accelerators
-with FSDP x expert parallelism (README "Scaling out"; `benchmarks/scale.py` compiles it on 16
+with FSDP x expert parallelism (docs/scaling.md; `benchmarks/scale.py` compiles it on 16
 simulated CPU devices to show it fits):
 
   python train.py --config=configs/stmoe.py:size=1b --workdir=$RUNS/stmoe_1b \

@@ -2,8 +2,8 @@ r"""Sparse upcycling (Komatsuzaki et al. 2023): a dense model, then an MoE model
 
 stage=dense: configs/default.py with every FFN dense (GEGLU, width 256). stage=moe: the same
 model with every FFN an MoE of 8 experts of width 256, top-2; with init_from a stage=dense
-workdir, every expert starts as a copy of the FFN it replaces and the routers fresh (README
-"Fine-tuning and upcycling"). Without init_from, the same MoE from scratch.
+workdir, every expert starts as a copy of the FFN it replaces and the routers fresh
+(docs/finetuning.md). Without init_from, the same MoE from scratch.
 
   python train.py --config=configs/upcycle.py:stage=dense --workdir=runs/dense_ffn
   python train.py --config=configs/upcycle.py:stage=moe --workdir=runs/upcycled \
