@@ -191,7 +191,7 @@ options.declare(
     Option('model.d_ff', int, 1024, 'Hidden width of the dense FFN layers.', POSITIVE),
     Option('model.activation', str, 'geglu', 'FFN and expert activation (ST-MoE: '
            'geglu_mult_bias).', OneOf(('gelu', 'geglu', 'geglu_mult_bias'))),
-    Option('model.rope_max_wavelength', float, 10_000, 'Longest rotary wavelength, in '
+    Option('model.rope_max_wavelength', float, 10_000.0, 'Longest rotary wavelength, in '
            'positions (RoFormer).', Range(1)),
     Option('model.init_scale', float, 0.1, 'Switch Transformer init: truncated normal, std '
            'sqrt(init_scale / fan_in).', Range(0, low_open=True)),

@@ -51,6 +51,8 @@ def _check_core(config: ml_collections.ConfigDict) -> None:
              f'of lcm(moe.every={moe.every}, len(attention.layer_kinds))={period} layers)')
   _check(moe.num_experts >= moe.top_k, 'moe.num_experts', moe.num_experts,
          f'at least moe.top_k={moe.top_k}')
+  _check(moe.num_shared_experts or not moe.shared_expert_d_ff, 'moe.shared_expert_d_ff',
+         moe.shared_expert_d_ff, '0 while moe.num_shared_experts=0 (no shared expert to size)')
   _check(moe.every <= m.num_layers or not moe.enabled, 'moe.every', moe.every,
          f'at most model.num_layers={m.num_layers} while moe.enabled=True (no layer would be '
          'MoE; set moe.enabled=False for a dense model)')

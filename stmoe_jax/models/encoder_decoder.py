@@ -75,6 +75,7 @@ class EncoderDecoder(nnx.Module):
     self.decoder_stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
     self.remat = cfg.remat
+    layers.store_params_as(self, cfg.param_dtype)
 
   def constrain(self, x_BLD: jax.Array) -> jax.Array:
     """A residual stream [B, L, D] sharded by its logical names (batch, length, embed) on the

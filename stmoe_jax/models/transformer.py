@@ -139,12 +139,7 @@ class Transformer(nnx.Module):
     self.stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
     self.remat = cfg.remat
-    # Every layer creates float32 parameters (`layers.param`); a bfloat16 `param_dtype` stores
-    # them, and so the optimizer state that follows their dtype, at half the bytes.
-    if cfg.param_dtype != 'float32':
-      for _, variable in nnx.iter_graph(self):
-        if isinstance(variable, nnx.Param):
-          variable.set_value(variable.get_value().astype(cfg.param_dtype))
+    layers.store_params_as(self, cfg.param_dtype)
 
   def constrain(self, x_BLD: jax.Array) -> jax.Array:
     """The residual stream [B, L, D] sharded by its logical names (batch, length, embed) on the

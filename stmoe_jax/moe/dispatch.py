@@ -168,10 +168,8 @@ class Dispatch(options.Entry):
 DISPATCHES = options.Registry('dispatch', 'moe.dispatch', 'scatter',
                               'How routed tokens reach the experts (moe/dispatch.py).')
 
-# Read by the capacity-based paths and `routing.expert_capacity`. Core, not the capacity-based
-# entries' own: evaluation sweeps one checkpoint over capacity factors and dropless dispatch
-# (eval.py --eval_capacity_factors), so a config keeps them whichever path it trains with.
-options.declare(
+# Read by the capacity-based paths (`routing.expert_capacity`); dropless dispatch has none.
+CAPACITY_OPTIONS = (
     Option('moe.train_capacity_factor', float, 1.25, 'Expert capacity factor in training '
            '(ST-MoE: 1.25)...', Range(0, low_open=True)),
     Option('moe.eval_capacity_factor', float, 2.0, '...and at evaluation (ST-MoE: 2.0).',
@@ -180,7 +178,7 @@ options.declare(
            "False: CF * S / E (flaxformer's tokens-choose; it rounds, we take the ceiling)."),
     Option('moe.min_capacity', int, 4, 'Floor on per-expert capacity, so tiny groups still '
            'route.', Range(1)),
-    owner='moe.dispatch')
+)
 
 
 def _validate_dropless(config) -> None:
@@ -194,10 +192,10 @@ def _validate_dropless(config) -> None:
 
 DISPATCHES.register(Dispatch(
     name='einsum', dispatch=dispatch_einsum, combine=combine_einsum, uses_capacity=True,
-    doc='One-hot dispatch and combine masks (GShard, flaxformer).'))
+    options=CAPACITY_OPTIONS, doc='One-hot dispatch and combine masks (GShard, flaxformer).'))
 DISPATCHES.register(Dispatch(
     name='scatter', dispatch=dispatch_scatter, combine=combine_scatter, uses_capacity=True,
-    doc='Index gathers into capacity buffers (MaxText-style).'))
+    options=CAPACITY_OPTIONS, doc='Index gathers into capacity buffers (MaxText-style).'))
 DISPATCHES.register(Dispatch(
     name='dropless', dispatch=dispatch_dropless, combine=combine_dropless, uses_capacity=False,
     options=(Option('moe.grouped_matmul', str, 'auto', 'How dropless experts multiply '

@@ -35,6 +35,16 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None]
                    eager_sharding=False)
 
 
+def store_params_as(module: nnx.Module, param_dtype: str) -> None:
+  """Casts every parameter of `module` to `param_dtype` (model.param_dtype). Every layer creates
+  float32 parameters (`param`); a bfloat16 `param_dtype` stores them, and so the optimizer
+  state that follows their dtype, at half the bytes."""
+  if param_dtype != 'float32':
+    for _, variable in nnx.iter_graph(module):
+      if isinstance(variable, nnx.Param):
+        variable.set_value(variable.get_value().astype(param_dtype))
+
+
 class Buffer(nnx.Variable):
   """Base class of all non-trainable model state (e.g. `moe.RouterBias`): no optimizer touches
   it, the forward pass may update it, and the train state carries it as `buffers`.

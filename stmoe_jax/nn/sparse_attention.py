@@ -304,9 +304,22 @@ def _local_over_ring(q_BLHK, k_BLHK, v_BLHK, q_pos_L, cache, att):
   return _finish(parts, q_BLHK.dtype)[0]
 
 
-options.declare(Option('attention.block_size', int, 64, 'Query/key block of the pattern kinds '
-                       "(and of 'dense' with the logit z-loss); block_sparse's pattern block.",
-                       Range(1)))
+_BLOCK_SIZE = Option('attention.block_size', int, 64, 'Query/key block of the pattern kinds (and '
+                     "of 'dense' with the logit z-loss); block_sparse's pattern block.", Range(1))
+options.declare(_BLOCK_SIZE, owner='nn.sparse_attention')
+
+
+@options.add_check
+def _check_block_size(config) -> None:
+  att = config.attention
+  kinds = {att.kind} | {k.strip() for k in att.layer_kinds.split(',') if att.layer_kinds}
+  blocked = kinds & {'local', 'strided', 'block_sparse'} or (
+      'dense' in kinds and att.logit_z_loss_coef)
+  if att.block_size != _BLOCK_SIZE.default and not blocked:
+    raise options.ConfigError(
+        f'config.attention.block_size={att.block_size!r} is read only by the pattern kinds '
+        "('local', 'strided', 'block_sparse') and by 'dense' with attention.logit_z_loss_coef > "
+        f'0: leave it at {_BLOCK_SIZE.default}.')
 _WINDOW = Option('attention.window', int, 256, 'local and strided: a token sees itself and the '
                  'window - 1 before it.', Range(1))
 

@@ -266,6 +266,10 @@ def place(config: ml_collections.ConfigDict) -> Placement:
   Raises ConfigError when the config, or the batch and experts on this mesh, cannot work.
   """
   validate(config)
+  if jax.process_count() > 1 and config.data.objective == 'span_corruption':
+    raise ConfigError(f"config.data.objective='span_corruption' is invalid with "
+                      f'{jax.process_count()} processes: its evaluation runs on one process '
+                      '(train on one host, or evaluate its checkpoints with eval.py on one).')
   rules = sharding.check_rules(config.logical_axis_rules)
   mesh = sharding.make_mesh(config.mesh)
   # The MoE layers read mesh and rules from the model config (expert parallelism).

@@ -390,3 +390,11 @@ def test_routing_groups_per_batch_count_each_stack():
   assert model_factory.routing_groups_per_batch(_t5_tiny(**{'moe.encoder_group_size': 32,
                                                          'moe.group_size': 16})) == (8, 4)
   assert model_factory.routing_groups_per_batch(t5_stmoe.default.get_config()) == (64 * 64 // 512,)
+
+
+def test_param_dtype_stores_every_encoder_decoder_parameter():
+  cfg = tiny_model_config(architecture='encoder_decoder', num_encoder_layers=2,
+                          param_dtype='bfloat16')
+  params = nnx.state(EncoderDecoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
+  assert dtypes == {jnp.dtype('bfloat16')}
