@@ -47,6 +47,32 @@ def one_line(error: BaseException) -> str:
   return ' '.join(text.replace('\\n', ' ').split())
 
 
+def innermost(error: BaseException) -> BaseException:
+  """The first failure of `error`'s chain (`raise ... from`, or raised while handling)."""
+  seen = {id(error)}
+  while True:
+    inner = error.__cause__ or error.__context__
+    if inner is None or id(inner) in seen:
+      return error
+    seen.add(id(inner))
+    error = inner
+
+
+def config_file_error(config_arg: str, error: BaseException) -> str:
+  """One line for a --config file that failed to load in any way (missing, a syntax error, an
+  import or an exception in `get_config`, no `get_config`): its first failure, typed."""
+  path = config_arg.split(':')[0]
+  if not os.path.isfile(path):
+    return f'--config={config_arg}: {path} ' + (
+        'is not a file' if os.path.exists(path) else 'does not exist')
+  first = innermost(error)
+  if isinstance(first, (OSError, SyntaxError)):
+    why = one_line(first)
+  else:
+    why = f'{type(first).__name__}: {one_line(first)}'
+  return f'--config={config_arg} failed to load: {why}'
+
+
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]) -> Iterator[None]:
   """Turns the `expected` exceptions into `error: <one line>` and exit status 1."""

@@ -25,14 +25,15 @@ if 'ipykernel' not in sys.modules:  # Files only, no display needed; notebooks k
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from stmoe_jax import records
+
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of `workdir/metrics.jsonl` (FileNotFoundError naming the path if absent)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a train.py workdir?')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return records.read_jsonl(path, keys=('step', 'kind'))
 
 
 def run_labels(workdirs: list[str]) -> list[str]:

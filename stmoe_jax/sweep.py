@@ -23,6 +23,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from stmoe_jax import records
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Final metrics reported per run: (column, record kind, key).
 RESULT_COLUMNS = (('train_loss', 'train', 'loss'), ('eval_loss', 'eval', 'loss'),
@@ -83,8 +85,7 @@ def read_records(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return records.read_jsonl(path, keys=('step', 'kind'))
 
 
 def is_finished(workdir: str) -> bool:
@@ -93,9 +94,12 @@ def is_finished(workdir: str) -> bool:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return False
-  with open(path) as f:
-    final = json.load(f)['num_train_steps']
-  return any(r['kind'] == 'eval' and r['step'] == final for r in read_records(workdir))
+  try:
+    with open(path) as f:
+      final = json.load(f)['num_train_steps']
+  except (OSError, ValueError, TypeError, KeyError):
+    return False  # Unreadable: the run is not done; train.py names what is wrong with it.
+  return any(r.get('kind') == 'eval' and r.get('step') == final for r in read_records(workdir))
 
 
 def final_metrics(workdir: str) -> dict:
@@ -103,11 +107,11 @@ def final_metrics(workdir: str) -> dict:
   records = read_records(workdir)
   row = {}
   for column, kind, key in RESULT_COLUMNS:
-    values = [r[key] for r in records if r['kind'] == kind and key in r]
+    values = [r[key] for r in records if r.get('kind') == kind and key in r]
     row[column] = values[-1] if values else ''
   speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
   row['tokens_per_sec'] = sum(speeds) / len(speeds) if speeds else ''
-  row['step'] = max((r['step'] for r in records), default='')
+  row['step'] = max((r['step'] for r in records if isinstance(r.get('step'), int)), default='')
   return row
 
 
