@@ -302,6 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # So does an eval split or feature that cannot be read: found now, not after training.
     tasks.check_split(config.data.task, **trainer.data_kwargs(config.data.eval_split))
     state = restore_or_init(trainer, train_iter, log)
+    end, step = config.stop_at_step or config.num_train_steps, int(state.step)
+    if step and step >= end:  # Nothing to train: say so, change nothing.
+      field = 'stop_at_step' if config.stop_at_step else 'num_train_steps'
+      log(f'nothing to do: {workdir} is at step {step}, at or past {field}={end}; raise '
+          f'--config.{field} to train further')
+      trainer.checkpointer.close()
+      return {}
     # Recorded only after the restore, so config.json always matches the checkpoints.
     entry_points.record_config(config, workdir, int(state.step), log)
     return _TrainLoop(trainer, train_iter, state, log).run()
