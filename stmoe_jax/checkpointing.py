@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stmoe_jax import errors
 from stmoe_jax.config import ConfigError
 
 
@@ -227,6 +228,7 @@ class Checkpointer:
       self.manager.close()
     except Exception:  # pylint: disable=broad-except
       pass  # The same failure again.
+    errors.drain_background_errors()
     intact = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
     return CheckpointError(
         f'saving checkpoint step {step} to {self.directory} failed ({why}); the steps saved '
@@ -306,6 +308,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      errors.drain_background_errors()
       raise CheckpointError(f'checkpoint {path} is unreadable: {_first_line(e)}') from e
     if not isinstance(restored['data'], dict):
       raise CheckpointError(f'checkpoint {path} has no data iterator state')
