@@ -38,7 +38,9 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
+  # Orbax/TFDS info and warning lines (e.g. about a damaged step we report ourselves) would
+  # bury the progress bar and the one line that matters.
+  logging.set_verbosity(logging.ERROR)
   errors.quiet_orbax_errors()
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError,
                               input_pipeline.DataError):

@@ -92,7 +92,9 @@ def load_config():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
+  # Orbax/TFDS info and warning lines (e.g. about a damaged step we report ourselves) would
+  # bury the progress bar and the one line that matters.
+  logging.set_verbosity(logging.ERROR)
   errors.quiet_orbax_errors()
   config = load_config()
   initialize_distributed()

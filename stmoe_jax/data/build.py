@@ -72,7 +72,7 @@ def summary(result: local_corpus.BuildResult, data_dir_flag: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # TFDS logs each step at INFO; the summary says it all.
+  logging.set_verbosity(logging.ERROR)  # TFDS logs each step; the summary says it all.
   try:
     spec = local_corpus.CorpusSpec(
         name=_NAME.value, files=tuple(_FILES.value), format=_FORMAT.value,
