@@ -78,13 +78,21 @@ def config_file_error(config_arg: str, error: BaseException) -> str:
 
 @contextlib.contextmanager
 def one_line_errors(*expected: type[BaseException]) -> Iterator[None]:
-  """Turns the `expected` exceptions into `error: <one line>` and exit status 1."""
+  """Turns the `expected` exceptions into `error: <one line>` and exit status 1, and Ctrl-C
+  (KeyboardInterrupt: in train.py only a second one) into one line and exit status 130, at
+  once: background threads (an Orbax save) are not waited for."""
   try:
     yield
   except expected as e:
     if os.environ.get(TRACEBACK_ENV):
       raise
     sys.exit(f'error: {one_line(e)}')
+  except KeyboardInterrupt:
+    if os.environ.get(TRACEBACK_ENV):
+      raise
+    print('interrupted (Ctrl-C): stopped at once', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access
 
 
 _BACKGROUND = (f'{os.sep}orbax{os.sep}', f'{os.sep}tensorstore{os.sep}', 'TensorStore',

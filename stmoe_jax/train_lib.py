@@ -266,15 +266,15 @@ class _TrainLoop:
           self.eval_and_log(done, bar)
         if config.debug.step_sleep_s:
           time.sleep(config.debug.step_sleep_s)
-        # SIGTERM may arrive at any point of the step, so the check reads the flag only once.
+        # SIGTERM/SIGINT may arrive at any point of the step, so the check reads the flag once.
         stop_now = preempted.is_set()
         if ckpt.should_save(done) or done == self.end or stop_now:
           self.flush()  # Never checkpoint a halted state under a later step's number.
           ckpt.save(done, self.state, self.train_iter.get_state(), force=True)
         if stop_now:
           ckpt.wait()
-          self.log(f'SIGTERM: saved checkpoint {ckpt.step_path(done)} and stopped; rerun the '
-                   'same command to continue.')
+          self.log(f'{preempted.name}: saved checkpoint {ckpt.step_path(done)} and stopped; '
+                   'rerun the same command to continue.')
           break
     self.flush()
     ckpt.wait()
@@ -286,8 +286,9 @@ class _TrainLoop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for `config.num_train_steps`, resuming from the newest good checkpoint in `workdir`.
 
-  Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM it saves
-  a checkpoint at the current step and returns. Raises `guards.NonFiniteError` (stop mode, after
+  Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM or a
+  first Ctrl-C (SIGINT) it saves a checkpoint at the current step and returns; a second Ctrl-C
+  raises KeyboardInterrupt at once. Raises `guards.NonFiniteError` (stop mode, after
   saving the last good state), `checkpointing.CheckpointError` (no readable checkpoint to resume,
   or a failed save), ConfigError (a config that does not fit the saved run) and
   `workdir_lib.WorkdirError` (a workdir that is not writable or that a live run holds).
