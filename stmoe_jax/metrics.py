@@ -21,6 +21,7 @@ before the first append (`stmoe_jax.records`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -110,11 +111,22 @@ class MetricsWriter:
     if self._summary is None:
       return
     scalars, histograms = tensorboard_values(metrics)
-    for name, value in scalars.items():
-      self._summary.add_scalar(f'{kind}/{name}', value, int(step))
-    for name, load_E in histograms.items():
-      self._add_expert_histogram(f'{kind}/{name}', load_E, int(step))
-    self._summary.flush()
+    with self._naming_events_file():
+      for name, value in scalars.items():
+        self._summary.add_scalar(f'{kind}/{name}', value, int(step))
+      for name, load_E in histograms.items():
+        self._add_expert_histogram(f'{kind}/{name}', load_E, int(step))
+      self._summary.flush()
+
+  @contextlib.contextmanager
+  def _naming_events_file(self):
+    """An OSError of tensorboardX (a full disk) names its events file."""
+    try:
+      yield
+    except OSError as e:
+      if e.filename is None:
+        e.filename = self._summary.file_writer.get_logdir() + '/events.out.tfevents.*'
+      raise
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """Records a text sample (e.g. generated text) as a TensorBoard text summary and a
@@ -124,9 +136,10 @@ class MetricsWriter:
     append_line(os.path.join(self.workdir, 'samples.jsonl'),
                 json.dumps({'step': int(step), 'tag': tag, 'text': text}))
     if self._summary is not None:
-      # TensorBoard renders text as markdown: a code block keeps generated code verbatim.
-      self._summary.add_text(tag, '```\n' + text.replace('```', "'''") + '\n```', int(step))
-      self._summary.flush()
+      with self._naming_events_file():
+        # TensorBoard renders text as markdown: a code block keeps generated code verbatim.
+        self._summary.add_text(tag, '```\n' + text.replace('```', "'''") + '\n```', int(step))
+        self._summary.flush()
 
   def close(self) -> None:
     if self._summary is not None:

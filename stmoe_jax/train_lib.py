@@ -21,6 +21,7 @@ import optax
 import tqdm
 
 from stmoe_jax import checkpointing
+from stmoe_jax import errors
 from stmoe_jax import evaluation
 from stmoe_jax import finetune
 from stmoe_jax import flops
@@ -240,6 +241,19 @@ class _TrainLoop:
 
   def run(self) -> dict:
     """Trains from `start` to `end`; returns the last evaluation metrics."""
+    try:
+      return self._run()
+    except Exception:
+      # Settle a save still in flight before the error is reported: it commits, or its
+      # failure and its background errors are drained now, not printed during shutdown.
+      try:
+        self.ckpt.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # The error being raised says what matters.
+      errors.drain_background_errors()
+      raise
+
+  def _run(self) -> dict:
     config, trainer, ckpt = self.config, self.trainer, self.ckpt
     bar = tqdm.tqdm(range(self.start, self.end), initial=self.start,
                     total=config.num_train_steps, disable=jax.process_index() != 0,
