@@ -25,7 +25,8 @@ from stmoe_jax.data import input_pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
-_MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation batches.')
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation batches.',
+                                     lower_bound=1)
 _CAPACITY_FACTORS = flags.DEFINE_string(
     'eval_capacity_factors', '', "Also evaluate at these capacity factors, e.g. "
     "'1.0,1.25,2.0,dropless' (ST-MoE: eval capacity is a free lever).")

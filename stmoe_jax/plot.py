@@ -14,7 +14,6 @@ writes to --out:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,6 +24,7 @@ if 'ipykernel' not in sys.modules:  # Files only, no display needed; notebooks k
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from stmoe_jax import errors
 from stmoe_jax import records
 
 
@@ -200,11 +200,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--workdir', action='append', required=True, help='train.py workdir; repeat')
   parser.add_argument('--out', required=True, help='directory for the PNGs')
   args = parser.parse_args(argv)
-  try:
-    for path in write_plots(args.workdir, args.out):
-      print(path)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  with errors.one_line_errors(OSError, ValueError):  # OSError: e.g. a full disk.
+    paths = write_plots(args.workdir, args.out)
+  for path in paths:
+    print(path)
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from stmoe_jax import errors
 from stmoe_jax import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +49,36 @@ def load_config_file(config_arg: str):
     raise FileNotFoundError(f'config file {path!r} not found')
   if REPO not in sys.path:
     sys.path.insert(0, REPO)  # Preset configs import `configs.default`.
-  spec = importlib.util.spec_from_file_location('sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:  # The file's own code runs here: any failure is the file's, named in one line.
+    spec = importlib.util.spec_from_file_location('sweep_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get(errors.TRACEBACK_ENV):
+      raise
+    raise ValueError(errors.config_file_error(config_arg, e)) from None
+  if not hasattr(config, 'keys'):
+    raise ValueError(f'--config={config_arg}: get_config() returned a {type(config).__name__}, '
+                     'not a ConfigDict')
+  return config
+
+
+def run_child(argv: list[str]) -> int:
+  """Runs one train.py and returns its exit code. On Ctrl-C the child (same process group) gets
+  the SIGINT too, saves the step it is on and exits: it is waited for, not killed, and then the
+  KeyboardInterrupt stops the sweep."""
+  process = subprocess.Popen(argv)
+  interrupted = False
+  while True:
+    try:
+      code = process.wait()
+      break
+    except KeyboardInterrupt:
+      interrupted = True
+  if interrupted:
+    raise KeyboardInterrupt
+  return code
 
 
 def check_fields(config, fields: Sequence[str]) -> None:
@@ -134,7 +161,7 @@ def run_sweep(config_arg: str, sweeps: Sequence[str], root: str, *, sets: Sequen
   axes = [parse_assignment(s, several=True) for s in sweeps]
   fixed = {f: v[0] for f, v in (parse_assignment(s, several=False) for s in sets)}
   check_fields(load_config_file(config_arg), [*fixed, *(field for field, _ in axes)])
-  runner = runner or (lambda argv: subprocess.run(argv, check=False).returncode)
+  runner = runner or run_child
   points = expand(axes)
   rows = []
   for i, point in enumerate(points):
