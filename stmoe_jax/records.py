@@ -101,9 +101,10 @@ def read_jsonl(path: str, keys: tuple[str, ...] = (),
       else:
         bad.append(number)
   if bad:
-    where = f'line {bad[0]}' if len(bad) == 1 else f'{len(bad)} lines ({bad[0]}, ...)'
-    (warn or _stderr)(f'warning: {path}: skipped {where} that is not a whole JSON record (torn '
-                      'by an interrupted run?)')
+    where = (f'line {bad[0]}, which is' if len(bad) == 1 else
+             f'{len(bad)} lines ({bad[0]}, ...), which are')
+    (warn or _stderr)(f'warning: {path}: skipped {where} not a whole JSON record (torn by an '
+                      'interrupted run?)')
   return records
 
 
