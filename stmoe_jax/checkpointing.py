@@ -213,6 +213,9 @@ class Checkpointer:
         max_to_keep=keep, save_interval_steps=save_every, create=not read_only,
         cleanup_tmp_directories=not read_only)
     self.read_only = read_only
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f'{self.directory} is a file, not a checkpoint directory: move it '
+                            'away')
     # Orbax reads every step's _CHECKPOINT_METADATA when it opens the directory, and a damaged
     # one fails the whole manager: such a step is set aside by a trainer, named by a reader.
     for step, why in _damaged_step_metadata(self.directory):

@@ -145,7 +145,8 @@ def workdir_placement(workdir: str, mesh: dict[str, int] | None = None
   (axis sizes) instead; restores and creates nothing. FileNotFoundError naming the path when
   the workdir or its config is missing."""
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
+    raise FileNotFoundError(f'workdir {workdir!r} ' + (
+        'is not a directory' if os.path.exists(workdir) else 'does not exist'))
   config = load_config(workdir)
   if mesh is not None:
     config.mesh = dict(mesh)
