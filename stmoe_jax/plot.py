@@ -29,11 +29,15 @@ from stmoe_jax import records
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl` (FileNotFoundError naming the path if absent)."""
+  """The records of `workdir/metrics.jsonl` (FileNotFoundError naming the path if absent,
+  ValueError if it holds none: nothing to plot). A torn line is skipped with a warning."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a train.py workdir?')
-  return records.read_jsonl(path, keys=('step', 'kind'))
+  found = records.read_jsonl(path, keys=('step', 'kind'))
+  if not found:
+    raise ValueError(f'{path} holds no metrics records: nothing to plot')
+  return found
 
 
 def run_labels(workdirs: list[str]) -> list[str]:
