@@ -161,6 +161,8 @@ def run_sweep(config_arg: str, sweeps: Sequence[str], root: str, *, sets: Sequen
   axes = [parse_assignment(s, several=True) for s in sweeps]
   fixed = {f: v[0] for f, v in (parse_assignment(s, several=False) for s in sets)}
   check_fields(load_config_file(config_arg), [*fixed, *(field for field, _ in axes)])
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ValueError(f'--root={root} is a file, not a directory')
   runner = runner or run_child
   points = expand(axes)
   rows = []
