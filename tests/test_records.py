@@ -159,7 +159,9 @@ def test_background_io_errors_are_dropped(monkeypatch, capsys):
   import asyncio, logging, threading  # pylint: disable=g-import-not-at-top,multiple-imports
   monkeypatch.setattr(threading, 'excepthook', lambda a: printed.append(('thread', a)))
   asyncio_logger = logging.getLogger('asyncio')
-  monkeypatch.setattr(asyncio_logger, 'filters', list(asyncio_logger.filters))
+  for name in ('absl', 'asyncio'):  # The filters it adds go when the test ends.
+    logger = logging.getLogger(name)
+    monkeypatch.setattr(logger, 'filters', list(logger.filters))
   errors.quiet_orbax_errors()
 
   def unraisable(exc, obj=None):
