@@ -25,7 +25,8 @@ from stmoe_jax.data import input_pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
-_MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation batches.')
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', None, 'Limit on validation batches.',
+                                     lower_bound=1)
 _CAPACITY_FACTORS = flags.DEFINE_string(
     'eval_capacity_factors', '', "Also evaluate at these capacity factors, e.g. "
     "'1.0,1.25,2.0,dropless' (ST-MoE: eval capacity is a free lever).")
@@ -38,7 +39,9 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
+  # Orbax/TFDS info and warning lines (e.g. about a damaged step we report ourselves) would
+  # bury the progress bar and the one line that matters.
+  logging.set_verbosity(logging.ERROR)
   errors.quiet_orbax_errors()
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError,
                               input_pipeline.DataError):

@@ -29,7 +29,7 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)  # Orbax warnings about steps we report ourselves.
   errors.quiet_orbax_errors()
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError):
     text = entry_points.sample_workdir(

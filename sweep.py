@@ -9,11 +9,13 @@ Finished runs are skipped, so rerunning resumes the sweep. Writes <root>/results
 <root>/results.md. The logic lives in stmoe_jax.analysis.sweep.
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 
+from stmoe_jax import errors
 from stmoe_jax.analysis import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'train.py --config value: path[:arg].')
@@ -30,8 +32,13 @@ def main(argv):
   try:
     rows = sweep.run_sweep(_CONFIG.value, _SWEEP.value, _ROOT.value, sets=_SET.value,
                            dry_run=_DRY_RUN.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  except (OSError, ValueError) as e:  # OSError: e.g. a full disk writing the results.
+    if os.environ.get(errors.TRACEBACK_ENV):
+      raise
+    sys.exit(f'error: {errors.one_line(e)}')
+  except KeyboardInterrupt:
+    sys.exit('interrupted (Ctrl-C): the run in flight saved its step; rerun the same command '
+             'to continue the sweep')
   if rows:
     print(f'results: {_ROOT.value}/results.md')
   if any(row['status'] != 'done' for row in rows):

@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from stmoe_jax.train import checkpointing
@@ -59,21 +60,43 @@ def parse_flags(argv):
   value, an unknown preset) reported in one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, flags.Error) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything may fail while a config file loads (its own code runs here): all user errors.
     if os.environ.get(errors.TRACEBACK_ENV):
       raise
+    first = errors.innermost(e)
+    config_arg = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
+    if config_arg and not isinstance(first, (flags.Error, AttributeError, KeyError, TypeError,
+                                             ValueError)):
+      sys.exit(f'error: {errors.config_file_error(config_arg, e)}')
     bad = [a for a in argv[1:] if a.startswith('--config')] or argv[1:]
-    sys.exit(f'error: bad flag among {bad}: {errors.one_line(e)}')
+    why = (f'config has no field {first.args[0]!r}' if type(first) is KeyError and first.args
+           else errors.one_line(e))
+    sys.exit(f'error: bad flag among {bad}: {why}')
+
+
+def load_config():
+  """The --config ConfigDict; exits with one line if its file fails to load in any way."""
+  try:
+    config = _CONFIG.value
+    config.get('seed')  # A config file that failed to load raises on first use.
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise ConfigError(f'get_config() returned a {type(config).__name__}, not a ConfigDict')
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get(errors.TRACEBACK_ENV):
+      raise
+    sys.exit(f'error: {errors.config_file_error(flags.FLAGS["config"].config_filename, e)}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # Orbax/TFDS info lines would bury the progress bar.
+  # Orbax/TFDS info and warning lines (e.g. about a damaged step we report ourselves) would
+  # bury the progress bar and the one line that matters.
+  logging.set_verbosity(logging.ERROR)
   errors.quiet_orbax_errors()
-  with errors.one_line_errors(OSError, SyntaxError):
-    config = _CONFIG.value
-    config.get('seed')  # A config file that failed to load raises on first use.
+  config = load_config()
   initialize_distributed()
   # Every failure the library can name exits 1 with one line (OSError: e.g. a full disk while
   # writing metrics); SIGTERM saves and exits 0.

@@ -14,7 +14,6 @@ writes to --out:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,14 +24,20 @@ if 'ipykernel' not in sys.modules:  # Files only, no display needed; notebooks k
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from stmoe_jax import errors
+from stmoe_jax.train import records
+
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl` (FileNotFoundError naming the path if absent)."""
+  """The records of `workdir/metrics.jsonl` (FileNotFoundError naming the path if absent,
+  ValueError if it holds none: nothing to plot). A torn line is skipped with a warning."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a train.py workdir?')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  found = records.read_jsonl(path, keys=('step', 'kind'))
+  if not found:
+    raise ValueError(f'{path} holds no metrics records: nothing to plot')
+  return found
 
 
 def run_labels(workdirs: list[str]) -> list[str]:
@@ -199,11 +204,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--workdir', action='append', required=True, help='train.py workdir; repeat')
   parser.add_argument('--out', required=True, help='directory for the PNGs')
   args = parser.parse_args(argv)
-  try:
-    for path in write_plots(args.workdir, args.out):
-      print(path)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  with errors.one_line_errors(OSError, ValueError):  # OSError: e.g. a full disk.
+    paths = write_plots(args.workdir, args.out)
+  for path in paths:
+    print(path)
 
 
 if __name__ == '__main__':

@@ -36,6 +36,7 @@ import argparse
 import os
 import sys
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,11 +327,13 @@ def main(argv: list[str]) -> None:
   if args.num_batches is not None and args.num_batches < 1:
     sys.exit(f'error: --num_batches={args.num_batches} is invalid: expected >= 1')
   errors.quiet_orbax_errors()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warnings about steps we report.
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError,
                               input_pipeline.DataError):
     report = specialization(args.workdir, args.num_batches, args.step)
-  out = args.out or os.path.join(args.workdir, 'specialization')
-  for path in specialization_report.write(report, out):
+    out = args.out or os.path.join(args.workdir, 'specialization')
+    paths = specialization_report.write(report, out)
+  for path in paths:
     print(path)
 
 

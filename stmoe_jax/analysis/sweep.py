@@ -23,6 +23,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from stmoe_jax import errors
+from stmoe_jax.train import records
+
 # The checkout holding train.py, which each run executes.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Final metrics reported per run: (column, record kind, key).
@@ -45,10 +48,36 @@ def load_config_file(config_arg: str):
   path, _, arg = config_arg.partition(':')
   if not os.path.exists(path):
     raise FileNotFoundError(f'config file {path!r} not found')
-  spec = importlib.util.spec_from_file_location('sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:  # The file's own code runs here: any failure is the file's, named in one line.
+    spec = importlib.util.spec_from_file_location('sweep_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get(errors.TRACEBACK_ENV):
+      raise
+    raise ValueError(errors.config_file_error(config_arg, e)) from None
+  if not hasattr(config, 'keys'):
+    raise ValueError(f'--config={config_arg}: get_config() returned a {type(config).__name__}, '
+                     'not a ConfigDict')
+  return config
+
+
+def run_child(argv: list[str]) -> int:
+  """Runs one train.py and returns its exit code. On Ctrl-C the child (same process group) gets
+  the SIGINT too, saves the step it is on and exits: it is waited for, not killed, and then the
+  KeyboardInterrupt stops the sweep."""
+  process = subprocess.Popen(argv)
+  interrupted = False
+  while True:
+    try:
+      code = process.wait()
+      break
+    except KeyboardInterrupt:
+      interrupted = True
+  if interrupted:
+    raise KeyboardInterrupt
+  return code
 
 
 def check_fields(config, fields: Sequence[str]) -> None:
@@ -82,8 +111,7 @@ def read_records(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return records.read_jsonl(path, keys=('step', 'kind'))
 
 
 def is_finished(workdir: str) -> bool:
@@ -92,9 +120,12 @@ def is_finished(workdir: str) -> bool:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return False
-  with open(path) as f:
-    final = json.load(f)['num_train_steps']
-  return any(r['kind'] == 'eval' and r['step'] == final for r in read_records(workdir))
+  try:
+    with open(path) as f:
+      final = json.load(f)['num_train_steps']
+  except (OSError, ValueError, TypeError, KeyError):
+    return False  # Unreadable: the run is not done; train.py names what is wrong with it.
+  return any(r.get('kind') == 'eval' and r.get('step') == final for r in read_records(workdir))
 
 
 def final_metrics(workdir: str) -> dict:
@@ -102,11 +133,11 @@ def final_metrics(workdir: str) -> dict:
   records = read_records(workdir)
   row = {}
   for column, kind, key in RESULT_COLUMNS:
-    values = [r[key] for r in records if r['kind'] == kind and key in r]
+    values = [r[key] for r in records if r.get('kind') == kind and key in r]
     row[column] = values[-1] if values else ''
   speeds = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
   row['tokens_per_sec'] = sum(speeds) / len(speeds) if speeds else ''
-  row['step'] = max((r['step'] for r in records), default='')
+  row['step'] = max((r['step'] for r in records if isinstance(r.get('step'), int)), default='')
   return row
 
 
@@ -129,7 +160,9 @@ def run_sweep(config_arg: str, sweeps: Sequence[str], root: str, *, sets: Sequen
   axes = [parse_assignment(s, several=True) for s in sweeps]
   fixed = {f: v[0] for f, v in (parse_assignment(s, several=False) for s in sets)}
   check_fields(load_config_file(config_arg), [*fixed, *(field for field, _ in axes)])
-  runner = runner or (lambda argv: subprocess.run(argv, check=False).returncode)
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ValueError(f'--root={root} is a file, not a directory')
+  runner = runner or run_child
   points = expand(axes)
   rows = []
   for i, point in enumerate(points):

@@ -10,6 +10,7 @@ next version (stmoe_jax/data/local_corpus.py). Bad input stops it with one line 
 line or pattern, and nothing written.
 """
 
+import os
 import sys
 
 from absl import app
@@ -17,6 +18,7 @@ from absl import flags
 from absl import logging
 import tqdm
 
+from stmoe_jax import errors
 from stmoe_jax.data import local_corpus
 
 _NAME = flags.DEFINE_string('name', None, 'Dataset name (lower_snake_case), as '
@@ -56,7 +58,9 @@ def summary(result: local_corpus.BuildResult, data_dir_flag: str) -> str:
       f'  skipped: {len(stats.skipped_empty)} empty, {len(stats.skipped_not_utf8)} not UTF-8'
       + (f' (e.g. {stats.skipped_not_utf8[0]})' if stats.skipped_not_utf8 else '')
       + (f'; decoded with replacement: {len(stats.replaced_not_utf8)}'
-         if stats.replaced_not_utf8 else ''),
+         if stats.replaced_not_utf8 else '')
+      + (f'; {len(stats.skipped_links)} paths to files already read (symlinks), e.g. '
+         f'{stats.skipped_links[0]}' if stats.skipped_links else ''),
       f'  fingerprint: {stats.fingerprint}',
       'train on it: python train.py --config=configs/default.py --workdir=runs/'
       f'{result.name} --config.data.name={result.name}'
@@ -68,7 +72,7 @@ def summary(result: local_corpus.BuildResult, data_dir_flag: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # TFDS logs each step at INFO; the summary says it all.
+  logging.set_verbosity(logging.ERROR)  # TFDS logs each step; the summary says it all.
   try:
     spec = local_corpus.CorpusSpec(
         name=_NAME.value, files=tuple(_FILES.value), format=_FORMAT.value,
@@ -77,8 +81,10 @@ def main(argv):
     result = local_corpus.build(
         spec, _DATA_DIR.value, version=_VERSION.value or None,
         progress=lambda files: tqdm.tqdm(files, desc='Reading files', unit=' files'))
-  except local_corpus.CorpusError as e:
-    sys.exit(f'error: {e}')
+  except (local_corpus.CorpusError, OSError) as e:  # OSError: e.g. a full disk.
+    if os.environ.get(errors.TRACEBACK_ENV):
+      raise
+    sys.exit(f'error: {errors.one_line(e)}')
   print(summary(result, _DATA_DIR.value))
 
 

@@ -44,7 +44,7 @@ def _checked_source(name: str, split: str, data_dir, feature_key: str) -> Checke
   try:
     source = get_data_source(name, split, data_dir)
   except ValueError as e:  # TFDS: "Unknown split 'tran'. Should be one of [...]", bad slices.
-    if 'split' not in str(e).lower():
+    if isinstance(e, DataError) or 'split' not in str(e).lower():
       raise
     why = ' '.join(str(e).split())
     raise DataError(f'{name}[{split}] cannot be read: {why}') from None

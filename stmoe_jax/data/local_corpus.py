@@ -103,6 +103,8 @@ class CorpusStats:
   skipped_not_utf8: list[str]
   replaced_not_utf8: list[str]
   fingerprint: str
+  # Paths left out as other routes (symlinks) to a file already read (`list_files`).
+  skipped_links: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -118,8 +120,10 @@ class BuildResult:
     return os.path.join(self.data_dir, self.name, self.version)
 
 
-def list_files(globs: Iterable[str]) -> list[str]:
-  """Returns the sorted absolute paths of the regular files the globs match, each once."""
+def list_files(globs: Iterable[str], skipped: list[str] | None = None) -> list[str]:
+  """Returns the sorted absolute paths of the regular files the globs match, each real file
+  once: a path reaching a file already listed through symlinks (a '**' glob follows a link to a
+  directory, round a loop up to 40 times) is left out, and appended to `skipped`."""
   paths = set()
   for pattern in globs:
     found = glob.glob(os.path.expanduser(pattern), recursive=True)
@@ -128,7 +132,16 @@ def list_files(globs: Iterable[str]) -> list[str]:
       hint = f" (only directories: try '{pattern.rstrip('/')}/**/*.txt')" if found else ''
       raise CorpusError(f'files pattern {pattern!r} matches no files{hint}')
     paths.update(os.path.abspath(p) for p in matched)
-  return sorted(paths)
+  by_real = {}
+  # The shortest path first (fewest links followed), then the alphabetical one.
+  for path in sorted(paths, key=lambda p: (p.count(os.sep), p)):
+    real = os.path.realpath(path)
+    if real in by_real:
+      if skipped is not None:
+        skipped.append(path)
+    else:
+      by_real[real] = path
+  return sorted(by_real.values())
 
 
 def split_for_text(text: str, validation_share: float) -> str:
@@ -334,10 +347,15 @@ def build(spec: CorpusSpec, data_dir: str | os.PathLike | None = None,
       another corpus, an empty split; nothing is written then.
   """
   data_dir = resolve_data_dir(data_dir)
+  for path in (data_dir, os.path.join(data_dir, spec.name)):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise CorpusError(f'data_dir: {path} is a file, not a directory')
   existing = prepared_versions(spec.name, data_dir)
   _check_name_is_free(spec, data_dir, existing)
-  files = list_files(spec.files)
+  links = []
+  files = list_files(spec.files, links)
   stats = scan(spec, files, progress)
+  stats.skipped_links = links
   where = os.path.join(data_dir, spec.name)
   version, reuse = _choose_version(spec, stats, existing, version, where)
   result = BuildResult(name=spec.name, version=version, data_dir=data_dir, stats=stats,

@@ -9,6 +9,7 @@ when one cannot be used; `shard` gives a process its documents and `ToTokens` tu
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -21,6 +22,14 @@ from stmoe_jax.data import tokenizer
 
 # What the pipelines yield: {'inputs', 'targets', 'weights'} arrays (see `input_pipeline`).
 Batch = dict[str, np.ndarray]
+# name[/config][:version][/kwargs], as tfds.builder parses it; never a path.
+_NAME_RE = re.compile(r'[a-zA-Z][\w]*(/[\w.-]+)?(:[\d.*]+)?(/[\w=,.-]+)?')
+
+
+class DataError(ValueError):
+  """A dataset, split or record the pipeline cannot use; the message names the record."""
+
+
 # Datasets built from the running interpreter's standard library on first use, by name.
 EMBEDDED = {stdlib_corpus.NAME: stdlib_corpus.StdlibPy,
             func_name_corpus.NAME: func_name_corpus.StdlibFuncName}
@@ -52,11 +61,22 @@ def get_data_source(
     ValueError: the dataset is prepared but not as array_record.
   """
   data_dir = os.fspath(data_dir) if data_dir else None
+  if not _NAME_RE.fullmatch(name):
+    raise DataError(
+        f'config.data.name={name!r} is not a TFDS dataset name (name[/config][:version], e.g. '
+        "'stdlib_py' or 'lm1b:1.1.0'); a corpus of your own files is built with `python -m "
+        'stmoe_jax.data.build --name=NAME --files=GLOB` and read by its NAME')
   base, _, config = name.partition(':')[0].partition('/')
+  version = name.partition(':')[2].partition('/')[0]
   if base in EMBEDDED:
     if config not in ('', stdlib_corpus.config_name()):
-      raise ValueError(f'{name!r}: only this interpreter\'s corpus '
-                       f'({stdlib_corpus.config_name()}) can be prepared.')
+      raise DataError(f'{name!r}: only this interpreter\'s corpus '
+                      f'({stdlib_corpus.config_name()}) can be prepared.')
+    built = str(EMBEDDED[base].VERSION)
+    if version and version != built:  # A pin is a promise about the data: never substituted.
+      raise FileNotFoundError(
+          f'TFDS dataset {name!r} is not prepared: {base} is built here at version {built} '
+          f"only; pin ':{built}' or leave the version out")
     builder = EMBEDDED[base](data_dir=data_dir)
     if not builder.is_prepared():
       try:
@@ -76,6 +96,12 @@ def get_data_source(
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
+      root = os.path.join(data_dir or os.fspath(tfds.core.constants.DATA_DIR), base)
+      prepared = sorted(str(v) for v in tfds.core.utils.version.list_all_versions(root))
+      if version and prepared:
+        raise FileNotFoundError(
+            f'TFDS dataset {name!r} is not prepared: {root} holds versions {prepared}, not '
+            f'{version}') from None
       raise FileNotFoundError(
           f'TFDS dataset {name!r} is neither registered with tensorflow-datasets nor '
           f'prepared in data_dir={data_dir or "~/tensorflow_datasets"!r}; build one from your '
@@ -92,11 +118,15 @@ def get_data_source(
         f'TFDS dataset {name!r} in {builder.data_dir} is stored as '
         f'{fmt.value}; random access needs array_record: rebuild with '
         f'`tfds build {name} --file_format=array_record`.')
-  return builder.as_data_source(split=split)
+  try:
+    return builder.as_data_source(split=split)
+  except ValueError as e:
+    if 'Paths sequence can not be of 0 length' in str(e):  # array_record, on an empty slice.
+      raise DataError(f'{name}[{split}] selects no records: nothing to train or evaluate '
+                      'on') from None
+    raise DataError(f'{name}[{split}] cannot be read: {" ".join(str(e).split())}') from None
 
 
-class DataError(ValueError):
-  """A dataset, split or record the pipeline cannot use; the message names the record."""
 
 
 class CheckedSource:

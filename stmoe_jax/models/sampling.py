@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,8 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -
   """Raises ValueError naming the first argument out of range."""
   for name, value, ok, expected in (
       ('max_new_tokens', max_new_tokens, max_new_tokens >= 0, 'an integer >= 0'),
-      ('temperature', temperature, temperature >= 0, 'a number >= 0 (0 = greedy)'),
+      ('temperature', temperature, 0 <= temperature < math.inf,
+       'a finite number >= 0 (0 = greedy)'),
       ('top_p', top_p, 0 < top_p <= 1, 'in (0, 1] (1 = off)')):
     if not ok:
       raise ValueError(f'{name}={value} is invalid: expected {expected}')

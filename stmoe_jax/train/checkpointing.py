@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stmoe_jax import errors
 from stmoe_jax.config import ConfigError
 
 
@@ -161,6 +162,31 @@ def _gather_data_states(data_state: dict) -> dict:
                           for row, n in zip(rows, sizes.reshape(-1))]}
 
 
+def _damaged_step_metadata(directory: str) -> list[tuple[int, str]]:
+  """(step, why) for each step directory whose `_CHECKPOINT_METADATA` is JSON but not an
+  object: Orbax refuses to open a directory holding one (an unparsable one it ignores)."""
+  damaged = []
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  for name in sorted((n for n in names if n.isdigit()), key=int):
+    path = os.path.join(directory, name, '_CHECKPOINT_METADATA')
+    try:
+      with open(path, 'rb') as f:
+        value = json.loads(f.read())
+    except (OSError, ValueError):
+      continue
+    if value is not None and not isinstance(value, dict):
+      damaged.append((int(name), f'_CHECKPOINT_METADATA holds a JSON {type(value).__name__}, '
+                      'not an object'))
+  return damaged
+
+
+def _checksums_ok(saved: Any) -> bool:
+  """Whether a restored `checksums` item has the shape `checksums` writes."""
+  return (isinstance(saved, dict) and isinstance(saved.get('arrays', {}), dict) and
+          all(isinstance(v, str) for v in saved.get('arrays', {}).values()) and
+          isinstance(saved.get('data', ''), str))
+
+
 def _own_data_state(data: dict, path: str) -> dict:
   """This process's entry of a gathered data state (see `_gather_data_states`)."""
   if 'per_process' not in data:
@@ -187,13 +213,29 @@ class Checkpointer:
         max_to_keep=keep, save_interval_steps=save_every, create=not read_only,
         cleanup_tmp_directories=not read_only)
     self.read_only = read_only
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f'{self.directory} is a file, not a checkpoint directory: move it '
+                            'away')
+    # Orbax reads every step's _CHECKPOINT_METADATA when it opens the directory, and a damaged
+    # one fails the whole manager: such a step is set aside by a trainer, named by a reader.
+    for step, why in _damaged_step_metadata(self.directory):
+      if read_only:
+        raise CheckpointError(f'checkpoint {self.step_path(step)} is unreadable: {why}; train.py '
+                              'sets it aside when it resumes, or move it away')
+      target = self._set_aside_path(step)
+      print(f'warning: checkpoint {self.step_path(step)} is unreadable: {why}; set aside as '
+            f'{target}', file=sys.stderr, flush=True)
     # Handlers named up front (not inferred from the first save) so a fresh manager can read a
     # step's metadata before restoring it.
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': ocp.JsonCheckpointHandler(),
-                       'checksums': ocp.JsonCheckpointHandler()})
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={'state': ocp.StandardCheckpointHandler(),
+                         'data': ocp.JsonCheckpointHandler(),
+                         'checksums': ocp.JsonCheckpointHandler()})
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'checkpoints in {self.directory} cannot be opened: '
+                            f'{_first_line(e)}') from e
 
     self._saving = None  # The step of the newest save, perhaps still being written.
 
@@ -227,6 +269,7 @@ class Checkpointer:
       self.manager.close()
     except Exception:  # pylint: disable=broad-except
       pass  # The same failure again.
+    errors.drain_background_errors()
     intact = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
     return CheckpointError(
         f'saving checkpoint step {step} to {self.directory} failed ({why}); the steps saved '
@@ -306,11 +349,12 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      errors.drain_background_errors()
       raise CheckpointError(f'checkpoint {path} is unreadable: {_first_line(e)}') from e
     if not isinstance(restored['data'], dict):
       raise CheckpointError(f'checkpoint {path} has no data iterator state')
     saved = restored.get('checksums') if 'checksums' in items else {}
-    if not isinstance(saved, dict):
+    if not _checksums_ok(saved):
       raise CheckpointError(f'checkpoint {path} is unreadable: its checksums are unreadable')
     damage = verify(restored['state'], restored['data'], saved)
     if damage:
@@ -345,14 +389,19 @@ class Checkpointer:
     raise CheckpointError(f'no readable checkpoint in {self.directory}: ' + '; '.join(failures)
                           if failures else f'no checkpoint in {self.directory}')
 
-  def _set_aside(self, step: int) -> None:
+  def _set_aside_path(self, step: int) -> str:
+    """Renames step `step` to `<step>.corrupt` (process 0); returns the new path."""
     path = self.step_path(step)
+    target = f'{path}.corrupt'
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = f'{path}.corrupt{suffix}', suffix + 1
     if jax.process_index() == 0:
-      target = f'{path}.corrupt'
-      suffix = 1
-      while os.path.exists(target):
-        target, suffix = f'{path}.corrupt{suffix}', suffix + 1
       os.rename(path, target)
+    return target
+
+  def _set_aside(self, step: int) -> None:
+    self._set_aside_path(step)
     self.manager.reload()
 
   def close(self) -> None:

@@ -28,10 +28,12 @@ import jax
 import ml_collections
 
 from stmoe_jax.train import checkpointing
+from stmoe_jax import errors
 from stmoe_jax.train import evaluation
+from stmoe_jax.train import records
 from stmoe_jax.models import sampling
 from stmoe_jax.train import train_state
-from stmoe_jax.config import model_config, with_defaults
+from stmoe_jax.config import ConfigError, model_config, with_defaults
 
 
 def config_path(workdir: str) -> str:
@@ -75,10 +77,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, start_step: i
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
   path = config_path(workdir)
   text = config.to_json_best_effort(indent=2)
-  old = None
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  old = _read_config_json(path) if start_step and os.path.exists(path) else None
   changes = config_changes(old, json.loads(text)) if old is not None else []
   history = config_history(workdir)
   if start_step and changes:
@@ -89,10 +88,25 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, start_step: i
     log(f'warning: resuming at step {start_step} with a changed config (steps up to it ran '
         f'with config.{since}.json): ' + ', '.join(changes))
   if not start_step or changes:
-    with open(os.path.join(workdir, f'config.{start_step}.json'), 'w') as f:
-      f.write(text)
-  with open(path, 'w') as f:
-    f.write(text)
+    records.write_file_atomically(os.path.join(workdir, f'config.{start_step}.json'), text)
+  records.write_file_atomically(path, text)
+
+
+def _read_config_json(path: str) -> dict:
+  """The JSON object in a saved config file; ConfigError naming the file if it is not one."""
+  try:
+    with open(path, 'rb') as f:
+      saved = json.loads(f.read())
+  except ValueError as e:  # Also UnicodeDecodeError.
+    saved, why = None, f'{type(e).__name__}: {e}'
+  else:
+    why = f'it holds a JSON {type(saved).__name__}, not an object'
+  if isinstance(saved, dict):
+    return saved
+  history = [s for s in config_history(os.path.dirname(path) or '.')]
+  hint = (f', e.g. from config.{history[-1]}.json (the newest of its history)' if history
+          else '')
+  raise ConfigError(f'{path} is not a readable saved config ({why}): restore it{hint}')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -103,8 +117,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a train.py workdir?')
-  with open(path) as f:
-    saved = ml_collections.ConfigDict(json.load(f))
+  try:
+    saved = ml_collections.ConfigDict(_read_config_json(path))
+  except (TypeError, ValueError, AttributeError) as e:  # Keys ConfigDict refuses.
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f'{path} is not a readable saved config ({errors.one_line(e)})') from None
   config, added = with_defaults(saved)
   if added:
     print(f'warning: {path} predates fields {", ".join(added)}: using their defaults '
@@ -125,7 +143,8 @@ def workdir_placement(workdir: str, mesh: dict[str, int] | None = None
   (axis sizes) instead; restores and creates nothing. FileNotFoundError naming the path when
   the workdir or its config is missing."""
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
+    raise FileNotFoundError(f'workdir {workdir!r} ' + (
+        'is not a directory' if os.path.exists(workdir) else 'does not exist'))
   config = load_config(workdir)
   if mesh is not None:
     config.mesh = dict(mesh)
@@ -179,8 +198,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
           'bits_per_byte': m['bits_per_byte'], 'dropped_fraction': m['dropped_fraction'],
           'dropped_fraction_per_slot': [l['dropped_fraction_per_slot'] for l in m['moe_layers']]})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{step}.json'), 'w') as f:
-      json.dump(metrics, f, indent=2)
+    records.write_file_atomically(os.path.join(workdir, f'eval_{step}.json'),
+                                  json.dumps(metrics, indent=2))
   return metrics
 
 

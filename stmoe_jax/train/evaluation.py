@@ -107,9 +107,9 @@ def parse_capacity_factors(text: str) -> list[float | str]:
       value = float(item)
     except ValueError:
       value = float('nan')
-    if not value > 0:
-      raise ValueError(f'--eval_capacity_factors entry {item!r} is invalid: expected a number '
-                       "> 0 or 'dropless'")
+    if not 0 < value < math.inf:
+      raise ValueError(f'--eval_capacity_factors entry {item!r} is invalid: expected a finite '
+                       "number > 0 or 'dropless'")
     factors.append(value)
   return factors
 

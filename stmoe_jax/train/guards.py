@@ -1,4 +1,4 @@
-"""Host side of the training guards: non-finite steps, loss spikes, and SIGTERM preemption.
+"""Host side of the training guards: non-finite steps, loss spikes, and preemption (SIGTERM, Ctrl-C).
 
 The device side is in `train_lib.train_step`: a non-finite step never changes the parameters.
 Here the loop's one-step-late metrics are read: a skipped update or a loss spike is logged, a
@@ -103,17 +103,34 @@ class StepMonitor:
     return summary
 
 
+class Preemption(threading.Event):
+  """Set by SIGTERM or a first SIGINT (Ctrl-C); `name` says which arrived first."""
+
+  name = ''
+
+
 @contextlib.contextmanager
-def sigterm_flag() -> Iterator[threading.Event]:
-  """While active, SIGTERM (what cloud/TPU preemption sends) sets the yielded event instead of
-  killing the process; the previous handler is restored on exit. Outside the main thread
-  (where signals cannot be caught) the event is never set."""
-  flag = threading.Event()
+def sigterm_flag() -> Iterator[Preemption]:
+  """While active, SIGTERM (what cloud/TPU preemption sends) and a first SIGINT (Ctrl-C) set
+  the yielded event instead of killing the process, so the loop saves the step in flight and
+  stops; a second SIGINT raises KeyboardInterrupt at once. The previous handlers are restored
+  on exit. Outside the main thread (where signals cannot be caught) the event is never set."""
+  flag = Preemption()
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+
+  def handle(signum, frame):
+    del frame
+    if signum == signal.SIGINT and flag.is_set():
+      raise KeyboardInterrupt
+    if not flag.is_set():
+      flag.name = signal.Signals(signum).name
+    flag.set()
+
+  previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield flag
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)

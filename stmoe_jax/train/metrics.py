@@ -14,10 +14,14 @@ Every `write(step, kind, metrics)` appends one JSON line `{"step", "kind", "wall
   - eval's `moe_layers` list (see `evaluation.evaluate`) is read as the same two arrays.
 
 `write_text(step, tag, text)` adds a text summary and a line to `workdir/samples.jsonl`.
+
+Lines are appended whole or not at all, and a torn last line left by a killed run is repaired
+before the first append (`stmoe_jax.train.records`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +29,8 @@ import time
 
 import jax
 import numpy as np
+
+from stmoe_jax.train.records import append_line, repair_torn_line
 
 
 def to_python(value):
@@ -88,6 +94,9 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.active = jax.process_index() == 0
     self._summary = None
+    if self.active:  # A resumed run first cuts off what a killed one left half written.
+      for name in ('metrics.jsonl', 'samples.jsonl'):
+        repair_torn_line(os.path.join(workdir, name))
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
@@ -98,28 +107,39 @@ class MetricsWriter:
     if not self.active:
       return
     record = {'step': int(step), 'kind': kind, 'wall_time': time.time(), **to_python(metrics)}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    append_line(self.path, json.dumps(record))
     if self._summary is None:
       return
     scalars, histograms = tensorboard_values(metrics)
-    for name, value in scalars.items():
-      self._summary.add_scalar(f'{kind}/{name}', value, int(step))
-    for name, load_E in histograms.items():
-      self._add_expert_histogram(f'{kind}/{name}', load_E, int(step))
-    self._summary.flush()
+    with self._naming_events_file():
+      for name, value in scalars.items():
+        self._summary.add_scalar(f'{kind}/{name}', value, int(step))
+      for name, load_E in histograms.items():
+        self._add_expert_histogram(f'{kind}/{name}', load_E, int(step))
+      self._summary.flush()
+
+  @contextlib.contextmanager
+  def _naming_events_file(self):
+    """An OSError of tensorboardX (a full disk) names its events file."""
+    try:
+      yield
+    except OSError as e:
+      if e.filename is None:
+        e.filename = self._summary.file_writer.get_logdir() + '/events.out.tfevents.*'
+      raise
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """Records a text sample (e.g. generated text) as a TensorBoard text summary and a
     `{"step", "tag", "text"}` line in `workdir/samples.jsonl`."""
     if not self.active:
       return
-    with open(os.path.join(self.workdir, 'samples.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': int(step), 'tag': tag, 'text': text}) + '\n')
+    append_line(os.path.join(self.workdir, 'samples.jsonl'),
+                json.dumps({'step': int(step), 'tag': tag, 'text': text}))
     if self._summary is not None:
-      # TensorBoard renders text as markdown: a code block keeps generated code verbatim.
-      self._summary.add_text(tag, '```\n' + text.replace('```', "'''") + '\n```', int(step))
-      self._summary.flush()
+      with self._naming_events_file():
+        # TensorBoard renders text as markdown: a code block keeps generated code verbatim.
+        self._summary.add_text(tag, '```\n' + text.replace('```', "'''") + '\n```', int(step))
+        self._summary.flush()
 
   def close(self) -> None:
     if self._summary is not None:

@@ -21,9 +21,9 @@ import optax
 import tqdm
 
 from stmoe_jax.train import checkpointing
+from stmoe_jax import errors
 from stmoe_jax.train import evaluation
 from stmoe_jax.train import finetune
-from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import flops
 from stmoe_jax.train import guards
 from stmoe_jax.models import sampling
@@ -245,6 +245,19 @@ class _TrainLoop:
 
   def run(self) -> dict:
     """Trains from `start` to `end`; returns the last evaluation metrics."""
+    try:
+      return self._run()
+    except Exception:
+      # Settle a save still in flight before the error is reported: it commits, or its
+      # failure and its background errors are drained now, not printed during shutdown.
+      try:
+        self.ckpt.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # The error being raised says what matters.
+      errors.drain_background_errors()
+      raise
+
+  def _run(self) -> dict:
     config, trainer, ckpt = self.config, self.trainer, self.ckpt
     bar = tqdm.tqdm(range(self.start, self.end), initial=self.start,
                     total=config.num_train_steps, disable=jax.process_index() != 0,
@@ -271,15 +284,15 @@ class _TrainLoop:
           self.eval_and_log(done, bar)
         if config.debug.step_sleep_s:
           time.sleep(config.debug.step_sleep_s)
-        # SIGTERM may arrive at any point of the step, so the check reads the flag only once.
+        # SIGTERM/SIGINT may arrive at any point of the step, so the check reads the flag once.
         stop_now = preempted.is_set()
         if ckpt.should_save(done) or done == self.end or stop_now:
           self.flush()  # Never checkpoint a halted state under a later step's number.
           ckpt.save(done, self.state, self.train_iter.get_state(), force=True)
         if stop_now:
           ckpt.wait()
-          self.log(f'SIGTERM: saved checkpoint {ckpt.step_path(done)} and stopped; rerun the '
-                   'same command to continue.')
+          self.log(f'{preempted.name}: saved checkpoint {ckpt.step_path(done)} and stopped; '
+                   'rerun the same command to continue.')
           break
     self.flush()
     ckpt.wait()
@@ -291,8 +304,9 @@ class _TrainLoop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains for `config.num_train_steps`, resuming from the newest good checkpoint in `workdir`.
 
-  Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM it saves
-  a checkpoint at the current step and returns. Raises `guards.NonFiniteError` (stop mode, after
+  Returns the last evaluation metrics (a dict; see `evaluation.evaluate`). On SIGTERM or a
+  first Ctrl-C (SIGINT) it saves a checkpoint at the current step and returns; a second Ctrl-C
+  raises KeyboardInterrupt at once. Raises `guards.NonFiniteError` (stop mode, after
   saving the last good state), `checkpointing.CheckpointError` (no readable checkpoint to resume,
   or a failed save), ConfigError (a config that does not fit the saved run) and
   `workdir_lib.WorkdirError` (a workdir that is not writable or that a live run holds).
@@ -307,6 +321,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # So does an eval split or feature that cannot be read: found now, not after training.
     tasks.check_split(config.data.task, **trainer.data_kwargs(config.data.eval_split))
     state = restore_or_init(trainer, train_iter, log)
+    end, step = config.stop_at_step or config.num_train_steps, int(state.step)
+    if step and step >= end:  # Nothing to train: say so, change nothing.
+      field = 'stop_at_step' if config.stop_at_step else 'num_train_steps'
+      log(f'nothing to do: {workdir} is at step {step}, at or past {field}={end}; raise '
+          f'--config.{field} to train further')
+      trainer.checkpointer.close()
+      return {}
     # Recorded only after the restore, so config.json always matches the checkpoints.
     entry_points.record_config(config, workdir, int(state.step), log)
     return _TrainLoop(trainer, train_iter, state, log).run()

@@ -124,7 +124,7 @@ def test_eval_refuses_a_bad_capacity_factor(tmp_path):
   result = run('eval.py', f'--workdir={tmp_path}', '--eval_capacity_factors=1.0,abc', check=False)
   assert result.returncode == 1
   assert result.stderr.strip() == ("error: --eval_capacity_factors entry 'abc' is invalid: "
-                                   "expected a number > 0 or 'dropless'")
+                                   "expected a finite number > 0 or 'dropless'")
 
 
 def test_eval_without_checkpoint_names_the_path(tmp_path):
