@@ -50,9 +50,11 @@ def with_defaults(saved: ml_collections.ConfigDict
   added = []
   for name in options.all_options():
     node, base_node, parts = config, base, name.split('.')
-    for part in parts[:-1]:
-      if part not in node:
-        node[part] = ml_collections.ConfigDict()
+    for i, part in enumerate(parts[:-1]):
+      if part not in node:  # A whole section the file predates: named once.
+        node[part] = copy.deepcopy(base_node[part])
+        added.append('.'.join(parts[:i + 1]))
+        break
       if not options.type_ok(node[part], dict):
         break  # A mistyped section: `validate` names it.
       node, base_node = node[part], base_node[part]

@@ -24,6 +24,7 @@ from stmoe_jax.train import checkpointing
 from stmoe_jax import errors
 from stmoe_jax.train import evaluation
 from stmoe_jax.train import finetune
+from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import flops
 from stmoe_jax.train import guards
 from stmoe_jax.models import sampling

@@ -243,12 +243,12 @@ def _t5_tiny(**overrides):
     ({'attention.logit_z_loss_coef': 1e-4}, 'config.attention.logit_z_loss_coef=0.0001 is'),
     ({'model.scan_layers': True, 'model.num_encoder_layers': 3},
      'config.model.num_encoder_layers=3 is invalid: expected a multiple of 2 with '
-     'model.scan_layers=True (the encoder scans over units of lcm(moe.every=2, '
+     'model.scan_layers=True (each stack scans over units of lcm(moe.every=2, '
      'len(attention.layer_kinds))=2 layers)'),
     ({'data.seq_len': 1, 'moe.group_size': 1, 'moe.encoder_group_size': 1},
      'config.data.seq_len=1 is invalid: expected at least 2'),
-    ({'model.architecture': 'decoder_only'}, "config.data.objective='span_corruption' is "
-                                             "invalid: expected 'causal_lm' with"),
+    ({'model.architecture': 'decoder_only'}, 'config.model.num_encoder_layers=2 is read only '
+                                             "with model.architecture='encoder_decoder'"),
 ])
 def test_bad_encoder_decoder_configs_are_refused(overrides, message):
   with pytest.raises(ConfigError, match='^' + message.replace('(', r'\(').replace(')', r'\)')
@@ -263,8 +263,9 @@ def test_encoder_fields_are_refused_without_an_encoder(field, value):
   config = t5_stmoe.default.get_config()
   section, name = field.split('.')
   config[section][name] = value
-  with pytest.raises(ConfigError, match=f"^config.{field}=.* is invalid: expected .* with "
-                                        "model.architecture='decoder_only'"):
+  with pytest.raises(ConfigError, match=f"^config.{field}=.* is read only with "
+                                        "model.architecture='encoder_decoder' \\(it is "
+                                        "'decoder_only'\\)"):
     validate(config)
 
 

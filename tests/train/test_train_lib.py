@@ -68,7 +68,7 @@ def test_bias_balancer_update_is_rate_times_sign_of_load_gap(trainer):
 def test_adafactor_trains(stdlib_data_dir, tmp_path):
   config = tiny.get_config()
   config.data.data_dir = stdlib_data_dir
-  config.opt.update(name='adafactor', schedule='rsqrt', weight_decay=0.1)
+  config.opt.update(name='adafactor', schedule='rsqrt', final_lr_fraction=0.0, weight_decay=0.1)
   trainer = train_lib.Trainer(config, str(tmp_path))
   state, data = trainer.init(), trainer.train_iterator()
   batch = trainer.global_batch(next(data))
