@@ -3,7 +3,7 @@ r"""Trains an ST-MoE language model; resumes from the newest checkpoint in --wor
   python train.py --config=configs/default.py --workdir=runs/default
   python train.py --config=configs/default.py --workdir=runs/e16 --config.moe.num_experts=16
 
-Multi-host (README "Scaling out"): run the same command on every host, adding
+Multi-host (docs/scaling.md): run the same command on every host, adding
   --distributed                        TPU pods, SLURM, Open MPI: JAX finds the cluster itself;
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I   anywhere else
 (or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).

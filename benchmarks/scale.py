@@ -18,7 +18,7 @@ The CPU compiler's buffer assignment stands in for the accelerator's: the bytes 
 plans for this program on CPU, a close guide, not a TPU/GPU allocator's exact figure (their
 fusion and layouts differ). Under remat, measure with `--scan`: with unrolled layers XLA:CPU's
 schedule keeps every layer's recomputed activations alive until late in the backward pass
-(README "Scaling out"), which a scan's one-unit-per-iteration loop rules out.
+(docs/scaling.md), which a scan's one-unit-per-iteration loop rules out.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   unchunked call, so the same numbers). With `query_chunk` 0, or when L <= query_chunk or the
   chunk does not divide L, it is the plain call. Why chunk at all: for the 1b preset the
   unchunked backward pass kept float32 logits, their exponentials, the probabilities and the
-  mask, [B, H, L, L] each: 2.75 GiB per layer and device (README "Scaling out");
+  mask, [B, H, L, L] each, per layer and device (docs/scaling.md);
   `attention.query_chunk` sets the chunk (256 by default).
   """
   L = q_BLHK.shape[1]
