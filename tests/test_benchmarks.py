@@ -33,6 +33,35 @@ def test_moe_layer_benchmark_quick():
     assert r['temp_bytes'] > 0
 
 
+def test_device_check_quick(tmp_path):
+  """benchmarks/device_check.py at tiny sizes on CPU: every backend and dispatch path agrees with
+  its loop reference, the timings and the train step are recorded, and the JSON file is the
+  record printed."""
+  (record,) = run_benchmark('device_check.py', '--quick', f'--out_dir={tmp_path}')
+  (path,) = tmp_path.iterdir()
+  assert json.loads(path.read_text()) == record
+  assert path.name == f"cpu_cpu_{record['date'][:10]}.json"
+  assert record['auto_grouped_matmul'] == 'blocked' and record['tokamax_available']
+  # Each backend in float32 and bfloat16, with errors against the float64 loop.
+  assert set(record['grouped_matmul']) == {f'{n}:{d}' for n in ('ragged_dot', 'blocked', 'megablox',
+                                                                'tokamax')
+                                           for d in ('float32', 'bfloat16')}
+  for name, check in record['grouped_matmul'].items():
+    assert check['ok'] and max(check['y'], check['dx'], check['dw']) < check['tolerance'], name
+  assert record['tokamax_kernels']['xla'] == 'ok'  # On CPU only its XLA fallback runs.
+  assert set(record['dispatch']) == {'scatter', 'einsum', 'dropless:auto', 'dropless:tokamax'}
+  assert all(c['ok'] and c['max_error'] < 1e-4 for c in record['dispatch'].values())
+  assert record['all_checks_ok']
+  layers = record['moe_layer']
+  assert set(layers) == {'dense_ffn', 'scatter', 'dropless:auto'}
+  for r in layers.values():
+    assert r['over_dense_tokens_per_sec'] == pytest.approx(
+        layers['dense_ffn']['seconds'] / r['seconds'], rel=1e-9)
+  step = record['train_step']['dropless']
+  assert step['tokens_per_sec'] == pytest.approx(4 * 32 / step['seconds_per_step'], rel=1e-9)
+  assert step['mfu_vs_datasheet'] is None  # A CPU has no datasheet peak.
+
+
 def test_train_step_benchmark_quick():
   records = run_benchmark('train_step.py', '--quick')
   moe, dense, ratio = records
