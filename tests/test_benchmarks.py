@@ -62,6 +62,26 @@ def test_device_check_quick(tmp_path):
   assert step['mfu_vs_datasheet'] is None  # A CPU has no datasheet peak.
 
 
+def test_moe_dense_ratios_have_not_dropped_a_third_below_the_baseline():
+  """benchmarks/ratio_guard.py: MoE/dense tokens/s ratios (interleaved medians, small sizes)
+  against docs/results/moe_ratio_baseline.json; exits 1 naming the layer on a drop > 1/3."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'ratio_guard.py')],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  (record,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert record['failures'] == [] and set(record['ratios']) == set(record['baseline'])
+  assert all(0 < r < 10 for r in record['ratios'].values())
+
+
+def test_ratio_guard_fails_on_a_drop_of_more_than_a_third():
+  from benchmarks.ratio_guard import compare  # pylint: disable=g-import-not-at-top
+  baseline = {'scatter': 0.6, 'dropless:auto': 0.3}
+  assert compare({'scatter': 0.41, 'dropless:auto': 0.3}, baseline, 1 / 3) == []
+  assert compare({'scatter': 0.39, 'dropless:auto': 0.1}, baseline, 1 / 3) == [
+      'scatter: MoE/dense tokens/s ratio 0.390 is more than 33% below the baseline 0.600',
+      'dropless:auto: MoE/dense tokens/s ratio 0.100 is more than 33% below the baseline 0.300']
+
+
 def test_train_step_benchmark_quick():
   records = run_benchmark('train_step.py', '--quick')
   moe, dense, ratio = records
