@@ -5,13 +5,14 @@ r"""Which XLA:CPU settings reach the CPU's bfloat16 matmul throughput: one recor
 
 Each XLA_FLAGS setting runs in its own process (XLA reads the flags once, at start-up); the
 processes stay alive and take turns, each timing once per round (interleaved: the shared
-machine's load changes hit every setting alike) the matmul variants a training step uses, [T, D] x [D, F] (default T 4096,
-D 512, F 2048, the issue's shape): float32; bfloat16 in and out; bfloat16 in with float32
-accumulation (`preferred_element_type`); float32 in with the BF16_BF16_F32 dot algorithm; the
-same contraction on [B, L, D] (einsum 'bld,df->blf'); and bfloat16 forward+backward (x3
-FLOPs), also with float32 accumulation. GFLOP/s are medians. Each bfloat16 variant's result is compared with the float64
-product of the same (rounded) inputs: `rel_error` is max |diff| / max |ref|, to tell a setting
-that is fast because it computes something else.
+machine's load changes hit every setting alike) the matmul variants a training step uses, [T, D]
+x [D, F] (default T 4096, D 512, F 2048, the issue's shape): float32; bfloat16 in and out;
+bfloat16 in with float32 accumulation (`preferred_element_type`); float32 in with the
+BF16_BF16_F32 dot algorithm; the same contraction on [B, L, D] (einsum 'bld,df->blf'); and
+bfloat16 forward+backward (x3 FLOPs), also with float32 accumulation. GFLOP/s are medians. Each
+bfloat16 variant's result is compared with the float64 product of the same (rounded) inputs:
+`rel_error` is max |diff| / max |ref|, to tell a setting that is fast because it computes
+something else.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ On the device it
   4. times the base preset's train step (`configs/stmoe.py:size=base`, scatter and dropless):
      tokens/s and MFU against the device's datasheet bfloat16 peak (target >= 30%).
 Backends whose kernel would only be interpreted here (megablox off TPU) are skipped outside
---quick; --quick (tiny sizes, CI) checks every backend but runs each layer path once. A failing check is recorded with its error, not raised: the record is the result.
+--quick; --quick (tiny sizes, CI) checks every backend but runs each layer path once. A failing
+check is recorded with its error, not raised: the record is the result.
 Writes <out_dir>/<platform>_<device>_<date>.json (default out_dir docs/results/device/) and
 prints it.
 """

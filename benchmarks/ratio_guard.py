@@ -1,7 +1,8 @@
 r"""Guard against slowing down: MoE/dense tokens/s ratios at small sizes vs a committed baseline.
 
   python benchmarks/ratio_guard.py                    # compare (CI: tests/test_benchmarks.py)
-  python benchmarks/ratio_guard.py --write_baseline   # re-measure docs/results/moe_ratio_baseline.json
+  python benchmarks/ratio_guard.py --write_baseline   # re-measure the baseline record,
+                                                      # docs/results/moe_ratio_baseline.json
 
 Times the forward+backward of MoE layers (scatter, einsum, dropless with moe.grouped_matmul
 'auto', 8 experts, top-2) and of the FLOP-matched dense FFN, repeats interleaved, and divides
