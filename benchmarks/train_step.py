@@ -10,7 +10,8 @@ r"""Whole-model train-step throughput: MoE configs vs dense configs of equal act
 2 d_model, batch 64 x 64 bytes), a dense twin and 8, 16 and 64 experts, with one
 `moe_over_dense_tokens_per_sec` line per MoE config.
 
-Prints one JSON line per config: seconds per step (median of --steps after two warm-up steps),
+Prints one JSON line per config: seconds per step (median of --steps after two warm-up steps;
+the MoE config and its dense twin step in turn, so their ratio holds on a shared machine),
 tokens/s, model FLOPs per token (`stmoe_jax.models.flops`: active parameters and attention, training =
 3x forward) and model FLOPs utilisation against the device's datasheet peak when known (GPU,
 TPU) and against a plain matmul measured in this process (`mfu_vs_measured_matmul`, the only
@@ -86,29 +87,53 @@ def random_batch(trainer, config) -> dict:
                                'weights': np.ones(tokens[:, 1:].shape, np.float32)})
 
 
+class Run:
+  """One config's trainer, state and batch, stepped on demand (a temporary workdir)."""
+
+  def __init__(self, name: str, config):
+    self.name, self.config = name, config
+    self._workdir = tempfile.TemporaryDirectory()
+    self.trainer = train_lib.Trainer(config, self._workdir.name)
+    self.state = self.trainer.init()
+    self.batch = random_batch(self.trainer, config)
+    self.times = []
+
+  def step(self, timed: bool) -> None:
+    start = time.perf_counter()
+    self.state, metrics = self.trainer.train_step(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    if timed:
+      self.times.append(time.perf_counter() - start)
+
+  def record(self) -> dict:
+    self._workdir.cleanup()
+    config, seconds = self.config, statistics.median(self.times)
+    tokens_per_step = config.batch_size * config.data.seq_len
+    flops_per_token = flops.train_flops_per_token(self.trainer.model_cfg, config.data.seq_len)
+    achieved = flops_per_token * tokens_per_step / seconds
+    measured = measured_matmul_peak(config.model.d_model, jnp.dtype(config.model.dtype))
+    datasheet = flops.peak_flops_per_device(jax.devices()[0].device_kind)
+    return {'config': self.name, 'device': jax.devices()[0].device_kind,
+            'dtype': config.model.dtype, 'seconds_per_step': seconds,
+            'tokens_per_sec': tokens_per_step / seconds,
+            'model_flops_per_token': flops_per_token, 'model_flops_per_sec': achieved,
+            'matmul_peak_flops_per_sec': measured, 'mfu_vs_measured_matmul': achieved / measured,
+            'mfu_vs_datasheet': (achieved / (datasheet * jax.device_count()) if datasheet
+                                 else None)}
+
+
+def benchmark_interleaved(pairs: list[tuple[str, object]], steps: int) -> list[dict]:
+  """Records of every config, their steps taken in turn (A, B, A, B, ...) after two warm-up
+  steps each (compilation, first-touch allocation): ratios hold on a shared machine."""
+  runs = [Run(name, config) for name, config in pairs]
+  for i in range(steps + 2):
+    for run in runs:
+      run.step(timed=i >= 2)
+  return [run.record() for run in runs]
+
+
 def benchmark(name: str, config, steps: int) -> dict:
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer = train_lib.Trainer(config, workdir)
-    state = trainer.init()
-    batch = random_batch(trainer, config)
-    times = []
-    for i in range(steps + 2):
-      start = time.perf_counter()
-      state, metrics = trainer.train_step(state, batch)
-      jax.block_until_ready(metrics)
-      if i >= 2:  # Two warm-up steps: compilation and first-touch allocation.
-        times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
-  tokens_per_step = config.batch_size * config.data.seq_len
-  flops_per_token = flops.train_flops_per_token(trainer.model_cfg, config.data.seq_len)
-  achieved = flops_per_token * tokens_per_step / seconds
-  measured = measured_matmul_peak(config.model.d_model, jnp.dtype(config.model.dtype))
-  datasheet = flops.peak_flops_per_device(jax.devices()[0].device_kind)
-  return {'config': name, 'device': jax.devices()[0].device_kind, 'dtype': config.model.dtype,
-          'seconds_per_step': seconds, 'tokens_per_sec': tokens_per_step / seconds,
-          'model_flops_per_token': flops_per_token, 'model_flops_per_sec': achieved,
-          'matmul_peak_flops_per_sec': measured, 'mfu_vs_measured_matmul': achieved / measured,
-          'mfu_vs_datasheet': achieved / (datasheet * jax.device_count()) if datasheet else None}
+  return benchmark_interleaved([(name, config)], steps)[0]
 
 
 def grid_configs(d_models=(64, 128), num_experts=(8, 16, 64)) -> list[tuple[str, object]]:
@@ -173,14 +198,14 @@ def main(argv=None):
   pairs = [('tiny', tiny.get_config()), ('tiny_dense', tiny.get_config())] if args.quick else [
       ('default', default.get_config()), ('dense', dense.get_config())]
   pairs[1][1].moe.enabled = False
-  results = []
   for name, config in pairs:
     for text in args.override:
       apply_override(config, text)
     if args.quick:
       config.batch_size = 4
-    results.append(benchmark(name, config, 2 if args.quick else args.steps))
-    print(json.dumps(results[-1]), flush=True)
+  results = benchmark_interleaved(pairs, 2 if args.quick else args.steps)
+  for result in results:
+    print(json.dumps(result), flush=True)
   print(json.dumps({'moe_over_dense_tokens_per_sec':
                     results[0]['tokens_per_sec'] / results[1]['tokens_per_sec']}))
 

@@ -33,6 +33,55 @@ def test_moe_layer_benchmark_quick():
     assert r['temp_bytes'] > 0
 
 
+def test_device_check_quick(tmp_path):
+  """benchmarks/device_check.py at tiny sizes on CPU: every backend and dispatch path agrees with
+  its loop reference, the timings and the train step are recorded, and the JSON file is the
+  record printed."""
+  (record,) = run_benchmark('device_check.py', '--quick', f'--out_dir={tmp_path}')
+  (path,) = tmp_path.iterdir()
+  assert json.loads(path.read_text()) == record
+  assert path.name == f"cpu_cpu_{record['date'][:10]}.json"
+  assert record['auto_grouped_matmul'] == 'blocked' and record['tokamax_available']
+  # Each backend in float32 and bfloat16, with errors against the float64 loop.
+  assert set(record['grouped_matmul']) == {f'{n}:{d}' for n in ('ragged_dot', 'blocked', 'megablox',
+                                                                'tokamax')
+                                           for d in ('float32', 'bfloat16')}
+  for name, check in record['grouped_matmul'].items():
+    assert check['ok'] and max(check['y'], check['dx'], check['dw']) < check['tolerance'], name
+  assert record['tokamax_kernels']['xla'] == 'ok'  # On CPU only its XLA fallback runs.
+  assert set(record['dispatch']) == {'scatter', 'einsum', 'dropless:auto', 'dropless:tokamax'}
+  assert all(c['ok'] and c['max_error'] < 1e-4 for c in record['dispatch'].values())
+  assert record['all_checks_ok']
+  layers = record['moe_layer']
+  assert set(layers) == {'dense_ffn', 'scatter', 'dropless:auto'}
+  for r in layers.values():
+    assert r['over_dense_tokens_per_sec'] == pytest.approx(
+        layers['dense_ffn']['seconds'] / r['seconds'], rel=1e-9)
+  step = record['train_step']['dropless']
+  assert step['tokens_per_sec'] == pytest.approx(4 * 32 / step['seconds_per_step'], rel=1e-9)
+  assert step['mfu_vs_datasheet'] is None  # A CPU has no datasheet peak.
+
+
+def test_moe_dense_ratios_have_not_dropped_a_third_below_the_baseline():
+  """benchmarks/ratio_guard.py: MoE/dense tokens/s ratios (interleaved medians, small sizes)
+  against docs/results/moe_ratio_baseline.json; exits 1 naming the layer on a drop > 1/3."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'ratio_guard.py')],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  (record,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert record['failures'] == [] and set(record['ratios']) == set(record['baseline'])
+  assert all(0 < r < 10 for r in record['ratios'].values())
+
+
+def test_ratio_guard_fails_on_a_drop_of_more_than_a_third():
+  from benchmarks.ratio_guard import compare  # pylint: disable=g-import-not-at-top
+  baseline = {'scatter': 0.6, 'dropless:auto': 0.3}
+  assert compare({'scatter': 0.41, 'dropless:auto': 0.3}, baseline, 1 / 3) == []
+  assert compare({'scatter': 0.39, 'dropless:auto': 0.1}, baseline, 1 / 3) == [
+      'scatter: MoE/dense tokens/s ratio 0.390 is more than 33% below the baseline 0.600',
+      'dropless:auto: MoE/dense tokens/s ratio 0.100 is more than 33% below the baseline 0.300']
+
+
 def test_train_step_benchmark_quick():
   records = run_benchmark('train_step.py', '--quick')
   moe, dense, ratio = records

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from stmoe_jax.moe import dispatch
+from stmoe_jax.moe import grouped_matmul as gmm
 from stmoe_jax.config import ConfigError
 from stmoe_jax.moe.experts import Experts
 from stmoe_jax.moe.routing import Routing
@@ -58,11 +59,16 @@ def token_axes(mesh_rules: MeshRules) -> tuple[str, ...]:
   return tuple(a for a in mesh_rules.mesh.axis_names if a in wanted)
 
 
-def check(mesh_rules: MeshRules, num_experts: int, num_groups: int) -> None:
-  """ConfigError, before compiling, when experts or groups do not split evenly over the mesh."""
+def check(mesh_rules: MeshRules, num_experts: int, num_groups: int,
+          grouped_matmul: str | None = None) -> None:
+  """ConfigError, before compiling, when experts or groups do not split evenly over the mesh,
+  or when `grouped_matmul` (pass moe.grouped_matmul for dropless dispatch) cannot run in the
+  exchange's shard_map."""
   axis = expert_axis(mesh_rules)
   if axis is None:
     return
+  if grouped_matmul is not None:
+    gmm.resolve(grouped_matmul, in_shard_map=True)
   ep = mesh_rules.mesh.shape[axis]
   if num_experts % ep:
     raise ConfigError(f'config.moe.num_experts={num_experts} is invalid: expected a multiple '
@@ -128,9 +134,9 @@ def run_experts(experts: Experts, x_GSD: jax.Array, route: Routing, *,
     module = nnx.merge(graphdef, weights_local)
     if rng is not None:
       rng = jax.random.fold_in(rng, _shard_index(mesh.axis_names))
-    # ragged_dot: the blocked grouped matmul's loop is not typed for check_vma's varying axes.
+    # Grouped matmuls by the layer's moe.grouped_matmul, as on one device.
     y = (module(x, dropout_rng=rng) if group_sizes is None
-         else module.grouped(x, group_sizes, dropout_rng=rng, impl='ragged_dot'))
+         else module.grouped(x, group_sizes, dropout_rng=rng, in_shard_map=True))
     # F split over `hidden_axes`: each shard holds a partial sum of the down projection.
     return jax.lax.psum(y, hidden_axes) if hidden_axes else y
 

@@ -101,18 +101,20 @@ class Experts(nnx.Module):
     return remat.name(jnp.einsum('ecf,efd->ecd', h_ECF, w_down), remat.EXPERT_OUTPUTS)
 
   def grouped(self, x_XD: jax.Array, group_sizes_E: jax.Array, *,
-              dropout_rng: jax.Array | None = None, impl: str | None = None) -> jax.Array:
+              dropout_rng: jax.Array | None = None, impl: str | None = None,
+              in_shard_map: bool = False) -> jax.Array:
     """Rows sorted by expert, expert e owning the next group_sizes_E[e] rows: [X, D] -> [X, D].
 
-    Grouped matmuls (dropless dispatch) with `jax.lax.ragged_dot` or `megablox.gmm`, or on the
-    padded block layout
-    of `grouped_matmul` (laid out once for all three matmuls; dropout then draws its mask over
-    the blocks); rows past the last group come out zero. `impl` overrides the module's
-    `grouped_matmul` choice.
+    Grouped matmuls (dropless dispatch) with the `grouped_matmul.BACKENDS` entry the module's
+    `grouped_matmul` names ('auto': the platform's fastest), `impl` overriding it. 'blocked'
+    lays the rows out once for all three matmuls (dropout then draws its mask over the
+    blocks). Rows past the last group come out zero. `in_shard_map` (expert parallelism):
+    'auto' picks among the backends that run there, and a named one that cannot is refused.
     """
     w_up, w_gate, mult_bias, w_down = self._weights()
     x_XD = remat.name(x_XD.astype(self.dtype), remat.EXPERT_INPUTS)
-    if gmm.resolve(impl or self.grouped_matmul) == 'blocked':
+    name = gmm.resolve(impl or self.grouped_matmul, in_shard_map=in_shard_map)
+    if name == 'blocked':
       layout = gmm.block_layout(group_sizes_E, x_XD.shape[0], gmm.BLOCK_ROWS)
       x_NBD = gmm.to_blocks(x_XD, layout)
       matmul = lambda x, w: gmm.blocked_matmul(x, w, layout.group_N, layout.used_N)
@@ -121,8 +123,7 @@ class Experts(nnx.Module):
       bias = None if mult_bias is None else mult_bias[layout.group_N][:, None, :]
       h_NBF = _dropout(activate(h_up, h_gate, bias), self.dropout, dropout_rng)
       return remat.name(gmm.from_blocks(matmul(h_NBF, w_down), layout), remat.EXPERT_OUTPUTS)
-    matmul = (gmm.megablox_matmul if gmm.resolve(impl or self.grouped_matmul) == 'megablox'
-              else jax.lax.ragged_dot)
+    matmul = gmm.BACKENDS[name].matmul
     h_up = matmul(x_XD, w_up, group_sizes_E)
     h_gate = None if w_gate is None else matmul(x_XD, w_gate, group_sizes_E)
     if mult_bias is not None:  # Each row's own expert's bias: repeat expert e's row group_sizes_E[e] times.

@@ -1,20 +1,27 @@
-"""Grouped matmuls over expert-sorted rows, for dropless dispatch: ragged_dot, or blocks.
+"""Grouped matmuls over expert-sorted rows, for dropless dispatch: one backend per kernel.
 
 Rows [X, D] are sorted by group (expert), group e owning the next `group_sizes[e]` rows; row r of
-group e is multiplied by w[e] [D, F]. Three implementations:
+group e is multiplied by w[e] [D, F]; rows past the last group come out zero. `BACKENDS` maps
+each `moe.grouped_matmul` name to its `Backend`:
 
-  - 'ragged_dot': `jax.lax.ragged_dot`, the grouped-GEMM kernel where the platform has one
-    (TPU/GPU). XLA:CPU lowers it densely: every row against every group's weights, then a mask,
-    i.e. E times the useful FLOPs and an [E, X, F] intermediate.
+  - 'ragged_dot': `jax.lax.ragged_dot`. A grouped-GEMM kernel on TPU; XLA:CPU and (today)
+    XLA:GPU lower it densely: every row against every group's weights, then a mask, i.e. E times
+    the useful FLOPs and an [E, X, F] intermediate.
   - 'megablox': `jax.experimental.pallas.ops.tpu.megablox.gmm`, the Pallas TPU grouped-matmul
     kernel MaxText uses (tiles of rows that each belong to one group, a custom backward pass);
     on other backends it runs in Pallas interpret mode (slow: tests only).
+  - 'tokamax': `tokamax.ragged_dot` (pip package tokamax): Pallas Mosaic GPU kernels on
+    sm90/sm100, Triton on other GPUs, Mosaic TPU; elsewhere it falls back to XLA's ragged_dot
+    (dense on CPU). Refused in one line when the package is missing.
   - 'blocked': each group's rows padded to a multiple of `block` rows and laid out as [N, block, D]
     blocks that each belong to one group; a loop multiplies each used block by its group's
     weights (unused trailing blocks are skipped), with a hand-written backward pass that
     accumulates dw in place, in float32. FLOPs are the useful ones plus the padding (under
     `block` rows per group); activations take (X + E * block) rows, never E * X: the MegaBlocks
-    layout without a custom kernel.
+    layout without a custom kernel. The fastest on CPU.
+
+`resolve('auto')` picks, per platform, the first backend of `AUTO_ORDER` that is available
+(its package imports): the fastest known-good one (benchmarks/device_check.py measures them).
 
 Einsum letters: X sorted rows, E groups, N blocks, B rows per block, D in, F out features.
 """
@@ -22,22 +29,27 @@ Einsum letters: X sorted rows, E groups, N blocks, B rows per block, D in, F out
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from stmoe_jax.errors import ConfigError
 
-IMPLEMENTATIONS = ('auto', 'ragged_dot', 'blocked', 'megablox')  # The moe.grouped_matmul values.
 BLOCK_ROWS = 64  # Rows per block: padding costs under this many rows per expert.
+TOKAMAX_PIN = 'tokamax==0.0.12'  # The version requirements.txt pins (tested with jax 0.10.2).
 
 
-def resolve(impl: str) -> str:
-  """'auto' -> 'blocked' on CPU (its ragged_dot is dense), 'megablox' on TPU, else 'ragged_dot'."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'grouped matmul {impl!r} is invalid: expected one of {IMPLEMENTATIONS}')
-  if impl == 'auto':
-    return {'cpu': 'blocked', 'tpu': 'megablox'}.get(jax.default_backend(), 'ragged_dot')
-  return impl
+def _mask_rows(x_XD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """bool [X, 1]: rows inside some group (kernels may leave the others unwritten)."""
+  return (jnp.arange(x_XD.shape[0]) < jnp.sum(group_sizes_E))[:, None]
+
+
+def ragged_dot_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """`jax.lax.ragged_dot`: [X, D] x [E, D, F] -> [X, F] in x's dtype."""
+  return jax.lax.ragged_dot(x_XD, w_EDF.astype(x_XD.dtype), group_sizes_E.astype(jnp.int32))
 
 
 def megablox_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
@@ -54,13 +66,104 @@ def megablox_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array)
   padded = -(-X // tm) * tm
   # The kernel leaves rows in no group unwritten (garbage), forward and backward: select them
   # away on the way in (so their dx is zero too) and out.
-  in_group_X = (jnp.arange(X) < jnp.sum(group_sizes_E))[:, None]
+  in_group_X = _mask_rows(x_XD, group_sizes_E)
   x_PD = jnp.pad(jnp.where(in_group_X, x_XD, 0), ((0, padded - X), (0, 0)))
   tile = lambda n: 128 if n % 128 == 0 else n
   y_PF = megablox.gmm(x_PD, w_EDF.astype(x_XD.dtype), group_sizes_E.astype(jnp.int32),
                       preferred_element_type=x_XD.dtype, tiling=(tm, tile(D), tile(F)),
                       interpret=jax.default_backend() != 'tpu')
   return jnp.where(in_group_X, y_PF[:X], 0).astype(x_XD.dtype)
+
+
+def tokamax_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """`tokamax.ragged_dot`: [X, D] x [E, D, F] -> [X, F] in x's dtype (float32 accumulation).
+
+  tokamax tries its kernels in order (Mosaic GPU or TPU, Triton, XLA) and takes the first that
+  accepts the shapes. Rows past the last group are selected away on the way in and out, as for
+  megablox: a kernel need not write them.
+  """
+  require('tokamax')
+  import tokamax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    # tokamax reads its absl flags on first use and would parse sys.argv for them, failing on
+    # any other program's arguments (pytest's, argparse scripts'): take their defaults instead.
+    flags.FLAGS.mark_as_parsed()
+  in_group_X = _mask_rows(x_XD, group_sizes_E)
+  y_XF = tokamax.ragged_dot(jnp.where(in_group_X, x_XD, 0), w_EDF.astype(x_XD.dtype),
+                            group_sizes_E.astype(jnp.int32), preferred_element_type=x_XD.dtype)
+  return jnp.where(in_group_X, y_XF, 0).astype(x_XD.dtype)
+
+
+@functools.cache
+def available(package: str | None) -> bool:
+  """Whether `package` can be imported (None: nothing to import)."""
+  return package is None or importlib.util.find_spec(package) is not None
+
+
+def require(package: str | None) -> None:
+  """ConfigError in one line when `package` is not installed."""
+  if not available(package):
+    pin = TOKAMAX_PIN if package == 'tokamax' else package
+    raise ConfigError(f"moe.grouped_matmul needs the Python package {package!r}, which is not "
+                      f"installed (pip install {pin})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """One `moe.grouped_matmul` choice.
+
+  Attributes:
+    matmul: (x_XD, w_EDF, group_sizes_E) -> y_XF in x's dtype, rows past the last group zero.
+    known_good: platforms ('cpu', 'gpu', 'tpu') where it is a real grouped kernel, checked
+      against the loop reference (elsewhere it is correct but slow: a dense or interpreted
+      fallback, for tests).
+    package: the pip package it needs beyond jax, or None.
+    in_shard_map: whether it runs inside `shard_map(check_vma=True)` (expert parallelism).
+      megablox does not: its Pallas call's outputs carry no varying mesh axes.
+  """
+  matmul: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+  known_good: tuple[str, ...]
+  package: str | None = None
+  in_shard_map: bool = True
+
+
+BACKENDS: dict[str, Backend] = {
+    'ragged_dot': Backend(ragged_dot_matmul, known_good=('tpu',)),
+    'blocked': Backend(lambda x, w, g: grouped_matmul(x, w, g, impl='blocked'),
+                       known_good=('cpu',)),
+    'megablox': Backend(megablox_matmul, known_good=('tpu',), in_shard_map=False),
+    'tokamax': Backend(tokamax_matmul, known_good=('gpu', 'tpu'), package='tokamax'),
+}
+IMPLEMENTATIONS = ('auto', *BACKENDS)  # The allowed values of moe.grouped_matmul.
+# 'auto', fastest first among the known-good ones of each platform. GPU: XLA lowers ragged_dot
+# densely (23-26 effective TFLOP/s on a B200, ~1,500 for a grouped-GEMM kernel), so tokamax when
+# installed; TPU: megablox (MaxText's default), tokamax's Mosaic TPU kernel next.
+AUTO_ORDER = {'cpu': ('blocked',), 'gpu': ('tokamax', 'ragged_dot'),
+              'tpu': ('megablox', 'tokamax', 'ragged_dot')}
+
+
+def platform() -> str:
+  """'cpu', 'gpu' (CUDA or ROCm) or 'tpu': the default backend's family."""
+  name = jax.default_backend()
+  return 'gpu' if name in ('gpu', 'cuda', 'rocm') else name
+
+
+def resolve(impl: str, on: str | None = None, *, in_shard_map: bool = False) -> str:
+  """A backend name: `impl` itself (checked), or for 'auto' the first available backend of
+  AUTO_ORDER for platform `on` (default: this process's) that can run where it is asked to
+  (`in_shard_map`: under expert parallelism). ConfigError for a name that cannot."""
+  if impl not in IMPLEMENTATIONS:
+    raise ConfigError(f'moe.grouped_matmul={impl!r} is invalid: expected one of {IMPLEMENTATIONS}')
+  if impl != 'auto':
+    if in_shard_map and not BACKENDS[impl].in_shard_map:
+      usable = tuple(n for n, b in BACKENDS.items() if b.in_shard_map)
+      raise ConfigError(f'moe.grouped_matmul={impl!r} cannot run under expert parallelism (its '
+                        f'kernel is not typed for shard_map): expected one of {usable}')
+    return impl
+  order = AUTO_ORDER.get(on or platform(), ('ragged_dot',)) + ('ragged_dot',)
+  return next(name for name in order if available(BACKENDS[name].package)
+              and (BACKENDS[name].in_shard_map or not in_shard_map))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +212,36 @@ def from_blocks(y_NBF: jax.Array, layout: BlockLayout) -> jax.Array:
   return jnp.take(y_PF, layout.dest_X, axis=0)
 
 
-@jax.custom_vjp
+def _zero_like(*arrays: jax.Array) -> jax.Array:
+  """A float32 scalar 0 that varies over every mesh axis any of `arrays` varies over.
+
+  Inside `shard_map(check_vma=True)` a loop carry and both branches of a `cond` must have the
+  same varying axes; values built from it (the zero blocks, the dw carry) get them. Outside
+  shard_map it is a plain 0 that XLA folds away.
+  """
+  return sum(jnp.zeros_like(a.reshape(-1)[0], jnp.float32) for a in arrays)
+
+
 def blocked_matmul(x_NBD: jax.Array, w_EDF: jax.Array, group_N: jax.Array,
                    used_N: jax.Array) -> jax.Array:
   """y[n] = x[n] @ w[group[n]] for used blocks, zero for unused ones: -> [N, B, F] in x's dtype.
 
-  Not for use inside shard_map with check_vma: its loop's zero branches and dw carry are not
-  typed for varying mesh axes (expert parallelism uses ragged_dot there).
+  Runs inside `shard_map(check_vma=True)` too (expert parallelism): x and w are first made to
+  vary over the same mesh axes (the transpose sums w's gradient over the axes it gains).
   """
+  zero = _zero_like(x_NBD, w_EDF, group_N, used_N)
+  return _blocked_matmul(x_NBD + zero.astype(x_NBD.dtype), w_EDF + zero.astype(w_EDF.dtype),
+                         group_N, used_N)
+
+
+@jax.custom_vjp
+def _blocked_matmul(x_NBD, w_EDF, group_N, used_N):
   return _forward(x_NBD, w_EDF, group_N, used_N)
 
 
 def _forward(x_NBD, w_EDF, group_N, used_N):
-  zeros_BF = jnp.zeros((x_NBD.shape[1], w_EDF.shape[-1]), x_NBD.dtype)
+  zero = _zero_like(x_NBD, w_EDF, group_N, used_N)
+  zeros_BF = jnp.zeros((x_NBD.shape[1], w_EDF.shape[-1]), x_NBD.dtype) + zero.astype(x_NBD.dtype)
 
   def one_block(_, inputs):
     x_BD, group, used = inputs
@@ -138,7 +258,8 @@ def _blocked_matmul_fwd(x_NBD, w_EDF, group_N, used_N):
 
 def _blocked_matmul_bwd(residuals, dy_NBF):
   x_NBD, w_EDF, group_N, used_N = residuals
-  zeros_BD = jnp.zeros(x_NBD.shape[1:], x_NBD.dtype)
+  zero = _zero_like(x_NBD, w_EDF, group_N, used_N, dy_NBF)
+  zeros_BD = jnp.zeros(x_NBD.shape[1:], x_NBD.dtype) + zero.astype(x_NBD.dtype)
 
   def one_block(dw_EDF, inputs):
     x_BD, dy_BF, group, used = inputs
@@ -151,26 +272,25 @@ def _blocked_matmul_bwd(residuals, dy_NBF):
 
     return jax.lax.cond(used, add_block, lambda dw_EDF: (dw_EDF, zeros_BD), dw_EDF)
 
-  dw_EDF = jnp.zeros(w_EDF.shape, jnp.float32)
+  dw_EDF = jnp.zeros(w_EDF.shape, jnp.float32) + zero
   dw_EDF, dx_NBD = jax.lax.scan(one_block, dw_EDF, (x_NBD, dy_NBF, group_N, used_N))
   return dx_NBD, dw_EDF.astype(w_EDF.dtype), None, None
 
 
-blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
+_blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)
 
 
 def grouped_matmul(x_XD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, *,
                    impl: str = 'auto', block: int | None = None) -> jax.Array:
   """Rows sorted by group times their group's weights: [X, D] x [E, D, F] -> [X, F].
 
-  Rows past the last group come out zero. `block` defaults to BLOCK_ROWS. For several matmuls
-  over the same rows (an expert MLP), lay the rows out once with `block_layout`/`to_blocks` and
-  call `blocked_matmul`.
+  Rows past the last group come out zero. `block` (blocked only) defaults to BLOCK_ROWS. For
+  several matmuls over the same rows (an expert MLP), lay the rows out once with
+  `block_layout`/`to_blocks` and call `blocked_matmul`.
   """
-  if resolve(impl) == 'ragged_dot':
-    return jax.lax.ragged_dot(x_XD, w_EDF, group_sizes_E)
-  if resolve(impl) == 'megablox':
-    return megablox_matmul(x_XD, w_EDF, group_sizes_E)
+  name = resolve(impl)
+  if name != 'blocked':
+    return BACKENDS[name].matmul(x_XD, w_EDF, group_sizes_E)
   layout = block_layout(group_sizes_E, x_XD.shape[0], block or BLOCK_ROWS)
   y_NBF = blocked_matmul(to_blocks(x_XD, layout), w_EDF, layout.group_N, layout.used_N)
   return from_blocks(y_NBF, layout)

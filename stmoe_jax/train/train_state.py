@@ -285,7 +285,9 @@ def place(config: ml_collections.ConfigDict) -> Placement:
                       f'and {jax.process_count()} processes')
   if model.cfg.num_moe_layers:
     for num_groups in model_factory.routing_groups_per_batch(config):
-      expert_parallel.check(mesh_rules, config.moe.num_experts, num_groups)
+      expert_parallel.check(mesh_rules, config.moe.num_experts, num_groups,
+                            config.moe.grouped_matmul if config.moe.dispatch == 'dropless'
+                            else None)
   graphdef, abstract_params, abstract_buffers = model.abstract()
   trainable = trainable_lib.mask(nnx.merge(graphdef, abstract_params, abstract_buffers),
                                  nnx.to_pure_dict(abstract_params), config.finetune.trainable)

@@ -4,7 +4,11 @@ hierarchical router, see sharding_checks.STRATEGY_ROUTING); experts or groups th
 before compiling. (The `sharding_checks` fixture of conftest.py runs tests/sharding_checks.py.)
 """
 
+import json
+
 import pytest
+
+from conftest import run_with_devices
 
 
 @pytest.mark.parametrize('name', [
@@ -41,3 +45,12 @@ def test_scanned_fsdp_expert_model_mesh_matches_one_device(sharding_checks):
   loss and gradients (asserted there), its step a loop with all-to-all inside."""
   result = sharding_checks['scanned']
   assert result['loss'] == pytest.approx(result['ref_loss'], rel=1e-5)
+
+
+def test_grouped_matmul_backends_run_under_expert_parallelism():
+  """Every backend EP may use (the layer's moe.grouped_matmul, not a hard-coded one), in
+  shard_map(check_vma=True) on data=2 x expert=2: outputs and the weight gradient summed over
+  the data shards equal a numpy loop's (tests/sharding_checks.py `check_grouped_matmuls`)."""
+  errors = json.loads(run_with_devices('sharding_checks.py', 4, '--grouped'))
+  assert set(errors) == {'ragged_dot', 'blocked', 'tokamax'}
+  assert max(errors.values()) < 1e-5, errors

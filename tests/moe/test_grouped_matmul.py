@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from stmoe_jax.moe import grouped_matmul as gmm
+from stmoe_jax.errors import ConfigError
 
 SIZES = np.array([10, 0, 3, 20])  # 33 rows in groups (one empty), then 4 rows in none.
 
@@ -31,17 +32,21 @@ def test_block_layout_pads_each_group_to_whole_blocks():
   np.testing.assert_array_equal(layout.used_N, np.arange(14) < 9)
 
 
-@pytest.mark.parametrize('impl, block', [('ragged_dot', 1), ('ragged_dot', 4), ('ragged_dot', 64),
-                                         ('blocked', 1), ('blocked', 4), ('blocked', 64),
-                                         ('megablox', None)])  # Pallas interpret mode off TPU.
+@pytest.mark.parametrize('impl, block', [('ragged_dot', None), ('blocked', 1), ('blocked', 4),
+                                         ('blocked', 64),
+                                         ('megablox', None),  # Pallas interpret mode off TPU.
+                                         ('tokamax', None)])  # Its XLA fallback off GPU/TPU.
 def test_grouped_matmul_matches_the_loop_in_outputs_and_gradients(impl, block):
+  """Every backend (the CPU fallback of the accelerator kernels) against the loop."""
+  assert impl in gmm.BACKENDS
   rng = np.random.RandomState(0)
   x, w = rng.randn(37, 5).astype(np.float32), rng.randn(4, 5, 7).astype(np.float32)
   cotangent = rng.randn(37, 7)
   f = jax.jit(lambda x, w: gmm.grouped_matmul(x, w, jnp.asarray(SIZES), impl=impl, block=block))
   np.testing.assert_allclose(f(x, w), loop_reference(x, w, SIZES), rtol=1e-5, atol=1e-5)
   dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
-  # d/dx: row r of group e gets cotangent_r w[e]^T; d/dw[e] = x_e^T cotangent_e.
+  # d/dx: row r of group e gets cotangent_r w[e]^T (zero past the last group);
+  # d/dw[e] = x_e^T cotangent_e.
   dx_ref, dw_ref, start = np.zeros_like(dx), np.zeros_like(dw), 0
   for e, n in enumerate(SIZES):
     dx_ref[start:start + n] = cotangent[start:start + n] @ w[e].T
@@ -71,7 +76,35 @@ def test_blocked_bfloat16_sums_gradients_in_float32():
 
 
 def test_bad_implementation_is_named():
-  with pytest.raises(ValueError, match="grouped matmul 'cutlass' is invalid"):
+  with pytest.raises(ConfigError, match="^moe.grouped_matmul='cutlass' is invalid: expected one "
+                     "of \\('auto', 'ragged_dot', 'blocked', 'megablox', 'tokamax'\\)$"):
     gmm.resolve('cutlass')
-  assert gmm.resolve('auto') == {'cpu': 'blocked', 'tpu': 'megablox'}.get(jax.default_backend(),
-                                                                         'ragged_dot')
+
+
+def test_auto_picks_each_platforms_fastest_available_backend(monkeypatch):
+  assert gmm.IMPLEMENTATIONS == ('auto', *gmm.BACKENDS)
+  assert gmm.resolve('auto', 'cpu') == 'blocked'
+  assert gmm.resolve('auto', 'gpu') == 'tokamax'
+  assert gmm.resolve('auto', 'tpu') == 'megablox'
+  # Under expert parallelism megablox (not typed for shard_map) gives way to tokamax.
+  assert gmm.resolve('auto', 'tpu', in_shard_map=True) == 'tokamax'
+  assert gmm.resolve('auto') == gmm.resolve('auto', gmm.platform())
+  for name in gmm.IMPLEMENTATIONS[1:]:
+    assert gmm.resolve(name, 'gpu') == name
+  # Every auto choice is known-good on its platform.
+  for on, order in gmm.AUTO_ORDER.items():
+    assert on in gmm.BACKENDS[gmm.resolve('auto', on)].known_good
+  # Without the tokamax package: auto falls back to XLA's ragged_dot on GPU, and asking for
+  # tokamax by name fails in one line naming the package.
+  monkeypatch.setattr(gmm, 'available', lambda package: package is None)
+  assert gmm.resolve('auto', 'gpu') == 'ragged_dot'
+  assert gmm.resolve('auto', 'tpu', in_shard_map=True) == 'ragged_dot'
+  with pytest.raises(ConfigError, match="^moe.grouped_matmul needs the Python package 'tokamax', "
+                     r"which is not installed \(pip install tokamax==[0-9.]+\)$"):
+    gmm.grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.asarray([2, 2]), impl='tokamax')
+
+
+def test_megablox_is_refused_under_expert_parallelism():
+  with pytest.raises(ConfigError, match="^moe.grouped_matmul='megablox' cannot run under expert "
+                     r"parallelism .*: expected one of \('ragged_dot', 'blocked', 'tokamax'\)$"):
+    gmm.resolve('megablox', in_shard_map=True)
