@@ -298,6 +298,26 @@ def doc_files() -> list[pathlib.Path]:
   return [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
 
 
+@generator('moe_layer')
+def moe_layer(link: Link) -> str:
+  """MoE layer vs the FLOP-matched dense FFN (tokens/s ratio) and the matmul-only bound, per
+  capacity factor, from the interleaved benchmarks/moe_layer.py runs."""
+  names = ['moe_layer_cf125_2026-12-07.json', 'moe_layer_cf100_2026-12-07.json',
+           'moe_layer_top8of64_cf100_2026-12-07.json']
+  rows = {}
+  for name in names:
+    for r in _json(name):
+      if r.get('kind') != 'layer' or r['layer'] == 'dense_ffn':
+        continue
+      key = (r['num_experts'], r['top_k'], r['expert_d_ff'])
+      column = f"{r['layer']} CF {r['capacity_factor']}"
+      rows.setdefault(key, {})[column] = f"{r['over_dense_tokens_per_sec']:.2f}"
+  columns = sorted({c for cells in rows.values() for c in cells})
+  body = [[f'{k} of {e} (width {f})'] + [cells.get(c, '') for c in columns]
+          for (e, k, f), cells in sorted(rows.items())]
+  return table(['experts (top-k of E)'] + columns, body) + source(link, *names)
+
+
 def _name(path: pathlib.Path) -> str:
   return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
