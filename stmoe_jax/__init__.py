@@ -34,7 +34,7 @@ _EXPORTS = {
     'get_model': 'models.factory',
     'load_config': 'train.entry_points', 'evaluate_workdir': 'train.entry_points',
     'load_checkpoint': 'train.entry_points', 'sample_workdir': 'train.entry_points',
-    'Sampler': 'models.sampling', 'make_sampler': 'models.sampling',
+    'Sampler': 'models.sampling', 'make_sampler': 'models.factory',
     'MetricsWriter': 'train.metrics',
 }
 # Modules reachable as attributes (`stmoe_jax.plot.plot_losses(...)` in a notebook).

@@ -23,6 +23,7 @@ from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
 from stmoe_jax.models import flops
 from stmoe_jax.models import losses
+from stmoe_jax.models import sampling
 from stmoe_jax.models import seq2seq_losses
 from stmoe_jax.models.encoder_decoder import EncoderDecoder
 from stmoe_jax.models.transformer import Transformer
@@ -74,14 +75,14 @@ class ModelFamily(options.Entry):
     train_flops_per_token: (cfg, data config) -> training FLOPs per input token, for the MFU
       metric; None = not counted (no MFU is logged).
     routing_groups: config -> the routing groups of one global batch in each stack.
-    samples: whether `sampling.make_sampler` can generate text with it (eval samples,
-      sample.py); without, `eval_sample_tokens` must be 0.
+    sampler: (cfg, data config) -> a text sampler (`sampling.Sampler`'s interface) for eval
+      samples and sample.py; None = the family does not sample (`eval_sample_tokens` must be 0).
   """
   build: Callable[[ModelConfig], Model]
   routing_groups: Callable[[object], tuple[int, ...]]
   objective: str = 'causal_lm'
   train_flops_per_token: Callable[[ModelConfig, object], int] | None = None
-  samples: bool = False
+  sampler: Callable[[ModelConfig, object], object] | None = None
 
 
 MODEL_FAMILIES = options.Registry('model family', 'model.architecture', 'decoder_only',
@@ -93,10 +94,20 @@ def get_model(cfg: ModelConfig) -> Model:
   return MODEL_FAMILIES[cfg.architecture].build(cfg)
 
 
+def make_sampler(cfg: ModelConfig, data):
+  """The text sampler of `cfg.architecture`'s family, sized by the training data config `data`
+  (`config.data`: seq_len, and for span corruption noise_density, mean_noise_span_length)."""
+  family = MODEL_FAMILIES[cfg.architecture]
+  if family.sampler is None:
+    raise options.ConfigError(f'model.architecture={cfg.architecture!r} cannot sample: that '
+                              'family registers no sampler.')
+  return family.sampler(cfg, data)
+
+
 @options.add_check
 def _check_sampling(config) -> None:
   family = MODEL_FAMILIES[config.model.architecture]
-  if config.eval_sample_tokens and not family.samples:
+  if config.eval_sample_tokens and family.sampler is None:
     raise options.ConfigError(
         f'config.eval_sample_tokens={config.eval_sample_tokens!r} is invalid: expected 0 with '
         f'model.architecture={config.model.architecture!r} (that family does not sample).')
@@ -145,6 +156,11 @@ def _check_decoder(config, objective: str, seq_len: int, what: str) -> None:
   if tokens % moe.group_size or (seq_len % moe.group_size and moe.group_size % seq_len):
     _refuse('moe.group_size', moe.group_size, f'a divisor or multiple of {what}={seq_len} '
             f'dividing batch_size * {seq_len} = {tokens}')
+
+
+def _encoder_len(data) -> int:
+  return span_corruption.lengths(data.seq_len, data.noise_density,
+                                 data.mean_noise_span_length).encoder_len
 
 
 def _decoder_len(data) -> int:
@@ -196,7 +212,8 @@ def _validate_encoder_decoder(config) -> None:
 
 
 MODEL_FAMILIES.register(ModelFamily(
-    name='decoder_only', build=_decoder_only, objective='causal_lm', samples=True,
+    name='decoder_only', build=_decoder_only, objective='causal_lm',
+    sampler=lambda cfg, data: sampling.Sampler(cfg, data.seq_len),
     validate=lambda config: _check_decoder(config, 'causal_lm', config.data.seq_len,
                                            'data.seq_len'),
     routing_groups=lambda config: (
@@ -204,7 +221,9 @@ MODEL_FAMILIES.register(ModelFamily(
     train_flops_per_token=flops.run_train_flops_per_token,
     doc='Decoder-only causal language model (models/transformer.py).'))
 MODEL_FAMILIES.register(ModelFamily(
-    name='encoder_decoder', build=_encoder_decoder, objective='span_corruption', samples=True,
+    name='encoder_decoder', build=_encoder_decoder, objective='span_corruption',
+    sampler=lambda cfg, data: sampling.EncoderDecoderSampler(
+        cfg, _encoder_len(data), _decoder_len(data)),
     routing_groups=lambda config: (
         config.batch_size * config.data.seq_len // (config.moe.encoder_group_size or
                                                     config.moe.group_size),

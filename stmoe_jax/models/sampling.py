@@ -24,11 +24,11 @@ import numpy as np
 from flax import nnx
 
 from stmoe_jax.models import encoder_decoder
-from stmoe_jax.models import factory as model_factory
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import span_corruption
 from stmoe_jax.data import tokenizer
-from stmoe_jax.models.transformer import init_caches
+from stmoe_jax.models.transformer import Transformer, init_caches
+from stmoe_jax.nn import layers
 
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
@@ -72,6 +72,11 @@ def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array,
   return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
 
+def _abstract(make):
+  """The graphdef and shape-only (params, buffers) states of the module `make()` builds."""
+  return nnx.split(nnx.eval_shape(make), *layers.STATE_FILTERS)
+
+
 class Sampler:
   """Generates text from a model's parameters; jitted functions are built once and reused.
 
@@ -86,7 +91,7 @@ class Sampler:
       raise ValueError(f'context_len={context_len} is invalid: expected at least 2')
     self.cfg = decoding_config(cfg)
     self.context_len = context_len
-    self.graphdef, _, buffers = model_factory.get_model(self.cfg).abstract()
+    self.graphdef, _, buffers = _abstract(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
     # Non-trainable state (router biases) for callers that pass parameters alone: zeros, what
     # a model trained without the aux-loss-free balancer has.
     self._zero_buffers = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
@@ -147,16 +152,6 @@ def _last_logits(graphdef, variables, tokens_BL, caches):
   return logits_BLV[:, -1], caches
 
 
-def make_sampler(cfg: ModelConfig, data) -> 'Sampler | EncoderDecoderSampler':
-  """The sampler of `cfg.architecture`, sized by the training data config `data`
-  (`config.data`: seq_len, and for span corruption noise_density, mean_noise_span_length)."""
-  if cfg.architecture == 'encoder_decoder':
-    shape = span_corruption.lengths(data.seq_len, data.noise_density,
-                                    data.mean_noise_span_length)
-    return EncoderDecoderSampler(cfg, shape.encoder_len, shape.decoder_len)
-  return Sampler(cfg, data.seq_len)
-
-
 class EncoderDecoderSampler:
   """Text generation with the span-corruption encoder-decoder: the text so far goes to the
   encoder, followed by sentinel 0, and the decoder fills that span.
@@ -181,7 +176,8 @@ class EncoderDecoderSampler:
     moe = dataclasses.replace(cfg.moe, group_size=1, encoder_group_size=encoder_len)
     self.cfg = dataclasses.replace(cfg, moe=moe)
     self.encoder_len, self.decoder_len = encoder_len, decoder_len
-    self.graphdef, _, buffers = model_factory.get_model(self.cfg).abstract()
+    self.graphdef, _, buffers = _abstract(
+        lambda: encoder_decoder.EncoderDecoder(self.cfg, rngs=nnx.Rngs(0)))
     self._zero_buffers = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                                       nnx.to_pure_dict(buffers))
     self._encode = jax.jit(functools.partial(_encode, self.graphdef))

@@ -31,6 +31,7 @@ from stmoe_jax.train import checkpointing
 from stmoe_jax import errors
 from stmoe_jax.train import evaluation
 from stmoe_jax.train import records
+from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import sampling
 from stmoe_jax.train import train_state
 from stmoe_jax.config import ConfigError, model_config, with_defaults
@@ -211,6 +212,6 @@ def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int 
   sampling.check_sampling_args(max_new_tokens, kwargs.get('temperature', 0.8),
                                kwargs.get('top_p', 0.95))
   config, state = load_checkpoint(workdir, step)
-  sampler = sampling.make_sampler(model_config(config), config.data)
+  sampler = model_factory.make_sampler(model_config(config), config.data)
   return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,
                                         buffers=state.buffers, **kwargs)

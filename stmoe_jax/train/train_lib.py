@@ -27,7 +27,6 @@ from stmoe_jax.train import finetune
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import flops
 from stmoe_jax.train import guards
-from stmoe_jax.models import sampling
 from stmoe_jax.train import train_state
 from stmoe_jax.train import entry_points
 from stmoe_jax.train import workdir as workdir_lib
@@ -238,7 +237,7 @@ class _TrainLoop:
               f"{self.eval_metrics['bits_per_byte']:.3f} bits/byte" +
               ('' if exact is None else f', exact match {exact:.4f}'))
     if config.eval_sample_tokens:  # A text sample from the start of a file, for TensorBoard.
-      self.sampler = self.sampler or sampling.make_sampler(self.trainer.model_cfg, config.data)
+      self.sampler = self.sampler or model_factory.make_sampler(self.trainer.model_cfg, config.data)
       prompt = config.eval_sample_prompt
       self.writer.write_text(done, 'eval/sample', prompt + self.sampler.generate_text(
           state.params, prompt, config.eval_sample_tokens, seed=done, buffers=state.buffers))

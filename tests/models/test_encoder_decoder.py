@@ -356,7 +356,7 @@ def test_sampler_greedy_equals_full_forward_argmax():
   """EncoderDecoderSampler (KV cache, cross caches, re-encoding after each span) against a
   reference loop of full forward passes over padded inputs."""
   cfg = encdec_config()
-  sampler = sampling.make_sampler(cfg, ml_collections.ConfigDict(dict(
+  sampler = model_factory.make_sampler(cfg, ml_collections.ConfigDict(dict(
       seq_len=T, noise_density=0.15, mean_noise_span_length=3.0)))
   assert (sampler.encoder_len, sampler.decoder_len) == (T, L)
   params, buffers = model_factory.get_model(sampler.cfg).init(jax.random.PRNGKey(4))
