@@ -51,7 +51,9 @@ def make_config(mesh: dict, strategy: str):
   config.model.num_layers = 1  # One block, and it is MoE.
   config.moe.every = 1
   config.moe.update(num_experts=8, group_size=32, dispatch=strategy,
-                    train_capacity_factor=1.0, min_capacity=2, **STRATEGY_ROUTING[strategy])
+                    **STRATEGY_ROUTING[strategy])
+  if strategy != 'dropless':  # Capacity: the capacity-based paths' options.
+    config.moe.update(train_capacity_factor=1.0, min_capacity=2)
   return config
 
 
