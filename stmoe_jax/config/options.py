@@ -149,6 +149,9 @@ class Option:
     if not type_ok(value, self.type):
       raise ConfigError(f'config.{self.name}={value!r} is invalid: expected '
                         f'{TYPE_NAMES[self.type]}.')
+    if self.type is float and not math.isfinite(value):
+      raise ConfigError(f'config.{self.name}={value!r} is invalid: expected a finite number' +
+                        (f' ({self.domain.describe()})' if self.domain else '') + '.')
     if self.domain is not None and not self.domain.check(value):
       raise ConfigError(f'config.{self.name}={value!r} is invalid: expected '
                         f'{self.domain.describe()}.')

@@ -1,6 +1,7 @@
 """Bad config values are refused with one message naming the field, before anything compiles."""
 
 import json
+import re
 
 import ml_collections
 import pytest
@@ -140,3 +141,40 @@ def test_resume_allows_remat_and_compute_dtype_but_not_shapes():
   with pytest.raises(ConfigError, match="^config.model.param_dtype='bfloat16' differs from "
                      "'float32' in the run saved at config.json"):
     check_resumable(config, saved, 'config.json')
+
+
+@pytest.mark.parametrize('bad', [float('inf'), float('-inf'), float('nan')])
+def test_every_float_option_refuses_non_finite_values(bad):
+  """Derived from the declarations: no float option accepts inf or NaN (opt.lr=inf trained to
+  NaN parameters; capacity factors overflowed), each refused in one line naming it."""
+  from stmoe_jax.config import options  # pylint: disable=g-import-not-at-top
+  floats = [o for o in options.all_options().values() if o.type is float]
+  assert len(floats) > 20
+  for option in floats:
+    config = json.loads(default.get_config().to_json())
+    *sections, key = option.name.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = bad
+    with pytest.raises(ConfigError, match=f'^config.{re.escape(option.name)}=.* is invalid: '
+                       'expected a finite number'):
+      validate(ml_collections.ConfigDict(config))
+
+
+@pytest.mark.parametrize('field,value,domain', [
+    ('opt.b1', -0.5, 'in [0, 1)'), ('opt.b2', 1.5, 'in [0, 1)'), ('opt.b2', 1.0, 'in [0, 1)'),
+    ('seed', -1, 'in [0, 4294967295]'), ('seed', 2**40, 'in [0, 4294967295]'),
+    ('model.rope_max_wavelength', -1.0, '>= 1'), ('moe.train_capacity_factor', 0.0, '> 0'),
+    ('opt.decay_fraction', 0.0, 'in (0, 1]'), ('data.noise_density', 1.0, 'in (0, 1)'),
+])
+def test_numeric_options_are_checked_against_their_declared_domain(field, value, domain):
+  config = json.loads(default.get_config().to_json())
+  *sections, key = field.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[key] = value
+  with pytest.raises(ConfigError) as error:
+    validate(ml_collections.ConfigDict(config))
+  assert str(error.value) == f'config.{field}={value!r} is invalid: expected {domain}.'
