@@ -194,7 +194,8 @@ class Entry:
 
   Attributes:
     name: the value of the registry's selecting option that picks it.
-    options: the options only this entry reads (declared when it registers).
+    options: the options this entry reads that the core does not (declared when it registers;
+      an option several entries read, such as a capacity factor, is listed by each).
     validate: config -> None, raising ConfigError naming a field, when the entry is selected.
     doc: one line for the option reference.
   """
@@ -403,6 +404,14 @@ def reference_markdown() -> str:
            'do not edit by hand. Every config starts from these defaults; `configs/` presets '
            'change some (each with its reason). An option owned by a registry entry '
            '(`router:hierarchical`) is read only when that entry is selected.', '']
+  lines += ['## Registries', '', '| selected by | entry | its options | what it is |',
+            '|---|---|---|---|']
+  for registry in registries():
+    for name, entry in registry.items():
+      own = ', '.join(f'`{o.name}`' for o in entry.options) or '-'
+      lines.append(f'| `{registry.selector}` | `{name!r}` | {own} | '
+                   f'{entry.doc.replace("|", "/")} |')
+  lines.append('')
   for section in sections():
     lines += [f'## `{section or "top level"}`', '',
               '| option | type | default | allowed | owner | what it does |',

@@ -1,0 +1,103 @@
+"""Model FLOPs per token, for the model FLOPs utilisation (MFU) estimate.
+
+Counts the FLOPs a token actually uses (2 per multiply-add): attention projections and scores,
+dense FFNs, the router and the top_k experts a token is sent to (not all E), and the output
+head; the embedding lookup is free. Training costs 3x the forward pass (forward + backward with
+respect to activations and weights), i.e. the "6 x active parameters" rule plus attention.
+Attention scores count the full window for every token, as PaLM's MFU does (appendix B), so
+numbers compare with published MFUs; causal masking means about half of that work is real.
+Capacity drops and padding are ignored: MFU measures the model, not the dispatch.
+"""
+
+from __future__ import annotations
+
+from stmoe_jax.config import ModelConfig
+from stmoe_jax.data import span_corruption
+
+# Peak dense bfloat16 FLOP/s per device (vendor datasheets), matched against
+# `jax.Device.device_kind` as lower-case substrings, first match wins.
+PEAK_BF16_FLOPS = (
+    ('h100', 989e12), ('h200', 989e12), ('a100', 312e12),
+    ('v6 lite', 918e12), ('v6e', 918e12), ('v5p', 459e12), ('v5 lite', 197e12),
+    ('v5e', 197e12), ('v4', 275e12),
+)
+
+
+def _ffn_flops(d_model: int, d_ff: int, activation: str) -> int:
+  """Forward FLOPs of one FFN for one token: up (and gate for GEGLU) and down projections."""
+  matrices = 2 if activation == 'gelu' else 3  # GEGLU variants have a gate matrix too.
+  return 2 * matrices * d_model * d_ff
+
+
+def _ffn_layer_flops(cfg: ModelConfig, layer: int) -> int:
+  """Forward FLOPs of FFN `layer` (dense, MoE or its dense twin) for one token."""
+  D, moe = cfg.d_model, cfg.moe
+  kind = cfg.ffn_kind(layer)
+  if kind == 'moe':
+    total = 2 * D * moe.num_experts  # Router.
+    total += moe.top_k * _ffn_flops(D, moe.expert_d_ff, cfg.activation)
+  elif kind == 'dense_matched':
+    total = _ffn_flops(D, moe.top_k * moe.expert_d_ff, cfg.activation)
+  else:
+    total = _ffn_flops(D, cfg.d_ff, cfg.activation)
+  if kind != 'dense':  # Shared experts and the sparse-dense stacking FFN run for every token.
+    total += _ffn_flops(D, moe.num_shared_experts * moe.shared_d_ff, cfg.activation)
+    if moe.extra_dense_ffn != 'none':
+      total += _ffn_flops(D, cfg.d_ff, cfg.activation)
+  return total
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> int:
+  """Forward-pass FLOPs for one token of a `seq_len` window (see the module docstring).
+
+  For the encoder-decoder, per encoder input token of a `seq_len` input whose target has
+  `decoder_len` tokens: the encoder, the cross-attention keys and values, and decoder_len /
+  seq_len of a decoder token's FLOPs (self-attention, cross-attention over seq_len positions,
+  FFN, output head).
+  """
+  D, HK = cfg.d_model, cfg.num_heads * cfg.head_dim
+  attention = lambda keys: 2 * 4 * D * HK + 2 * 2 * HK * keys  # q, k, v, o; scores, values.
+  if cfg.architecture == 'encoder_decoder':
+    if decoder_len is None:
+      raise ValueError('decoder_len is needed for the FLOPs of an encoder-decoder')
+    encoder = sum(attention(seq_len) + _ffn_layer_flops(cfg, i)
+                  for i in range(cfg.num_encoder_layers))
+    cross_kv = cfg.num_layers * 2 * 2 * D * HK
+    decoder = 2 * D * cfg.vocab_size + sum(
+        attention(decoder_len) + 2 * 2 * D * HK + 2 * 2 * HK * seq_len + _ffn_layer_flops(cfg, i)
+        for i in range(cfg.num_layers))
+    return round(encoder + cross_kv + decoder * decoder_len / seq_len)
+  total = 2 * D * cfg.vocab_size  # Output head.
+  for layer in range(cfg.num_layers):
+    total += attention(seq_len) + _ffn_layer_flops(cfg, layer)
+  return total
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | None = None) -> int:
+  """Training FLOPs per token: 3x the forward pass (backward costs twice the forward)."""
+  return 3 * forward_flops_per_token(cfg, seq_len, decoder_len)
+
+
+def run_train_flops_per_token(cfg: ModelConfig, data) -> int:
+  """`train_flops_per_token` per input token of a run's data config `config.data` (seq_len,
+  and for span corruption the decoder length it implies)."""
+  decoder_len = None
+  if data.objective == 'span_corruption':
+    decoder_len = span_corruption.lengths(data.seq_len, data.noise_density,
+                                          data.mean_noise_span_length).decoder_len
+  return train_flops_per_token(cfg, data.seq_len, decoder_len)
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  """Peak dense bfloat16 FLOP/s of a device kind (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v4'),
+  or None when unknown (CPUs among them: their peak depends on the machine)."""
+  kind = device_kind.lower()
+  return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
+
+
+def model_flops_utilization(tokens_per_sec: float, flops_per_token: float,
+                            peak_flops: float | None) -> float | None:
+  """Achieved model FLOP/s over the peak of all devices; None when the peak is unknown."""
+  if not peak_flops:
+    return None
+  return tokens_per_sec * flops_per_token / peak_flops

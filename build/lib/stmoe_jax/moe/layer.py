@@ -1,0 +1,211 @@
+"""The sparse MoE layer: route, dispatch, run experts, combine.
+
+Einsum letters: B batch, L length, G routing groups, S tokens per group, K choices per token,
+E experts, C capacity, X dispatched rows, D model dim.
+
+`MoeLayer.__call__` runs five steps, each a small function elsewhere so that routers and
+dispatch strategies can be swapped:
+  1. `to_groups`: tokens [B, L, D] -> [G, S, D]; capacity and balance are per group (the ST-MoE
+     scope), ordered so that capacity competition is causal;
+  2. float32 router logits and the router `routing.ROUTERS[moe.router]`;
+  3. dispatch into expert inputs by `dispatch.DISPATCHES[moe.dispatch]`;
+  4. `experts.Experts` on them (plus shared experts that see every token);
+  5. combine back to [G, S, D] and `from_groups`; a dropped choice contributes exactly zero, so
+     a token dropped by every choice leaves the block as its residual.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stmoe_jax.moe import cv_balance
+from stmoe_jax.moe import dispatch
+from stmoe_jax.moe import expert_parallel
+from stmoe_jax.moe import gating
+from stmoe_jax.nn import layers
+from stmoe_jax.nn import remat
+from stmoe_jax.moe import routing
+from stmoe_jax.config import ModelConfig
+from stmoe_jax.moe.experts import Experts, Mlp
+
+
+class RouterBias(layers.Buffer):
+  """Per-expert routing bias of aux-loss-free balancing: not a Param, so no optimizer touches
+  it; `MoeLayer` updates it in the train forward pass and the train step carries it along."""
+
+
+def to_groups(x_BLD: jax.Array, group_size: int) -> jax.Array:
+  """[B, L, D] -> routing groups [G, S, D] in arrival order, position-major.
+
+  A group is S/L whole sequences (or, when S < L, S consecutive positions of one sequence),
+  ordered by position first: all sequences' token 0, then all token 1, ... Since capacity is
+  first come first served, a token then competes only with tokens at the same or earlier
+  positions, so logits at position t never depend on any token after t, in any sequence.
+  """
+  B, L, D = x_BLD.shape
+  S = group_size
+  if S % L and L % S or (B * L) % S:
+    raise ValueError(f'moe.group_size={S} must divide or be a multiple of seq_len={L}, and '
+                     f'divide the {B * L} tokens of a [{B}, {L}] batch')
+  if S <= L:
+    return x_BLD.reshape(-1, S, D)
+  return jnp.swapaxes(x_BLD.reshape(-1, S // L, L, D), 1, 2).reshape(-1, S, D)
+
+
+def from_groups(y_GSD: jax.Array, shape_BLD: tuple[int, int, int]) -> jax.Array:
+  """Inverse of `to_groups`: [G, S, D] -> [B, L, D]."""
+  B, L, D = shape_BLD
+  G, S, _ = y_GSD.shape
+  if S <= L:
+    return y_GSD.reshape(B, L, D)
+  return jnp.swapaxes(y_GSD.reshape(G, L, S // L, D), 1, 2).reshape(B, L, D)
+
+
+def balanced_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """DeepSeek-V3 aux-loss-free update: bias_i + rate * sign(mean_load - load_i), float32 [E]."""
+  return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+
+
+def sequence_balance_loss(route: routing.Routing, shape_BLD: tuple[int, int, int],
+                          mask_BL: jax.Array | None = None) -> jax.Array:
+  """DeepSeek-V3's sequence-wise balance loss (eq. 17-20): the Switch loss of each sequence.
+
+  E * sum_i f_i P_i per sequence of L tokens instead of per routing group, with `route.probs`
+  the normalised scores s'_{i,t} and f_i over the sequence's assigned choices; averaged over
+  the B sequences (1.0 when balanced). It keeps single sequences from collapsing onto a few
+  experts even when the group as a whole is balanced. Float32 scalar.
+  """
+  B, L, _ = shape_BLD
+  regroup = lambda x_GSX: from_groups(x_GSX, (B, L, x_GSX.shape[-1]))
+  return routing.load_balancing_loss(regroup(route.probs), regroup(route.expert_index), mask_BL,
+                                     regroup(route.assigned))
+
+
+class MoeLayer(nnx.Module):
+  """Mixture of experts replacing one FFN: [B, L, D] -> [B, L, D] (see module docstring).
+
+  `causal=True` (the decoder) refuses routers whose choice for a token depends on later tokens:
+  expert-choice and Batch Prioritized Routing. Encoder-style users pass `causal=False`.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, causal: bool = True, rngs: nnx.Rngs):
+    moe = cfg.moe
+    bad = routing.noncausal_setting(moe)
+    if causal and bad:
+      raise ValueError(f'{bad} looks at the whole routing group, later tokens included, so it '
+                       'cannot be used in a causal decoder; use tokens_choose routing there')
+    self.router_kind = routing.ROUTERS[moe.router]
+    self.strategy = dispatch.DISPATCHES[moe.dispatch]
+    if self.router_kind.fixed_load and not self.strategy.uses_capacity:
+      with_capacity = ' or '.join(repr(n) for n, d in dispatch.DISPATCHES.items()
+                                  if d.uses_capacity)
+      raise ValueError(f'moe.router={moe.router!r} fixes every expert\'s load at its capacity; '
+                       f'use moe.dispatch={with_capacity} with it, not {moe.dispatch!r}')
+    dtype = jnp.dtype(cfg.dtype)
+    num_logits = self.router_kind.num_logits(moe)
+    self.router = layers.param(rngs, layers.switch_init(cfg.init_scale),
+                               (cfg.d_model, num_logits), ('embed', None))
+    # Shazeer et al. 2017's noise scale softplus(x W_noise), W_noise zero-initialised as there.
+    self.noise_router = (layers.param(rngs, nnx.initializers.zeros, (cfg.d_model, num_logits),
+                                      ('embed', None))
+                         if moe.router_noise == 'noisy_top_k' else None)
+    self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
+    self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
+                           cfg.init_scale, dtype, dropout=moe.expert_dropout,
+                           grouped_matmul=moe.grouped_matmul, rngs=rngs)
+    # Shared experts (DeepSeek-MoE): one dense FFN as wide as all of them, seen by every token.
+    self.shared = (Mlp(cfg.d_model, moe.num_shared_experts * moe.shared_d_ff, cfg.activation,
+                       cfg.init_scale, dtype, rngs=rngs)
+                   if moe.num_shared_experts else None)
+    self.moe = moe
+    # Mesh and rules (set by the Trainer): with an expert axis > 1, step 3-5 run in shard_map.
+    self.mesh_rules = cfg.mesh_rules
+
+  def capacity(self, train: bool) -> int:
+    """Expert capacity per group at the train or eval capacity factor (S when dropless)."""
+    moe = self.moe
+    if not self.strategy.uses_capacity:
+      return moe.group_size  # No expert can get more than S choices of a group: nothing drops.
+    factor = moe.train_capacity_factor if train else moe.eval_capacity_factor
+    return routing.expert_capacity(moe.group_size, moe.num_experts, moe.top_k, factor,
+                                   scaled_by_k=moe.capacity_scaled_by_k,
+                                   min_capacity=moe.min_capacity)
+
+  def route(self, x_GSD: jax.Array, *, train: bool, rng: jax.Array | None,
+            mask_GS: jax.Array | None, capacity: int | None = None) -> routing.Routing:
+    """Router logits in float32 and the configured router: -> `routing.Routing`.
+
+    `capacity` defaults to `self.capacity(train)` (the plots pass S: choices before drops).
+    """
+    moe = self.moe
+    jitter_rng, policy_rng = (None, None) if rng is None else jax.random.split(rng)
+    router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
+    if train and moe.router_jitter > 0:
+      router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
+                                      1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
+    clean_GSE = logits_GSE = layers.dense(router_in, self.router[...])
+    noise_std_GSE = None
+    if train and moe.router_noise != 'none':
+      # Its own stream, so that the jitter and policy keys (and their numbers) stay as they were.
+      noise_std_GSE = (jax.nn.softplus(layers.dense(router_in, self.noise_router[...]))
+                       if self.noise_router is not None else None)
+      logits_GSE = gating.noisy_logits(logits_GSE, moe.router_noise,
+                                       None if rng is None else jax.random.fold_in(rng, 1),
+                                       noise_std_GSE)
+    logits_GSE = remat.name(logits_GSE, remat.ROUTER_LOGITS)
+    route = self.router_kind.route(
+        logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
+        mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
+        train=train, rng=policy_rng)
+    if noise_std_GSE is not None and moe.router == 'tokens_choose':
+      # Shazeer's smooth load estimator (`cv_balance.smooth_load`) needs all three.
+      route = route.replace(clean_logits=clean_GSE, noise_std=noise_std_GSE)
+    return route
+
+  def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns the MoE output [B, L, D] and this layer's `layer_stats.MOE` stats.
+
+    Args:
+      x_BLD: input tokens [B, L, D].
+      train: training capacity factor, jitter, sampled second-expert policy, expert dropout and
+        bias-balancer update; evaluation settings otherwise.
+      rng: PRNG key; needed in training when jitter, the sampled policy or dropout is on.
+      mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
+        no routed output and is left out of the stats.
+    Returns:
+      (y_BLD, stats): `routing.routing_stats` plus `seq_balance_loss`, `cv_balance.cv_stats`'s
+      `importance_loss` and `load_loss`, and `router_bias` [E].
+    """
+    moe = self.moe
+    route_rng, dropout_rng = (None, None) if rng is None else jax.random.split(rng)
+    if not train:
+      dropout_rng = None
+    x_GSD = to_groups(x_BLD, moe.group_size)
+    mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
+    route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
+    strategy = self.strategy
+    if expert_parallel.expert_axis(self.mesh_rules) is not None:
+      y_GSD = expert_parallel.run_experts(
+          self.experts, x_GSD, route, strategy=strategy, num_experts=moe.num_experts,
+          capacity=self.capacity(train), mesh_rules=self.mesh_rules, dropout_rng=dropout_rng)
+    elif strategy.uses_capacity:
+      x_ECD, plan = strategy.dispatch(x_GSD, route, moe.num_experts, self.capacity(train))
+      y_GSD = strategy.combine(self.experts(x_ECD, dropout_rng=dropout_rng), plan)
+    else:
+      x_XD, group_sizes_E, plan = strategy.dispatch(x_GSD, route, moe.num_experts)
+      y_XD = self.experts.grouped(x_XD, group_sizes_E, dropout_rng=dropout_rng)
+      y_GSD = strategy.combine(y_XD, plan)
+    y_BLD = from_groups(y_GSD, x_BLD.shape).astype(x_BLD.dtype)
+    if self.shared is not None:
+      y_BLD += self.shared(x_BLD).astype(x_BLD.dtype)
+    stats = routing.routing_stats(route, mask_GS)
+    stats['seq_balance_loss'] = sequence_balance_loss(route, x_BLD.shape, mask_BL)
+    stats.update(cv_balance.cv_stats(route, moe.top_k, mask_GS))
+    stats['router_bias'] = self.router_bias[...]
+    if train and moe.bias_balancer_rate > 0:
+      self.router_bias[...] = balanced_bias(self.router_bias[...], stats['expert_load'],
+                                            moe.bias_balancer_rate)
+    return y_BLD, stats
