@@ -122,5 +122,5 @@ def test_the_option_reference_is_current():
 def test_the_option_reference_lists_every_option_once():
   from stmoe_jax.config import options  # pylint: disable=g-import-not-at-top
   text = (ROOT / 'docs' / 'options.md').read_text()
-  for name in options.all_options():
-    assert text.count(f'| `{name}` |') == 1, name
+  for name, option in options.all_options().items():
+    assert text.count(f'| `{name}` | {option.type.__name__} |') == 1, name

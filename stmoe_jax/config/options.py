@@ -406,17 +406,18 @@ def reference_markdown() -> str:
            '(`router:hierarchical`) is read only when that entry is selected.', '']
   lines += ['## Registries', '', '| selected by | entry | its options | what it is |',
             '|---|---|---|---|']
-  for registry in registries():
+  # Sorted: the tables' order must not depend on the order the modules were imported in.
+  for registry in sorted(registries(), key=lambda r: r.selector):
     for name, entry in registry.items():
       own = ', '.join(f'`{o.name}`' for o in entry.options) or '-'
       lines.append(f'| `{registry.selector}` | `{name!r}` | {own} | '
                    f'{entry.doc.replace("|", "/")} |')
   lines.append('')
-  for section in sections():
+  for section in sorted(sections()):
     lines += [f'## `{section or "top level"}`', '',
               '| option | type | default | allowed | owner | what it does |',
               '|---|---|---|---|---|---|']
-    for option in all_options().values():
+    for option in sorted(all_options().values(), key=lambda o: o.name):
       if option.section != section:
         continue
       allowed = option.domain.describe() if option.domain else 'any'
