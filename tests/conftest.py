@@ -35,8 +35,9 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
 # that the files reading the 8-device `sharding_checks` subprocess share a group. The slowest
 # groups are handed out first, so that no long file starts last and runs alone.
 _SHARED_GROUPS = {'test_sharding.py': 'sharding_checks', 'test_expert_parallel.py': 'sharding_checks'}
-_SLOWEST_FIRST = ('test_moe_vs_dense.py', 'test_notebook.py', 'test_multihost.py',
-                  'test_reliability.py', 'test_benchmarks.py', 'test_transformer.py',
+_SLOWEST_FIRST = ('test_moe_vs_dense.py', 'test_multihost.py', 'test_faults.py',
+                  'test_notebook.py', 'test_reliability.py', 'test_benchmarks.py',
+                  'test_every_option_is_used.py', 'test_extending.py', 'test_transformer.py',
                   'test_dispatch.py', 'sharding_checks', 'test_sampling.py', 'test_entry_points.py')
 
 
