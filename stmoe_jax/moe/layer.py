@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import Option
 from stmoe_jax.moe import cv_balance
 from stmoe_jax.moe import dispatch
 from stmoe_jax.moe import expert_parallel
@@ -29,6 +31,14 @@ from stmoe_jax.nn import remat
 from stmoe_jax.moe import routing
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.moe.experts import Experts, Mlp
+
+
+options.declare(
+    Option('moe.router_input_norm', bool, False, 'Gemma 4 router input: RMS-normalised, times '
+           'd_model^-1/2 and a learned per-feature router_scale [D] (init 1).'),
+    Option('moe.expert_output_scale', bool, False, "Gemma 4: a learned per-expert scale [E] "
+           "(init 1) on each expert's output."),
+    owner='moe.layer')
 
 
 class RouterBias(layers.Buffer):
@@ -111,6 +121,11 @@ class MoeLayer(nnx.Module):
     self.noise_router = (layers.param(rngs, nnx.initializers.zeros, (cfg.d_model, num_logits),
                                       ('embed', None))
                          if moe.router_noise == 'noisy_top_k' else None)
+    # Gemma 4 (gemma/gm/nn/gemma4/_moe.py): the router sees rms_norm(x) / sqrt(D) * router_scale.
+    self.router_scale = (layers.param(rngs, nnx.initializers.ones, (cfg.d_model,), ('embed',))
+                         if moe.router_input_norm else None)
+    self.expert_scale = (layers.param(rngs, nnx.initializers.ones, (moe.num_experts,), (None,))
+                         if moe.expert_output_scale else None)
     self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
     self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
                            cfg.init_scale, dtype, dropout=moe.expert_dropout,
@@ -142,6 +157,9 @@ class MoeLayer(nnx.Module):
     moe = self.moe
     jitter_rng, policy_rng = (None, None) if rng is None else jax.random.split(rng)
     router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
+    if self.router_scale is not None:
+      router_in = router_in * jax.lax.rsqrt(jnp.mean(router_in**2, axis=-1, keepdims=True) + 1e-6)
+      router_in *= self.router_scale[...] / jnp.sqrt(jnp.float32(router_in.shape[-1]))
     if train and moe.router_jitter > 0:
       router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
@@ -186,6 +204,10 @@ class MoeLayer(nnx.Module):
     x_GSD = to_groups(x_BLD, moe.group_size)
     mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
     route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
+    if self.expert_scale is not None:
+      # Scaling an expert's output is scaling the combine weight of every choice it takes, which
+      # every dispatch path reads from the route.
+      route = route.replace(gate=route.gate * self.expert_scale[...][route.expert_index])
     strategy = self.strategy
     if expert_parallel.expert_axis(self.mesh_rules) is not None:
       y_GSD = expert_parallel.run_experts(
