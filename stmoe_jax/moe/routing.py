@@ -291,7 +291,11 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
     max_load_ratio: max / mean of expert_load (1 = balanced, E = collapsed onto one expert);
     dropped_fraction: share of assigned choices that found their expert full;
     dropped_fraction_per_slot [K]: the same for the 1st, 2nd, ... choice;
+    tokens_left_behind: share of real tokens with no kept choice (every choice dropped, or
+      never assigned: a token no expert took under expert choice), which pass the layer as
+      their residual only;
     router_entropy: mean entropy (nats) of the router distribution per token;
+    router_confidence: mean over tokens of the router's top-1 probability (max_e probs);
     max_router_logit: largest |router logit| (the ST-MoE z-loss keeps it small, so the float32
       softmax stays accurate; watch it grow when the z-loss is off).
   """
@@ -303,6 +307,7 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
   assigned_K = jnp.sum(assigned_GSK, axis=(0, 1))
   dropped_K = jnp.sum(assigned_GSK - kept_GSK, axis=(0, 1))
   entropy_GS = -jnp.sum(route.probs * jnp.log(jnp.maximum(route.probs, 1e-30)), axis=-1)
+  left_behind_GS = (~jnp.any(route.kept, axis=-1)).astype(jnp.float32)
   return {
       'balance_loss': (load_balancing_loss(route.probs, route.expert_index, mask_GS,
                                            route.assigned)
@@ -312,7 +317,9 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       'max_load_ratio': jnp.max(load_E) * E,
       'dropped_fraction': jnp.sum(dropped_K) / jnp.maximum(jnp.sum(assigned_K), 1.0),
       'dropped_fraction_per_slot': dropped_K / jnp.maximum(assigned_K, 1.0),
+      'tokens_left_behind': _masked_mean(left_behind_GS, mask_GS),
       'router_entropy': _masked_mean(entropy_GS, mask_GS),
+      'router_confidence': _masked_mean(jnp.max(route.probs, axis=-1), mask_GS),
       'max_router_logit': jnp.max(jnp.abs(route.logits) * (
           1.0 if mask_GS is None else mask_GS[..., None].astype(jnp.float32))),
   }
