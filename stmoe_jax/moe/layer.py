@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stmoe_jax.config import options
-from stmoe_jax.config.options import Option
+from stmoe_jax.config.options import OneOf, Option, Range
 from stmoe_jax.moe import cv_balance
 from stmoe_jax.moe import dispatch
 from stmoe_jax.moe import expert_parallel
@@ -33,12 +33,49 @@ from stmoe_jax.config import ModelConfig
 from stmoe_jax.moe.experts import Experts, Mlp
 
 
+BALANCE_SCOPES = ('group', 'sequence', 'global')
+
 options.declare(
     Option('moe.router_input_norm', bool, False, 'Gemma 4 router input: RMS-normalised, times '
            'd_model^-1/2 and a learned per-feature router_scale [D] (init 1).'),
     Option('moe.expert_output_scale', bool, False, "Gemma 4: a learned per-expert scale [E] "
            "(init 1) on each expert's output."),
+    Option('moe.bias_balancer_recenter', bool, False, 'Re-centre the routing bias to zero mean '
+           'after each update (torchtitan #1506): no drift.'),
+    Option('moe.quantile_balance_rate', float, 0.0, 'Quantile balancing: bias moves this far '
+           "towards -(1 - k/E) quantile of each expert's scores.", Range(0, 1, note='0 = off')),
+    Option('moe.balance_scope', str, 'group', "Balance loss frequencies per routing 'group', "
+           "per 'sequence', or over the 'global' batch (Qiu et al. 2025).",
+           OneOf(BALANCE_SCOPES)),
     owner='moe.layer')
+
+
+def _bias_routers(moe) -> bool:
+  """Every MoE layer's router reads the selection bias (`routing.route_tokens_choose`)."""
+  return moe.router == 'tokens_choose' and moe.encoder_router in ('', 'tokens_choose')
+
+
+@options.add_check
+def _check_balancing(config) -> None:
+  """One bias balancer at a time, on a router that reads it; the loss scopes need the Switch
+  loss."""
+  moe = config.moe
+  def refuse(name, expected):
+    raise options.ConfigError(f'config.moe.{name}={moe[name]!r} is invalid: expected {expected}.')
+  if moe.quantile_balance_rate > 0:
+    if moe.bias_balancer_rate > 0:
+      refuse('quantile_balance_rate', '0 while moe.bias_balancer_rate > 0 (both set the one '
+             'routing bias)')
+    if not _bias_routers(moe):
+      refuse('quantile_balance_rate', "0 unless every MoE layer routes with moe.router="
+             "'tokens_choose' (the only router that reads the selection bias)")
+  if moe.bias_balancer_recenter and not (moe.bias_balancer_rate > 0 or
+                                         moe.quantile_balance_rate > 0):
+    refuse('bias_balancer_recenter', 'False unless moe.bias_balancer_rate or '
+           'moe.quantile_balance_rate > 0 (there is no bias to re-centre)')
+  if moe.balance_scope != 'group' and 'hierarchical' in (moe.router, moe.encoder_router):
+    refuse('balance_scope', "'group' with moe.router='hierarchical' (its balance loss is its own "
+           'two-level loss)')
 
 
 class RouterBias(layers.Buffer):
@@ -76,6 +113,37 @@ def from_groups(y_GSD: jax.Array, shape_BLD: tuple[int, int, int]) -> jax.Array:
 def balanced_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
   """DeepSeek-V3 aux-loss-free update: bias_i + rate * sign(mean_load - load_i), float32 [E]."""
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+
+
+def quantile_bias(scores_GSE: jax.Array, top_k: int, mask_GS: jax.Array | None = None
+                  ) -> jax.Array:
+  """Quantile balancing: float32 [E], minus each expert's (1 - k/E) quantile of its scores.
+
+  With it added to the scores, exactly a k/E share of the real tokens rate expert e above 0,
+  for every e: each expert's expected load is its share, set in one step from the scores (no
+  aux loss, no step size to tune as in `balanced_bias`). `scores_GSE` are the scores the top-k
+  ranks (`gating.router_scores`); padding (mask 0) is left out of the quantiles.
+  """
+  G, S, E = scores_GSE.shape
+  scores_XE = jax.lax.stop_gradient(scores_GSE).reshape(G * S, E).astype(jnp.float32)
+  if mask_GS is not None:
+    scores_XE = jnp.where(mask_GS.reshape(G * S, 1).astype(bool), scores_XE, jnp.nan)
+  return -jnp.nanquantile(scores_XE, 1.0 - top_k / E, axis=0)
+
+
+def global_balance_loss(route: routing.Routing, mask_GS: jax.Array | None = None) -> jax.Array:
+  """The Switch loss with f_i and P_i over every routing group at once (Qiu et al. 2025).
+
+  Per-group frequencies push every group (a few sequences) to use every expert, which works
+  against specialisation by domain; the global-batch loss only asks the whole batch to. Under
+  jit with the batch sharded over data-parallel devices the sums over G are over the global
+  batch (XLA inserts the all-reduce), so this is the loss of the gathered batch.
+  """
+  G, S, E = route.probs.shape
+  flat = lambda x: x.reshape(1, G * S, *x.shape[2:])
+  return routing.load_balancing_loss(flat(route.probs), flat(route.expert_index),
+                                     None if mask_GS is None else flat(mask_GS),
+                                     flat(route.assigned))
 
 
 def sequence_balance_loss(route: routing.Routing, shape_BLD: tuple[int, int, int],
@@ -138,6 +206,11 @@ class MoeLayer(nnx.Module):
     # Mesh and rules (set by the Trainer): with an expert axis > 1, step 3-5 run in shard_map.
     self.mesh_rules = cfg.mesh_rules
 
+  @property
+  def uses_bias(self) -> bool:
+    """A balancer sets the routing bias (aux-loss-free or quantile balancing)."""
+    return self.moe.bias_balancer_rate > 0 or self.moe.quantile_balance_rate > 0
+
   def capacity(self, train: bool) -> int:
     """Expert capacity per group at the train or eval capacity factor (S when dropless)."""
     moe = self.moe
@@ -175,7 +248,7 @@ class MoeLayer(nnx.Module):
     logits_GSE = remat.name(logits_GSE, remat.ROUTER_LOGITS)
     route = self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
-        mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
+        mask_GS=mask_GS, bias_E=self.router_bias[...] if self.uses_bias else None,
         train=train, rng=policy_rng)
     if noise_std_GSE is not None and moe.router == 'tokens_choose':
       # Shazeer's smooth load estimator (`cv_balance.smooth_load`) needs all three.
@@ -226,8 +299,20 @@ class MoeLayer(nnx.Module):
     stats = routing.routing_stats(route, mask_GS)
     stats['seq_balance_loss'] = sequence_balance_loss(route, x_BLD.shape, mask_BL)
     stats.update(cv_balance.cv_stats(route, moe.top_k, mask_GS))
+    if moe.balance_scope == 'sequence':
+      stats['balance_loss'] = stats['seq_balance_loss']
+    elif moe.balance_scope == 'global':
+      stats['balance_loss'] = global_balance_loss(route, mask_GS)
     stats['router_bias'] = self.router_bias[...]
-    if train and moe.bias_balancer_rate > 0:
-      self.router_bias[...] = balanced_bias(self.router_bias[...], stats['expert_load'],
-                                            moe.bias_balancer_rate)
+    if train and self.uses_bias:
+      bias_E = self.router_bias[...]
+      if moe.bias_balancer_rate > 0:
+        bias_E = balanced_bias(bias_E, stats['expert_load'], moe.bias_balancer_rate)
+      else:
+        scores_GSE, _ = gating.router_scores(route.logits, moe.score_fn)
+        target_E = quantile_bias(scores_GSE, moe.top_k, mask_GS)
+        bias_E += moe.quantile_balance_rate * (target_E - bias_E)
+      if moe.bias_balancer_recenter:  # Only differences between experts' biases route.
+        bias_E -= jnp.mean(bias_E)
+      self.router_bias[...] = bias_E
     return y_BLD, stats

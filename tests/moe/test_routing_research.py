@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import tiny_model_config
 from stmoe_jax.moe import routing
+from stmoe_jax.nn import layers
 from stmoe_jax.moe.layer import MoeLayer
 
 
@@ -61,3 +62,133 @@ def test_gemma4_router_matches_a_per_token_loop(dispatch):
 
 def to_groups_(x_BLD):
   return x_BLD.reshape(-1, 8, x_BLD.shape[-1])
+
+
+def test_left_behind_and_confidence_hand_worked_top_1():
+  # 1 group of 4 tokens, 2 experts, top-1, capacity 1: tokens 0, 1, 3 pick expert 0, token 2
+  # expert 1; expert 0 keeps token 0 only, so tokens 1 and 3 are left behind.
+  probs = np.asarray([[[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]]])
+  route = routing.tokens_choose_top_k(jnp.log(jnp.asarray(probs)), top_k=1, capacity=1)
+  stats = routing.routing_stats(route)
+  np.testing.assert_allclose(stats['tokens_left_behind'], 2 / 4, rtol=1e-6)
+  np.testing.assert_allclose(stats['router_confidence'], (0.9 + 0.6 + 0.7 + 0.8) / 4, rtol=1e-6)
+  # Padding token 3 takes no capacity and is not counted: token 1 of 3 real ones.
+  masked = routing.routing_stats(
+      routing.tokens_choose_top_k(jnp.log(jnp.asarray(probs)), top_k=1, capacity=1,
+                                  mask_GS=jnp.asarray([[True, True, True, False]])),
+      jnp.asarray([[True, True, True, False]]))
+  np.testing.assert_allclose(masked['tokens_left_behind'], 1 / 3, rtol=1e-6)
+  np.testing.assert_allclose(masked['router_confidence'], (0.9 + 0.6 + 0.7) / 3, rtol=1e-6)
+
+
+def test_left_behind_needs_every_choice_dropped_top_2():
+  # 3 experts, top-2, capacity 1, arrival token-major: token 0 takes experts 0 and 1; token 1
+  # (0, 2) loses expert 0 but keeps 2; token 2 (1, 2) and token 3 (0, 1) find both full.
+  probs = np.asarray([[[0.5, 0.3, 0.2], [0.6, 0.1, 0.3], [0.1, 0.5, 0.4], [0.45, 0.35, 0.2]]])
+  route = routing.tokens_choose_top_k(jnp.log(jnp.asarray(probs)), top_k=2, capacity=1)
+  stats = routing.routing_stats(route)
+  np.testing.assert_allclose(stats['dropped_fraction'], 5 / 8, rtol=1e-6)
+  np.testing.assert_allclose(stats['tokens_left_behind'], 2 / 4, rtol=1e-6)
+  np.testing.assert_allclose(stats['router_confidence'], (0.5 + 0.6 + 0.5 + 0.45) / 4,
+                             rtol=1e-6)
+  # Expert choice with capacity 1: experts 0, 1, 2 take tokens 1, 2, 2; tokens 0, 3 untaken.
+  ec = routing.routing_stats(routing.expert_choice(jnp.log(jnp.asarray(probs)), capacity=1))
+  np.testing.assert_allclose(ec['tokens_left_behind'], 2 / 4, rtol=1e-6)
+
+
+def numpy_softmax(logits):
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return p / p.sum(-1, keepdims=True)
+
+
+def skewed_layer(**moe):
+  """A top-1 layer of 4 experts whose router prefers expert 0 for most tokens."""
+  cfg = tiny_model_config(d_model=8, head_dim=4, moe={'group_size': 8, 'top_k': 1, **moe})
+  layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 8)) + 1.0
+  layer.router[...] = layer.router[...].at[:, 0].add(0.5)  # x ~ 1 + N(0, 1): expert 0 wins.
+  return layer, x
+
+
+@pytest.mark.parametrize('recenter', [False, True])
+def test_bias_balancer_recentres_to_zero_mean(recenter):
+  layer, x = skewed_layer(bias_balancer_rate=0.1, bias_balancer_recenter=recenter)
+  _, stats = layer(x, train=True, rng=jax.random.PRNGKey(0))
+  load = np.asarray(stats['expert_load'], np.float64)
+  expected = 0.1 * np.sign(load.mean() - load)
+  assert abs(expected.mean()) > 0.01  # Sign steps do not sum to zero: the bias drifts...
+  if recenter:
+    expected -= expected.mean()  # ...unless re-centred.
+  np.testing.assert_allclose(layer.router_bias[...], expected, atol=1e-6)
+
+
+def test_quantile_bias_gives_every_expert_its_share():
+  layer, x = skewed_layer(quantile_balance_rate=1.0)
+  scores = numpy_softmax(np.asarray(x, np.float64).reshape(-1, 8) @
+                         np.asarray(layer.router[...], np.float64))  # [32 tokens, 4 experts]
+  _, before = layer(x, train=True, rng=jax.random.PRNGKey(0))
+  bias = -np.quantile(scores, 1 - 1 / 4, axis=0)  # numpy's default (linear) interpolation.
+  np.testing.assert_allclose(layer.router_bias[...], bias, rtol=1e-5, atol=1e-6)
+  # Exactly a k/E share of the tokens rate each expert above 0 with the bias: 8 of 32 each.
+  np.testing.assert_array_equal(np.sum(scores + bias > 0, axis=0), [8, 8, 8, 8])
+  # The top-1 loads routing with it are numpy's argmax of the biased scores: no longer all on
+  # expert 0 (top-1 is not thresholding at 0, so not exactly even either).
+  _, after = layer(x, train=False)
+  load = np.bincount(np.argmax(scores + bias, axis=-1), minlength=4) / 32
+  np.testing.assert_allclose(after['expert_load'], load, rtol=1e-6)
+  assert float(before['max_load_ratio']) == 4.0 and float(after['max_load_ratio']) <= 2.0
+  # Padding is left out of the quantiles; rate 0.5 moves halfway from the bias it had.
+  mask = np.arange(32).reshape(4, 8) % 3 != 0
+  from stmoe_jax.moe.layer import quantile_bias  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(
+      quantile_bias(jnp.asarray(scores, jnp.float32).reshape(4, 8, 4), 1, jnp.asarray(mask)),
+      -np.quantile(scores[mask.reshape(-1)], 0.75, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_global_balance_loss_is_the_gathered_batch_loss_with_its_gradient():
+  layer, x = skewed_layer(balance_scope='global', group_size=8)  # 4 groups of 8 tokens.
+  # Groups 0, 2 (first halves of the sequences) mostly pick expert 0, groups 1, 3 others.
+  x = x * jnp.repeat(jnp.asarray([1.0, -1.0]), 8)[None, :, None]
+  graphdef, params, buffers = nnx.split(layer, *layers.STATE_FILTERS)
+  params = nnx.to_pure_dict(params)
+  w = params['router']
+
+  def loss(w):
+    return nnx.merge(graphdef, {**params, 'router': w}, buffers)(x, train=False)[1][
+        'balance_loss']
+
+  value, grad = jax.value_and_grad(loss)(w)
+
+  def gathered(w):  # Independent: the Switch loss of all 32 tokens as one group, f constant.
+    probs = jax.nn.softmax(x.reshape(-1, 8) @ w, axis=-1)
+    f = jnp.bincount(jnp.argmax(jax.lax.stop_gradient(probs), -1), length=4) / 32
+    return 4 * jnp.sum(f * jnp.mean(probs, axis=0))
+
+  ref_value, ref_grad = jax.value_and_grad(gathered)(w)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+  # Per-group frequencies are another loss on this batch; 'sequence' is the per-sequence one.
+  group, _ = skewed_layer(group_size=8)
+  assert abs(float(group(x, train=False)[1]['balance_loss']) - float(value)) > 1e-3
+  seq, _ = skewed_layer(balance_scope='sequence')
+  stats = seq(x, train=False)[1]
+  np.testing.assert_allclose(stats['balance_loss'], stats['seq_balance_loss'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('settings,named', [
+    ({'quantile_balance_rate': 0.5, 'bias_balancer_rate': 1e-3}, 'quantile_balance_rate'),
+    ({'quantile_balance_rate': 0.5, 'router': 'hierarchical', 'hierarchy': (2, 2)},
+     'quantile_balance_rate'),
+    ({'bias_balancer_recenter': True}, 'bias_balancer_recenter'),
+    ({'balance_scope': 'global', 'router': 'hierarchical', 'hierarchy': (2, 2)},
+     'balance_scope'),
+    ({'quantile_balance_rate': 1.5}, 'quantile_balance_rate'),
+])
+def test_balancing_settings_that_would_be_ignored_are_refused(settings, named):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.config import ConfigError, validate  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.moe.num_experts = 4
+  config.moe.update(settings)
+  with pytest.raises(ConfigError, match=f'config.moe.{named}='):
+    validate(config)
