@@ -222,10 +222,12 @@ class MoeLayer(nnx.Module):
                                    min_capacity=moe.min_capacity)
 
   def route(self, x_GSD: jax.Array, *, train: bool, rng: jax.Array | None,
-            mask_GS: jax.Array | None, capacity: int | None = None) -> routing.Routing:
+            mask_GS: jax.Array | None, capacity: int | None = None,
+            token_ids_GS: jax.Array | None = None) -> routing.Routing:
     """Router logits in float32 and the configured router: -> `routing.Routing`.
 
     `capacity` defaults to `self.capacity(train)` (the plots pass S: choices before drops).
+    `token_ids_GS` go to routers that read them (`Router.token_ids`: hash routing).
     """
     moe = self.moe
     jitter_rng, policy_rng = (None, None) if rng is None else jax.random.split(rng)
@@ -249,14 +251,16 @@ class MoeLayer(nnx.Module):
     route = self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
         mask_GS=mask_GS, bias_E=self.router_bias[...] if self.uses_bias else None,
-        train=train, rng=policy_rng)
+        train=train, rng=policy_rng,
+        **({'token_ids_GS': token_ids_GS} if self.router_kind.token_ids else {}))
     if noise_std_GSE is not None and moe.router == 'tokens_choose':
       # Shazeer's smooth load estimator (`cv_balance.smooth_load`) needs all three.
       route = route.replace(clean_logits=clean_GSE, noise_std=noise_std_GSE)
     return route
 
   def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
-               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               mask_BL: jax.Array | None = None, token_ids_BL: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns the MoE output [B, L, D] and this layer's `layer_stats.MOE` stats.
 
     Args:
@@ -266,6 +270,7 @@ class MoeLayer(nnx.Module):
       rng: PRNG key; needed in training when jitter, the sampled policy or dropout is on.
       mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
         no routed output and is left out of the stats.
+      token_ids_BL: optional int32 token ids [B, L], for routers that read them (hash).
     Returns:
       (y_BLD, stats): `routing.routing_stats` plus `seq_balance_loss`, `cv_balance.cv_stats`'s
       `importance_loss` and `load_loss`, and `router_bias` [E].
@@ -276,7 +281,9 @@ class MoeLayer(nnx.Module):
       dropout_rng = None
     x_GSD = to_groups(x_BLD, moe.group_size)
     mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
-    route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
+    ids_GS = (None if token_ids_BL is None
+              else to_groups(token_ids_BL[..., None], moe.group_size)[..., 0])
+    route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS, token_ids_GS=ids_GS)
     if self.expert_scale is not None:
       # Scaling an expert's output is scaling the combine weight of every choice it takes, which
       # every dispatch path reads from the route.

@@ -383,6 +383,41 @@ def route_expert_choice(logits_GSE: jax.Array, moe: Any, *, capacity: int,
   return expert_choice(logits_GSE, capacity=capacity, mask_GS=mask_GS)
 
 
+def hash_expert(token_ids: jax.Array, num_experts: int) -> jax.Array:
+  """int32: a fixed pseudo-random expert for each token id (murmur3's 32-bit finaliser of the
+  id, modulo E), the same at every position, in every layer and every run."""
+  h = token_ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+  h ^= h >> 16
+  h *= jnp.uint32(0x85EBCA6B)
+  h ^= h >> 13
+  h *= jnp.uint32(0xC2B2AE35)
+  h ^= h >> 16
+  return (h % jnp.uint32(num_experts)).astype(jnp.int32)
+
+
+def route_hash(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+               mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+               train: bool = False, rng: jax.Array | None = None,
+               token_ids_GS: jax.Array | None = None) -> Routing:
+  """Hash layers (Roller et al. 2021): token id -> `hash_expert`, combine weight 1.
+
+  Nothing is learned: the router's logits are not used (its weights get no gradient), and the
+  balance and z-losses are 0. Balance is the hash's, over the token ids of the data. Capacity is
+  first come first served as for tokens-choose.
+  """
+  del bias_E, train, rng
+  if token_ids_GS is None:
+    raise ValueError("moe.router='hash' routes by token id: call the MoE layer with "
+                     'token_ids_BL (the decoder-only Transformer passes them)')
+  G, S, E = logits_GSE.shape
+  index_GSK = hash_expert(token_ids_GS, E)[..., None]
+  valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+  zero = jnp.zeros((), jnp.float32)
+  return _place(index_GSK, jnp.ones((G, S, 1), jnp.float32), valid_GS[..., None],
+                jax.nn.one_hot(index_GSK[..., 0], E), jnp.zeros((G, S, E), jnp.float32),
+                capacity, balance_loss=zero, z_loss=zero)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Router(options.Entry):
   """One entry of `ROUTERS` (with `Entry`'s name, options, validate and doc).
@@ -396,12 +431,15 @@ class Router(options.Entry):
     fixed_load: every expert takes exactly `capacity` choices, so it has no dropless form.
     num_choices: moe -> K, the choices per token of its `Routing`.
     num_logits: moe -> the router's output width (E; hierarchical: E inner + O outer).
+    token_ids: `route` also takes `token_ids_GS`, the int32 token ids [G, S] of the routed
+      tokens (hash routing); the MoE layer is then called with `token_ids_BL`.
   """
   route: Callable[..., Routing]
   causal: bool
   fixed_load: bool
   num_choices: Callable[[Any], int]
   num_logits: Callable[[Any], int] = lambda moe: moe.num_experts
+  token_ids: bool = False
 
 
 def _selected_routers(config) -> set[str]:
@@ -448,6 +486,23 @@ ROUTERS.register(Router(
                     'experts in each.', Range(1))),
     validate=_validate_hierarchical,
     doc='An outer router over groups of experts, an inner one within each chosen group.'))
+
+
+def _validate_hash(config) -> None:
+  moe = config.moe
+  if moe.encoder_router == 'hash' or config.model.get('architecture', '') == 'encoder_decoder':
+    raise options.ConfigError(
+        f"config.moe.router={moe.router!r} is invalid: the encoder-decoder does not pass token "
+        "ids to its MoE layers; hash routing is for the decoder-only model.")
+  if moe.top_k != 1:
+    raise options.ConfigError(f"config.moe.top_k={moe.top_k!r} is invalid: expected 1 with "
+                              "moe.router='hash' (one hashed expert per token).")
+
+
+ROUTERS.register(Router(
+    name='hash', route=route_hash, causal=True, fixed_load=False, token_ids=True,
+    num_choices=lambda moe: 1, validate=_validate_hash,
+    doc='Hash layers (Roller et al. 2021): a fixed hash of the token id picks one expert.'))
 
 
 def noncausal_setting(moe: Any) -> str | None:

@@ -192,3 +192,67 @@ def test_balancing_settings_that_would_be_ignored_are_refused(settings, named):
   config.moe.update(settings)
   with pytest.raises(ConfigError, match=f'config.moe.{named}='):
     validate(config)
+
+
+def numpy_hash_expert(ids, num_experts):
+  """murmur3's 32-bit finaliser in numpy uint32 arithmetic (wrapping), modulo E."""
+  h = np.asarray(ids, np.uint64) * 0x9E3779B1 % 2**32
+  h ^= h >> 16
+  h = h * 0x85EBCA6B % 2**32
+  h ^= h >> 13
+  h = h * 0xC2B2AE35 % 2**32
+  h ^= h >> 16
+  return (h % num_experts).astype(np.int64)
+
+
+@pytest.mark.parametrize('dispatch', ['einsum', 'scatter', 'dropless'])
+def test_hash_router_sends_each_token_id_to_its_hashed_expert(dispatch):
+  cfg = tiny_model_config(d_model=8, head_dim=4, activation='gelu', moe={
+      'group_size': 8, 'top_k': 1, 'router': 'hash', 'dispatch': dispatch,
+      'eval_capacity_factor': 1.0})
+  layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.PRNGKey(5), (2, 8), 0, 259)
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 8, 8))
+  y, stats = layer(x, train=False, token_ids_BL=ids)
+  w_up = np.asarray(layer.experts.w_up[...], np.float64)
+  w_down = np.asarray(layer.experts.w_down[...], np.float64)
+  experts = numpy_hash_expert(np.asarray(ids).reshape(-1), 4)
+  # Capacity ceil(8 / 4) = 2 per group of 8 (dropless: all 8): a later token finding its
+  # expert full is dropped, exactly as first come first served.
+  capacity = 8 if dispatch == 'dropless' else 2
+  expected = np.zeros((16, 8))
+  dropped = 0
+  for g in range(2):
+    taken = np.zeros(4, int)
+    for s in range(8):
+      t, e = 8 * g + s, experts[8 * g + s]
+      if taken[e] < capacity:
+        expected[t] = numpy_gelu(np.asarray(x, np.float64).reshape(16, 8)[t] @ w_up[e]) @ w_down[e]
+      else:
+        dropped += 1
+      taken[e] += 1
+  np.testing.assert_allclose(y.reshape(16, 8), expected, rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(stats['dropped_fraction'], dropped / 16, rtol=1e-6)
+  np.testing.assert_allclose(stats['expert_load'], np.bincount(experts, minlength=4) / 16,
+                             rtol=1e-6)
+  assert float(stats['balance_loss']) == 0.0 and float(stats['z_loss']) == 0.0
+  if dispatch == 'einsum':
+    assert dropped > 0  # The capacity case is exercised.
+    with pytest.raises(ValueError, match='token_ids_BL'):
+      layer(x, train=False)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_transformer_passes_token_ids_to_hash_layers_in_forward_and_decode(scan):
+  from stmoe_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config(scan_layers=scan, num_layers=2,
+                          moe={'router': 'hash', 'top_k': 1, 'group_size': 8, 'every': 1,
+                               'dispatch': 'dropless'})
+  model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(7), (1, 8), 0, 259)
+  logits, stats = model(tokens, train=False)
+  load = np.bincount(numpy_hash_expert(np.asarray(tokens).reshape(-1), 4), minlength=4) / 8
+  np.testing.assert_allclose(stats['expert_load'], np.stack([load, load]), rtol=1e-6)
+  # Decoding the prompt routes by the same ids: the same logits.
+  decoded, _ = model.decode(tokens, transformer.init_caches(cfg, 1, 8))
+  np.testing.assert_allclose(decoded, logits, rtol=2e-4, atol=2e-5)
