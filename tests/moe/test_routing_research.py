@@ -183,8 +183,9 @@ def test_global_balance_loss_is_the_gathered_batch_loss_with_its_gradient():
     ({'balance_scope': 'global', 'router': 'hierarchical', 'hierarchy': (2, 2)},
      'balance_scope'),
     ({'quantile_balance_rate': 1.5}, 'quantile_balance_rate'),
+    ({'router': 'hash', 'top_k': 2}, 'top_k'),
 ])
-def test_balancing_settings_that_would_be_ignored_are_refused(settings, named):
+def test_settings_that_would_be_ignored_are_refused(settings, named):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from stmoe_jax.config import ConfigError, validate  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
@@ -192,6 +193,13 @@ def test_balancing_settings_that_would_be_ignored_are_refused(settings, named):
   config.moe.update(settings)
   with pytest.raises(ConfigError, match=f'config.moe.{named}='):
     validate(config)
+  if settings.get('router') == 'hash':  # The encoder-decoder passes no token ids.
+    config.moe.top_k = 1
+    validate(config)
+    config.model.update(architecture='encoder_decoder', num_encoder_layers=1)
+    config.data.objective = 'span_corruption'
+    with pytest.raises(ConfigError, match="config.moe.router='hash'"):
+      validate(config)
 
 
 def numpy_hash_expert(ids, num_experts):
@@ -242,10 +250,10 @@ def test_hash_router_sends_each_token_id_to_its_hashed_expert(dispatch):
       layer(x, train=False)
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_transformer_passes_token_ids_to_hash_layers_in_forward_and_decode(scan):
+def test_transformer_passes_token_ids_to_hash_layers_in_forward_and_decode():
+  # Scanned layers: the token ids go through layer_scan's forward and decode as well as Block.
   from stmoe_jax.models import transformer  # pylint: disable=g-import-not-at-top
-  cfg = tiny_model_config(scan_layers=scan, num_layers=2,
+  cfg = tiny_model_config(scan_layers=True, num_layers=2,
                           moe={'router': 'hash', 'top_k': 1, 'group_size': 8, 'every': 1,
                                'dispatch': 'dropless'})
   model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
