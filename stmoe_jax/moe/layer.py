@@ -73,14 +73,29 @@ def _check_balancing(config) -> None:
                                          moe.quantile_balance_rate > 0):
     refuse('bias_balancer_recenter', 'False unless moe.bias_balancer_rate or '
            'moe.quantile_balance_rate > 0 (there is no bias to re-centre)')
-  if moe.balance_scope != 'group' and 'hierarchical' in (moe.router, moe.encoder_router):
-    refuse('balance_scope', "'group' with moe.router='hierarchical' (its balance loss is its own "
-           'two-level loss)')
+  own_loss = {'hierarchical', 'relu'} & {moe.router, moe.encoder_router}
+  if moe.balance_scope != 'group' and own_loss:
+    refuse('balance_scope', f"'group' with moe.router={own_loss.pop()!r} (its balance loss is its "
+           'own: two-level, or ReMoE\'s L1)')
 
 
 class RouterBias(layers.Buffer):
   """Per-expert routing bias of aux-loss-free balancing: not a Param, so no optimizer touches
   it; `MoeLayer` updates it in the train forward pass and the train step carries it along."""
+
+
+class ReluL1Coef(layers.Buffer):
+  """The adaptive L1 coefficient of ReLU routing (ReMoE), updated in the train forward pass."""
+
+
+def relu_l1_coef(coef: jax.Array, assigned_GSE: jax.Array, mask_GS: jax.Array | None,
+                 top_k: int, step: float) -> jax.Array:
+  """ReMoE eq. 6: coef * step^sign(target - sparsity), target sparsity 1 - k/E, sparsity the
+  share of zero gates over real tokens: more zeros than the target lowers the penalty."""
+  G, S, E = assigned_GSE.shape
+  m_GS = jnp.ones((G, S), jnp.float32) if mask_GS is None else mask_GS.astype(jnp.float32)
+  active = jnp.sum(assigned_GSE * m_GS[..., None]) / jnp.maximum(jnp.sum(m_GS) * E, 1.0)
+  return coef * step ** jnp.sign((1.0 - top_k / E) - (1.0 - active))
 
 
 def to_groups(x_BLD: jax.Array, group_size: int) -> jax.Array:
@@ -195,6 +210,8 @@ class MoeLayer(nnx.Module):
     self.expert_scale = (layers.param(rngs, nnx.initializers.ones, (moe.num_experts,), (None,))
                          if moe.expert_output_scale else None)
     self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
+    self.relu_l1_coef = (ReluL1Coef(jnp.asarray(moe.relu_l1_init, jnp.float32))
+                         if moe.router == 'relu' else None)
     self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
                            cfg.init_scale, dtype, dropout=moe.expert_dropout,
                            grouped_matmul=moe.grouped_matmul, rngs=rngs)
@@ -311,6 +328,11 @@ class MoeLayer(nnx.Module):
     elif moe.balance_scope == 'global':
       stats['balance_loss'] = global_balance_loss(route, mask_GS)
     stats['router_bias'] = self.router_bias[...]
+    if self.relu_l1_coef is not None:
+      stats['balance_loss'] = self.relu_l1_coef[...] * stats['balance_loss']
+      if train:
+        self.relu_l1_coef[...] = relu_l1_coef(self.relu_l1_coef[...], route.assigned, mask_GS,
+                                              moe.top_k, moe.relu_l1_step)
     if train and self.uses_bias:
       bias_E = self.router_bias[...]
       if moe.bias_balancer_rate > 0:

@@ -418,6 +418,34 @@ def route_hash(logits_GSE: jax.Array, moe: Any, *, capacity: int,
                 capacity, balance_loss=zero, z_loss=zero)
 
 
+def route_relu(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+               mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+               train: bool = False, rng: jax.Array | None = None) -> Routing:
+  """ReLU routing (ReMoE, Wang et al. 2025): gate_e = relu(logit_e), every expert with a
+  positive gate is used; K = E choices per token (choice e is expert e), so the number of
+  active experts varies by token and is steered by an L1 penalty, not a top-k.
+
+  `balance_loss` is ReMoE's load-balanced L1 regulariser without its coefficient: the mean over
+  real tokens of sum_e f_e * relu(logit_e), f_e = E / (k T) * (tokens with a positive gate for
+  e), constant (eq. 7-8); `MoeLayer` multiplies it by the adaptive coefficient. `probs` (for the
+  entropy, confidence and the plots) is the softmax of the logits. Dropless only: there is no
+  capacity that a variable number of choices could be sized by.
+  """
+  del bias_E, train, rng
+  logits_GSE = logits_GSE.astype(jnp.float32)
+  G, S, E = logits_GSE.shape
+  gate_GSE = jax.nn.relu(logits_GSE)
+  valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+  assigned_GSE = (gate_GSE > 0) & valid_GS[..., None]
+  m_GS = valid_GS.astype(jnp.float32)
+  num_real = jnp.maximum(jnp.sum(m_GS), 1.0)
+  f_E = jax.lax.stop_gradient(E / (moe.top_k * num_real) * jnp.sum(assigned_GSE, axis=(0, 1)))
+  l1 = jnp.sum(jnp.einsum('gse,e->gs', gate_GSE, f_E) * m_GS) / num_real
+  index_GSE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
+  return _place(index_GSE, gate_GSE, assigned_GSE, jax.nn.softmax(logits_GSE, axis=-1),
+                logits_GSE, capacity, balance_loss=l1)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Router(options.Entry):
   """One entry of `ROUTERS` (with `Entry`'s name, options, validate and doc).
@@ -503,6 +531,29 @@ ROUTERS.register(Router(
     name='hash', route=route_hash, causal=True, fixed_load=False, token_ids=True,
     num_choices=lambda moe: 1, validate=_validate_hash,
     doc='Hash layers (Roller et al. 2021): a fixed hash of the token id picks one expert.'))
+
+
+def _validate_relu(config) -> None:
+  moe = config.moe
+  if moe.dispatch != 'dropless':
+    raise options.ConfigError(
+        f"config.moe.dispatch={moe.dispatch!r} is invalid: expected 'dropless' with "
+        "moe.router='relu' (a token uses a varying number of experts: no capacity fits).")
+  if moe.encoder_router not in ('', 'relu') or moe.top_k >= moe.num_experts:
+    raise options.ConfigError(
+        f'config.moe.top_k={moe.top_k!r} is invalid: expected fewer than moe.num_experts='
+        f"{moe.num_experts} active experts per token as the target of moe.router='relu', and "
+        "every MoE layer routing with it (moe.encoder_router '' or 'relu').")
+
+
+ROUTERS.register(Router(
+    name='relu', route=route_relu, causal=True, fixed_load=False,
+    num_choices=lambda moe: moe.num_experts, validate=_validate_relu,
+    options=(Option('moe.relu_l1_init', float, 1e-8, "ReMoE: the L1 coefficient's start "
+                    '(times aux_loss_coef), adapted every step...', Range(0, low_open=True)),
+             Option('moe.relu_l1_step', float, 1.2, '...by this factor towards the sparsity '
+                    '1 - top_k / num_experts (ReMoE alpha).', Range(1, low_open=True))),
+    doc='ReLU gates (ReMoE), as many experts as have a positive gate; dropless only.'))
 
 
 def noncausal_setting(moe: Any) -> str | None:

@@ -184,6 +184,8 @@ def test_global_balance_loss_is_the_gathered_batch_loss_with_its_gradient():
      'balance_scope'),
     ({'quantile_balance_rate': 1.5}, 'quantile_balance_rate'),
     ({'router': 'hash', 'top_k': 2}, 'top_k'),
+    ({'router': 'relu', 'dispatch': 'scatter'}, 'dispatch'),
+    ({'router': 'relu', 'dispatch': 'dropless', 'balance_scope': 'global'}, 'balance_scope'),
 ])
 def test_settings_that_would_be_ignored_are_refused(settings, named):
   from configs import tiny  # pylint: disable=g-import-not-at-top
@@ -264,3 +266,28 @@ def test_transformer_passes_token_ids_to_hash_layers_in_forward_and_decode():
   # Decoding the prompt routes by the same ids: the same logits.
   decoded, _ = model.decode(tokens, transformer.init_caches(cfg, 1, 8))
   np.testing.assert_allclose(decoded, logits, rtol=2e-4, atol=2e-5)
+
+
+def test_relu_router_uses_every_expert_with_a_positive_gate_and_adapts_its_l1():
+  cfg = tiny_model_config(d_model=8, head_dim=4, activation='gelu', moe={
+      'group_size': 8, 'top_k': 1, 'router': 'relu', 'dispatch': 'dropless',
+      'relu_l1_init': 0.5, 'relu_l1_step': 1.2})
+  layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(8), (2, 8, 8))
+  y, stats = layer(x, train=True, rng=jax.random.PRNGKey(0))
+  f64 = lambda a: np.asarray(a, np.float64)
+  xs = f64(x).reshape(16, 8)
+  gates = np.maximum(xs @ f64(layer.router[...]), 0.0)  # [16 tokens, 4 experts]
+  w_up, w_down = f64(layer.experts.w_up[...]), f64(layer.experts.w_down[...])
+  expected = np.stack([sum(gates[t, e] * (numpy_gelu(xs[t] @ w_up[e]) @ w_down[e])
+                           for e in range(4)) for t in range(16)])
+  np.testing.assert_allclose(y.reshape(16, 8), expected, rtol=2e-4, atol=1e-5)
+  active = gates > 0
+  assert 1 < active.sum(-1).mean() < 4  # A varying number of experts per token.
+  np.testing.assert_allclose(stats['expert_load'], active.sum(0) / active.sum(), rtol=1e-6)
+  # ReMoE's load-balanced L1 (eq. 7-8), times the coefficient before this step's update...
+  f = 4 / (1 * 16) * active.sum(0)
+  np.testing.assert_allclose(stats['balance_loss'], 0.5 * np.mean(gates @ f), rtol=1e-5)
+  # ...which rises by the step while more than top_k / E = 1/4 of the gates are positive.
+  assert active.mean() > 0.25
+  np.testing.assert_allclose(layer.relu_l1_coef[...], 0.5 * 1.2, rtol=1e-6)
