@@ -14,6 +14,9 @@ expert's buffer it takes; any dispatch strategy (`stmoe_jax.moe.dispatch`) consu
     choices per token so that the same dispatch code applies.
   - `route_hierarchical`: an outer router over groups of experts, an inner one within each
     chosen group (lucidrains mixture-of-experts `HeirarchicalMoE`).
+  - `route_hash`: a fixed hash of the token id picks one expert (Hash layers, Roller et al.
+    2021); the MoE layer passes it the token ids (`Router.token_ids`).
+  - `route_relu`: ReLU gates, every expert with a positive gate (ReMoE), K = E, dropless.
 
 `tokens_choose_top_k` also takes the gating options of `stmoe_jax.moe.gating`: sigmoid scores,
 group-limited top-k and a routed scaling factor (DeepSeek-V3), and per-rank later-choice policies.
