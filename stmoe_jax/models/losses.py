@@ -128,7 +128,8 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
   (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E],
   `tokens_left_behind` [M] (share of tokens every choice of which was dropped) and
-  `router_confidence` [M] (mean top-1 router probability).
+  `router_confidence` [M] (mean top-1 router probability), `null_choice_fraction` [M] (share
+  of choices sent to null experts: the expert FLOPs saved).
   """
   if not moe_stats['expert_load'].shape[0]:
     return {}
@@ -145,4 +146,5 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
       'router_bias': moe_stats['router_bias'],
       'tokens_left_behind': moe_stats['tokens_left_behind'],
       'router_confidence': moe_stats['router_confidence'],
+      'null_choice_fraction': moe_stats['null_choice_fraction'],
   }

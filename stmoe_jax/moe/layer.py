@@ -73,6 +73,10 @@ def _check_balancing(config) -> None:
                                          moe.quantile_balance_rate > 0):
     refuse('bias_balancer_recenter', 'False unless moe.bias_balancer_rate or '
            'moe.quantile_balance_rate > 0 (there is no bias to re-centre)')
+  if moe.num_null_experts and (moe.bias_balancer_rate > 0 or moe.quantile_balance_rate > 0 or
+                               moe.n_groups > 1 or moe.load_loss_coef > 0):
+    refuse('num_null_experts', '0 with a routing bias, group-limited top-k or Shazeer\'s load '
+           'loss (they are sized by the real experts)')
   own_loss = {'hierarchical', 'relu'} & {moe.router, moe.encoder_router}
   if moe.balance_scope != 'group' and own_loss:
     refuse('balance_scope', f"'group' with moe.router={own_loss.pop()!r} (its balance loss is its "

@@ -65,6 +65,8 @@ class Routing:
     clean_logits, noise_std: optional float32 [G, S, E], the logits before Shazeer's noise and
       its scale softplus(x W_noise), for `cv_balance.smooth_load` (`logits` are the noisy
       ones); set by `MoeLayer.route` for tokens-choose routing with noisy_top_k in training.
+    null_fraction: optional float32 scalar, the share of the real tokens' choices that went to
+      null (zero-computation) experts; None: no null experts (0).
   """
   expert_index: jax.Array
   gate: jax.Array
@@ -78,6 +80,7 @@ class Routing:
   assigned_gate: jax.Array | None = None
   clean_logits: jax.Array | None = None
   noise_std: jax.Array | None = None
+  null_fraction: jax.Array | None = None
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -299,6 +302,8 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       their residual only;
     router_entropy: mean entropy (nats) of the router distribution per token;
     router_confidence: mean over tokens of the router's top-1 probability (max_e probs);
+    null_choice_fraction: share of choices sent to null experts (`Routing.null_fraction`), so
+      the expert FLOPs spent are (1 - it) times the nominal top_k experts' (0 without them);
     max_router_logit: largest |router logit| (the ST-MoE z-loss keeps it small, so the float32
       softmax stays accurate; watch it grow when the z-loss is off).
   """
@@ -323,6 +328,8 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       'tokens_left_behind': _masked_mean(left_behind_GS, mask_GS),
       'router_entropy': _masked_mean(entropy_GS, mask_GS),
       'router_confidence': _masked_mean(jnp.max(route.probs, axis=-1), mask_GS),
+      'null_choice_fraction': (jnp.zeros((), jnp.float32) if route.null_fraction is None
+                               else route.null_fraction),
       'max_router_logit': jnp.max(jnp.abs(route.logits) * (
           1.0 if mask_GS is None else mask_GS[..., None].astype(jnp.float32))),
   }
@@ -331,9 +338,17 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
 def route_tokens_choose(logits_GSE: jax.Array, moe: Any, *, capacity: int,
                         mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
                         train: bool = False, rng: jax.Array | None = None) -> Routing:
-  """`tokens_choose_top_k` with the settings of `moe` (a `config.MoeConfig`)."""
+  """`tokens_choose_top_k` with the settings of `moe` (a `config.MoeConfig`).
+
+  With `moe.num_null_experts` = N > 0 the logits are [G, S, E + N]: the top-k is over all, and
+  a choice of one of the N null experts (MoE++, Jin et al. 2024: zero-computation experts whose
+  output is 0) is not dispatched, takes no capacity and adds nothing, its gate mass included in
+  the renormalisation (so a token may spend less than k experts of compute). The returned
+  record is over the E real experts (probs renormalised over them, for the stats and the
+  balance loss; the z-loss sees all E + N logits).
+  """
   thresholds = moe.threshold_train if train else moe.threshold_eval
-  return tokens_choose_top_k(
+  route = tokens_choose_top_k(
       logits_GSE, top_k=moe.top_k, capacity=capacity, renormalize=moe.renormalize_gates,
       mask_GS=mask_GS, bias_E=bias_E, second_expert_threshold=moe.second_expert_threshold,
       batch_prioritized=moe.batch_prioritized_routing, train=train, rng=rng,
@@ -341,6 +356,19 @@ def route_tokens_choose(logits_GSE: jax.Array, moe: Any, *, capacity: int,
       n_groups=moe.n_groups, topk_groups=moe.topk_groups,
       later_policy=moe.second_policy_train if train else moe.second_policy_eval,
       thresholds=tuple(thresholds) or None)
+  if not moe.num_null_experts:
+    return route
+  E = moe.num_experts
+  real_GSK = route.expert_index < E
+  null_GSK = route.assigned & ~real_GSK
+  null_fraction = jnp.sum(null_GSK) / jnp.maximum(jnp.sum(route.assigned), 1)
+  probs_GSE = route.probs[..., :E]
+  probs_GSE = probs_GSE / jnp.maximum(jnp.sum(probs_GSE, axis=-1, keepdims=True), 1e-30)
+  priority_GS = jnp.max(route.probs, axis=-1) if moe.batch_prioritized_routing else None
+  placed = _place(jnp.where(real_GSK, route.expert_index, 0), route.assigned_gate,
+                  route.assigned & real_GSK, probs_GSE, route.logits, capacity, priority_GS,
+                  null_fraction=null_fraction.astype(jnp.float32))
+  return placed.replace(z_loss=router_z_loss(route.logits, mask_GS))
 
 
 def route_hierarchical(logits_GSE: jax.Array, moe: Any, *, capacity: int,
@@ -501,7 +529,11 @@ def _validate_hierarchical(config) -> None:
 
 ROUTERS.register(Router(
     name='tokens_choose', route=route_tokens_choose, causal=True, fixed_load=False,
-    num_choices=lambda moe: moe.top_k, options=gating.TOP_K_OPTIONS,
+    num_choices=lambda moe: moe.top_k,
+    num_logits=lambda moe: moe.num_experts + moe.num_null_experts,
+    options=gating.TOP_K_OPTIONS + (
+        Option('moe.num_null_experts', int, 0, 'Zero-computation experts (MoE++): choosing one '
+               'skips a choice; top_k over E + these.', Range(0, note='0 = none')),),
     doc='Each token picks its top_k experts (Switch k=1, GShard/ST-MoE k=2, DeepSeek-V3).'))
 ROUTERS.register(Router(
     name='expert_choice', route=route_expert_choice, causal=False, fixed_load=True,

@@ -186,6 +186,7 @@ def test_global_balance_loss_is_the_gathered_batch_loss_with_its_gradient():
     ({'router': 'hash', 'top_k': 2}, 'top_k'),
     ({'router': 'relu', 'dispatch': 'scatter'}, 'dispatch'),
     ({'router': 'relu', 'dispatch': 'dropless', 'balance_scope': 'global'}, 'balance_scope'),
+    ({'num_null_experts': 2, 'bias_balancer_rate': 1e-3}, 'num_null_experts'),
 ])
 def test_settings_that_would_be_ignored_are_refused(settings, named):
   from configs import tiny  # pylint: disable=g-import-not-at-top
@@ -291,3 +292,32 @@ def test_relu_router_uses_every_expert_with_a_positive_gate_and_adapts_its_l1():
   # ...which rises by the step while more than top_k / E = 1/4 of the gates are positive.
   assert active.mean() > 0.25
   np.testing.assert_allclose(layer.relu_l1_coef[...], 0.5 * 1.2, rtol=1e-6)
+
+
+@pytest.mark.parametrize('dispatch', ['einsum', 'scatter', 'dropless'])
+def test_null_experts_skip_choices_and_are_counted(dispatch):
+  # 4 real + 4 null experts, top-2: a choice of a null expert adds 0 and takes no capacity.
+  cfg = tiny_model_config(d_model=8, head_dim=4, activation='gelu', moe={
+      'group_size': 8, 'top_k': 2, 'dispatch': dispatch, 'eval_capacity_factor': 8.0,
+      'num_null_experts': 4})
+  layer = MoeLayer(cfg, rngs=nnx.Rngs(1))
+  assert layer.router[...].shape == (8, 8)
+  x = jax.random.normal(jax.random.PRNGKey(9), (2, 8, 8))
+  y, stats = layer(x, train=False)
+  f64 = lambda a: np.asarray(a, np.float64)
+  xs = f64(x).reshape(16, 8)
+  probs = numpy_softmax(xs @ f64(layer.router[...]))  # [16, 8]: experts 4..7 are null.
+  w_up, w_down = f64(layer.experts.w_up[...]), f64(layer.experts.w_down[...])
+  expected, null = np.zeros((16, 8)), 0
+  for t in range(16):
+    chosen = np.argsort(-probs[t])[:2]
+    for e in chosen:
+      if e >= 4:
+        null += 1
+      else:
+        expected[t] += probs[t, e] / probs[t, chosen].sum() * (
+            numpy_gelu(xs[t] @ w_up[e]) @ w_down[e])
+  assert 0 < null < 32  # Both kinds of choice occur.
+  np.testing.assert_allclose(y.reshape(16, 8), expected, rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(stats['null_choice_fraction'], null / 32, rtol=1e-6)
+  assert float(stats['dropped_fraction']) == 0.0 and stats['expert_load'].shape == (4,)
