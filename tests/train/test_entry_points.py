@@ -88,6 +88,7 @@ def test_eval_prints_json_with_routing_stats(trained):
     assert layer['router_z'] >= 0
     assert 0 <= layer['tokens_left_behind'] <= layer['dropped_fraction'] * 2
     assert 0.25 <= layer['router_confidence'] <= 1  # Top-1 of 4 experts.
+    assert layer['null_choice_fraction'] == 0.0  # No null experts.
   # The capacity sweep: tiny's eval capacity factor is 2.0, so that entry repeats the report.
   sweep = {str(entry['eval_capacity_factor']): entry for entry in report['capacity_sweep']}
   assert sweep['2.0']['loss'] == report['loss']
