@@ -554,9 +554,10 @@ ROUTERS.register(Router(
 def _validate_hash(config) -> None:
   moe = config.moe
   if moe.encoder_router == 'hash' or config.model.get('architecture', '') == 'encoder_decoder':
+    name = 'encoder_router' if moe.encoder_router == 'hash' else 'router'
     raise options.ConfigError(
-        f"config.moe.router={moe.router!r} is invalid: the encoder-decoder does not pass token "
-        "ids to its MoE layers; hash routing is for the decoder-only model.")
+        f"config.moe.{name}='hash' is invalid: the encoder-decoder does not pass token ids to "
+        'its MoE layers; hash routing is for the decoder-only model.')
   if moe.top_k != 1:
     raise options.ConfigError(f"config.moe.top_k={moe.top_k!r} is invalid: expected 1 with "
                               "moe.router='hash' (one hashed expert per token).")
