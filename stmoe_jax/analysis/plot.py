@@ -174,7 +174,8 @@ def expert_choices(model, tokens_BL) -> list[np.ndarray]:
       block.ffn = block.ffn.layer
   gates = []
   for layer, x_BLD in inputs:
-    route = layer.route(x_BLD, train=False, rng=None, mask_GS=None, capacity=x_BLD.shape[1])
+    route = layer.route(x_BLD, train=False, rng=None, mask_GS=None, capacity=x_BLD.shape[1],
+                        token_ids_GS=tokens_BL)  # Each sequence one group (hash routing).
     one_hot_BLKE = np.eye(layer.moe.num_experts)[np.asarray(route.expert_index)]
     gates.append((one_hot_BLKE * np.asarray(route.gate)[..., None]).sum(axis=2))
   return gates

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import span_corruption
+from stmoe_jax.moe import routing
 
 # Peak dense bfloat16 FLOP/s per device (vendor datasheets), matched against
 # `jax.Device.device_kind` as lower-case substrings, first match wins.
@@ -34,7 +35,9 @@ def _ffn_layer_flops(cfg: ModelConfig, layer: int) -> int:
   D, moe = cfg.d_model, cfg.moe
   kind = cfg.ffn_kind(layer)
   if kind == 'moe':
-    total = 2 * D * moe.num_experts  # Router.
+    total = 2 * D * routing.ROUTERS[moe.router].num_logits(moe)  # Router.
+    # Nominal: top_k experts. Null experts (moe.num_null_experts) save the logged
+    # null_choice_fraction of this, which depends on the router, not on the config.
     total += moe.top_k * _ffn_flops(D, moe.expert_d_ff, cfg.activation)
   elif kind == 'dense_matched':
     total = _ffn_flops(D, moe.top_k * moe.expert_d_ff, cfg.activation)

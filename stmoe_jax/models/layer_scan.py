@@ -108,18 +108,21 @@ def forward(blocks: nnx.List, run_block: Callable, x_BLD: jax.Array, positions_B
 
 
 def decode(blocks: nnx.List, x_BLD: jax.Array, caches: tuple,
-           crosses: tuple | None = None) -> tuple[jax.Array, tuple]:
+           crosses: tuple | None = None, token_ids_BL: jax.Array | None = None
+           ) -> tuple[jax.Array, tuple]:
   """`Block.decode` through every layer of scanned `blocks`: x [B, L, D] and P caches, cache p
   stacked over the units like block p's variables ([U, B, T, H, K]); -> (x, updated caches).
   `crosses`: for decoder blocks, their P cross-attention caches, stacked alike (`per_unit`),
-  passed to `block.decode` after the cache."""
+  passed to `block.decode` after the cache; else `token_ids_BL` [B, L] (the decoder-only
+  model's new tokens, for hash routing) are."""
 
   @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=_METADATA)
   def unit(blocks, x_BLD, caches_P, crosses_P):
     new_caches = []
     for p, (block, cache) in enumerate(zip(blocks, caches_P)):
-      cross = () if crosses_P is None else (crosses_P[p],)
-      x_BLD, cache = block.decode(x_BLD, cache, *cross)
+      after = (crosses_P[p],) if crosses_P is not None else (
+          (token_ids_BL,) if token_ids_BL is not None else ())
+      x_BLD, cache = block.decode(x_BLD, cache, *after)
       new_caches.append(cache)
     return x_BLD, tuple(new_caches)
 

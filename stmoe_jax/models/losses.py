@@ -126,7 +126,10 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   load ratio: 1 is perfect balance, E total collapse) and `max_router_logit` (largest |router
   logit| of any layer). Per layer (leading axis M): `expert_load` [M, E],
   `layer_dropped_fraction` [M], `dropped_fraction_per_slot` [M, K], `router_z` [M]
-  (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E].
+  (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E],
+  `tokens_left_behind` [M] (share of tokens every choice of which was dropped) and
+  `router_confidence` [M] (mean top-1 router probability), `null_choice_fraction` [M] (share
+  of choices sent to null experts: the expert FLOPs saved).
   """
   if not moe_stats['expert_load'].shape[0]:
     return {}
@@ -141,4 +144,7 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
       'router_entropy': moe_stats['router_entropy'],
       'max_load_ratio': moe_stats['max_load_ratio'],
       'router_bias': moe_stats['router_bias'],
+      'tokens_left_behind': moe_stats['tokens_left_behind'],
+      'router_confidence': moe_stats['router_confidence'],
+      'null_choice_fraction': moe_stats['null_choice_fraction'],
   }

@@ -61,23 +61,27 @@ class Block(nnx.Module):
       self.extra_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
       self.extra_ffn = Mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None):
+  def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None,
+               token_ids_BL=None):
     """Returns ([B, L, D] output, {'moe': the MoE layer's stats or {} for a dense FFN,
-    'attention': the attention's stats}), the report `layer_stats.stack` reads."""
+    'attention': the attention's stats}), the report `layer_stats.stack` reads. `token_ids_BL`
+    (int32 [B, L]) reach the MoE layer, for routers that read them (hash routing)."""
     h_BLD = self.attn_norm(x_BLD)
     a_BLD, attn_stats = self.attn(h_BLD, positions_BL, mask_BL=mask_BL)
     x_BLD = x_BLD + a_BLD.astype(x_BLD.dtype)
-    x_BLD, stats = self.feed_forward(x_BLD, train=train, rng=rng, mask_BL=mask_BL)
+    x_BLD, stats = self.feed_forward(x_BLD, train=train, rng=rng, mask_BL=mask_BL,
+                                     token_ids_BL=token_ids_BL)
     return x_BLD, {'moe': stats, 'attention': attn_stats}
 
-  def feed_forward(self, x_BLD, *, train: bool, rng=None, mask_BL=None):
+  def feed_forward(self, x_BLD, *, train: bool, rng=None, mask_BL=None, token_ids_BL=None):
     """The FFN half of the layer on the residual stream [B, L, D] (with the sparse-dense
     stacking FFN, if any): -> ([B, L, D], the MoE layer's stats or {})."""
     if self.extra_dense == 'before':
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     h_BLD = self.ffn_norm(x_BLD)
     if self.is_moe:
-      y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng, mask_BL=mask_BL)
+      y_BLD, stats = self.ffn(h_BLD, train=train, rng=rng, mask_BL=mask_BL,
+                              token_ids_BL=token_ids_BL)
     else:
       y_BLD, stats = self.ffn(h_BLD), {}
     x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
@@ -85,11 +89,11 @@ class Block(nnx.Module):
       x_BLD = x_BLD + self.extra_ffn(self.extra_norm(x_BLD)).astype(x_BLD.dtype)
     return x_BLD, stats
 
-  def decode(self, x_BLD, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  def decode(self, x_BLD, cache: KVCache, token_ids_BL=None) -> tuple[jax.Array, KVCache]:
     """`__call__` at eval capacity for L new tokens after the cached ones (see `Transformer.decode`)."""
     attn_BLD, cache = self.attn.decode(self.attn_norm(x_BLD), cache)
     x_BLD = x_BLD + attn_BLD.astype(x_BLD.dtype)
-    return self.feed_forward(x_BLD, train=False)[0], cache
+    return self.feed_forward(x_BLD, train=False, token_ids_BL=token_ids_BL)[0], cache
 
 
 def fsdp_gather(param: nnx.Param, mesh_rules) -> jax.Array:
@@ -176,20 +180,21 @@ class Transformer(nnx.Module):
     positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     x_BLD = self.constrain(jnp.take(self.table(self.embed), tokens_BL, axis=0).astype(self.dtype))
 
-    def block_fn(block, x, pos, key, mask):
+    def block_fn(block, x, pos, key, mask, ids):
       if self.fsdp():
-        return fsdp_gathered(block, self.mesh_rules)(x, pos, train=train, rng=key, mask_BL=mask)
-      return block(x, pos, train=train, rng=key, mask_BL=mask)
+        return fsdp_gathered(block, self.mesh_rules)(x, pos, train=train, rng=key, mask_BL=mask,
+                                                     token_ids_BL=ids)
+      return block(x, pos, train=train, rng=key, mask_BL=mask, token_ids_BL=ids)
 
     run_block = remat.wrap(block_fn, self.remat, in_scan=self.scan_layers)
     if self.scan_layers:
       x_BLD, stats = layer_scan.forward(self.blocks, run_block, x_BLD, positions_BL, rng, mask_BL,
-                                        self.constrain, self.stat_dims)
+                                        self.constrain, self.stat_dims, extra=(tokens_BL,))
     else:
       per_layer = []
       for i, block in enumerate(self.blocks):
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-        x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL)
+        x_BLD, report = run_block(block, x_BLD, positions_BL, layer_rng, mask_BL, tokens_BL)
         x_BLD = self.constrain(x_BLD)
         per_layer.append(report)
       stats = layer_stats.stack(per_layer, self.stat_dims)
@@ -212,11 +217,11 @@ class Transformer(nnx.Module):
     """
     x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
     if self.scan_layers:
-      x_BLD, new_caches = layer_scan.decode(self.blocks, x_BLD, caches)
+      x_BLD, new_caches = layer_scan.decode(self.blocks, x_BLD, caches, token_ids_BL=tokens_BL)
     else:
       new_caches = []
       for block, cache in zip(self.blocks, caches):
-        x_BLD, cache = block.decode(x_BLD, cache)
+        x_BLD, cache = block.decode(x_BLD, cache, tokens_BL)
         new_caches.append(cache)
     x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
     return layers.dense(x_BLD, self.lm_head[...]), tuple(new_caches)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stmoe_jax.config import options
+from stmoe_jax.config.options import OneOf, Option, Range
 from stmoe_jax.moe import cv_balance
 from stmoe_jax.moe import dispatch
 from stmoe_jax.moe import expert_parallel
@@ -31,9 +33,73 @@ from stmoe_jax.config import ModelConfig
 from stmoe_jax.moe.experts import Experts, Mlp
 
 
+BALANCE_SCOPES = ('group', 'sequence', 'global')
+
+options.declare(
+    Option('moe.router_input_norm', bool, False, 'Gemma 4 router input: RMS-normalised, times '
+           'd_model^-1/2 and a learned per-feature router_scale [D] (init 1).'),
+    Option('moe.expert_output_scale', bool, False, "Gemma 4: a learned per-expert scale [E] "
+           "(init 1) on each expert's output."),
+    Option('moe.bias_balancer_recenter', bool, False, 'Re-centre the routing bias to zero mean '
+           'after each update (torchtitan #1506): no drift.'),
+    Option('moe.quantile_balance_rate', float, 0.0, 'Quantile balancing: bias moves this far '
+           "towards -(1 - k/E) quantile of each expert's scores.", Range(0, 1, note='0 = off')),
+    Option('moe.balance_scope', str, 'group', "Balance loss frequencies per routing 'group', "
+           "per 'sequence', or over the 'global' batch (Qiu et al. 2025).",
+           OneOf(BALANCE_SCOPES)),
+    owner='moe.layer')
+
+
+def _bias_routers(moe) -> bool:
+  """Every MoE layer's router reads the selection bias (`routing.route_tokens_choose`)."""
+  return moe.router == 'tokens_choose' and moe.encoder_router in ('', 'tokens_choose')
+
+
+@options.add_check
+def _check_balancing(config) -> None:
+  """One bias balancer at a time, on a router that reads it; the loss scopes need the Switch
+  loss."""
+  moe = config.moe
+  def refuse(name, expected):
+    raise options.ConfigError(f'config.moe.{name}={moe[name]!r} is invalid: expected {expected}.')
+  if moe.quantile_balance_rate > 0:
+    if moe.bias_balancer_rate > 0:
+      refuse('quantile_balance_rate', '0 while moe.bias_balancer_rate > 0 (both set the one '
+             'routing bias)')
+    if not _bias_routers(moe):
+      refuse('quantile_balance_rate', "0 unless every MoE layer routes with moe.router="
+             "'tokens_choose' (the only router that reads the selection bias)")
+  if moe.bias_balancer_recenter and not (moe.bias_balancer_rate > 0 or
+                                         moe.quantile_balance_rate > 0):
+    refuse('bias_balancer_recenter', 'False unless moe.bias_balancer_rate or '
+           'moe.quantile_balance_rate > 0 (there is no bias to re-centre)')
+  if moe.num_null_experts and (moe.bias_balancer_rate > 0 or moe.quantile_balance_rate > 0 or
+                               moe.n_groups > 1 or moe.load_loss_coef > 0):
+    refuse('num_null_experts', '0 with a routing bias, group-limited top-k or Shazeer\'s load '
+           'loss (they are sized by the real experts)')
+  own_loss = {'hierarchical', 'relu'} & {moe.router, moe.encoder_router}
+  if moe.balance_scope != 'group' and own_loss:
+    refuse('balance_scope', f"'group' with moe.router={own_loss.pop()!r} (its balance loss is its "
+           'own: two-level, or ReMoE\'s L1)')
+
+
 class RouterBias(layers.Buffer):
   """Per-expert routing bias of aux-loss-free balancing: not a Param, so no optimizer touches
   it; `MoeLayer` updates it in the train forward pass and the train step carries it along."""
+
+
+class ReluL1Coef(layers.Buffer):
+  """The adaptive L1 coefficient of ReLU routing (ReMoE), updated in the train forward pass."""
+
+
+def relu_l1_coef(coef: jax.Array, assigned_GSE: jax.Array, mask_GS: jax.Array | None,
+                 top_k: int, step: float) -> jax.Array:
+  """ReMoE eq. 6: coef * step^sign(target - sparsity), target sparsity 1 - k/E, sparsity the
+  share of zero gates over real tokens: more zeros than the target lowers the penalty."""
+  G, S, E = assigned_GSE.shape
+  m_GS = jnp.ones((G, S), jnp.float32) if mask_GS is None else mask_GS.astype(jnp.float32)
+  active = jnp.sum(assigned_GSE * m_GS[..., None]) / jnp.maximum(jnp.sum(m_GS) * E, 1.0)
+  return coef * step ** jnp.sign((1.0 - top_k / E) - (1.0 - active))
 
 
 def to_groups(x_BLD: jax.Array, group_size: int) -> jax.Array:
@@ -66,6 +132,37 @@ def from_groups(y_GSD: jax.Array, shape_BLD: tuple[int, int, int]) -> jax.Array:
 def balanced_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
   """DeepSeek-V3 aux-loss-free update: bias_i + rate * sign(mean_load - load_i), float32 [E]."""
   return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+
+
+def quantile_bias(scores_GSE: jax.Array, top_k: int, mask_GS: jax.Array | None = None
+                  ) -> jax.Array:
+  """Quantile balancing: float32 [E], minus each expert's (1 - k/E) quantile of its scores.
+
+  With it added to the scores, exactly a k/E share of the real tokens rate expert e above 0,
+  for every e: each expert's expected load is its share, set in one step from the scores (no
+  aux loss, no step size to tune as in `balanced_bias`). `scores_GSE` are the scores the top-k
+  ranks (`gating.router_scores`); padding (mask 0) is left out of the quantiles.
+  """
+  G, S, E = scores_GSE.shape
+  scores_XE = jax.lax.stop_gradient(scores_GSE).reshape(G * S, E).astype(jnp.float32)
+  if mask_GS is not None:
+    scores_XE = jnp.where(mask_GS.reshape(G * S, 1).astype(bool), scores_XE, jnp.nan)
+  return -jnp.nanquantile(scores_XE, 1.0 - top_k / E, axis=0)
+
+
+def global_balance_loss(route: routing.Routing, mask_GS: jax.Array | None = None) -> jax.Array:
+  """The Switch loss with f_i and P_i over every routing group at once (Qiu et al. 2025).
+
+  Per-group frequencies push every group (a few sequences) to use every expert, which works
+  against specialisation by domain; the global-batch loss only asks the whole batch to. Under
+  jit with the batch sharded over data-parallel devices the sums over G are over the global
+  batch (XLA inserts the all-reduce), so this is the loss of the gathered batch.
+  """
+  G, S, E = route.probs.shape
+  flat = lambda x: x.reshape(1, G * S, *x.shape[2:])
+  return routing.load_balancing_loss(flat(route.probs), flat(route.expert_index),
+                                     None if mask_GS is None else flat(mask_GS),
+                                     flat(route.assigned))
 
 
 def sequence_balance_loss(route: routing.Routing, shape_BLD: tuple[int, int, int],
@@ -111,7 +208,14 @@ class MoeLayer(nnx.Module):
     self.noise_router = (layers.param(rngs, nnx.initializers.zeros, (cfg.d_model, num_logits),
                                       ('embed', None))
                          if moe.router_noise == 'noisy_top_k' else None)
+    # Gemma 4 (gemma/gm/nn/gemma4/_moe.py): the router sees rms_norm(x) / sqrt(D) * router_scale.
+    self.router_scale = (layers.param(rngs, nnx.initializers.ones, (cfg.d_model,), ('embed',))
+                         if moe.router_input_norm else None)
+    self.expert_scale = (layers.param(rngs, nnx.initializers.ones, (moe.num_experts,), (None,))
+                         if moe.expert_output_scale else None)
     self.router_bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
+    self.relu_l1_coef = (ReluL1Coef(jnp.asarray(moe.relu_l1_init, jnp.float32))
+                         if moe.router == 'relu' else None)
     self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_d_ff, cfg.activation,
                            cfg.init_scale, dtype, dropout=moe.expert_dropout,
                            grouped_matmul=moe.grouped_matmul, rngs=rngs)
@@ -122,6 +226,11 @@ class MoeLayer(nnx.Module):
     self.moe = moe
     # Mesh and rules (set by the Trainer): with an expert axis > 1, step 3-5 run in shard_map.
     self.mesh_rules = cfg.mesh_rules
+
+  @property
+  def uses_bias(self) -> bool:
+    """A balancer sets the routing bias (aux-loss-free or quantile balancing)."""
+    return self.moe.bias_balancer_rate > 0 or self.moe.quantile_balance_rate > 0
 
   def capacity(self, train: bool) -> int:
     """Expert capacity per group at the train or eval capacity factor (S when dropless)."""
@@ -134,14 +243,19 @@ class MoeLayer(nnx.Module):
                                    min_capacity=moe.min_capacity)
 
   def route(self, x_GSD: jax.Array, *, train: bool, rng: jax.Array | None,
-            mask_GS: jax.Array | None, capacity: int | None = None) -> routing.Routing:
+            mask_GS: jax.Array | None, capacity: int | None = None,
+            token_ids_GS: jax.Array | None = None) -> routing.Routing:
     """Router logits in float32 and the configured router: -> `routing.Routing`.
 
     `capacity` defaults to `self.capacity(train)` (the plots pass S: choices before drops).
+    `token_ids_GS` go to routers that read them (`Router.token_ids`: hash routing).
     """
     moe = self.moe
     jitter_rng, policy_rng = (None, None) if rng is None else jax.random.split(rng)
     router_in = x_GSD.astype(jnp.float32)  # Float32 router: bf16 logits made Switch diverge.
+    if self.router_scale is not None:
+      router_in = router_in * jax.lax.rsqrt(jnp.mean(router_in**2, axis=-1, keepdims=True) + 1e-6)
+      router_in *= self.router_scale[...] / jnp.sqrt(jnp.float32(router_in.shape[-1]))
     if train and moe.router_jitter > 0:
       router_in *= jax.random.uniform(jitter_rng, router_in.shape, jnp.float32,
                                       1.0 - moe.router_jitter, 1.0 + moe.router_jitter)
@@ -157,15 +271,17 @@ class MoeLayer(nnx.Module):
     logits_GSE = remat.name(logits_GSE, remat.ROUTER_LOGITS)
     route = self.router_kind.route(
         logits_GSE, moe, capacity=self.capacity(train) if capacity is None else capacity,
-        mask_GS=mask_GS, bias_E=self.router_bias[...] if moe.bias_balancer_rate > 0 else None,
-        train=train, rng=policy_rng)
+        mask_GS=mask_GS, bias_E=self.router_bias[...] if self.uses_bias else None,
+        train=train, rng=policy_rng,
+        **({'token_ids_GS': token_ids_GS} if self.router_kind.token_ids else {}))
     if noise_std_GSE is not None and moe.router == 'tokens_choose':
       # Shazeer's smooth load estimator (`cv_balance.smooth_load`) needs all three.
       route = route.replace(clean_logits=clean_GSE, noise_std=noise_std_GSE)
     return route
 
   def __call__(self, x_BLD: jax.Array, *, train: bool, rng: jax.Array | None = None,
-               mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               mask_BL: jax.Array | None = None, token_ids_BL: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns the MoE output [B, L, D] and this layer's `layer_stats.MOE` stats.
 
     Args:
@@ -175,6 +291,7 @@ class MoeLayer(nnx.Module):
       rng: PRNG key; needed in training when jitter, the sampled policy or dropout is on.
       mask_BL: optional [B, L], nonzero for real tokens: padding takes no expert capacity, gets
         no routed output and is left out of the stats.
+      token_ids_BL: optional int32 token ids [B, L], for routers that read them (hash).
     Returns:
       (y_BLD, stats): `routing.routing_stats` plus `seq_balance_loss`, `cv_balance.cv_stats`'s
       `importance_loss` and `load_loss`, and `router_bias` [E].
@@ -185,7 +302,13 @@ class MoeLayer(nnx.Module):
       dropout_rng = None
     x_GSD = to_groups(x_BLD, moe.group_size)
     mask_GS = None if mask_BL is None else to_groups(mask_BL[..., None], moe.group_size)[..., 0]
-    route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS)
+    ids_GS = (None if token_ids_BL is None
+              else to_groups(token_ids_BL[..., None], moe.group_size)[..., 0])
+    route = self.route(x_GSD, train=train, rng=route_rng, mask_GS=mask_GS, token_ids_GS=ids_GS)
+    if self.expert_scale is not None:
+      # Scaling an expert's output is scaling the combine weight of every choice it takes, which
+      # every dispatch path reads from the route.
+      route = route.replace(gate=route.gate * self.expert_scale[...][route.expert_index])
     strategy = self.strategy
     if expert_parallel.expert_axis(self.mesh_rules) is not None:
       y_GSD = expert_parallel.run_experts(
@@ -204,8 +327,25 @@ class MoeLayer(nnx.Module):
     stats = routing.routing_stats(route, mask_GS)
     stats['seq_balance_loss'] = sequence_balance_loss(route, x_BLD.shape, mask_BL)
     stats.update(cv_balance.cv_stats(route, moe.top_k, mask_GS))
+    if moe.balance_scope == 'sequence':
+      stats['balance_loss'] = stats['seq_balance_loss']
+    elif moe.balance_scope == 'global':
+      stats['balance_loss'] = global_balance_loss(route, mask_GS)
     stats['router_bias'] = self.router_bias[...]
-    if train and moe.bias_balancer_rate > 0:
-      self.router_bias[...] = balanced_bias(self.router_bias[...], stats['expert_load'],
-                                            moe.bias_balancer_rate)
+    if self.relu_l1_coef is not None:
+      stats['balance_loss'] = self.relu_l1_coef[...] * stats['balance_loss']
+      if train:
+        self.relu_l1_coef[...] = relu_l1_coef(self.relu_l1_coef[...], route.assigned, mask_GS,
+                                              moe.top_k, moe.relu_l1_step)
+    if train and self.uses_bias:
+      bias_E = self.router_bias[...]
+      if moe.bias_balancer_rate > 0:
+        bias_E = balanced_bias(bias_E, stats['expert_load'], moe.bias_balancer_rate)
+      else:
+        scores_GSE, _ = gating.router_scores(route.logits, moe.score_fn)
+        target_E = quantile_bias(scores_GSE, moe.top_k, mask_GS)
+        bias_E += moe.quantile_balance_rate * (target_E - bias_E)
+      if moe.bias_balancer_recenter:  # Only differences between experts' biases route.
+        bias_E -= jnp.mean(bias_E)
+      self.router_bias[...] = bias_E
     return y_BLD, stats

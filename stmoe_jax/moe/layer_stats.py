@@ -26,7 +26,9 @@ from stmoe_jax.config import ModelConfig
 MOE = {'balance_loss': (), 'z_loss': (), 'seq_balance_loss': (), 'importance_loss': (),
        'load_loss': (), 'expert_load': ('E',),
        'max_load_ratio': (), 'dropped_fraction': (), 'dropped_fraction_per_slot': ('K',),
-       'router_entropy': (), 'max_router_logit': (), 'router_bias': ('E',)}
+       'tokens_left_behind': (), 'router_entropy': (), 'router_confidence': (),
+       'null_choice_fraction': (),
+       'max_router_logit': (), 'router_bias': ('E',)}
 # Every attention layer (`logit_z_loss`: mean logsumexp(attention logits)^2 over real tokens).
 ATTENTION = {'logit_z_loss': ()}
 # A head-routed attention layer: its router's `routing.routing_stats` with `head_load` for

@@ -14,6 +14,9 @@ expert's buffer it takes; any dispatch strategy (`stmoe_jax.moe.dispatch`) consu
     choices per token so that the same dispatch code applies.
   - `route_hierarchical`: an outer router over groups of experts, an inner one within each
     chosen group (lucidrains mixture-of-experts `HeirarchicalMoE`).
+  - `route_hash`: a fixed hash of the token id picks one expert (Hash layers, Roller et al.
+    2021); the MoE layer passes it the token ids (`Router.token_ids`).
+  - `route_relu`: ReLU gates, every expert with a positive gate (ReMoE), K = E, dropless.
 
 `tokens_choose_top_k` also takes the gating options of `stmoe_jax.moe.gating`: sigmoid scores,
 group-limited top-k and a routed scaling factor (DeepSeek-V3), and per-rank later-choice policies.
@@ -62,6 +65,8 @@ class Routing:
     clean_logits, noise_std: optional float32 [G, S, E], the logits before Shazeer's noise and
       its scale softplus(x W_noise), for `cv_balance.smooth_load` (`logits` are the noisy
       ones); set by `MoeLayer.route` for tokens-choose routing with noisy_top_k in training.
+    null_fraction: optional float32 scalar, the share of the real tokens' choices that went to
+      null (zero-computation) experts; None: no null experts (0).
   """
   expert_index: jax.Array
   gate: jax.Array
@@ -75,6 +80,7 @@ class Routing:
   assigned_gate: jax.Array | None = None
   clean_logits: jax.Array | None = None
   noise_std: jax.Array | None = None
+  null_fraction: jax.Array | None = None
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -291,7 +297,13 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
     max_load_ratio: max / mean of expert_load (1 = balanced, E = collapsed onto one expert);
     dropped_fraction: share of assigned choices that found their expert full;
     dropped_fraction_per_slot [K]: the same for the 1st, 2nd, ... choice;
+    tokens_left_behind: share of real tokens with no kept choice (every choice dropped, or
+      never assigned: a token no expert took under expert choice), which pass the layer as
+      their residual only;
     router_entropy: mean entropy (nats) of the router distribution per token;
+    router_confidence: mean over tokens of the router's top-1 probability (max_e probs);
+    null_choice_fraction: share of choices sent to null experts (`Routing.null_fraction`), so
+      the expert FLOPs spent are (1 - it) times the nominal top_k experts' (0 without them);
     max_router_logit: largest |router logit| (the ST-MoE z-loss keeps it small, so the float32
       softmax stays accurate; watch it grow when the z-loss is off).
   """
@@ -303,6 +315,7 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
   assigned_K = jnp.sum(assigned_GSK, axis=(0, 1))
   dropped_K = jnp.sum(assigned_GSK - kept_GSK, axis=(0, 1))
   entropy_GS = -jnp.sum(route.probs * jnp.log(jnp.maximum(route.probs, 1e-30)), axis=-1)
+  left_behind_GS = (~jnp.any(route.kept, axis=-1)).astype(jnp.float32)
   return {
       'balance_loss': (load_balancing_loss(route.probs, route.expert_index, mask_GS,
                                            route.assigned)
@@ -312,7 +325,11 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       'max_load_ratio': jnp.max(load_E) * E,
       'dropped_fraction': jnp.sum(dropped_K) / jnp.maximum(jnp.sum(assigned_K), 1.0),
       'dropped_fraction_per_slot': dropped_K / jnp.maximum(assigned_K, 1.0),
+      'tokens_left_behind': _masked_mean(left_behind_GS, mask_GS),
       'router_entropy': _masked_mean(entropy_GS, mask_GS),
+      'router_confidence': _masked_mean(jnp.max(route.probs, axis=-1), mask_GS),
+      'null_choice_fraction': (jnp.zeros((), jnp.float32) if route.null_fraction is None
+                               else route.null_fraction),
       'max_router_logit': jnp.max(jnp.abs(route.logits) * (
           1.0 if mask_GS is None else mask_GS[..., None].astype(jnp.float32))),
   }
@@ -321,9 +338,17 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
 def route_tokens_choose(logits_GSE: jax.Array, moe: Any, *, capacity: int,
                         mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
                         train: bool = False, rng: jax.Array | None = None) -> Routing:
-  """`tokens_choose_top_k` with the settings of `moe` (a `config.MoeConfig`)."""
+  """`tokens_choose_top_k` with the settings of `moe` (a `config.MoeConfig`).
+
+  With `moe.num_null_experts` = N > 0 the logits are [G, S, E + N]: the top-k is over all, and
+  a choice of one of the N null experts (MoE++, Jin et al. 2024: zero-computation experts whose
+  output is 0) is not dispatched, takes no capacity and adds nothing, its gate mass included in
+  the renormalisation (so a token may spend less than k experts of compute). The returned
+  record is over the E real experts (probs renormalised over them, for the stats and the
+  balance loss; the z-loss sees all E + N logits).
+  """
   thresholds = moe.threshold_train if train else moe.threshold_eval
-  return tokens_choose_top_k(
+  route = tokens_choose_top_k(
       logits_GSE, top_k=moe.top_k, capacity=capacity, renormalize=moe.renormalize_gates,
       mask_GS=mask_GS, bias_E=bias_E, second_expert_threshold=moe.second_expert_threshold,
       batch_prioritized=moe.batch_prioritized_routing, train=train, rng=rng,
@@ -331,6 +356,19 @@ def route_tokens_choose(logits_GSE: jax.Array, moe: Any, *, capacity: int,
       n_groups=moe.n_groups, topk_groups=moe.topk_groups,
       later_policy=moe.second_policy_train if train else moe.second_policy_eval,
       thresholds=tuple(thresholds) or None)
+  if not moe.num_null_experts:
+    return route
+  E = moe.num_experts
+  real_GSK = route.expert_index < E
+  null_GSK = route.assigned & ~real_GSK
+  null_fraction = jnp.sum(null_GSK) / jnp.maximum(jnp.sum(route.assigned), 1)
+  probs_GSE = route.probs[..., :E]
+  probs_GSE = probs_GSE / jnp.maximum(jnp.sum(probs_GSE, axis=-1, keepdims=True), 1e-30)
+  priority_GS = jnp.max(route.probs, axis=-1) if moe.batch_prioritized_routing else None
+  placed = _place(jnp.where(real_GSK, route.expert_index, 0), route.assigned_gate,
+                  route.assigned & real_GSK, probs_GSE, route.logits, capacity, priority_GS,
+                  null_fraction=null_fraction.astype(jnp.float32))
+  return placed.replace(z_loss=router_z_loss(route.logits, mask_GS))
 
 
 def route_hierarchical(logits_GSE: jax.Array, moe: Any, *, capacity: int,
@@ -376,6 +414,69 @@ def route_expert_choice(logits_GSE: jax.Array, moe: Any, *, capacity: int,
   return expert_choice(logits_GSE, capacity=capacity, mask_GS=mask_GS)
 
 
+def hash_expert(token_ids: jax.Array, num_experts: int) -> jax.Array:
+  """int32: a fixed pseudo-random expert for each token id (murmur3's 32-bit finaliser of the
+  id, modulo E), the same at every position, in every layer and every run."""
+  h = token_ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+  h ^= h >> 16
+  h *= jnp.uint32(0x85EBCA6B)
+  h ^= h >> 13
+  h *= jnp.uint32(0xC2B2AE35)
+  h ^= h >> 16
+  return (h % jnp.uint32(num_experts)).astype(jnp.int32)
+
+
+def route_hash(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+               mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+               train: bool = False, rng: jax.Array | None = None,
+               token_ids_GS: jax.Array | None = None) -> Routing:
+  """Hash layers (Roller et al. 2021): token id -> `hash_expert`, combine weight 1.
+
+  Nothing is learned: the router's logits are not used (its weights get no gradient), and the
+  balance and z-losses are 0. Balance is the hash's, over the token ids of the data. Capacity is
+  first come first served as for tokens-choose.
+  """
+  del bias_E, train, rng
+  if token_ids_GS is None:
+    raise ValueError("moe.router='hash' routes by token id: call the MoE layer with "
+                     'token_ids_BL (the decoder-only Transformer passes them)')
+  G, S, E = logits_GSE.shape
+  index_GSK = hash_expert(token_ids_GS, E)[..., None]
+  valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+  zero = jnp.zeros((), jnp.float32)
+  return _place(index_GSK, jnp.ones((G, S, 1), jnp.float32), valid_GS[..., None],
+                jax.nn.one_hot(index_GSK[..., 0], E), jnp.zeros((G, S, E), jnp.float32),
+                capacity, balance_loss=zero, z_loss=zero)
+
+
+def route_relu(logits_GSE: jax.Array, moe: Any, *, capacity: int,
+               mask_GS: jax.Array | None = None, bias_E: jax.Array | None = None,
+               train: bool = False, rng: jax.Array | None = None) -> Routing:
+  """ReLU routing (ReMoE, Wang et al. 2025): gate_e = relu(logit_e), every expert with a
+  positive gate is used; K = E choices per token (choice e is expert e), so the number of
+  active experts varies by token and is steered by an L1 penalty, not a top-k.
+
+  `balance_loss` is ReMoE's load-balanced L1 regulariser without its coefficient: the mean over
+  real tokens of sum_e f_e * relu(logit_e), f_e = E / (k T) * (tokens with a positive gate for
+  e), constant (eq. 7-8); `MoeLayer` multiplies it by the adaptive coefficient. `probs` (for the
+  entropy, confidence and the plots) is the softmax of the logits. Dropless only: there is no
+  capacity that a variable number of choices could be sized by.
+  """
+  del bias_E, train, rng
+  logits_GSE = logits_GSE.astype(jnp.float32)
+  G, S, E = logits_GSE.shape
+  gate_GSE = jax.nn.relu(logits_GSE)
+  valid_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+  assigned_GSE = (gate_GSE > 0) & valid_GS[..., None]
+  m_GS = valid_GS.astype(jnp.float32)
+  num_real = jnp.maximum(jnp.sum(m_GS), 1.0)
+  f_E = jax.lax.stop_gradient(E / (moe.top_k * num_real) * jnp.sum(assigned_GSE, axis=(0, 1)))
+  l1 = jnp.sum(jnp.einsum('gse,e->gs', gate_GSE, f_E) * m_GS) / num_real
+  index_GSE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
+  return _place(index_GSE, gate_GSE, assigned_GSE, jax.nn.softmax(logits_GSE, axis=-1),
+                logits_GSE, capacity, balance_loss=l1)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Router(options.Entry):
   """One entry of `ROUTERS` (with `Entry`'s name, options, validate and doc).
@@ -389,12 +490,15 @@ class Router(options.Entry):
     fixed_load: every expert takes exactly `capacity` choices, so it has no dropless form.
     num_choices: moe -> K, the choices per token of its `Routing`.
     num_logits: moe -> the router's output width (E; hierarchical: E inner + O outer).
+    token_ids: `route` also takes `token_ids_GS`, the int32 token ids [G, S] of the routed
+      tokens (hash routing); the MoE layer is then called with `token_ids_BL`.
   """
   route: Callable[..., Routing]
   causal: bool
   fixed_load: bool
   num_choices: Callable[[Any], int]
   num_logits: Callable[[Any], int] = lambda moe: moe.num_experts
+  token_ids: bool = False
 
 
 def _selected_routers(config) -> set[str]:
@@ -425,7 +529,11 @@ def _validate_hierarchical(config) -> None:
 
 ROUTERS.register(Router(
     name='tokens_choose', route=route_tokens_choose, causal=True, fixed_load=False,
-    num_choices=lambda moe: moe.top_k, options=gating.TOP_K_OPTIONS,
+    num_choices=lambda moe: moe.top_k,
+    num_logits=lambda moe: moe.num_experts + moe.num_null_experts,
+    options=gating.TOP_K_OPTIONS + (
+        Option('moe.num_null_experts', int, 0, 'Zero-computation experts (MoE++): choosing one '
+               'skips a choice; top_k over E + these.', Range(0, note='0 = none')),),
     doc='Each token picks its top_k experts (Switch k=1, GShard/ST-MoE k=2, DeepSeek-V3).'))
 ROUTERS.register(Router(
     name='expert_choice', route=route_expert_choice, causal=False, fixed_load=True,
@@ -441,6 +549,47 @@ ROUTERS.register(Router(
                     'experts in each.', Range(1))),
     validate=_validate_hierarchical,
     doc='An outer router over groups of experts, an inner one within each chosen group.'))
+
+
+def _validate_hash(config) -> None:
+  moe = config.moe
+  if moe.encoder_router == 'hash' or config.model.get('architecture', '') == 'encoder_decoder':
+    name = 'encoder_router' if moe.encoder_router == 'hash' else 'router'
+    raise options.ConfigError(
+        f"config.moe.{name}='hash' is invalid: the encoder-decoder does not pass token ids to "
+        'its MoE layers; hash routing is for the decoder-only model.')
+  if moe.top_k != 1:
+    raise options.ConfigError(f"config.moe.top_k={moe.top_k!r} is invalid: expected 1 with "
+                              "moe.router='hash' (one hashed expert per token).")
+
+
+ROUTERS.register(Router(
+    name='hash', route=route_hash, causal=True, fixed_load=False, token_ids=True,
+    num_choices=lambda moe: 1, validate=_validate_hash,
+    doc='Hash layers (Roller et al. 2021): a fixed hash of the token id picks one expert.'))
+
+
+def _validate_relu(config) -> None:
+  moe = config.moe
+  if moe.dispatch != 'dropless':
+    raise options.ConfigError(
+        f"config.moe.dispatch={moe.dispatch!r} is invalid: expected 'dropless' with "
+        "moe.router='relu' (a token uses a varying number of experts: no capacity fits).")
+  if moe.encoder_router not in ('', 'relu') or moe.top_k >= moe.num_experts:
+    raise options.ConfigError(
+        f'config.moe.top_k={moe.top_k!r} is invalid: expected fewer than moe.num_experts='
+        f"{moe.num_experts} active experts per token as the target of moe.router='relu', and "
+        "every MoE layer routing with it (moe.encoder_router '' or 'relu').")
+
+
+ROUTERS.register(Router(
+    name='relu', route=route_relu, causal=True, fixed_load=False,
+    num_choices=lambda moe: moe.num_experts, validate=_validate_relu,
+    options=(Option('moe.relu_l1_init', float, 1e-8, "ReMoE: the L1 coefficient's start "
+                    '(times aux_loss_coef), adapted every step...', Range(0, low_open=True)),
+             Option('moe.relu_l1_step', float, 1.2, '...by this factor towards the sparsity '
+                    '1 - top_k / num_experts (ReMoE alpha).', Range(1, low_open=True))),
+    doc='ReLU gates (ReMoE), as many experts as have a positive gate; dropless only.'))
 
 
 def noncausal_setting(moe: Any) -> str | None:

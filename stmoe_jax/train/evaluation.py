@@ -33,7 +33,9 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   telemetry averaged over all real tokens: `expert_load` (E fractions summing to 1),
   `max_load_ratio`, `dropped_fraction` (share of assigned choices dropped at the eval capacity
   factor), `dropped_fraction_per_slot` (1st, 2nd, ... choice), `router_z` (mean
-  logsumexp^2), `router_entropy` (nats), `importance_loss` and `load_loss` (`cv_balance`; at
+  logsumexp^2), `router_entropy` (nats), `tokens_left_behind` (share of tokens every choice
+  of which was dropped), `router_confidence` (mean top-1 router probability),
+  `null_choice_fraction` (share of choices sent to null experts), `importance_loss` and `load_loss` (`cv_balance`; at
   evaluation the load is the hard count) and `router_bias` (the aux-loss-free balancer's bias).
   With `exact_match` (prompt -> answer tasks, one example per row) also `exact_match`: the share
   of examples whose every answer token (and its EOS) is the argmax given the ones before, which
@@ -85,6 +87,9 @@ def _layer_report(layer: int, stats: dict, stack: str = '') -> dict:
       'dropped_fraction': float(stats['dropped_fraction']),
       'dropped_fraction_per_slot': as_list(stats['dropped_fraction_per_slot']),
       'router_z': float(stats['z_loss']), 'router_entropy': float(stats['router_entropy']),
+      'tokens_left_behind': float(stats['tokens_left_behind']),
+      'router_confidence': float(stats['router_confidence']),
+      'null_choice_fraction': float(stats['null_choice_fraction']),
       'importance_loss': float(stats['importance_loss']), 'load_loss': float(stats['load_loss']),
       'router_bias': as_list(stats['router_bias']),
   }

@@ -12,7 +12,8 @@ Every parameter of this model is one of
            checkpoint's model has a dense FFN (the same module path), so each expert of
            [E, ...] starts as a copy of that FFN's [...] parameter; with renormalised top-k
            gates the layer then computes exactly the dense FFN for every token it does not drop;
-  fresh    the router of an upcycled layer, kept as initialised;
+  fresh    the router (and Gemma 4 router and expert scales) of an upcycled layer, kept as
+           initialised;
 and anything else (another shape, a parameter the checkpoint lacks, a checkpoint parameter
 this model has no place for) is refused before anything is restored, in one line naming the
 parameter and both shapes. Buffers (e.g. router biases) are copied where the name and shape
@@ -137,7 +138,8 @@ def plan(spec: str, target: Placement) -> Plan:
             f'{list(shape)}')
       actions[name] = ('copy', name)
       used.add(name)
-    elif layer is not None and name == f'{layer}/router':
+    elif layer is not None and name in (f'{layer}/router', f'{layer}/router_scale',
+                                         f'{layer}/expert_scale'):
       actions[name] = ('fresh', '')
     elif layer is not None and name.startswith(f'{layer}/experts/'):
       dense = f'{layer}/{name.rsplit("/", 1)[1]}'

@@ -37,6 +37,8 @@ WITH = {'moe.load_loss_coef': {'moe.router_noise': 'noisy_top_k'},
         'moe.shared_expert_d_ff': {'moe.num_shared_experts': 1},
         'moe.importance_loss_coef': {}, 'attention.block_size': {'attention.kind': 'local'},
         'moe.topk_groups': {'moe.n_groups': 2},
+        'moe.relu_l1_init': {'moe.dispatch': 'dropless'},  # ReLU routing is dropless only.
+        'moe.relu_l1_step': {'moe.dispatch': 'dropless'},
         'moe.hierarchy_outer_k': {'moe.router': 'hierarchical', 'moe.hierarchy': (2, 2)},
         'moe.hierarchy': {'moe.router': 'hierarchical', 'moe.hierarchy': (2, 2)}}
 # The entry selections under which each entry's options are walked.

@@ -232,7 +232,9 @@ def _t5_tiny(**overrides):
     ({'data.objective': 'causal_lm'}, "config.data.objective='causal_lm' is invalid: expected "
                                       "'span_corruption' with model.architecture='encoder_"),
     ({'model.vocab_size': 259}, 'config.model.vocab_size=259 is invalid: expected at least 261'),
-    ({'moe.encoder_router': 'hash'}, "config.moe.encoder_router='hash' is invalid"),
+    ({'moe.encoder_router': 'no_such'}, "config.moe.encoder_router='no_such' is invalid"),
+    ({'moe.encoder_router': 'hash'}, "config.moe.encoder_router='hash' is invalid: the "
+                                     'encoder-decoder does not pass token ids'),
     ({'moe.encoder_router': 'expert_choice', 'moe.dispatch': 'dropless'},
      "config.moe.encoder_router='expert_choice' is invalid: expected a router with a dropless"),
     ({'moe.encoder_group_size': -1}, 'config.moe.encoder_group_size=-1 is invalid'),

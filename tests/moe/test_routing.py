@@ -249,5 +249,6 @@ def test_a_registered_router_is_what_validation_the_layer_and_the_stats_use(monk
       name='first_expert', route=route_to_first_expert, causal=False, fixed_load=False,
       num_choices=lambda moe: 1))
   with pytest.raises(ConfigError,
-                     match="expected 'tokens_choose' or 'hierarchical' in this causal decoder"):
+                     match="expected 'tokens_choose' or 'hierarchical' or 'hash' or 'relu' in "
+                           'this causal decoder'):
     validate(config)  # A non-causal router is refused in the decoder.

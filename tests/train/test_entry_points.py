@@ -86,6 +86,9 @@ def test_eval_prints_json_with_routing_stats(trained):
     assert len(layer['dropped_fraction_per_slot']) == 2 and len(layer['router_bias']) == 4
     assert 1 <= layer['max_load_ratio'] <= 4 and 0 < layer['router_entropy'] <= math.log(4)
     assert layer['router_z'] >= 0
+    assert 0 <= layer['tokens_left_behind'] <= layer['dropped_fraction'] * 2
+    assert 0.25 <= layer['router_confidence'] <= 1  # Top-1 of 4 experts.
+    assert layer['null_choice_fraction'] == 0.0  # No null experts.
   # The capacity sweep: tiny's eval capacity factor is 2.0, so that entry repeats the report.
   sweep = {str(entry['eval_capacity_factor']): entry for entry in report['capacity_sweep']}
   assert sweep['2.0']['loss'] == report['loss']
@@ -96,6 +99,7 @@ def test_eval_prints_json_with_routing_stats(trained):
   train = metrics(workdir, 'train')[-1]
   assert len(train['expert_load']) == 1 and abs(sum(train['expert_load'][0]) - 1) < 1e-4
   assert len(train['router_entropy']) == 1 and len(train['dropped_fraction_per_slot'][0]) == 2
+  assert len(train['tokens_left_behind']) == 1 and 0.25 <= train['router_confidence'][0] <= 1
   with open(os.path.join(workdir, 'eval_8.json')) as f:
     assert json.load(f) == report
   # bits/byte and loss describe the same cross-entropy: bpb = loss / ln 2 * tokens / bytes, and
