@@ -10,6 +10,21 @@ from configs import default, dense, tiny
 from stmoe_jax.config import ConfigError, check_resumable, model_config, validate
 
 
+def _refusal(field: str, value) -> str:
+  """validate's one line for configs/default.py with `field` set to `value`, edited as plain
+  JSON, as a config.json or a hand-written dict would be (a ConfigDict built in Python refuses a
+  mistyped assignment itself)."""
+  config = json.loads(default.get_config().to_json())
+  *sections, key = field.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[key] = value
+  with pytest.raises(ConfigError) as error:
+    validate(ml_collections.ConfigDict(config))
+  return str(error.value)
+
+
 @pytest.mark.parametrize('field,value,message', [
     ('moe.num_experts', 1, 'config.moe.num_experts=1'),  # Fewer experts than top_k=2.
     ('moe.top_k', 0, 'config.moe.top_k=0'),
@@ -65,18 +80,9 @@ from stmoe_jax.config import ConfigError, check_resumable, model_config, validat
     ('keep_checkpoints', 0, 'config.keep_checkpoints=0'),
 ])
 def test_bad_values_name_the_field(field, value, message):
-  # Edited as plain JSON, as a config.json or a hand-written dict would be: a ConfigDict built
-  # in Python refuses a mistyped assignment itself.
-  config = json.loads(default.get_config().to_json())
-  *sections, key = field.split('.')
-  node = config
-  for section in sections:
-    node = node[section]
-  node[key] = value
-  with pytest.raises(ConfigError) as error:
-    validate(ml_collections.ConfigDict(config))
-  assert str(error.value).startswith(message), str(error.value)
-  assert '\n' not in str(error.value)
+  line = _refusal(field, value)
+  assert line.startswith(message), line
+  assert '\n' not in line
 
 
 @pytest.mark.parametrize('edit,message', [
@@ -151,15 +157,8 @@ def test_every_float_option_refuses_non_finite_values(bad):
   floats = [o for o in options.all_options().values() if o.type is float]
   assert len(floats) > 20
   for option in floats:
-    config = json.loads(default.get_config().to_json())
-    *sections, key = option.name.split('.')
-    node = config
-    for section in sections:
-      node = node[section]
-    node[key] = bad
-    with pytest.raises(ConfigError, match=f'^config.{re.escape(option.name)}=.* is invalid: '
-                       'expected a finite number'):
-      validate(ml_collections.ConfigDict(config))
+    assert re.match(f'config.{re.escape(option.name)}=.* is invalid: expected a finite number',
+                    _refusal(option.name, bad))
 
 
 @pytest.mark.parametrize('field,value,domain', [
@@ -169,12 +168,4 @@ def test_every_float_option_refuses_non_finite_values(bad):
     ('opt.decay_fraction', 0.0, 'in (0, 1]'), ('data.noise_density', 1.0, 'in (0, 1)'),
 ])
 def test_numeric_options_are_checked_against_their_declared_domain(field, value, domain):
-  config = json.loads(default.get_config().to_json())
-  *sections, key = field.split('.')
-  node = config
-  for section in sections:
-    node = node[section]
-  node[key] = value
-  with pytest.raises(ConfigError) as error:
-    validate(ml_collections.ConfigDict(config))
-  assert str(error.value) == f'config.{field}={value!r} is invalid: expected {domain}.'
+  assert _refusal(field, value) == f'config.{field}={value!r} is invalid: expected {domain}.'
