@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import timing  # noqa: E402
 from configs import default, dense, tiny  # noqa: E402
 from stmoe_jax.models import flops  # noqa: E402
 from stmoe_jax.analysis import sweep  # noqa: E402
@@ -204,10 +205,13 @@ def main(argv=None):
     if args.quick:
       config.batch_size = 4
   results = benchmark_interleaved(pairs, 2 if args.quick else args.steps)
-  for result in results:
+  ratio = {'moe_over_dense_tokens_per_sec':
+           results[0]['tokens_per_sec'] / results[1]['tokens_per_sec']}
+  for result in (*results, ratio):
     print(json.dumps(result), flush=True)
-  print(json.dumps({'moe_over_dense_tokens_per_sec':
-                    results[0]['tokens_per_sec'] / results[1]['tokens_per_sec']}))
+  if args.out:  # The same lines, after a header naming the machine and the command.
+    with open(args.out, 'w') as f:
+      json.dump([{'kind': 'machine', **timing.machine()}, *results, ratio], f, indent=1)
 
 
 if __name__ == '__main__':

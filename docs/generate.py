@@ -318,6 +318,18 @@ def moe_layer(link: Link) -> str:
   return table(['experts (top-k of E)'] + columns, body) + source(link, *names)
 
 
+@generator('train_step_default')
+def train_step_default(link: Link) -> str:
+  """configs/default.py beside its dense twin, stepped in turn (benchmarks/train_step.py)."""
+  name = 'train_step_default.json'
+  records = _json(name)
+  rows = [[f"`{r['config']}`", f"{r['seconds_per_step']:.3f}", f"{r['tokens_per_sec']:,.0f}"]
+          for r in records if 'config' in r]
+  ratio = records[-1]['moe_over_dense_tokens_per_sec']
+  rows.append(['MoE / dense', '', f'{ratio:.2f}x'])
+  return table(['config', 's / step', 'tokens/s'], rows) + source(link, name)
+
+
 def _name(path: pathlib.Path) -> str:
   return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
