@@ -100,6 +100,11 @@ class Satisfies(Domain):
     return self.text
 
 
+def invalid(name: str, value, expected: str) -> ConfigError:
+  """The one-line error every check raises: 'config.<name>=<value> is invalid: expected ...'."""
+  return ConfigError(f'config.{name}={value!r} is invalid: expected {expected}.')
+
+
 TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
               dict: 'a dict', list: 'a list', tuple: 'a tuple'}
 
@@ -147,14 +152,12 @@ class Option:
   def check(self, value) -> None:
     """Raises ConfigError naming the option when `value` has the wrong type or domain."""
     if not type_ok(value, self.type):
-      raise ConfigError(f'config.{self.name}={value!r} is invalid: expected '
-                        f'{TYPE_NAMES[self.type]}.')
+      raise invalid(self.name, value, TYPE_NAMES[self.type])
     if self.type is float and not math.isfinite(value):
-      raise ConfigError(f'config.{self.name}={value!r} is invalid: expected a finite number' +
-                        (f' ({self.domain.describe()})' if self.domain else '') + '.')
+      raise invalid(self.name, value, 'a finite number' +
+                    (f' ({self.domain.describe()})' if self.domain else ''))
     if self.domain is not None and not self.domain.check(value):
-      raise ConfigError(f'config.{self.name}={value!r} is invalid: expected '
-                        f'{self.domain.describe()}.')
+      raise invalid(self.name, value, self.domain.describe())
 
 
 _OPTIONS: dict[str, Option] = {}
@@ -379,8 +382,7 @@ def check_structure(config: ml_collections.ConfigDict) -> None:
         continue
       if name in known_sections:
         if not type_ok(node[key], dict):
-          raise ConfigError(f'config.{name}={node[key]!r} is invalid: expected a section '
-                            '(ConfigDict).')
+          raise invalid(name, node[key], 'a section (ConfigDict)')
         walk(node[key], name + '.')
         continue
       siblings = sorted(o.field for o in table.values() if o.section == prefix[:-1])

@@ -14,12 +14,11 @@ import ml_collections
 
 from stmoe_jax.config import options
 from stmoe_jax.config.schema import layer_period
-from stmoe_jax.errors import ConfigError
 
 
 def _check(ok: bool, field: str, value, expected: str):
   if not ok:
-    raise ConfigError(f'config.{field}={value!r} is invalid: expected {expected}.')
+    raise options.invalid(field, value, expected)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -108,9 +108,9 @@ def make_sampler(cfg: ModelConfig, data):
 def _check_sampling(config) -> None:
   family = MODEL_FAMILIES[config.model.architecture]
   if config.eval_sample_tokens and family.sampler is None:
-    raise options.ConfigError(
-        f'config.eval_sample_tokens={config.eval_sample_tokens!r} is invalid: expected 0 with '
-        f'model.architecture={config.model.architecture!r} (that family does not sample).')
+    raise options.invalid('eval_sample_tokens', config.eval_sample_tokens,
+                          f'0 with model.architecture={config.model.architecture!r} (that '
+                          'family does not sample)')
 
 
 def _decoder_only(cfg: ModelConfig) -> Model:
@@ -131,31 +131,29 @@ def routing_groups_per_batch(config) -> tuple[int, ...]:
   return MODEL_FAMILIES[config.model.architecture].routing_groups(config)
 
 
-def _refuse(name, value, expected):
-  raise options.ConfigError(f'config.{name}={value!r} is invalid: expected {expected}.')
-
-
 def _check_decoder(config, objective: str, seq_len: int, what: str) -> None:
   """The checks of a causal decoder: its objective, causal routing, routing groups that tile
   its sequences of `seq_len` tokens (`what` names that length)."""
   data, moe = config.data, config.moe
   if data.objective != objective:
-    _refuse('data.objective', data.objective,
-            f'{objective!r} with model.architecture={config.model.architecture!r}')
+    raise options.invalid('data.objective', data.objective,
+                          f'{objective!r} with model.architecture={config.model.architecture!r}')
   # A router that ranks a group's tokens against each other would let a token's output depend
   # on later tokens (and leak them into next-token prediction).
   if not routing.ROUTERS[moe.router].causal:
     causal = ' or '.join(repr(n) for n, r in routing.ROUTERS.items() if r.causal)
-    _refuse('moe.router', moe.router, f'{causal} in this causal decoder ({moe.router} sees '
-            'later tokens of the group; MoeLayer(causal=False) allows it for non-causal use)')
+    raise options.invalid('moe.router', moe.router,
+                          f'{causal} in this causal decoder ({moe.router} sees later tokens of '
+                          'the group; MoeLayer(causal=False) allows it for non-causal use)')
   if moe.batch_prioritized_routing:
-    _refuse('moe.batch_prioritized_routing', True, 'False in this causal decoder (it ranks '
-            'tokens by confidence across the whole group; MoeLayer(causal=False) allows it '
-            'for non-causal use)')
+    raise options.invalid('moe.batch_prioritized_routing', True,
+                          'False in this causal decoder (it ranks tokens by confidence across '
+                          'the whole group; MoeLayer(causal=False) allows it for non-causal use)')
   tokens = config.batch_size * seq_len
   if tokens % moe.group_size or (seq_len % moe.group_size and moe.group_size % seq_len):
-    _refuse('moe.group_size', moe.group_size, f'a divisor or multiple of {what}={seq_len} '
-            f'dividing batch_size * {seq_len} = {tokens}')
+    raise options.invalid('moe.group_size', moe.group_size,
+                          f'a divisor or multiple of {what}={seq_len} dividing batch_size * '
+                          f'{seq_len} = {tokens}')
 
 
 def _encoder_len(data) -> int:
@@ -171,13 +169,12 @@ def _decoder_len(data) -> int:
 def _validate_encoder_decoder(config) -> None:
   """The encoder's layers, routing groups and vocabulary; what the encoder-decoder lacks."""
   m, moe, data = config.model, config.moe, config.data
-  refuse = _refuse
   _check_decoder(config, 'span_corruption', _decoder_len(data), 'decoder length')
   if m.num_encoder_layers <= 0:
-    refuse('model.num_encoder_layers', m.num_encoder_layers,
-           "a positive integer with model.architecture='encoder_decoder'")
+    raise options.invalid('model.num_encoder_layers', m.num_encoder_layers,
+                          "a positive integer with model.architecture='encoder_decoder'")
   if data.seq_len < 2:
-    refuse('data.seq_len', data.seq_len, 'at least 2 for span corruption')
+    raise options.invalid('data.seq_len', data.seq_len, 'at least 2 for span corruption')
   # data.objective stays 'span_corruption' with a task: its fields set the decoder length of
   # the task's rows (`tasks.seq2seq_decoder_len`), but the rows hold no sentinel, so any
   # vocabulary of at least the bytes fits, such as a model's pre-trained at another seq_len.
@@ -185,30 +182,33 @@ def _validate_encoder_decoder(config) -> None:
     vocab = m.vocab_size - span_corruption.lengths(
         data.seq_len, data.noise_density, data.mean_noise_span_length).num_sentinels
     if vocab < tokenizer.VOCAB_SIZE:
-      refuse('model.vocab_size', m.vocab_size,
-             f'at least {m.vocab_size - vocab + tokenizer.VOCAB_SIZE}: bytes, pad/bos/eos and '
-             'one sentinel per noise span (span_corruption.lengths(...).num_sentinels)')
+      raise options.invalid('model.vocab_size', m.vocab_size,
+                            f'at least {m.vocab_size - vocab + tokenizer.VOCAB_SIZE}: bytes, '
+                            'pad/bos/eos and one sentinel per noise span '
+                            '(span_corruption.lengths(...).num_sentinels)')
   if moe.encoder_router:
     if moe.encoder_router not in routing.ROUTERS:
-      refuse('moe.encoder_router', moe.encoder_router,
-             "'' (= moe.router) or one of " + ', '.join(map(repr, routing.ROUTERS)))
+      raise options.invalid('moe.encoder_router', moe.encoder_router,
+                            "'' (= moe.router) or one of " + ', '.join(map(repr, routing.ROUTERS)))
     if (routing.ROUTERS[moe.encoder_router].fixed_load and
         not dispatch.DISPATCHES[moe.dispatch].uses_capacity):
-      refuse('moe.encoder_router', moe.encoder_router,
-             f'a router with a dropless form for moe.dispatch={moe.dispatch!r}')
+      raise options.invalid('moe.encoder_router', moe.encoder_router,
+                            f'a router with a dropless form for moe.dispatch={moe.dispatch!r}')
   tokens = config.batch_size * data.seq_len
   group = moe.encoder_group_size or moe.group_size
   if tokens % group or (data.seq_len % group and group % data.seq_len):
-    refuse('moe.encoder_group_size', moe.encoder_group_size,
-           f'0 or a divisor or multiple of data.seq_len={data.seq_len} dividing batch_size * '
-           f'seq_len = {tokens} (0 takes moe.group_size={moe.group_size}, which does not)')
+    raise options.invalid('moe.encoder_group_size', moe.encoder_group_size,
+                          f'0 or a divisor or multiple of data.seq_len={data.seq_len} dividing '
+                          f'batch_size * seq_len = {tokens} (0 takes moe.group_size='
+                          f'{moe.group_size}, which does not)')
   att = config.attention
   if att.kind != 'dense' or att.layer_kinds:
-    refuse('attention.kind', att.kind,
-           "'dense' (and attention.layer_kinds='') with model.architecture='encoder_decoder'")
+    raise options.invalid('attention.kind', att.kind,
+                          "'dense' (and attention.layer_kinds='') with "
+                          "model.architecture='encoder_decoder'")
   if att.logit_z_loss_coef:
-    refuse('attention.logit_z_loss_coef', att.logit_z_loss_coef,
-           "0 with model.architecture='encoder_decoder' (not implemented there)")
+    raise options.invalid('attention.logit_z_loss_coef', att.logit_z_loss_coef,
+                          "0 with model.architecture='encoder_decoder' (not implemented there)")
 
 
 MODEL_FAMILIES.register(ModelFamily(

@@ -74,8 +74,7 @@ def _check_gating(config) -> None:
   E, k = moe.num_experts, moe.top_k
   def check(ok, name, expected):
     if not ok:
-      raise options.ConfigError(f'config.moe.{name}={moe[name]!r} is invalid: expected '
-                                f'{expected}.')
+      raise options.invalid(f'moe.{name}', moe[name], expected)
   check(E % moe.n_groups == 0, 'n_groups', f'a divisor of moe.num_experts={E}')
   check(moe.topk_groups <= moe.n_groups, 'topk_groups', f'at most moe.n_groups={moe.n_groups}')
   check(moe.topk_groups * (E // moe.n_groups) >= k, 'topk_groups',

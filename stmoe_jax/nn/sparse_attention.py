@@ -312,7 +312,7 @@ options.declare(_BLOCK_SIZE, owner='nn.sparse_attention')
 @options.add_check
 def _check_block_size(config) -> None:
   att = config.attention
-  kinds = {att.kind} | {k.strip() for k in att.layer_kinds.split(',') if att.layer_kinds}
+  kinds = ATTENTION_KINDS.selected(config)
   blocked = kinds & {'local', 'strided', 'block_sparse'} or (
       'dense' in kinds and att.logit_z_loss_coef)
   if att.block_size != _BLOCK_SIZE.default and not blocked:
