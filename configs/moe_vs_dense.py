@@ -46,10 +46,17 @@ TUNED_LR = {'dense': 6e-3, 'switch': 6e-3, 'stmoe': 6e-3, 'fine': 6e-3}
 
 
 def router_options(num_experts: int, top_k: int) -> dict[str, dict]:
-  """Gating options an MoE arm can run (`router=<name>`), as moe overrides for its E and k:
-  DeepSeek-V3 (sigmoid scores, 8 groups of which 4 eligible, gates x 2.5, sequence-wise loss,
-  aux-loss-free bias), Gumbel or noisy top-k router noise, ST-MoE per-rank thresholds for
-  choices 2..k, and a hierarchy of sqrt(E)-ish outer groups with one chosen per token."""
+  """Gating options an MoE arm can run (`router=<name>`), as moe overrides for its E and k.
+
+  Classic: DeepSeek-V3 (sigmoid scores, 8 groups of which 4 eligible, gates x 2.5,
+  sequence-wise loss, aux-loss-free bias), Gumbel or noisy top-k router noise, ST-MoE per-rank
+  thresholds for choices 2..k, a hierarchy of sqrt(E)-ish outer groups with one chosen per token.
+  Since ST-MoE (docs/routers.md): the balance loss per sequence, per 256-token group, or per
+  256-token group with global-batch frequencies (Qiu et al. 2025); quantile balancing and the
+  re-centred bias balancer, both without the balance loss; ReLU routing (ReMoE, k = the mean
+  aimed at); null experts (MoE++, a quarter as many as real ones); the Gemma 4 router; hash
+  routing (one expert per token, so k = 1 and experts k times wider: the same active FLOPs).
+  """
   outer = next(o for o in (8, 4, 2, 1) if num_experts % o == 0 and num_experts // o >= top_k)
   return {
       'deepseek': dict(score_fn='sigmoid', routed_scaling_factor=2.5, n_groups=8, topk_groups=4,
@@ -60,6 +67,16 @@ def router_options(num_experts: int, top_k: int) -> dict[str, dict]:
                          threshold_eval=tuple(0.2 / j for j in range(1, top_k))),
       'hierarchical': dict(router='hierarchical', hierarchy=(outer, num_experts // outer),
                            hierarchy_outer_k=1),
+      'sequence_balance': dict(balance_scope='sequence'),
+      'group256': dict(group_size=256),
+      'global256': dict(group_size=256, balance_scope='global'),
+      'quantile': dict(quantile_balance_rate=1.0, bias_balancer_recenter=True, aux_loss_coef=0.0),
+      'bias_recenter': dict(bias_balancer_rate=1e-3, bias_balancer_recenter=True,
+                            aux_loss_coef=0.0),
+      'relu': dict(router='relu', dispatch='dropless'),
+      'null_experts': dict(num_null_experts=max(num_experts // 4, 1)),
+      'gemma4': dict(router_input_norm=True, expert_output_scale=True),
+      'hash': dict(router='hash', top_k=1),
   }
 
 
@@ -100,4 +117,5 @@ def get_config(arg: str | None = None):
     config.moe.update(num_experts=num_experts, top_k=top_k, expert_d_ff=width // top_k)
   if arg.router:
     config.moe.update(router_options(num_experts, top_k)[arg.router])
+    config.moe.expert_d_ff = width // config.moe.top_k  # Equal active FLOPs at any k.
   return config

@@ -37,7 +37,8 @@ DECAY_FRACTION = moe_vs_dense.get_config().opt.decay_fraction  # Where a branch'
 class Run:
   """One train.py run: an arm, a seed, a peak learning rate and a complete schedule length.
 
-  `branch_of` names the main run whose checkpoint at 0.8 * steps this run starts from.
+  `branch_of` names the main run whose checkpoint at 0.8 * steps this run starts from;
+  `router` is one of configs/moe_vs_dense.py's ROUTER_OPTIONS ('' = the arm's own gating).
   """
   name: str
   arm: str
@@ -47,6 +48,7 @@ class Run:
   stage: str
   overrides: tuple[tuple[str, object], ...] = ()
   branch_of: str = ''
+  router: str = ''
 
 
 def sweep_run(arm: str, lr: float, size: str) -> Run:

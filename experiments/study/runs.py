@@ -31,7 +31,7 @@ def train_argv(run: plan.Run, size: str, root: str, data_dir: str) -> list[str]:
   if data_dir:
     overrides['data.data_dir'] = data_dir
   config_arg = (f'{os.path.join(REPO, "configs", "moe_vs_dense.py")}:arm={run.arm},'
-                f'size={size},lr={run.lr}')
+                f'size={size},lr={run.lr}' + (f',router={run.router}' if run.router else ''))
   return sweep.train_command(config_arg, os.path.join(root, run.name), overrides)
 
 
@@ -152,7 +152,8 @@ def load_run(run: plan.Run, root: str, size: str) -> dict:
   """A finished run as {'run', 'records' (its metrics.jsonl), 'params', 'active_params',
   'dropped_fraction' (mean of the last 5 logged), 'first_dropped_fraction'}."""
   records = sweep.read_records(os.path.join(root, run.name))
-  config = moe_vs_dense.get_config(f'arm={run.arm},size={size},lr={run.lr}')
+  config = moe_vs_dense.get_config(f'arm={run.arm},size={size},lr={run.lr}' +
+                                   (f',router={run.router}' if run.router else ''))
   total, active = parameter_counts(config)
   train = [r for r in records if r['kind'] == 'train']
   late = [r['dropped_fraction'] for r in train if 'dropped_fraction' in r]

@@ -334,8 +334,8 @@ def test_every_router_option_is_a_valid_study_arm_and_tuples_parse_on_the_comman
   for arm, (family, _, _) in moe_vs_dense.ARMS.items():
     for option in moe_vs_dense.ROUTER_OPTIONS if family != 'dense' else ():
       validate(moe_vs_dense.get_config(f'arm={arm},size=quick,router={option}'))
-  with pytest.raises(ValueError, match="router='hash' is invalid"):
-    moe_vs_dense.get_config('arm=stmoe16,router=hash')
+  with pytest.raises(ValueError, match="router='top_3' is invalid"):
+    moe_vs_dense.get_config('arm=stmoe16,router=top_3')
 
   def load(*overrides):  # As train.py loads it; config_flags reads overrides from sys.argv.
     argv = ['train.py', '--config=configs/moe_vs_dense.py:arm=stmoe16,size=quick', *overrides]
