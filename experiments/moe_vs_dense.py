@@ -14,30 +14,34 @@ each run a train.py process (pinned to one of --cores, one run per core at a tim
   2. Routing (full size only): stmoe64 at the tuned rate with the ROUTING_OPTIONS (routing group
      size, bias balancer, a 10x balance loss, dropless dispatch), same short schedule; the
      lowest final loss sets every MoE arm's routing. The drop rates are reported beside it.
-  3. Main runs: every arm, seeds 0 and 1, NUM_STEPS on a warmup-stable-decay schedule. The
-     complete schedules of 1/4 and 1/2 the length branch off each main run's checkpoint where
-     their decay starts (0.8 x their length) and run only their own decay, so every arm has
-     three complete runs per seed (see `analysis.steps_to_match`). Same seed = same batches in
-     the same order and the same initialisation.
-  4. A third seed for dense and for the best MoE arm (lowest mean final loss of stage 3).
+  3. Main runs: every arm at the same seeds (0, 1, 2), NUM_STEPS on a warmup-stable-decay
+     schedule. The complete schedules of 1/4 and 1/2 the length branch off each main run's
+     checkpoint where their decay starts (0.8 x their length) and run only their own decay, so
+     every arm has three complete runs per seed (see `analysis.steps_to_match`). Same seed =
+     same batches in the same order and the same initialisation.
+  4. The summary, tables and plots.
 
 Schedule-fair speedup: with a decaying schedule a run's loss halfway through is not what that
 model reaches when trained for half the steps, so speedups read complete runs only. An arm's
 steps to dense's final loss interpolate, linearly in log(steps), between its complete runs
 (N/4, N/2, N); step speedup = dense's N / those steps (a lower bound 4.0 when the N/4 run
 already gets there; below 1 the dense runs are interpolated instead: dense steps to the arm's
-final loss / N). Time speedup = step speedup x the arm's tokens/s / dense's tokens/s, with
-tokens/s measured by benchmarks/train_step.py for each arm, one after another on the first of
---cores after the runs (stage 5), so that runs sharing the machine do not skew it; the runs'
-own tokens/s (median over logging windows, best seed) are reported beside it. Runs whose final
-evaluation is logged are skipped, so rerunning resumes the study.
+final loss / N). Each speedup is taken seed for seed against dense on the same seed, then
+averaged (the spread is reported); the analysis refuses arms whose seeds differ from dense's.
+Time speedup = step speedup x the arm's tokens/s / dense's, both the runs' own (median over
+each run's logging windows; every run measured the same way, one run per core). Runs whose
+final evaluation is logged are skipped, so rerunning resumes the study.
+
+  python experiments/moe_vs_dense.py --reanalyze=docs/results    # summary from results.csv
+
+`--reanalyze=DIR` rewrites DIR/summary.json and DIR/results.md from DIR/results.csv and
+DIR/tuned.json with the current analysis, training nothing (the seeds every arm shares).
 
 Writes to --root: results.csv (every evaluation of every run), results.md, summary.json (one
-entry per arm), tuned.json (the stage 1-2 choices), throughput.json (stage 5),
-loss_curves.png and experts.png.
+entry per arm), tuned.json (the stage 1-2 choices), loss_curves.png and experts.png.
 
 The library is experiments/study/: plan.py (the runs of each stage), runs.py (training,
-resuming, loading runs; throughput), analysis.py (speedups), report.py (tables, plots) and
+resuming, loading runs), analysis.py (speedups), report.py (tables, plots) and
 stages.py (the stages in order).
 """
 
@@ -62,11 +66,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
   parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core at a "
                       "time, e.g. '0,1'; '' = one run at a time, unpinned.")
-  parser.add_argument('--best_extra_seed', default=True, action=argparse.BooleanOptionalAction,
-                      help='Train a third seed of the best MoE arm (stage 4).')
+  parser.add_argument('--reanalyze', default='', help='A directory holding a finished study\'s '
+                      'results.csv and tuned.json: rewrite its summary.json and results.md.')
   args = parser.parse_args(argv)
+  if args.reanalyze:
+    print(stages.reanalyze(args.reanalyze, 'quick' if args.quick else 'full'))
+    return
   stages.run_study(args.root, 'quick' if args.quick else 'full', args.data_dir,
-                   [c for c in args.cores.split(',') if c], args.best_extra_seed)
+                   [c for c in args.cores.split(',') if c])
 
 
 if __name__ == '__main__':

@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 
@@ -40,6 +42,22 @@ def test_step_speedup_from_complete_runs():
   assert speedup == pytest.approx(math.sqrt(400 * 800) / 1600) and not bound
 
 
+def test_speedups_refuse_unmatched_seeds():
+  with pytest.raises(ValueError, match=r'stmoe8 ran seeds \[0, 1\] and dense \[0, 1, 2\]'):
+    analysis.arm_summary({}, 'stmoe8', [0, 1], [0, 1, 2], 'full')
+
+
+def test_committed_summary_is_the_reanalysis_of_the_committed_runs(tmp_path):
+  """docs/results/summary.json is what `--reanalyze` computes from results.csv and tuned.json."""
+  from experiments.study import stages  # pylint: disable=g-import-not-at-top
+  results = os.path.join(ROOT, 'docs', 'results')
+  for name in ('results.csv', 'tuned.json'):
+    shutil.copy(os.path.join(results, name), tmp_path / name)
+  stages.reanalyze(str(tmp_path))
+  with open(tmp_path / 'summary.json') as f, open(os.path.join(results, 'summary.json')) as g:
+    assert json.load(f) == json.load(g)
+
+
 @pytest.fixture(scope='module')
 def quick_study(stdlib_data_dir, tmp_path_factory):
   root = str(tmp_path_factory.mktemp('moe_vs_dense'))
@@ -51,26 +69,30 @@ def quick_study(stdlib_data_dir, tmp_path_factory):
   return root, result.stdout
 
 
-def final_loss(root, name, steps):
+def records(root, name):
   with open(os.path.join(root, name, 'metrics.jsonl')) as f:
-    evals = [r for r in map(json.loads, f) if r['kind'] == 'eval']
+    return [json.loads(line) for line in f]
+
+
+def final_loss(root, name, steps):
+  evals = [r for r in records(root, name) if r['kind'] == 'eval']
   assert evals[-1]['step'] == steps, (name, evals[-1])
   return evals[-1]['loss']
 
 
 def test_quick_study_writes_every_result(quick_study):
   root, stdout = quick_study
-  for name in ('results.csv', 'results.md', 'summary.json', 'tuned.json', 'throughput.json',
-               'loss_curves.png', 'experts.png'):
+  for name in ('results.csv', 'results.md', 'summary.json', 'tuned.json', 'loss_curves.png',
+               'experts.png'):
     assert os.path.getsize(os.path.join(root, name)) > 0, name
   with open(os.path.join(root, 'results.md')) as f:
     assert f.read() in stdout
   with open(os.path.join(root, 'results.csv')) as f:
     rows = list(csv.DictReader(f))
   runs = {r['run'] for r in rows}
-  # Sweep: 4 families x 2 rates; main: 2 arms x seed 0, then seed 1 for dense and the best MoE;
-  # each main run with its two branches.
-  assert len([r for r in runs if r.startswith('sweep/')]) == 8
+  # Sweep: the quick arms' 2 families x 2 rates; main: 2 arms x the same 2 seeds, each main run
+  # with its two branches.
+  assert len([r for r in runs if r.startswith('sweep/')]) == 4
   for arm in ('dense', 'stmoe16'):
     for seed in (0, 1):
       assert {f'{arm}_s{seed}', f'{arm}_s{seed}_n5', f'{arm}_s{seed}_n10'} <= runs
@@ -87,7 +109,8 @@ def test_quick_study_summary_matches_the_logged_losses(quick_study):
   with open(os.path.join(root, 'tuned.json')) as f:
     tuned = json.load(f)
   # The chosen rate of each family is its sweep's best.
-  for family, arm in plan.SWEEP_ARMS.items():
+  for family in ('dense', 'stmoe'):
+    arm = plan.SWEEP_ARMS[family]
     losses = {lr: final_loss(root, f'sweep/{arm}_lr{lr:g}', 20) for lr in plan.SWEEP_LRS['quick']}
     assert tuned['lr'][family] == min(losses, key=losses.get)
   lengths = [5, 10, 20]
@@ -96,38 +119,41 @@ def test_quick_study_summary_matches_the_logged_losses(quick_study):
     return [final_loss(root, name, n) for name, n in
             ((f'{arm}_s{seed}_n5', 5), (f'{arm}_s{seed}_n10', 10), (f'{arm}_s{seed}', 20))]
 
-  dense = [sum(x) / 2 for x in zip(complete('dense', 0), complete('dense', 1))]
-  moe = [sum(x) / 2 for x in zip(complete('stmoe16', 0), complete('stmoe16', 1))]
-  target = dense[-1]
-  # A plain loop over the complete runs, linear in log steps.
-  expected = None
-  for i, loss in enumerate(moe):
-    if loss <= target:
-      if i == 0:
-        expected = 20 / 5
-      else:
+  def speedup(dense, moe):  # A plain loop over the complete runs, linear in log steps.
+    target = dense[-1]
+    for i, loss in enumerate(moe):
+      if loss <= target:
+        if i == 0:
+          return 20 / 5
         t = (moe[i - 1] - target) / (moe[i - 1] - loss)
-        expected = 20 / math.exp(math.log(lengths[i - 1]) +
-                                 t * (math.log(lengths[i]) - math.log(lengths[i - 1])))
-      break
-  if expected is None:  # Dense's steps to the MoE's final loss, over 20.
-    for i, loss in enumerate(dense):
+        return 20 / math.exp(math.log(lengths[i - 1]) +
+                             t * (math.log(lengths[i]) - math.log(lengths[i - 1])))
+    for i, loss in enumerate(dense):  # Dense's steps to the MoE's final loss, over 20.
       if loss <= moe[-1]:
         if i == 0:
-          expected = 5 / 20
-        else:
-          t = (dense[i - 1] - moe[-1]) / (dense[i - 1] - loss)
-          expected = math.exp(math.log(lengths[i - 1]) +
-                              t * (math.log(lengths[i]) - math.log(lengths[i - 1]))) / 20
-        break
+          return 5 / 20
+        t = (dense[i - 1] - moe[-1]) / (dense[i - 1] - loss)
+        return math.exp(math.log(lengths[i - 1]) +
+                        t * (math.log(lengths[i]) - math.log(lengths[i - 1]))) / 20
+    return 5 / 20
+
+  per_seed = [speedup(complete('dense', s), complete('stmoe16', s)) for s in (0, 1)]
+  moe_final = [complete('stmoe16', s)[-1] for s in (0, 1)]
   entry = summary['stmoe16']
-  assert entry['step_speedup'] == pytest.approx(expected, abs=1e-3)
-  assert entry['final_val_loss_mean'] == pytest.approx(moe[-1], abs=1e-5)
-  assert entry['time_speedup'] == pytest.approx(
-      entry['step_speedup'] * entry['tokens_per_sec'] / summary['dense']['tokens_per_sec'],
-      rel=1e-2)
+  assert entry['per_seed_step_speedup'] == pytest.approx(per_seed, abs=1e-3)
+  assert entry['step_speedup'] == pytest.approx(sum(per_seed) / 2, abs=1e-3)
+  assert entry['final_val_loss_mean'] == pytest.approx(sum(moe_final) / 2, abs=1e-5)
   assert summary['dense']['step_speedup'] == pytest.approx(1.0)
-  assert len(entry['per_seed_step_speedup']) == 2
+  assert entry['seeds'] == summary['dense']['seeds'] == [0, 1]
+  # Time speedup: seed for seed, step speedup x the runs' own median tokens/s over dense's.
+  speeds = {(arm, seed): statistics.median(
+      r['tokens_per_sec'] for r in records(root, f'{arm}_s{seed}')
+      if r['kind'] == 'train' and 'tokens_per_sec' in r)
+            for arm in ('dense', 'stmoe16') for seed in (0, 1)}
+  per_seed_time = [entry['per_seed_step_speedup'][s] * speeds['stmoe16', s] / speeds['dense', s]
+                   for s in (0, 1)]
+  assert entry['per_seed_time_speedup'] == pytest.approx(per_seed_time, abs=2e-3)
+  assert entry['time_speedup'] == pytest.approx(sum(per_seed_time) / 2, abs=2e-3)
   # Equal active parameters: the MoE differs from dense only by its router (d_model 32 x 16).
   assert entry['active_params'] == summary['dense']['active_params'] + 32 * 16
   assert entry['params'] > entry['active_params']

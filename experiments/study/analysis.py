@@ -75,34 +75,46 @@ def complete_runs(runs_by_name: dict[str, dict], arm: str, seed: int, size: str
 
 
 def arm_summary(runs_by_name: dict[str, dict], arm: str, seeds: list[int],
-                dense_seeds: list[int], size: str, throughput: dict[str, float]) -> dict:
-  """One summary.json entry: quality, speed and speedups of `arm` (mean curves over seeds)."""
+                dense_seeds: list[int], size: str) -> dict:
+  """One summary.json entry: quality, speed and speedups of `arm`, each speedup taken seed for
+  seed against dense on the same seed (same initialisation, same batches), then averaged.
+
+  Time speedup = step speedup x the arm's tokens/s over dense's, both the runs' own (median over
+  each run's logging windows, `run_tokens_per_sec`), seed for seed. Raises ValueError when the
+  arm and dense ran different seeds: an unmatched mean compares seeds, not arms.
+  """
+  if list(seeds) != list(dense_seeds):
+    raise ValueError(f'{arm} ran seeds {list(seeds)} and dense {list(dense_seeds)}: speedups '
+                     'are taken seed for seed, so every arm must run dense\'s seeds')
   lengths, _ = complete_runs(runs_by_name, arm, seeds[0], size)
   per_seed = np.array([complete_runs(runs_by_name, arm, s, size)[1] for s in seeds])
-  dense = np.array([complete_runs(runs_by_name, 'dense', s, size)[1] for s in dense_seeds])
-  step_speedup, lower_bound = steps_to_match(lengths, dense.mean(0), lengths, per_seed.mean(0))
-  per_seed_speedup = []
-  for s, losses in zip(seeds, per_seed):
-    if s in dense_seeds:
-      dense_losses = dense[dense_seeds.index(s)]
-      per_seed_speedup.append(round(steps_to_match(lengths, dense_losses, lengths, losses)[0], 3))
-  speed, dense_speed = throughput[arm], throughput['dense']
-  in_runs = max(run_tokens_per_sec(runs_by_name[f'{arm}_s{s}']['records']) for s in seeds)
+  dense = np.array([complete_runs(runs_by_name, 'dense', s, size)[1] for s in seeds])
+  matched = [steps_to_match(lengths, d, lengths, a) for d, a in zip(dense, per_seed)]
+  step_x = np.array([x for x, _ in matched])
+  speed = np.array([run_tokens_per_sec(runs_by_name[f'{arm}_s{s}']['records']) for s in seeds])
+  dense_speed = np.array([run_tokens_per_sec(runs_by_name[f'dense_s{s}']['records'])
+                          for s in seeds])
+  time_x = step_x * speed / dense_speed
   main = runs_by_name[f'{arm}_s{seeds[0]}']
   finals = per_seed[:, -1]
+  rounded = lambda xs: [round(float(x), 3) for x in xs]
   return {
-      'arm': arm, 'family': plan.family(arm), 'seeds': seeds, 'lr': main['run'].lr,
+      'arm': arm, 'family': plan.family(arm), 'seeds': list(seeds), 'lr': main['run'].lr,
       'params': main['params'], 'active_params': main['active_params'],
-      'tokens_per_sec': round(speed, 1), 'tokens_per_sec_in_runs': round(in_runs, 1),
+      # Both from the runs' own logs now; the second name is kept for readers of older records.
+      'tokens_per_sec': round(float(np.median(speed)), 1),
+      'tokens_per_sec_in_runs': round(float(np.median(speed)), 1),
       'final_val_loss_mean': round(float(finals.mean()), 5),
       'final_val_loss_spread': round(float(finals.max() - finals.min()), 5),
       'final_bits_per_byte_mean': round(float(finals.mean()) / math.log(2), 4),
       'complete_run_steps': lengths,
       'complete_run_val_loss_mean': [round(float(x), 5) for x in per_seed.mean(0)],
-      'step_speedup': round(step_speedup, 3),
-      'step_speedup_is_lower_bound': lower_bound,
-      'time_speedup': round(step_speedup * speed / dense_speed, 3),
-      'per_seed_step_speedup': per_seed_speedup,
+      'step_speedup': round(float(step_x.mean()), 3),
+      'step_speedup_spread': round(float(step_x.max() - step_x.min()), 3),
+      'step_speedup_is_lower_bound': any(bound for _, bound in matched),
+      'time_speedup': round(float(time_x.mean()), 3),
+      'time_speedup_spread': round(float(time_x.max() - time_x.min()), 3),
+      'per_seed_step_speedup': rounded(step_x),
+      'per_seed_time_speedup': rounded(time_x),
       'dropped_fraction': main['dropped_fraction'],
   }
-

@@ -23,7 +23,8 @@ ROUTING_OPTIONS = {
     'dropless': {'moe.dispatch': 'dropless'},
 }
 MAIN_ARMS = {'full': tuple(moe_vs_dense.ARMS), 'quick': ('dense', 'stmoe16')}
-SEEDS = {'full': (0, 1), 'quick': (0,)}
+# Every arm runs the same seeds: speedups are taken seed for seed (analysis.arm_summary).
+SEEDS = {'full': (0, 1, 2), 'quick': (0, 1)}
 NUM_STEPS = {'full': 1600, 'quick': 20}
 BRANCH_FRACTIONS = (4, 2)  # Complete runs of N/4 and N/2 branch off the main run of N.
 EXPERT_SCALING_ARMS = ('stmoe8', 'stmoe16', 'stmoe64')  # Same k and width, more experts.
@@ -56,9 +57,16 @@ def sweep_run(arm: str, lr: float, size: str) -> Run:
   return Run(f'sweep/{arm}_lr{lr:g}', arm, 0, lr, SWEEP_STEPS[size], 'sweep')
 
 
+def sweep_families(size: str) -> list[str]:
+  """The families stage 1 tunes: those of the size's MAIN_ARMS."""
+  return [fam for fam in SWEEP_ARMS if fam in {family(a) for a in MAIN_ARMS[size]}]
+
+
 def sweep_runs(size: str) -> list[Run]:
-  """Stage 1's grid: every family's representative arm (SWEEP_ARMS) at each of SWEEP_LRS."""
-  return [sweep_run(arm, lr, size) for arm in SWEEP_ARMS.values() for lr in SWEEP_LRS[size]]
+  """Stage 1's grid: each tuned family's representative arm (SWEEP_ARMS) at each of
+  SWEEP_LRS."""
+  return [sweep_run(SWEEP_ARMS[fam], lr, size) for fam in sweep_families(size)
+          for lr in SWEEP_LRS[size]]
 
 
 def routing_runs(size: str, lr: float) -> list[Run]:

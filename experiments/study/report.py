@@ -55,7 +55,7 @@ def markdown(summary: list[dict], tuned: dict, sweep_loaded: list[dict],
            f'steps; dense target = mean final validation loss of dense at {steps} steps, '
            f"{dense['final_val_loss_mean']:.4f} nats/byte):", '',
            '| arm | seeds | lr | params | active params | final val loss (mean ± half spread) '
-           '| bits/byte | step speedup | per-seed | time speedup | tokens/s (benchmark; runs) '
+           '| bits/byte | step speedup | per seed | time speedup | per seed | tokens/s (runs) '
            '| dropped |', '|' + '---|' * 12]
   for e in summary:
     lines.append(
@@ -64,9 +64,9 @@ def markdown(summary: list[dict], tuned: dict, sweep_loaded: list[dict],
         f"{e['final_val_loss_spread'] / 2:.4f} | {e['final_bits_per_byte_mean']:.3f} "
         f"| {_speedup_text(e, 'step_speedup')} "
         f"| {', '.join(f'{x:.2f}' for x in e['per_seed_step_speedup']) or '-'} "
-        f"| {_speedup_text(e, 'time_speedup')} | {e['tokens_per_sec']:,.0f}; "
-        f"{e['tokens_per_sec_in_runs']:,.0f} "
-        f"| {e['dropped_fraction']:.4f} |")
+        f"| {_speedup_text(e, 'time_speedup')} "
+        f"| {', '.join(f'{x:.2f}' for x in e.get('per_seed_time_speedup', [])) or '-'} "
+        f"| {e['tokens_per_sec']:,.0f} | {e['dropped_fraction']:.4f} |")
   lines += ['', 'Complete runs (mean final validation loss over seeds):', '',
             '| arm | ' + ' | '.join(f'{n} steps' for n in summary[0]['complete_run_steps']) + ' |',
             '|' + '---|' * (1 + len(summary[0]['complete_run_steps']))]
@@ -79,7 +79,8 @@ def markdown(summary: list[dict], tuned: dict, sweep_loaded: list[dict],
             'edge):', '',
             '| family (arm) | ' + ' | '.join(f'lr {lr:g}' for lr in rates) + ' | chosen |',
             '|' + '---|' * (2 + len(rates))]
-  for fam, arm in plan.SWEEP_ARMS.items():
+  for fam in plan.sweep_families(size):
+    arm = plan.SWEEP_ARMS[fam]
     losses = {x['run'].lr: analysis.final_eval(x['records'])['loss'] for x in sweep_loaded
               if x['run'].arm == arm}
     lines.append(f'| {fam} ({arm}) | ' + ' | '.join(

@@ -1,4 +1,4 @@
-"""Training, resuming and loading the study's runs, and measuring each arm's throughput.
+"""Training, resuming and loading the study's runs.
 
 Each run is a train.py process pinned to one core; a run whose final evaluation is logged is
 skipped, so rerunning the study resumes it. A branch run starts from a copy of its main run's
@@ -102,30 +102,6 @@ class Runner:
     with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
       for future in [pool.submit(self.run_group, g) for g in groups]:
         future.result()
-
-
-def measure_throughput(arms: list[str], size: str, root: str, core: str) -> dict[str, float]:
-  """{arm: train-step tokens/s}, benchmarks/train_step.py on one core (random tokens, median
-  step after compilation), one arm at a time; cached in root/throughput.json."""
-  path = os.path.join(root, 'throughput.json')
-  cached = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-  for arm in arms:
-    if arm in cached:
-      continue
-    config_arg = f'{os.path.join(REPO, "configs", "moe_vs_dense.py")}:arm={arm},size={size}'
-    argv = [sys.executable, os.path.join(REPO, 'benchmarks', 'train_step.py'),
-            f'--config={config_arg}', f'--steps={20 if size == "full" else 3}']
-    if core and shutil.which('taskset'):
-      argv = ['taskset', '-c', core, *argv]
-    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
-    record = json.loads([line for line in out.splitlines() if line.startswith('{')][-1])
-    cached[arm] = record['tokens_per_sec']
-    with open(path, 'w') as f:
-      json.dump(cached, f, indent=1)
-  return cached
 
 
 def parameter_counts(config) -> tuple[int, int]:

@@ -2,21 +2,24 @@
 
   1. learning rate per family (plus rates beyond the grid's edge at the full size),
   2. routing options on stmoe64 (full size only),
-  3. every arm's main runs and their branches,
-  4. a third seed for dense and for the best MoE arm,
-  5. each arm's throughput, then the summary, tables and plots (report.py).
+  3. every arm's main runs and their branches, at the same seeds,
+  4. the summary (speedups seed for seed, throughput from the runs' own logs), tables and
+     plots (report.py).
 
 Finished runs are skipped (runs.Runner), so rerunning `run_study` resumes it.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import json
 import os
 import time
 
 import numpy as np
 
+from configs import moe_vs_dense
 from experiments.study import analysis
 from experiments.study import plan
 from experiments.study import report
@@ -31,7 +34,7 @@ def load_runs(batch: list[plan.Run], root: str, size: str) -> list[dict]:
 def edge_extensions(loaded: list[dict], size: str) -> list[plan.Run]:
   """One more rate, a factor of 2 beyond the grid, for each family whose best is at its edge."""
   extra = []
-  for arm in plan.SWEEP_ARMS.values():
+  for arm in (plan.SWEEP_ARMS[fam] for fam in plan.sweep_families(size)):
     batch = sorted((x for x in loaded if x['run'].arm == arm), key=lambda x: x['run'].lr)
     best = min(range(len(batch)), key=lambda i: analysis.final_eval(batch[i]['records'])['loss'])
     if best == 0:
@@ -45,6 +48,8 @@ def choose_lr(loaded: list[dict]) -> dict[str, float]:
   """Each family's peak learning rate with the lowest final validation loss."""
   best = {}
   for fam, arm in plan.SWEEP_ARMS.items():
+    if not any(x['run'].arm == arm for x in loaded):
+      continue  # Not in this size's arms.
     batch = [x for x in loaded if x['run'].arm == arm]
     best[fam] = min(batch, key=lambda x: analysis.final_eval(x['records'])['loss'])['run'].lr
   return best
@@ -81,19 +86,13 @@ def tune_routing(runner: runs.Runner, root: str, size: str, lr: dict[str, float]
   return routing_loaded, tuned
 
 
-def _extra_seed(size: str) -> int:
-  return max(plan.SEEDS[size]) + 1
-
-
 def train_main_runs(runner: runs.Runner, root: str, size: str, tuned: dict) -> dict[str, dict]:
-  """Stage 3: every arm's main runs and branches at its seeds, and dense's extra seed (which
-  does not wait for the best MoE); returns {run name: loaded run}."""
-  arms, seeds = plan.MAIN_ARMS[size], list(plan.SEEDS[size])
-  extra_seed = _extra_seed(size)
+  """Stage 3: every arm's main runs and branches at the size's seeds; returns {run name:
+  loaded run}."""
   # The slowest arms start first.
   groups = [plan.main_group(arm, seed, size, tuned)
-            for arm in sorted(arms, key=plan.RELATIVE_COST.get, reverse=True)
-            for seed in seeds + ([extra_seed] if arm == 'dense' else [])]
+            for arm in sorted(plan.MAIN_ARMS[size], key=plan.RELATIVE_COST.get, reverse=True)
+            for seed in plan.SEEDS[size]]
   runner.run_all(groups)
   return {x['run'].name: x for x in load_runs([r for g in groups for r in g], root, size)}
 
@@ -106,19 +105,10 @@ def best_moe_arm(by_name: dict[str, dict], size: str) -> str:
       [analysis.final_eval(by_name[f'{a}_s{s}']['records'])['loss'] for s in seeds]))
 
 
-def train_extra_seed(runner: runs.Runner, root: str, size: str, tuned: dict, arm: str
-                     ) -> dict[str, dict]:
-  """Stage 4: `arm`'s main run and branches at the extra seed; returns {run name: loaded run}."""
-  extra = [plan.main_group(arm, _extra_seed(size), size, tuned)]
-  runner.run_all(extra)
-  return {x['run'].name: x for x in load_runs([r for g in extra for r in g], root, size)}
-
-
-def run_study(root: str, size: str, data_dir: str, cores: list[str],
-              best_extra_seed: bool) -> None:
+def run_study(root: str, size: str, data_dir: str, cores: list[str]) -> None:
   """Trains (or resumes) every stage of the study of `size` ('full' or 'quick') in `root`, one
-  run per core of `cores` at a time, then measures throughput and writes the results (see
-  experiments/moe_vs_dense.py); prints the tables."""
+  run per core of `cores` at a time, then writes the results (see experiments/moe_vs_dense.py);
+  prints the tables."""
   study_start = time.time()
   os.makedirs(root, exist_ok=True)
   runner = runs.Runner(size, root, data_dir, cores)
@@ -127,17 +117,9 @@ def run_study(root: str, size: str, data_dir: str, cores: list[str],
   routing_loaded, tuned = tune_routing(runner, root, size, choose_lr(sweep_loaded))
   by_name = train_main_runs(runner, root, size, tuned)
   best_arm = best_moe_arm(by_name, size)
-  if best_extra_seed:
-    by_name.update(train_extra_seed(runner, root, size, tuned, best_arm))
 
-  arms, seeds, extra_seed = plan.MAIN_ARMS[size], list(plan.SEEDS[size]), _extra_seed(size)
-  seeds_of = {a: seeds + ([extra_seed] if a == 'dense' or (a == best_arm and best_extra_seed)
-                          else [])
-              for a in arms}
-  throughput = runs.measure_throughput(list(arms), size, root, runner.first_core)
-  summary = [analysis.arm_summary(by_name, arm, seeds_of[arm], seeds_of['dense'], size,
-                                  throughput)
-             for arm in arms]
+  arms, seeds = plan.MAIN_ARMS[size], list(plan.SEEDS[size])
+  summary = [analysis.arm_summary(by_name, arm, seeds, seeds, size) for arm in arms]
   summary[0]['best_moe_arm'] = best_arm
   main_loaded = [x for x in by_name.values() if x['run'].stage == 'main']
   table, paths = report.write_results(
@@ -147,3 +129,57 @@ def run_study(root: str, size: str, data_dir: str, cores: list[str],
   print(f'wrote {root}/results.csv, results.md, summary.json, tuned.json, ' +
         ', '.join(map(os.path.basename, paths)))
   print(f'study took {(time.time() - study_start) / 60:.1f} minutes')
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_counts(arm: str, size: str) -> tuple[int, int]:
+  return runs.parameter_counts(moe_vs_dense.get_config(f'arm={arm},size={size}'))
+
+
+def _loaded_from_rows(run_name: str, rows: list[dict], size: str) -> dict:
+  """A run as `runs.load_run` gives it, rebuilt from its results.csv rows: its evaluations, and
+  the train records logged at those steps (tokens/s, dropped fraction)."""
+  first = rows[0]
+  lr = float(first['lr'])
+  run = plan.Run(run_name, first['arm'], int(first['seed']), lr, int(first['complete_steps']),
+                 first['stage'], branch_of=run_name.rsplit('_n', 1)[0] if first['stage'] ==
+                 'branch' else '')
+  records = []
+  for r in rows:
+    records.append({'kind': 'eval', 'step': int(r['step']), 'loss': float(r['val_loss']),
+                    'bits_per_byte': float(r['val_bits_per_byte'])})
+    train = {k: float(r[k]) for k in ('tokens_per_sec', 'dropped_fraction') if r[k]}
+    if train:
+      records.append({'kind': 'train', 'step': int(r['step']), **train})
+  total, active = _parameter_counts(run.arm, size)
+  late = [r['dropped_fraction'] for r in records if 'dropped_fraction' in r]
+  return {'run': run, 'records': records, 'params': total, 'active_params': active,
+          'dropped_fraction': round(float(np.mean(late[-5:])), 5) if late else 0.0,
+          'first_dropped_fraction': round(float(late[0]), 5) if late else 0.0}
+
+
+def reanalyze(directory: str, size: str = 'full') -> str:
+  """Rewrites directory/summary.json and results.md from its results.csv and tuned.json with
+  the current analysis, over the seeds every arm ran; returns the markdown tables."""
+  with open(os.path.join(directory, 'results.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  with open(os.path.join(directory, 'tuned.json')) as f:
+    tuned = json.load(f)
+  by_run: dict[str, list[dict]] = {}
+  for r in rows:
+    by_run.setdefault(r['run'], []).append(r)
+  loaded = {name: _loaded_from_rows(name, rs, size) for name, rs in by_run.items()}
+  arms = plan.MAIN_ARMS[size]
+  seeds_of = {a: {x['run'].seed for x in loaded.values()
+                  if x['run'].stage == 'main' and x['run'].arm == a} for a in arms}
+  seeds = sorted(set.intersection(*seeds_of.values()))
+  summary = [analysis.arm_summary(loaded, arm, seeds, seeds, size) for arm in arms]
+  summary[0]['best_moe_arm'] = min(
+      (e for e in summary if e['arm'] != 'dense'), key=lambda e: e['final_val_loss_mean'])['arm']
+  with open(os.path.join(directory, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  by_stage = lambda stage: [x for x in loaded.values() if x['run'].stage == stage]
+  table = report.markdown(summary, tuned, by_stage('sweep'), by_stage('routing'), size)
+  with open(os.path.join(directory, 'results.md'), 'w') as f:
+    f.write(table)
+  return table
