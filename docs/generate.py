@@ -199,6 +199,30 @@ def study_routing(link: Link) -> str:
           + f'\n\nChosen for every MoE arm: `{chosen}`.' + source(link, 'results.csv', 'tuned.json'))
 
 
+@generator('routers_study')
+def routers_study(link: Link) -> str:
+  """experiments/routers.py: every router on fine64, seed for seed against its own gating."""
+  name = 'routers.json'
+  record = _json(name)
+  rows = []
+  for e in record['routers']:
+    overrides = ', '.join(f'{k}={v}' for k, v in e['overrides'].items()) or "fine64's own"
+    delta = e['delta_vs_baseline']
+    metric = lambda k, fmt: format(e[k], fmt) if k in e else '-'
+    rows.append([
+        f"`{e['router']}`", overrides,
+        ', '.join(f'{x:.4f}' for x in e['final_val_loss']),
+        '-' if e['router'] == record['routers'][0]['router'] else
+        f"{sum(delta) / len(delta):+.4f} ({', '.join(f'{x:+.3f}' for x in delta)})",
+        metric('dropped_fraction', '.3f'), metric('tokens_left_behind', '.3f'),
+        metric('router_entropy', '.2f'), metric('router_confidence', '.3f'),
+        metric('experts_per_token', '.2f'), f"{e['tokens_per_sec_in_runs']:,.0f}"])
+  return table(['router', 'moe overrides', 'final val loss (per seed)',
+                'vs own gating (mean; per seed)', 'dropped', 'left behind', 'entropy (nats)',
+                'top-1 confidence', 'experts / token', 'tokens/s (runs)'], rows) + source(
+                    link, name)
+
+
 # Expert specialization -----------------------------------------------------------------------------
 
 @generator('specialization')
