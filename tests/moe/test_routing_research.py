@@ -101,8 +101,9 @@ def test_left_behind_needs_every_choice_dropped_top_2():
   np.testing.assert_allclose(ec['experts_per_token_hist'], [2 / 4, 1 / 4, 1 / 4, 0], rtol=1e-6)
   # Padding (token 1) is neither routed nor counted: tokens 0, 2, 3 reach 2, 1, 0 experts.
   mask = jnp.asarray([[True, False, True, True]])
-  masked = routing.routing_stats(routing.tokens_choose_top_k(
-      jnp.log(jnp.asarray(probs)), top_k=2, capacity=1, mask_GS=mask), mask)
+  masked = jax.jit(lambda l, m: routing.routing_stats(
+      routing.tokens_choose_top_k(l, top_k=2, capacity=1, mask_GS=m), m))(
+          jnp.log(jnp.asarray(probs)), mask)
   np.testing.assert_allclose(masked['experts_per_token'], 3 / 3, rtol=1e-6)
   np.testing.assert_allclose(masked['experts_per_token_hist'], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
 
@@ -112,7 +113,8 @@ def test_experts_per_token_hand_worked_relu_and_null_experts():
   # ReLU routing, 3 experts: positive gates 2, 0, 3, 1 per token.
   logits = jnp.asarray([[[1.0, -1.0, 2.0], [-1.0, 0.0, -3.0], [0.5, 0.1, 2.0],
                          [-2.0, 4.0, -0.5]]])
-  stats = routing.routing_stats(routing.route_relu(logits, moe, capacity=4))
+  # Jitted: one compile instead of one per eager op.
+  stats = jax.jit(lambda l: routing.routing_stats(routing.route_relu(l, moe, capacity=4)))(logits)
   np.testing.assert_allclose(stats['experts_per_token'], 6 / 4, rtol=1e-6)
   np.testing.assert_allclose(stats['experts_per_token_hist'], [1 / 4, 1 / 4, 1 / 4, 1 / 4],
                              rtol=1e-6)
@@ -122,7 +124,8 @@ def test_experts_per_token_hand_worked_relu_and_null_experts():
                                     'second_expert_threshold': 0.0}).moe
   logits = jnp.asarray([[[3.0, 2.0, 0.0, 0.0], [3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 2.0],
                          [0.0, 3.0, 0.0, 2.0]]])
-  stats = routing.routing_stats(routing.route_tokens_choose(logits, null_moe, capacity=4))
+  stats = jax.jit(lambda l: routing.routing_stats(
+      routing.route_tokens_choose(l, null_moe, capacity=4)))(logits)
   np.testing.assert_allclose(stats['null_choice_fraction'], 4 / 8, rtol=1e-6)
   np.testing.assert_allclose(stats['experts_per_token'], 4 / 4, rtol=1e-6)
   np.testing.assert_allclose(stats['experts_per_token_hist'], [1 / 4, 2 / 4, 1 / 4], rtol=1e-6)
