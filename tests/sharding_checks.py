@@ -31,12 +31,18 @@ RTOL, ATOL = 1e-5, 1e-6  # float32; reductions are split differently across shar
 # Routing is global and every router's `Routing` takes the same exchange, so instead of more
 # compiles einsum runs the DeepSeek-V3 gating options and dropless the hierarchical router
 # (tests/test_gating.py): their noise, sampled policy and per-level or per-sequence losses must
-# match one device's too. Scatter keeps the plain top-2 router.
+# match one device's too. Scatter keeps the plain top-2 router. Balancing is over the global
+# batch (issue #30), and each token shard holds one routing group, so a value computed per
+# shard would be the per-group one: scatter's balance loss has balance_scope='global' (weighted
+# up so that its gradient shows in the router's) and the bias balancer re-centred; einsum sets
+# its bias by quantile balancing (its sort over the tokens is resharded by an all-to-all, so it
+# runs on the meshes that have one anyway).
 STRATEGY_ROUTING = {
-    'scatter': {},
+    'scatter': dict(balance_scope='global', aux_loss_coef=0.1, bias_balancer_rate=1e-3,
+                    bias_balancer_recenter=True),
     'einsum': dict(score_fn='sigmoid', routed_scaling_factor=2.5, n_groups=4, topk_groups=2,
                    seq_aux_loss_coef=1e-2, router_noise='gumbel', threshold_train=(0.3,),
-                   bias_balancer_rate=1e-3),
+                   quantile_balance_rate=0.5),
     'dropless': dict(router='hierarchical', hierarchy=(4, 2), hierarchy_outer_k=2,
                      router_noise='noisy_top_k'),
 }
@@ -66,7 +72,8 @@ def make_batch(config):
 
 
 def loss_and_grads(trainer, state, batch):
-  """Jitted value_and_grad of the train loss under the trainer's shardings."""
+  """Jitted value_and_grad of the train loss under the trainer's shardings: (loss, metrics,
+  grads, compiled HLO, the buffers the forward pass left (routing biases))."""
   loss_fn = lambda params, buffers, batch, rng: losses.compute_loss(
       params, buffers, trainer.graphdef, batch, rng, trainer.model_cfg)
   fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
@@ -74,9 +81,9 @@ def loss_and_grads(trainer, state, batch):
                              trainer.batch_sharding, None))
   args = (state.params, state.buffers, trainer.global_batch(batch), jax.random.PRNGKey(1))
   compiled = fn.lower(*args).compile()
-  (loss, (metrics, _)), grads = compiled(*args)
+  (loss, (metrics, buffers)), grads = compiled(*args)
   hlo = compiled.as_text()
-  return float(loss), metrics, jax.device_get(grads), hlo
+  return float(loss), metrics, jax.device_get(grads), hlo, jax.device_get(buffers)
 
 
 def config_errors() -> dict[str, str]:
@@ -106,7 +113,7 @@ def main():
     config = make_config({}, strategy)
     ref = train_lib.Trainer(config, '/nonexistent')
     ref_state = ref.init()
-    refs[strategy] = loss_and_grads(ref, ref_state, make_batch(config))[:3]
+    refs[strategy] = loss_and_grads(ref, ref_state, make_batch(config))
     if strategy == 'scatter':
       host_params = jax.device_get(ref_state.params)
   expert_grads = refs['scatter'][2]['blocks'][0]['ffn']['experts']['w_up']
@@ -122,20 +129,30 @@ def main():
         check_state(state, mesh, host_params, name)
       elif strategy == 'dropless':  # The hierarchical router has an outer and a noise router.
         state = trainer.init()
-      ref_loss, ref_metrics, ref_grads = refs[strategy]
+      ref_loss, ref_metrics, ref_grads, _, ref_buffers = refs[strategy]
       batch = make_batch(trainer.config)
-      loss, metrics, grads, hlo = loss_and_grads(trainer, state, batch)
+      loss, metrics, grads, hlo, buffers = loss_and_grads(trainer, state, batch)
       # The same loss, dropped fraction and gradients as one device, within float32 tolerance.
       np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=name)
       for key in ('dropped_fraction', 'balance_loss', 'seq_balance_loss', 'z_loss'):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=RTOL, err_msg=name)
       jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=ATOL,
                                                            err_msg=name), grads, ref_grads)
+      # The routing bias after the step (quantile balancing, the bias balancer): one device's.
+      jax.tree.map(lambda b, r: np.testing.assert_allclose(b, r, rtol=1e-5, atol=ATOL,
+                                                           err_msg=name), buffers, ref_buffers)
       all_to_all = 'all-to-all' in hlo
       if strategy != 'dropless':  # Dropless exchanges by all-gather and reduce-scatter.
         assert all_to_all == (mesh.get('expert', 1) > 1), (name, all_to_all)
+      bias = buffers['blocks'][0]['ffn']['router_bias']
       results[name] = {'loss': loss, 'ref_loss': ref_loss, 'all_to_all': all_to_all,
                        'dropped_fraction': float(metrics['dropped_fraction']),
+                       'balance_loss': float(metrics['balance_loss']),
+                       'ref_balance_loss': float(ref_metrics['balance_loss']),
+                       'seq_balance_loss': float(metrics['seq_balance_loss']),
+                       'router_bias': np.asarray(bias).tolist(),
+                       'max_bias_err': float(np.max(np.abs(
+                           bias - ref_buffers['blocks'][0]['ffn']['router_bias']))),
                        'max_grad_err': max(float(np.max(np.abs(g - r))) for g, r in zip(
                            jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))}
   results['scanned'] = check_scanned()
@@ -189,14 +206,14 @@ def check_scanned():
     config.model.update(num_layers=2, scan_layers=True)  # Period 1: a scan over 2 units.
     return config
   ref = train_lib.Trainer(scanned_config({}), '/nonexistent')
-  ref_loss, _, ref_grads, _ = loss_and_grads(ref, ref.init(), make_batch(ref.config))
+  ref_loss, _, ref_grads, _, _ = loss_and_grads(ref, ref.init(), make_batch(ref.config))
   mesh = {'fsdp': 2, 'expert': 2, 'model': 2}
   trainer = train_lib.Trainer(scanned_config(mesh), '/nonexistent')
   state = trainer.init()
   w_up = state.params['blocks'][0]['ffn']['experts']['w_up']
   assert w_up.shape == (2, 8, 32, 32), w_up.shape
   assert w_up.sharding.spec == PartitionSpec(None, 'expert', 'fsdp', 'model'), w_up.sharding
-  loss, _, grads, hlo = loss_and_grads(trainer, state, make_batch(trainer.config))
+  loss, _, grads, hlo, _ = loss_and_grads(trainer, state, make_batch(trainer.config))
   np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg='scanned')
   jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=ATOL,
                                                        err_msg='scanned'), grads, ref_grads)

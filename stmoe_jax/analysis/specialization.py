@@ -6,12 +6,17 @@ runs the validation split (all of it, or N batches) through checkpoint S (defaul
 newest) of a train.py workdir at the eval capacity factor, and counts, per MoE layer, every
 (token, choice) that reached an expert (`routing.Routing.kept`) by the `byte_classes` class of
 the input byte (BOS and EOS count as 'other'). Writes to DIR (default W/specialization):
-  specialization.json  per layer: counts [E, C], shares both ways, scores, top n-grams;
+  specialization.json  per layer: counts [E, C], shares both ways, scores, top n-grams,
+                       experts per token by class;
   specialization.md    the same as tables;
   specialization.png   per layer, expert x class heatmaps normalised both ways.
 
 Routing is the model's own: each MoE layer's `route` (its registered router, selection bias,
 second-expert policy, capacity) is recorded during the eval forward pass, not recomputed.
+
+Which tokens skip compute: per class, the mean number of experts a routed token of it reached
+(`experts_per_token_by_class`: below k where choices were dropped or went to null experts,
+varying with ReLU routing).
 
 Specialization score of a layer: I(expert; class) / H(class), the share of the class entropy
 that knowing the expert removes, over all kept choices (0: experts see the corpus mix; 1: the
@@ -119,9 +124,10 @@ def token_stream(records, feature_key: str) -> tuple[np.ndarray, np.ndarray, int
 
 
 def collect(placement, state, tokens_T: np.ndarray, num_batches: int | None = None
-            ) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per MoE layer, (expert_N, position_N): the expert and stream position of every kept
-  (token, choice) of the validation split (all of it, or `num_batches` batches).
+            ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+  """(per MoE layer (expert_N, position_N): the expert and stream position of every kept
+  (token, choice) of the validation split (all of it, or `num_batches` batches), and routed_R:
+  the stream positions of every routed (non-padding) token, kept choices or not).
 
   `tokens_T` is `token_stream`'s: evaluation windows tile the stream with stride L, so batch b
   holds positions [b B L, (b + 1) B L) row-major; checked against every batch's inputs.
@@ -133,6 +139,7 @@ def collect(placement, state, tokens_T: np.ndarray, num_batches: int | None = No
                                               max_batches=num_batches)
   step = make_routing_step(placement)
   experts, positions = None, None  # Per layer, one array per batch.
+  routed = []
   offset = 0
   for batch in batches:
     inputs = np.asarray(batch['inputs']).reshape(-1)
@@ -142,6 +149,7 @@ def collect(placement, state, tokens_T: np.ndarray, num_batches: int | None = No
     if (position_X[real].max(initial=0) >= tokens_T.size or
         not np.array_equal(tokens_T[position_X[real]], inputs[real])):
       raise RuntimeError('evaluation batches do not tile the validation stream as expected')
+    routed.append(position_X[real])
     index_MBLK, kept_MBLK = jax.device_get(
         step(state.params, state.buffers, placement.global_batch(batch)))
     M, K = index_MBLK.shape[0], index_MBLK.shape[-1]
@@ -154,7 +162,8 @@ def collect(placement, state, tokens_T: np.ndarray, num_batches: int | None = No
       positions[m].append(position_X[row])
   if experts is None:
     raise ValueError(f'the {config.data.eval_split!r} split produced no batches')
-  return [(np.concatenate(e), np.concatenate(p)) for e, p in zip(experts, positions)]
+  return ([(np.concatenate(e), np.concatenate(p)) for e, p in zip(experts, positions)],
+          np.concatenate(routed))
 
 
 # Aggregation (plain numpy on the collected choices).
@@ -257,11 +266,23 @@ def top_ngrams(expert_N: np.ndarray, position_N: np.ndarray, tokens_T: np.ndarra
   return result
 
 
+def experts_per_token_by_class(position_N: np.ndarray, routed_R: np.ndarray,
+                               classes_T: np.ndarray, num_classes: int) -> np.ndarray:
+  """float64 [C]: the mean number of experts a routed token of class c reached (its kept
+  choices; 0 for a class with no routed token): which tokens skip compute, through capacity
+  drops, null experts or ReLU routing's zero gates."""
+  kept_C = np.bincount(classes_T[position_N], minlength=num_classes)
+  tokens_C = np.bincount(classes_T[routed_R], minlength=num_classes)
+  return np.divide(kept_C, tokens_C, out=np.zeros(num_classes), where=tokens_C > 0)
+
+
 def layer_report(expert_N: np.ndarray, position_N: np.ndarray, tokens_T: np.ndarray,
-                 classes_T: np.ndarray, num_experts: int, seed: int = 0) -> dict:
+                 classes_T: np.ndarray, num_experts: int, seed: int = 0,
+                 routed_R: np.ndarray | None = None) -> dict:
   """Everything the report says about one MoE layer's kept choices (see the module
   docstring): counts, both shares, class mix, scores with their random-router references,
-  per-expert load, class lift and top 3-grams."""
+  per-expert load, class lift and top 3-grams; with `routed_R` (`collect`'s positions of the
+  routed tokens) also the experts per token, overall and `experts_per_token_by_class`."""
   class_N, byte_N = classes_T[position_N], tokens_T[position_N]
   counts_EC = class_counts(expert_N, class_N, num_experts, len(CLASSES))
   by_expert_EC, by_class_EC = shares(counts_EC)
@@ -276,8 +297,12 @@ def layer_report(expert_N: np.ndarray, position_N: np.ndarray, tokens_T: np.ndar
                       where=class_mix_C > 0)
   ngrams = top_ngrams(expert_N, position_N, tokens_T, num_experts)
   load_E = counts_EC.sum(axis=1) / max(counts_EC.sum(), 1)
+  per_token = {} if routed_R is None else {
+      'experts_per_token': expert_N.size / max(routed_R.size, 1),
+      'experts_per_token_by_class': experts_per_token_by_class(position_N, routed_R, classes_T,
+                                                               len(CLASSES)).tolist()}
   return {
-      'num_choices': int(expert_N.size), 'class_mix': class_mix_C.tolist(),
+      'num_choices': int(expert_N.size), 'class_mix': class_mix_C.tolist(), **per_token,
       'mutual_information_bits': mutual_information_bits(counts_EC),
       'class_entropy_bits': entropy_bits(counts_EC.sum(axis=0)),
       'score': specialization_score(counts_EC),
@@ -303,13 +328,13 @@ def specialization(workdir: str, num_batches: int | None = None, step: int | Non
   data = placement.config.data
   source = input_pipeline.get_data_source(data.name, data.eval_split, data.data_dir or None)
   tokens_T, classes_T, fallback, num_bytes = token_stream(source, data.feature_key)
-  collected = collect(placement, state, tokens_T, num_batches)
+  collected, routed_R = collect(placement, state, tokens_T, num_batches)
   return {
       'workdir': os.path.abspath(workdir), 'step': step, 'split': data.eval_split,
       'num_batches': num_batches, 'classes': list(CLASSES),
       'tokenize_fallback_share': fallback / max(num_bytes, 1),
       'layers': [{'layer': layer, **layer_report(expert_N, position_N, tokens_T, classes_T,
-                                                  cfg.moe.num_experts)}
+                                                  cfg.moe.num_experts, routed_R=routed_R)}
                  for layer, (expert_N, position_N) in zip(layers, collected)],
   }
 

@@ -72,8 +72,10 @@ class ModelFamily(options.Entry):
     build: cfg -> its `Model`.
     objective: the `data.objective` its batches come from ('causal_lm': inputs, targets,
       weights; 'span_corruption': `span_corruption.BATCH_KEYS`).
-    train_flops_per_token: (cfg, data config) -> training FLOPs per input token, for the MFU
-      metric; None = not counted (no MFU is logged).
+    forward_flops_per_token: (cfg, data config, experts_per_token=None) -> forward FLOPs per
+      input token (`flops.run_forward_flops_per_token`: the MFU metric counts
+      `flops.TRAIN_PER_FORWARD` times it; eval.py reports it nominal and with the measured
+      experts per token of each MoE layer); None = not counted (no MFU is logged).
     routing_groups: config -> the routing groups of one global batch in each stack.
     sampler: (cfg, data config) -> a text sampler (`sampling.Sampler`'s interface) for eval
       samples and sample.py; None = the family does not sample (`eval_sample_tokens` must be 0).
@@ -81,7 +83,7 @@ class ModelFamily(options.Entry):
   build: Callable[[ModelConfig], Model]
   routing_groups: Callable[[object], tuple[int, ...]]
   objective: str = 'causal_lm'
-  train_flops_per_token: Callable[[ModelConfig, object], int] | None = None
+  forward_flops_per_token: Callable[..., int] | None = None
   sampler: Callable[[ModelConfig, object], object] | None = None
 
 
@@ -218,7 +220,7 @@ MODEL_FAMILIES.register(ModelFamily(
                                            'data.seq_len'),
     routing_groups=lambda config: (
         config.batch_size * config.data.seq_len // config.moe.group_size,),
-    train_flops_per_token=flops.run_train_flops_per_token,
+    forward_flops_per_token=flops.run_forward_flops_per_token,
     doc='Decoder-only causal language model (models/transformer.py).'))
 MODEL_FAMILIES.register(ModelFamily(
     name='encoder_decoder', build=_encoder_decoder, objective='span_corruption',
@@ -228,7 +230,7 @@ MODEL_FAMILIES.register(ModelFamily(
         config.batch_size * config.data.seq_len // (config.moe.encoder_group_size or
                                                     config.moe.group_size),
         config.batch_size * _decoder_len(config.data) // config.moe.group_size),
-    train_flops_per_token=flops.run_train_flops_per_token, validate=_validate_encoder_decoder,
+    forward_flops_per_token=flops.run_forward_flops_per_token, validate=_validate_encoder_decoder,
     options=(
         Option('model.num_encoder_layers', int, 0, 'Encoder layers (MoE at moe.every as in the '
                'decoder).', Range(0)),

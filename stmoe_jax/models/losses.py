@@ -129,7 +129,8 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   (mean logsumexp^2), `router_entropy` [M], `max_load_ratio` [M], `router_bias` [M, E],
   `tokens_left_behind` [M] (share of tokens every choice of which was dropped) and
   `router_confidence` [M] (mean top-1 router probability), `null_choice_fraction` [M] (share
-  of choices sent to null experts: the expert FLOPs saved).
+  of choices sent to null experts: the expert FLOPs saved), `experts_per_token` [M] (mean
+  kept choices per token: what the expert FLOPs spent scale with).
   """
   if not moe_stats['expert_load'].shape[0]:
     return {}
@@ -147,4 +148,5 @@ def moe_metrics(moe_stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
       'tokens_left_behind': moe_stats['tokens_left_behind'],
       'router_confidence': moe_stats['router_confidence'],
       'null_choice_fraction': moe_stats['null_choice_fraction'],
+      'experts_per_token': moe_stats['experts_per_token'],
   }

@@ -4,7 +4,9 @@ Einsum letters: G routing groups (local: this shard's), S tokens per group, K ch
 E experts, C capacity, X slots or rows, D model dim, F expert hidden dim.
 
 `MoeLayer` routes globally (routing is per group, so XLA splits it along G with no
-communication, and the router losses and statistics stay exact global means); only dispatch,
+communication, and the router losses and statistics stay exact global means: the balance loss
+of every `moe.balance_scope` and the routing bias updates are the gathered batch's, as
+tests/sharding_checks.py checks); only dispatch,
 the experts and combine run here, inside one `jax.shard_map` over the whole mesh:
 
   - capacity-based dispatch ('scatter', 'einsum'): each shard dispatches its own groups into

@@ -156,7 +156,8 @@ def global_balance_loss(route: routing.Routing, mask_GS: jax.Array | None = None
   Per-group frequencies push every group (a few sequences) to use every expert, which works
   against specialisation by domain; the global-batch loss only asks the whole batch to. Under
   jit with the batch sharded over data-parallel devices the sums over G are over the global
-  batch (XLA inserts the all-reduce), so this is the loss of the gathered batch.
+  batch (XLA inserts the all-reduce), so this is the loss of the gathered batch; expert
+  parallelism routes outside its shard_map, so there too.
   """
   G, S, E = route.probs.shape
   flat = lambda x: x.reshape(1, G * S, *x.shape[2:])

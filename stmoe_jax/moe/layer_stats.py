@@ -2,7 +2,8 @@
 stack over layers. The model, the loss, evaluation, the train metrics and the plots read them
 from here.
 
-Shape letters: E experts, K choices per token (`routing.Router.num_choices`), H heads.
+Shape letters: E experts, K choices per token (`routing.Router.num_choices`), K+1 the counts
+0..K of a token's kept choices, H heads.
 
 A block reports {'moe': its MoE layer's stats ({} for a dense FFN), 'attention': its attention's
 stats}; `stack` turns the blocks' reports into the model's one flat dict of arrays:
@@ -27,7 +28,7 @@ MOE = {'balance_loss': (), 'z_loss': (), 'seq_balance_loss': (), 'importance_los
        'load_loss': (), 'expert_load': ('E',),
        'max_load_ratio': (), 'dropped_fraction': (), 'dropped_fraction_per_slot': ('K',),
        'tokens_left_behind': (), 'router_entropy': (), 'router_confidence': (),
-       'null_choice_fraction': (),
+       'null_choice_fraction': (), 'experts_per_token': (), 'experts_per_token_hist': ('K+1',),
        'max_router_logit': (), 'router_bias': ('E',)}
 # Every attention layer (`logit_z_loss`: mean logsumexp(attention logits)^2 over real tokens).
 ATTENTION = {'logit_z_loss': ()}
@@ -46,8 +47,8 @@ def key(name: str, stack: str) -> str:
 def dims(cfg: ModelConfig) -> tuple[tuple[str, int], ...]:
   """The sizes of the shape letters for `cfg`, as ((letter, size), ...)."""
   moe = cfg.moe
-  return (('E', moe.num_experts), ('K', routing.ROUTERS[moe.router].num_choices(moe)),
-          ('H', cfg.num_heads))
+  K = routing.ROUTERS[moe.router].num_choices(moe)
+  return (('E', moe.num_experts), ('K', K), ('K+1', K + 1), ('H', cfg.num_heads))
 
 
 def _stack(reports: list[dict], spec: dict, sizes: dict, prefix: str = '') -> dict:

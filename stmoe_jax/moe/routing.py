@@ -304,6 +304,11 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
     router_confidence: mean over tokens of the router's top-1 probability (max_e probs);
     null_choice_fraction: share of choices sent to null experts (`Routing.null_fraction`), so
       the expert FLOPs spent are (1 - it) times the nominal top_k experts' (0 without them);
+    experts_per_token: mean over real tokens of the choices that reached an expert (kept):
+      what a token's expert compute scales with (`models.flops`). top_k less drops and null
+      choices for tokens-choose; varying by token for ReLU routing and expert choice;
+    experts_per_token_hist [K + 1]: share of real tokens that reached 0, 1, ..., K experts
+      (entry 0 is tokens_left_behind);
     max_router_logit: largest |router logit| (the ST-MoE z-loss keeps it small, so the float32
       softmax stays accurate; watch it grow when the z-loss is off).
   """
@@ -316,6 +321,11 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
   dropped_K = jnp.sum(assigned_GSK - kept_GSK, axis=(0, 1))
   entropy_GS = -jnp.sum(route.probs * jnp.log(jnp.maximum(route.probs, 1e-30)), axis=-1)
   left_behind_GS = (~jnp.any(route.kept, axis=-1)).astype(jnp.float32)
+  experts_GS = jnp.sum(route.kept, axis=-1)
+  # N: the K + 1 counts 0..K a token's kept choices can take.
+  hist_GSN = jax.nn.one_hot(experts_GS, route.kept.shape[-1] + 1, dtype=jnp.float32)
+  m_GS1 = (jnp.ones((G, S, 1), jnp.float32) if mask_GS is None
+           else mask_GS[..., None].astype(jnp.float32))
   return {
       'balance_loss': (load_balancing_loss(route.probs, route.expert_index, mask_GS,
                                            route.assigned)
@@ -330,6 +340,9 @@ def routing_stats(route: Routing, mask_GS: jax.Array | None = None) -> dict[str,
       'router_confidence': _masked_mean(jnp.max(route.probs, axis=-1), mask_GS),
       'null_choice_fraction': (jnp.zeros((), jnp.float32) if route.null_fraction is None
                                else route.null_fraction),
+      'experts_per_token': _masked_mean(experts_GS.astype(jnp.float32), mask_GS),
+      'experts_per_token_hist': (jnp.sum(hist_GSN * m_GS1, axis=(0, 1)) /
+                                 jnp.maximum(jnp.sum(m_GS1), 1.0)),
       'max_router_logit': jnp.max(jnp.abs(route.logits) * (
           1.0 if mask_GS is None else mask_GS[..., None].astype(jnp.float32))),
   }

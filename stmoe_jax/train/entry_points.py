@@ -180,8 +180,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
   """eval.py: restores `step` (default: the latest) of a workdir and evaluates it.
 
   With `capacity_factors` (numbers or 'dropless') the checkpoint is also evaluated at each of
-  them and `capacity_sweep` lists, per factor, loss, bits_per_byte and dropped fractions
-  (overall and per choice slot): ST-MoE treats the eval capacity factor as a free lever. Writes
+  them and `capacity_sweep` lists, per factor, loss, bits_per_byte, dropped fractions
+  (overall and per choice slot), each MoE layer's experts per token and the forward FLOPs per
+  token spent: ST-MoE treats the eval capacity factor as a free lever. Writes
   `workdir/eval_<step>.json` (process 0) and returns the metrics with `step` added. `mesh`
   (axis sizes) replaces the saved `config.mesh`: checkpoints restore onto any mesh the model
   fits. Raises as `restore_workdir`.
@@ -197,7 +198,9 @@ def evaluate_workdir(workdir: str, step: int | None = None, max_batches: int | N
       metrics['capacity_sweep'].append({
           'eval_capacity_factor': factor, 'loss': m['loss'],
           'bits_per_byte': m['bits_per_byte'], 'dropped_fraction': m['dropped_fraction'],
-          'dropped_fraction_per_slot': [l['dropped_fraction_per_slot'] for l in m['moe_layers']]})
+          'dropped_fraction_per_slot': [l['dropped_fraction_per_slot'] for l in m['moe_layers']],
+          'experts_per_token': [l['experts_per_token'] for l in m['moe_layers']],
+          **{k: v for k, v in m.items() if k == 'spent_forward_flops_per_token'}})
   if jax.process_index() == 0:
     records.write_file_atomically(os.path.join(workdir, f'eval_{step}.json'),
                                   json.dumps(metrics, indent=2))

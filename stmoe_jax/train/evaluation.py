@@ -35,8 +35,12 @@ def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
   factor), `dropped_fraction_per_slot` (1st, 2nd, ... choice), `router_z` (mean
   logsumexp^2), `router_entropy` (nats), `tokens_left_behind` (share of tokens every choice
   of which was dropped), `router_confidence` (mean top-1 router probability),
-  `null_choice_fraction` (share of choices sent to null experts), `importance_loss` and `load_loss` (`cv_balance`; at
-  evaluation the load is the hard count) and `router_bias` (the aux-loss-free balancer's bias).
+  `null_choice_fraction` (share of choices sent to null experts), `experts_per_token` (mean
+  choices per token that reached an expert, after drops and null choices) and
+  `experts_per_token_hist` (share of tokens that reached 0, 1, ..., K experts), `importance_loss`
+  and `load_loss` (`cv_balance`; at evaluation the load is the hard count) and `router_bias`
+  (the aux-loss-free balancer's bias).
+  `evaluate_split` adds `flops_report`'s forward FLOPs per token, nominal and spent.
   With `exact_match` (prompt -> answer tasks, one example per row) also `exact_match`: the share
   of examples whose every answer token (and its EOS) is the argmax given the ones before, which
   is when greedy decoding emits the answer exactly; `accuracy` is then the token accuracy over
@@ -90,6 +94,8 @@ def _layer_report(layer: int, stats: dict, stack: str = '') -> dict:
       'tokens_left_behind': float(stats['tokens_left_behind']),
       'router_confidence': float(stats['router_confidence']),
       'null_choice_fraction': float(stats['null_choice_fraction']),
+      'experts_per_token': float(stats['experts_per_token']),
+      'experts_per_token_hist': as_list(stats['experts_per_token_hist']),
       'importance_loss': float(stats['importance_loss']), 'load_loss': float(stats['load_loss']),
       'router_bias': as_list(stats['router_bias']),
   }
@@ -149,5 +155,20 @@ def evaluate_split(placement, state, eval_step: Callable, max_batches: int | Non
                                 **placement.data_kwargs(config.data.eval_split),
                                 max_batches=max_batches)
   run_step = lambda b: eval_step(state.params, state.buffers, placement.global_batch(b))
-  return evaluate(run_step, batches, model_cfg or placement.model_cfg,
-                  exact_match=config.data.task != 'lm')
+  cfg = model_cfg or placement.model_cfg
+  metrics = evaluate(run_step, batches, cfg, exact_match=config.data.task != 'lm')
+  return {**metrics, **flops_report(cfg, config.data, metrics['moe_layers'])}
+
+
+def flops_report(cfg: ModelConfig, data, moe_layers: list[dict]) -> dict:
+  """{'forward_flops_per_token': nominal (top_k experts in every MoE layer),
+  'spent_forward_flops_per_token': with each layer's measured `experts_per_token`} per input
+  token (`flops.forward_flops_per_token`), from `evaluate`'s `moe_layers`; {} for a model
+  family that does not count its FLOPs."""
+  count = model_factory.MODEL_FAMILIES[cfg.architecture].forward_flops_per_token
+  if count is None:
+    return {}
+  used = {(layer.get('stack', ''), layer['layer']): layer['experts_per_token']
+          for layer in moe_layers}
+  return {'forward_flops_per_token': count(cfg, data),
+          'spent_forward_flops_per_token': count(cfg, data, experts_per_token=used)}

@@ -11,7 +11,8 @@ Every `write(step, kind, metrics)` appends one JSON line `{"step", "kind", "wall
   - any other vector [M] (e.g. `layer_dropped_fraction`) becomes scalars `<kind>/<name>/moe<m>`;
   - an encoder-decoder's per-stack `expert_load/<stack>` likewise becomes
     `<kind>/expert_load/<stack>/moe<m>` and `<kind>/max_over_mean_load/<stack>/moe<m>`;
-  - eval's `moe_layers` list (see `evaluation.evaluate`) is read as the same two arrays.
+  - eval's `moe_layers` list (see `evaluation.evaluate`) is read as the same two arrays, and
+    its `experts_per_token` as scalars `<kind>/experts_per_token/moe<m>`.
 
 `write_text(step, tag, text)` adds a text summary and a line to `workdir/samples.jsonl`.
 
@@ -59,6 +60,8 @@ def tensorboard_values(metrics: dict) -> tuple[dict[str, float], dict[str, np.nd
     if layers:
       metrics['expert_load'] = np.array([layer['expert_load'] for layer in layers])
       metrics['layer_dropped_fraction'] = np.array([layer['dropped_fraction'] for layer in layers])
+      if all('experts_per_token' in layer for layer in layers):
+        metrics['experts_per_token'] = np.array([layer['experts_per_token'] for layer in layers])
   scalars, histograms = {}, {}
   for name, value in metrics.items():
     try:

@@ -175,8 +175,9 @@ class _TrainLoop:
     self.start, self.end = int(state.step), config.stop_at_step or config.num_train_steps
     self.tokens_per_step = config.batch_size * config.data.seq_len
     family = model_factory.MODEL_FAMILIES[config.model.architecture]
-    self.flops_per_token = (family.train_flops_per_token(trainer.model_cfg, config.data)
-                            if family.train_flops_per_token else None)
+    self.flops_per_token = (flops.TRAIN_PER_FORWARD *
+                            family.forward_flops_per_token(trainer.model_cfg, config.data)
+                            if family.forward_flops_per_token else None)
     peak = (config.peak_flops_per_device or
             flops.peak_flops_per_device(jax.devices()[0].device_kind))
     self.peak_flops = peak * jax.device_count() if peak else None

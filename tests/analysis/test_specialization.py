@@ -118,6 +118,24 @@ def test_shuffled_labels_keep_each_token_whole():
   assert not np.array_equal(shuffled, labels_T[position_N])
 
 
+def test_experts_per_token_by_class_matches_a_loop():
+  rng = np.random.default_rng(4)
+  classes_T = rng.integers(0, 3, 60)  # Classes 0..2 of 4: class 3 never occurs.
+  routed_R = np.arange(5, 55)  # Positions 0..4 and 55..59 are not routed (padding).
+  # Each routed token keeps 0, 1 or 2 choices, more often for class 0 (fewer skip).
+  kept_R = np.minimum(rng.integers(0, 3, 50) + (classes_T[routed_R] == 0), 2)
+  position_N = np.repeat(routed_R, kept_R)
+  got = specialization.experts_per_token_by_class(position_N, routed_R, classes_T, 4)
+  for c in range(3):
+    tokens = [t for t in routed_R if classes_T[t] == c]
+    assert got[c] == pytest.approx(sum(kept_R[t - 5] for t in tokens) / len(tokens))
+  assert got[3] == 0 and got[0] > got[1]
+  report = specialization.layer_report(rng.integers(0, 4, position_N.size), position_N,
+                                       rng.integers(0, 259, 60), classes_T, 4, routed_R=routed_R)
+  assert report['experts_per_token'] == pytest.approx(kept_R.mean())
+  assert report['experts_per_token_by_class'] == pytest.approx(got.tolist() + [0] * 5)
+
+
 def test_top_ngrams_match_a_counter():
   rng = np.random.default_rng(3)
   tokens_T = rng.integers(97, 101, 300)  # 'a' to 'd': 64 3-grams, most seen several times.

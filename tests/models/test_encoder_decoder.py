@@ -335,23 +335,33 @@ def test_flops_count_encoder_tokens_and_decoder_tokens(enabled):
   T, L = shape.encoder_len, shape.decoder_len
   _, params, _ = model_factory.get_model(cfg).abstract()
   # Independent count from the parameter shapes: a matrix is a multiply-add per token of its
-  # stack (cross-attention keys/values per encoder token), a token uses top_k of E experts.
-  per_encoder, per_decoder = 0, 0
-  for path, p in nnx.to_flat_state(params):
-    if len(p.value.shape) < 2 or path[0] == 'embed':
-      continue
-    n = int(np.prod(p.value.shape))
-    n = n * cfg.moe.top_k // cfg.moe.num_experts if 'experts' in path else n
-    if path[0] == 'encoder_blocks' or 'cross' in path and path[-1] in ('w_k', 'w_v'):
-      per_encoder += 2 * n
-    else:
-      per_decoder += 2 * n
-  HK = cfg.num_heads * cfg.head_dim
-  per_encoder += 2 * 2 * HK * T * cfg.num_encoder_layers
-  per_decoder += 2 * 2 * HK * (L + T) * cfg.num_layers  # Self- and cross-attention scores.
-  expected = per_encoder + per_decoder * L / T
+  # stack (cross-attention keys/values per encoder token), a token of `blocks` uses
+  # experts_per_token(blocks) of E experts.
+  def count(experts_per_token):
+    per_encoder, per_decoder = 0, 0
+    for path, p in nnx.to_flat_state(params):
+      if len(p.value.shape) < 2 or path[0] == 'embed':
+        continue
+      n = int(np.prod(p.value.shape))
+      n = n * experts_per_token(path[0]) / cfg.moe.num_experts if 'experts' in path else n
+      if path[0] == 'encoder_blocks' or 'cross' in path and path[-1] in ('w_k', 'w_v'):
+        per_encoder += 2 * n
+      else:
+        per_decoder += 2 * n
+    HK = cfg.num_heads * cfg.head_dim
+    per_encoder += 2 * 2 * HK * T * cfg.num_encoder_layers
+    per_decoder += 2 * 2 * HK * (L + T) * cfg.num_layers  # Self- and cross-attention scores.
+    return per_encoder + per_decoder * L / T
+
+  expected = count(lambda blocks: cfg.moe.top_k)
   assert flops.forward_flops_per_token(cfg, T, L) == pytest.approx(expected, abs=1)
   assert flops.run_train_flops_per_token(cfg, config.data) == 3 * round(expected)
+  # With measured experts per token (eval.py's) the encoder's MoE layers use 1.5 experts, the
+  # decoder's 0.75.
+  measured = {(stack, i): 1.5 if stack == 'encoder' else 0.75
+              for stack, layers in cfg.moe_stacks() for i in layers}
+  assert flops.run_forward_flops_per_token(cfg, config.data, measured) == pytest.approx(
+      count(lambda block: 1.5 if block == 'encoder_blocks' else 0.75), abs=1)
 
 
 def test_sampler_greedy_equals_full_forward_argmax():

@@ -13,6 +13,12 @@ def test_forward_flops_by_hand(tiny_model_cfg):
   moe_ffn = 2 * D * 4 + 2 * (2 * 3 * D * 16)  # Router + the top-2 experts.
   assert flops.forward_flops_per_token(cfg, L) == 2 * D * V + 2 * attention + dense_ffn + moe_ffn
   assert flops.train_flops_per_token(cfg, L) == 3 * flops.forward_flops_per_token(cfg, L)
+  # Measured experts per token of MoE layer 1 (drops, null experts, ReLU routing): 1.25 of
+  # the top-2 experts' FLOPs; a layer not in the map counts top_k.
+  nominal = flops.forward_flops_per_token(cfg, L)
+  assert flops.forward_flops_per_token(cfg, L, experts_per_token={('', 1): 1.25}) == (
+      nominal - 0.75 * 2 * 3 * D * 16)
+  assert flops.forward_flops_per_token(cfg, L, experts_per_token={('', 0): 1.25}) == nominal
   dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, enabled=False))
   # The FLOP-matched dense layer: width top_k * expert_d_ff, no router.
   assert (flops.forward_flops_per_token(cfg, L) - flops.forward_flops_per_token(dense, L) ==

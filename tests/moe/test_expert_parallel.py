@@ -25,6 +25,26 @@ def test_mesh_matches_single_device(sharding_checks, name):
     assert result['all_to_all'] == ('expert=' in name)
   if name.startswith('scatter'):
     assert result['dropped_fraction'] > 0  # Capacity 1.0: the drops must agree too.
+  # The routing bias after the step (scatter: the bias balancer re-centred; einsum: quantile
+  # balancing, over every token of the batch; the hierarchical router has none) is one device's.
+  assert result['max_bias_err'] < 1e-6
+  if not name.startswith('dropless'):
+    assert max(map(abs, result['router_bias'])) > 1e-4
+  if name.startswith('scatter'):
+    assert abs(sum(result['router_bias'])) < 1e-6  # Re-centred.
+
+
+@pytest.mark.parametrize('name', ['scatter:data=8', 'scatter:expert=8',
+                                  'scatter:data=2,expert=4', 'scatter:fsdp=2,expert=2,model=2'])
+def test_global_balance_loss_is_the_gathered_batch_loss_on_every_mesh(sharding_checks, name):
+  """moe.balance_scope='global' with the batch split over data, expert and fsdp shards, one
+  routing group (= one sequence) per shard: the loss (and, asserted in the script, every
+  gradient) is one device's on the gathered batch, not the per-shard (per-group) loss that
+  `seq_balance_loss` equals here. Expert parallelism routes outside its shard_map, so the
+  global sums stay global there too."""
+  result = sharding_checks[name]
+  assert result['balance_loss'] == pytest.approx(result['ref_balance_loss'], rel=1e-5)
+  assert abs(result['balance_loss'] - result['seq_balance_loss']) > 1e-3
 
 
 @pytest.mark.parametrize('key, message', [

@@ -11,7 +11,7 @@ from stmoe_jax.moe import layer_stats
 from stmoe_jax.config import AttentionConfig, MoeConfig
 from stmoe_jax.models.transformer import Transformer
 
-DIMS = (('E', 4), ('K', 2), ('H', 3))
+DIMS = (('E', 4), ('K', 2), ('K+1', 3), ('H', 3))
 
 
 def moe_report(value: float) -> dict:
@@ -41,6 +41,7 @@ def test_no_moe_layers_give_empty_stats_of_the_right_shapes():
   stats = layer_stats.stack([{'moe': {}, 'attention': {}}], DIMS)
   assert stats['expert_load'].shape == (0, 4) and stats['router_bias'].shape == (0, 4)
   assert stats['dropped_fraction_per_slot'].shape == (0, 2) and stats['z_loss'].shape == (0,)
+  assert stats['experts_per_token_hist'].shape == (0, 3)
   assert stats['attn_head_load'].shape == (0, 3)
 
 

@@ -91,9 +91,44 @@ def test_left_behind_needs_every_choice_dropped_top_2():
   np.testing.assert_allclose(stats['tokens_left_behind'], 2 / 4, rtol=1e-6)
   np.testing.assert_allclose(stats['router_confidence'], (0.5 + 0.6 + 0.5 + 0.45) / 4,
                              rtol=1e-6)
+  # Experts reached per token: 2, 1, 0, 0.
+  np.testing.assert_allclose(stats['experts_per_token'], 3 / 4, rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token_hist'], [2 / 4, 1 / 4, 1 / 4], rtol=1e-6)
   # Expert choice with capacity 1: experts 0, 1, 2 take tokens 1, 2, 2; tokens 0, 3 untaken.
   ec = routing.routing_stats(routing.expert_choice(jnp.log(jnp.asarray(probs)), capacity=1))
   np.testing.assert_allclose(ec['tokens_left_behind'], 2 / 4, rtol=1e-6)
+  np.testing.assert_allclose(ec['experts_per_token'], 3 / 4, rtol=1e-6)  # 0, 1, 2, 0.
+  np.testing.assert_allclose(ec['experts_per_token_hist'], [2 / 4, 1 / 4, 1 / 4, 0], rtol=1e-6)
+  # Padding (token 1) is neither routed nor counted: tokens 0, 2, 3 reach 2, 1, 0 experts.
+  mask = jnp.asarray([[True, False, True, True]])
+  masked = jax.jit(lambda l, m: routing.routing_stats(
+      routing.tokens_choose_top_k(l, top_k=2, capacity=1, mask_GS=m), m))(
+          jnp.log(jnp.asarray(probs)), mask)
+  np.testing.assert_allclose(masked['experts_per_token'], 3 / 3, rtol=1e-6)
+  np.testing.assert_allclose(masked['experts_per_token_hist'], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+
+
+def test_experts_per_token_hand_worked_relu_and_null_experts():
+  moe = tiny_model_config(moe={'top_k': 1}).moe
+  # ReLU routing, 3 experts: positive gates 2, 0, 3, 1 per token.
+  logits = jnp.asarray([[[1.0, -1.0, 2.0], [-1.0, 0.0, -3.0], [0.5, 0.1, 2.0],
+                         [-2.0, 4.0, -0.5]]])
+  # Jitted: one compile instead of one per eager op.
+  stats = jax.jit(lambda l: routing.routing_stats(routing.route_relu(l, moe, capacity=4)))(logits)
+  np.testing.assert_allclose(stats['experts_per_token'], 6 / 4, rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token_hist'], [1 / 4, 1 / 4, 1 / 4, 1 / 4],
+                             rtol=1e-6)
+  # Null experts: 2 real + 2 null, top-2, nothing dropped. Top-2 of each token: (0, 1), (0, n),
+  # (n, n), (1, n): real experts 2, 1, 0, 1; null choices 4 of 8.
+  null_moe = tiny_model_config(moe={'top_k': 2, 'num_experts': 2, 'num_null_experts': 2,
+                                    'second_expert_threshold': 0.0}).moe
+  logits = jnp.asarray([[[3.0, 2.0, 0.0, 0.0], [3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 2.0],
+                         [0.0, 3.0, 0.0, 2.0]]])
+  stats = jax.jit(lambda l: routing.routing_stats(
+      routing.route_tokens_choose(l, null_moe, capacity=4)))(logits)
+  np.testing.assert_allclose(stats['null_choice_fraction'], 4 / 8, rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token'], 4 / 4, rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token_hist'], [1 / 4, 2 / 4, 1 / 4], rtol=1e-6)
 
 
 def numpy_softmax(logits):
@@ -286,6 +321,9 @@ def test_relu_router_uses_every_expert_with_a_positive_gate_and_adapts_its_l1():
   active = gates > 0
   assert 1 < active.sum(-1).mean() < 4  # A varying number of experts per token.
   np.testing.assert_allclose(stats['expert_load'], active.sum(0) / active.sum(), rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token'], active.sum(-1).mean(), rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token_hist'],
+                             np.bincount(active.sum(-1), minlength=5) / 16, rtol=1e-6)
   # ReMoE's load-balanced L1 (eq. 7-8), times the coefficient before this step's update...
   f = 4 / (1 * 16) * active.sum(0)
   np.testing.assert_allclose(stats['balance_loss'], 0.5 * np.mean(gates @ f), rtol=1e-5)
@@ -308,16 +346,20 @@ def test_null_experts_skip_choices_and_are_counted(dispatch):
   xs = f64(x).reshape(16, 8)
   probs = numpy_softmax(xs @ f64(layer.router[...]))  # [16, 8]: experts 4..7 are null.
   w_up, w_down = f64(layer.experts.w_up[...]), f64(layer.experts.w_down[...])
-  expected, null = np.zeros((16, 8)), 0
+  expected, null, real = np.zeros((16, 8)), 0, np.zeros(16, int)
   for t in range(16):
     chosen = np.argsort(-probs[t])[:2]
     for e in chosen:
       if e >= 4:
         null += 1
       else:
+        real[t] += 1
         expected[t] += probs[t, e] / probs[t, chosen].sum() * (
             numpy_gelu(xs[t] @ w_up[e]) @ w_down[e])
   assert 0 < null < 32  # Both kinds of choice occur.
   np.testing.assert_allclose(y.reshape(16, 8), expected, rtol=2e-4, atol=1e-5)
   np.testing.assert_allclose(stats['null_choice_fraction'], null / 32, rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token'], real.mean(), rtol=1e-6)
+  np.testing.assert_allclose(stats['experts_per_token_hist'], np.bincount(real, minlength=3) / 16,
+                             rtol=1e-6)
   assert float(stats['dropped_fraction']) == 0.0 and stats['expert_load'].shape == (4,)

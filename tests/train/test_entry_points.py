@@ -15,6 +15,7 @@ from configs import default, tiny
 from stmoe_jax.train import entry_points
 from stmoe_jax.train import evaluation
 from stmoe_jax.analysis import specialization
+from stmoe_jax.models import flops
 from stmoe_jax.config import ConfigError, model_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -89,17 +90,33 @@ def test_eval_prints_json_with_routing_stats(trained):
     assert 0 <= layer['tokens_left_behind'] <= layer['dropped_fraction'] * 2
     assert 0.25 <= layer['router_confidence'] <= 1  # Top-1 of 4 experts.
     assert layer['null_choice_fraction'] == 0.0  # No null experts.
+    # Experts reached per token: 0, 1 or 2 of the top-2, 0 being the tokens left behind.
+    hist = layer['experts_per_token_hist']
+    assert len(hist) == 3 and sum(hist) == pytest.approx(1, abs=1e-5)
+    assert hist[0] == pytest.approx(layer['tokens_left_behind'], abs=1e-6)
+    assert layer['experts_per_token'] == pytest.approx(hist[1] + 2 * hist[2], abs=1e-5)
+  # Forward FLOPs per token: the layer's measured experts in place of the nominal top-2.
+  cfg = model_config(tiny.get_config())
+  nominal = flops.forward_flops_per_token(cfg, 32)
+  assert report['forward_flops_per_token'] == nominal
+  assert report['spent_forward_flops_per_token'] == flops.forward_flops_per_token(
+      cfg, 32, {('', 1): report['moe_layers'][0]['experts_per_token']})
   # The capacity sweep: tiny's eval capacity factor is 2.0, so that entry repeats the report.
   sweep = {str(entry['eval_capacity_factor']): entry for entry in report['capacity_sweep']}
   assert sweep['2.0']['loss'] == report['loss']
   assert sweep['dropless']['dropped_fraction'] == 0.0
   assert sweep['0.5']['dropped_fraction'] > sweep['2.0']['dropped_fraction']
   assert sweep['0.5']['dropped_fraction_per_slot'][0][1] > 0  # Second choices drop first.
+  # Drops spend fewer experts: fewer FLOPs.
+  assert sweep['0.5']['experts_per_token'][0] < sweep['dropless']['experts_per_token'][0]
+  assert (sweep['0.5']['spent_forward_flops_per_token'] <
+          sweep['dropless']['spent_forward_flops_per_token'] <= nominal)
   # Training logged the same per-layer telemetry: [M=1, E=4] loads summing to 1.
   train = metrics(workdir, 'train')[-1]
   assert len(train['expert_load']) == 1 and abs(sum(train['expert_load'][0]) - 1) < 1e-4
   assert len(train['router_entropy']) == 1 and len(train['dropped_fraction_per_slot'][0]) == 2
   assert len(train['tokens_left_behind']) == 1 and 0.25 <= train['router_confidence'][0] <= 1
+  assert len(train['experts_per_token']) == 1 and 0 < train['experts_per_token'][0] <= 2
   with open(os.path.join(workdir, 'eval_8.json')) as f:
     assert json.load(f) == report
   # bits/byte and loss describe the same cross-entropy: bpb = loss / ln 2 * tokens / bytes, and
@@ -204,6 +221,11 @@ def test_specialization_report_of_the_trained_run(trained, tmp_path):
   np.testing.assert_allclose(counts.sum(1) / counts.sum(),
                              evaluated['moe_layers'][0]['expert_load'], atol=2e-6)
   assert 0 <= layer['random_router_score'] < layer['score'] < 1
+  # Experts per token from the captured kept choices, over the routed tokens: eval's stat.
+  assert layer['experts_per_token'] == pytest.approx(
+      evaluated['moe_layers'][0]['experts_per_token'], abs=1e-5)
+  mix, by_class = np.array(layer['class_mix']), np.array(layer['experts_per_token_by_class'])
+  assert np.all((by_class > 0) == (mix > 0)) and np.all(by_class <= 2)
   markdown = (tmp_path / 'specialization.md').read_text()
   assert markdown.count('\n| 3 | ') == 1 and '| identifier |' in markdown
   assert (tmp_path / 'specialization.png').stat().st_size > 10_000

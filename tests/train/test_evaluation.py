@@ -9,10 +9,13 @@ from stmoe_jax.moe import layer_stats
 
 def batch_out(ce_sum, tokens, correct, num_bytes, routed, load):
   """One eval step's output for a model with one MoE layer of 2 experts, top-1."""
-  stats = {name: np.zeros((1, *(2 if d == 'E' else 1 for d in shape)))
+  stats = {name: np.zeros((1, *(2 if d in ('E', 'K+1') else 1 for d in shape)))
            for name, shape in layer_stats.MOE.items()}
   stats['expert_load'] = np.array([load])
   stats['dropped_fraction'] = np.array([0.5 * load[0]])
+  # Tokens reaching 0 or 1 experts: the kept share of the choices.
+  stats['experts_per_token'] = np.array([1 - 0.5 * load[0]])
+  stats['experts_per_token_hist'] = np.array([[0.5 * load[0], 1 - 0.5 * load[0]]])
   return {'ce_sum': ce_sum, 'num_tokens': tokens, 'num_correct': correct,
           'num_bytes': num_bytes, 'num_routed': routed, **stats}
 
@@ -28,8 +31,20 @@ def test_evaluate_sums_and_weights_routing_stats_by_real_tokens(tiny_model_cfg):
   assert layer['layer'] == 1
   assert layer['expert_load'] == [0.75, 0.25]  # Weighted 6 : 2 by real tokens.
   assert layer['max_load_ratio'] == 1.5 and layer['dropped_fraction'] == 0.375
+  assert layer['experts_per_token'] == 0.625 and layer['experts_per_token_hist'] == [0.375, 0.625]
   with pytest.raises(ValueError, match='no tokens'):
     evaluation.evaluate(lambda out: out, [], cfg)
+
+
+def test_flops_report_counts_the_measured_experts_per_token(tiny_model_cfg):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.models import flops  # pylint: disable=g-import-not-at-top
+  cfg, data = tiny_model_cfg(), tiny.get_config().data  # MoE layer 1: top-2 of 4 experts.
+  report = evaluation.flops_report(cfg, data, [{'layer': 1, 'experts_per_token': 0.5}])
+  nominal = flops.forward_flops_per_token(cfg, data.seq_len)
+  assert report['forward_flops_per_token'] == nominal
+  # 1.5 of the 2 experts' FLOPs unspent: each 2 * 3 (GEGLU) * d_model 16 * expert_d_ff 16.
+  assert report['spent_forward_flops_per_token'] == nominal - 1.5 * 2 * 3 * 16 * 16
 
 
 def test_capacity_factors():

@@ -46,7 +46,8 @@ def test_writer_sends_scalars_histograms_and_text(tmp_path):
   writer.write(10, 'train', {'loss': np.float32(2.5), 'expert_load': load,
                              'layer_dropped_fraction': np.array([0.01, 0.0])})
   writer.write(20, 'eval', {'loss': 2.0, 'moe_layers': [
-      {'layer': 1, 'expert_load': [0.4, 0.3, 0.2, 0.1], 'dropped_fraction': 0.02}]})
+      {'layer': 1, 'expert_load': [0.4, 0.3, 0.2, 0.1], 'dropped_fraction': 0.02,
+       'experts_per_token': 1.75}]})
   writer.write_text(20, 'eval/sample', 'def f(x):\n  return x')
   writer.close()
   events = read_events(str(tmp_path))
@@ -58,6 +59,7 @@ def test_writer_sends_scalars_histograms_and_text(tmp_path):
   np.testing.assert_allclose(events['train/layer_dropped_fraction/moe0'][0][1], 0.01, rtol=1e-6)
   np.testing.assert_allclose(events['eval/expert_load/moe0'][0][1][1], [0.4, 0.3, 0.2, 0.1])
   np.testing.assert_allclose(events['eval/layer_dropped_fraction/moe0'][0][1], 0.02, rtol=1e-6)
+  np.testing.assert_allclose(events['eval/experts_per_token/moe0'][0][1], 1.75, rtol=1e-6)
   assert 'def f(x):\n  return x' in events['eval/sample/text_summary'][0][1]
   lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert lines[0]['expert_load'] == load.tolist() and lines[0]['loss'] == 2.5
