@@ -160,6 +160,10 @@ def test_resume_allows_remat_and_compute_dtype_but_not_shapes():
   with pytest.raises(ConfigError, match="^config.model.param_dtype='bfloat16' differs from "
                      "'float32' in the run saved at config.json"):
     check_resumable(config, saved, 'config.json')
+  config = tiny.get_config()
+  config.attention.num_kv_heads = 1  # Key/value projections of another shape.
+  with pytest.raises(ConfigError, match='^config.attention.num_kv_heads=1 differs from 0'):
+    check_resumable(config, saved, 'config.json')
 
 
 @pytest.mark.parametrize('bad', [float('inf'), float('-inf'), float('nan')])
