@@ -10,19 +10,21 @@ theta, grouped-query attention, QK-norm where the model has one, an untied outpu
 the router as HF computes it: softmax over all experts, top-k, the k weights renormalised or
 not, every choice routed (no capacity, no second-expert policy). `size=tiny` is a 2-layer,
 width-32 model on the byte vocabulary, trained for seconds like configs/tiny.py (for tests).
-`size=real` has the released checkpoint's sizes (far beyond a CPU: for shapes and conversion):
+`size=real` has the sizes of the released checkpoints Meta-Llama-3-8B, Mixtral-8x7B-v0.1,
+OLMoE-1B-7B-0924 and Qwen3-30B-A3B (far beyond a CPU: for shapes and conversion):
 
-| arch      | checkpoint            | d_model | layers | heads | kv heads | head_dim | experts | top-k | FFN/expert width | vocab  | rope theta | norm eps | top-k renormalised |
-|-----------|-----------------------|---------|--------|-------|----------|----------|---------|-------|------------------|--------|------------|----------|--------------------|
-| llama     | Meta-Llama-3-8B       | 4096    | 32     | 32    | 8        | 128      | -       | -     | 14336            | 128256 | 500000     | 1e-05    | -                  |
-| mixtral   | Mixtral-8x7B-v0.1     | 4096    | 32     | 32    | 8        | 128      | 8       | 2     | 14336            | 32000  | 1000000    | 1e-05    | yes                |
-| olmoe     | OLMoE-1B-7B-0924      | 2048    | 16     | 16    | 16       | 128      | 64      | 8     | 1024             | 50304  | 10000      | 1e-05    | no                 |
-| qwen3_moe | Qwen3-30B-A3B         | 2048    | 48     | 32    | 4        | 128      | 128     | 8     | 768              | 151936 | 1000000    | 1e-06    | yes                |
+| arch      | D    | L  | H  | G  | K   | E   | k | F     | vocab  | theta   | eps   | renorm |
+|-----------|------|----|----|----|-----|-----|---|-------|--------|---------|-------|--------|
+| llama     | 4096 | 32 | 32 | 8  | 128 | -   | - | 14336 | 128256 | 500000  | 1e-05 | -      |
+| mixtral   | 4096 | 32 | 32 | 8  | 128 | 8   | 2 | 14336 | 32000  | 1000000 | 1e-05 | yes    |
+| olmoe     | 2048 | 16 | 16 | 16 | 128 | 64  | 8 | 1024  | 50304  | 10000   | 1e-05 | no     |
+| qwen3_moe | 2048 | 48 | 32 | 4  | 128 | 128 | 8 | 768   | 151936 | 1000000 | 1e-06 | yes    |
 
-(from each checkpoint's config.json: hidden_size, num_hidden_layers, num_attention_heads,
-num_key_value_heads, head_dim (else hidden_size / heads), num_local_experts or num_experts,
-num_experts_per_tok, intermediate_size or moe_intermediate_size, vocab_size, rope_theta,
-rms_norm_eps, norm_topk_prob (Mixtral always renormalises: a softmax over the top-k logits).
+(from each checkpoint's config.json: hidden_size (D), num_hidden_layers (L),
+num_attention_heads (H), num_key_value_heads (G), head_dim (K; else D / H), num_local_experts
+or num_experts (E), num_experts_per_tok (k), intermediate_size or moe_intermediate_size (F),
+vocab_size, rope_theta, rms_norm_eps, norm_topk_prob (renorm; Mixtral always renormalises: a
+softmax over the top-k logits).
 QK-norm: OLMoE over the whole projection ('full'), Qwen3 per head ('per_head'). None ties its
 embeddings. Llama 3.1 and later add a rope_scaling these options do not express.)
 

@@ -345,7 +345,7 @@ def test_real_sizes_have_the_released_parameter_counts():
 def test_the_docstring_table_is_the_real_sizes():
   rows = [line.split('|')[1:-1] for line in hf.__doc__.splitlines()
           if line.startswith('| ') and not line.startswith('| arch')]
-  table = {cells[0].strip(): [c.strip() for c in cells[2:]] for cells in rows}
+  table = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
   assert set(table) == set(hf.ARCHS)
   for arch, cells in table.items():
     real = hf.REAL[arch]
