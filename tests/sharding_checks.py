@@ -58,6 +58,8 @@ def make_config(mesh: dict, strategy: str):
   config.moe.every = 1
   config.moe.update(num_experts=8, group_size=32, dispatch=strategy,
                     **STRATEGY_ROUTING[strategy])
+  if strategy != 'scatter':  # SwiGLU experts (Mixtral, OLMoE, Qwen) through the exchanges too.
+    config.model.activation = 'swiglu'
   if strategy != 'dropless':  # Capacity: the capacity-based paths' options.
     config.moe.update(train_capacity_factor=1.0, min_capacity=2)
   return config

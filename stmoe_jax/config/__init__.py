@@ -74,6 +74,7 @@ RESUME_FIELDS = ('model', 'moe.enabled', 'moe.every', 'moe.num_experts', 'moe.ex
                  'opt.name', 'seed', 'data.name', 'data.feature_key', 'data.seq_len',
                  'data.train_split', 'data.objective', 'data.noise_density',
                  'data.mean_noise_span_length', 'attention.kind', 'attention.layer_kinds',
+                 'attention.num_kv_heads', 'attention.qk_norm', 'attention.rope_layout',
                  'data.task', 'finetune.trainable')
 # Within 'model', these change only how the step computes, not what the checkpoint holds: a run
 # may resume with remat turned on (e.g. after running out of memory) or another compute dtype.

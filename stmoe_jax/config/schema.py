@@ -139,6 +139,12 @@ class ModelConfig(Section):
     return layer_period(self.moe.every, self.attention.layer_kinds)
 
   @property
+  def kv_heads(self) -> int:
+    """Key/value heads of self-attention: `attention.num_kv_heads` (grouped-query attention),
+    0 meaning `num_heads`."""
+    return self.attention.num_kv_heads or self.num_heads
+
+  @property
   def num_moe_layers(self) -> int:
     """M: the MoE layers of all stacks (0 for a dense model)."""
     return sum(len(layers) for _, layers in self.moe_stacks())
@@ -190,7 +196,12 @@ options.declare(
                                        'a positive even number (rotary pairs)')),
     Option('model.d_ff', int, 1024, 'Hidden width of the dense FFN layers.', POSITIVE),
     Option('model.activation', str, 'geglu', 'FFN and expert activation (ST-MoE: '
-           'geglu_mult_bias).', OneOf(('gelu', 'geglu', 'geglu_mult_bias'))),
+           "geglu_mult_bias; Llama, Mixtral, OLMoE, Qwen: swiglu).",
+           OneOf(('gelu', 'geglu', 'geglu_mult_bias', 'swiglu'))),
+    Option('model.norm_eps', float, 1e-6, 'Epsilon of every RMSNorm (T5: 1e-6; Llama, Mixtral, '
+           'OLMoE: 1e-5).', Range(0, low_open=True)),
+    Option('model.tie_embeddings', bool, False, 'Output head = the input embedding, transposed '
+           '(T5, some HF checkpoints); False: its own matrix.'),
     Option('model.rope_max_wavelength', float, 10_000.0, 'Longest rotary wavelength, in '
            'positions (RoFormer).', Range(1)),
     Option('model.init_scale', float, 0.1, 'Switch Transformer init: truncated normal, std '

@@ -4,9 +4,10 @@ The encoder is `num_encoder_layers` bidirectional `transformer.Block`s (`causal=
 MoE layers may use expert-choice or Batch Prioritized Routing, `ModelConfig.encoder_config`);
 the decoder is `num_layers` causal blocks with cross-attention to the encoder output between
 self-attention and FFN. Every `moe.every`-th FFN of either stack is an MoE layer. One byte
-embedding (with the span-corruption sentinels) feeds both stacks; the output head is untied, as
-in `transformer.Transformer`. As there, `model.remat` rematerializes every block of both stacks
-(`remat.wrap`) and `model.scan_layers` scans each stack over its repeating unit (`layer_scan`).
+embedding (with the span-corruption sentinels) feeds both stacks; the output head is its own or
+tied to the embedding (`model.tie_embeddings`), as in `transformer.Transformer`. As there,
+`model.remat` rematerializes every block of both stacks (`remat.wrap`) and `model.scan_layers`
+scans each stack over its repeating unit (`layer_scan`).
 
 Einsum letters: B batch, T encoder length, L decoder length, D model dim, V vocabulary.
 """
@@ -23,6 +24,7 @@ from stmoe_jax.nn import layers
 from stmoe_jax.nn import remat
 from stmoe_jax.nn.attention import CrossAttention, CrossCache, KVCache
 from stmoe_jax.config import ModelConfig
+from stmoe_jax.models import transformer
 from stmoe_jax.models.transformer import Block
 
 
@@ -31,7 +33,7 @@ class DecoderBlock(Block):
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
     super().__init__(cfg, layer, rngs=rngs)
-    self.cross_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    self.cross_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
     self.cross = CrossAttention(cfg, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, cross: CrossCache, *, train: bool, rng=None,
@@ -57,19 +59,17 @@ class EncoderDecoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     encoder_cfg = cfg.encoder_config()
-    self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0),
-                              (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+    self.embed = transformer.embedding(cfg, rngs)
     make_encoder = lambda i, rngs: Block(encoder_cfg, i, rngs=rngs, causal=False)
     make_decoder = lambda i, rngs: DecoderBlock(cfg, i, rngs=rngs)
     # Unscanned: one block per layer. Scanned: one per position in the repeating unit (the same
     # period in both stacks), each stacked over its stack's units, as `Transformer`'s.
     self.scan_layers = cfg.scan_layers
     self.encoder_blocks = layer_scan.make_stack(make_encoder, cfg.num_encoder_layers, cfg, rngs)
-    self.encoder_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    self.encoder_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
     self.decoder_blocks = layer_scan.make_stack(make_decoder, cfg.num_layers, cfg, rngs)
-    self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
-                                (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+    self.lm_head = transformer.output_head(cfg, rngs)
     self.dtype = jnp.dtype(cfg.dtype)
     self.encoder_stat_dims = layer_stats.dims(encoder_cfg)  # K differs with expert choice.
     self.decoder_stat_dims = layer_stats.dims(cfg)
@@ -164,7 +164,9 @@ class EncoderDecoder(nnx.Module):
 
   def _logits(self, x_BLD: jax.Array) -> jax.Array:
     # The head runs in float32: its logits feed a softmax (ST-MoE: exponentiate in float32).
-    return layers.dense(self.final_norm(x_BLD).astype(jnp.float32), self.lm_head[...])
+    head = transformer.head_matrix(self.embed[...],
+                                   None if self.lm_head is None else self.lm_head[...])
+    return layers.dense(self.final_norm(x_BLD).astype(jnp.float32), head)
 
   def decode(self, tokens_BL: jax.Array, caches: tuple[KVCache, ...],
              crosses: tuple[CrossCache, ...]) -> tuple[jax.Array, tuple[KVCache, ...]]:

@@ -35,7 +35,7 @@ PEAK_BF16_FLOPS = (
 
 def _ffn_flops(d_model: int, d_ff: int, activation: str) -> int:
   """Forward FLOPs of one FFN for one token: up (and gate for GEGLU) and down projections."""
-  matrices = 2 if activation == 'gelu' else 3  # GEGLU variants have a gate matrix too.
+  matrices = 2 if activation == 'gelu' else 3  # GEGLU and SwiGLU have a gate matrix too.
   return 2 * matrices * d_model * d_ff
 
 
@@ -73,15 +73,16 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, decoder_len: int | N
   'encoder' or 'decoder'; `ModelConfig.moe_stacks`) to the experts a token of it really used on
   average; MoE layers not in it count the nominal top_k.
   """
-  D, HK = cfg.d_model, cfg.num_heads * cfg.head_dim
-  attention = lambda keys: 2 * 4 * D * HK + 2 * 2 * HK * keys  # q, k, v, o; scores, values.
+  D, HK, GK = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  # q and o, k and v (G key/value heads under grouped-query attention); scores, values.
+  attention = lambda keys: 2 * 2 * D * (HK + GK) + 2 * 2 * HK * keys
   used = experts_per_token or {}
   ffn = lambda stack, i: _ffn_layer_flops(cfg, i, used.get((stack, i)))
   if cfg.architecture == 'encoder_decoder':
     if decoder_len is None:
       raise ValueError('decoder_len is needed for the FLOPs of an encoder-decoder')
     encoder = sum(attention(seq_len) + ffn('encoder', i) for i in range(cfg.num_encoder_layers))
-    cross_kv = cfg.num_layers * 2 * 2 * D * HK
+    cross_kv = cfg.num_layers * 2 * 2 * D * GK
     decoder = 2 * D * cfg.vocab_size + sum(
         attention(decoder_len) + 2 * 2 * D * HK + 2 * 2 * HK * seq_len + ffn('decoder', i)
         for i in range(cfg.num_layers))

@@ -1,8 +1,8 @@
 """Decoder-only transformer whose every `moe.every`-th FFN is a mixture of experts.
 
 Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> FFN or MoE -> residual), rotary
-positions, untied output head. Einsum letters: B batch, L length, D model dim, V vocabulary,
-M MoE layers, E experts.
+positions, an output head of its own or tied to the embedding (`model.tie_embeddings`). Einsum
+letters: B batch, L length, D model dim, V vocabulary, M MoE layers, E experts.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, causal: bool = True):
     dtype = jnp.dtype(cfg.dtype)
-    self.attn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
     self.attn = (make_attention(cfg, layer, rngs=rngs) if causal
                  else BidirectionalSelfAttention(cfg, rngs=rngs))
-    self.ffn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+    self.ffn_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
     kind = cfg.ffn_kind(layer)
     if kind == 'moe':
       self.ffn = MoeLayer(cfg, causal=causal, rngs=rngs)
@@ -58,7 +58,7 @@ class Block(nnx.Module):
     # ST-MoE sparse-dense stacking: an extra dense FFN sublayer right before or after the MoE.
     self.extra_dense = cfg.moe.extra_dense_ffn if kind != 'dense' else 'none'
     if self.extra_dense != 'none':
-      self.extra_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
+      self.extra_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
       self.extra_ffn = Mlp(cfg.d_model, cfg.d_ff, cfg.activation, cfg.init_scale, dtype, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, *, train: bool, rng=None, mask_BL=None,
@@ -96,6 +96,27 @@ class Block(nnx.Module):
     return self.feed_forward(x_BLD, train=False, token_ids_BL=token_ids_BL)[0], cache
 
 
+def embedding(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Param:
+  """The token embedding [V, D]: N(0, 1), or N(0, 1/D) when tied to the output head, so that
+  the tied head's initial logits over an RMS-normalised state have unit scale too."""
+  std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+  return layers.param(rngs, jax.nn.initializers.normal(std), (cfg.vocab_size, cfg.d_model),
+                      ('vocab', 'embed'))
+
+
+def output_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Param | None:
+  """The output head [D, V] (Switch init), or None when tied to the embedding."""
+  if cfg.tie_embeddings:
+    return None
+  return layers.param(rngs, layers.switch_init(cfg.init_scale), (cfg.d_model, cfg.vocab_size),
+                      ('embed', 'vocab'))
+
+
+def head_matrix(embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+  """The [D, V] matrix the logits come from: `lm_head`, or the embedding transposed (tied)."""
+  return embed.T if lm_head is None else lm_head
+
+
 def fsdp_gather(param: nnx.Param, mesh_rules) -> jax.Array:
   """`param`'s value constrained to its sharding without the 'embed' (FSDP) axes: gathered."""
   names = tuple(None if n == 'embed' else n for n in param.get_metadata()['out_sharding'])
@@ -129,16 +150,14 @@ class Transformer(nnx.Module):
   """Byte-level decoder-only language model: tokens [B, L] -> logits [B, L, V] (float32)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.embed = layers.param(rngs, jax.nn.initializers.normal(1.0),
-                              (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+    self.embed = embedding(cfg, rngs)
     # Unscanned: one Block per layer. Scanned (`layer_scan`): one per position in the repeating
     # unit, each stacked over the units.
     self.scan_layers = cfg.scan_layers
     self.blocks = layer_scan.make_stack(lambda i, rngs: Block(cfg, i, rngs=rngs), cfg.num_layers,
                                         cfg, rngs)
-    self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs)
-    self.lm_head = layers.param(rngs, layers.switch_init(cfg.init_scale),
-                                (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    self.final_norm = layers.RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+    self.lm_head = output_head(cfg, rngs)
     self.dtype = jnp.dtype(cfg.dtype)
     self.stat_dims = layer_stats.dims(cfg)
     self.mesh_rules = cfg.mesh_rules
@@ -156,8 +175,10 @@ class Transformer(nnx.Module):
     """Whether parameters are split over an FSDP axis (their 'embed' dim is sharded)."""
     return self.mesh_rules is not None and self.mesh_rules.size('embed') > 1
 
-  def table(self, param: nnx.Param) -> jax.Array:
+  def table(self, param: nnx.Param | None) -> jax.Array | None:
     """The embedding or head matrix, gathered first under FSDP (see `fsdp_gathered`)."""
+    if param is None:
+      return None
     return fsdp_gather(param, self.mesh_rules) if self.fsdp() else param[...]
 
   def __call__(self, tokens_BL: jax.Array, *, train: bool = False,
@@ -202,7 +223,8 @@ class Transformer(nnx.Module):
     final_norm = (fsdp_gathered(self.final_norm, self.mesh_rules) if self.fsdp()
                   else self.final_norm)
     x_BLD = final_norm(x_BLD).astype(jnp.float32)
-    logits_BLV = layers.dense(x_BLD, self.table(self.lm_head))
+    head_DV = head_matrix(self.table(self.embed), self.table(self.lm_head))
+    logits_BLV = layers.dense(x_BLD, head_DV)
     return logits_BLV, stats
 
   def decode(self, tokens_BL: jax.Array,
@@ -224,7 +246,8 @@ class Transformer(nnx.Module):
         x_BLD, cache = block.decode(x_BLD, cache, tokens_BL)
         new_caches.append(cache)
     x_BLD = self.final_norm(x_BLD).astype(jnp.float32)
-    return layers.dense(x_BLD, self.lm_head[...]), tuple(new_caches)
+    head = head_matrix(self.embed[...], None if self.lm_head is None else self.lm_head[...])
+    return layers.dense(x_BLD, head), tuple(new_caches)
 
   def unscanned(self) -> 'Transformer':
     """This model with one Block per layer (a copy if scanned, else itself): for tools that

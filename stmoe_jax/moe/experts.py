@@ -4,7 +4,10 @@ Both use the same activation (`model.activation`):
   'gelu'            Switch: gelu(x W_up) W_down;
   'geglu'           ST-MoE: (gelu(x W_gate) * x W_up) W_down (Shazeer 2020);
   'geglu_mult_bias' ST-MoE's GEGLU with a learned multiplicative bias b [F] (initialised to 1)
-                    on the gated hidden units: (gelu(x W_gate) * x W_up * b) W_down.
+                    on the gated hidden units: (gelu(x W_gate) * x W_up * b) W_down;
+  'swiglu'          Llama, Mixtral, OLMoE, Qwen: (silu(x W_gate) * x W_up) W_down (Shazeer 2020),
+                    HF's act_fn(gate_proj(x)) * up_proj(x) with hidden_act='silu'.
+No biases.
 Einsum letters: E experts, C tokens per expert, X sorted assignment rows, D model dim,
 F hidden dim.
 """
@@ -19,12 +22,20 @@ from stmoe_jax.moe import grouped_matmul as gmm
 from stmoe_jax.nn import layers
 from stmoe_jax.nn import remat
 
+# The nonlinearity of each `model.activation`, applied to W_up's output ('gelu') or, gated,
+# to W_gate's.
+NONLINEARITY = {'gelu': jax.nn.gelu, 'geglu': jax.nn.gelu, 'geglu_mult_bias': jax.nn.gelu,
+                'swiglu': jax.nn.silu}
+
+
 def activate(h_up: jax.Array, h_gate: jax.Array | None,
-             mult_bias: jax.Array | None = None) -> jax.Array:
-  """gelu(h_up) for GELU; gelu(h_gate) * h_up for GEGLU, times `mult_bias` if given."""
+             mult_bias: jax.Array | None = None, activation: str = 'geglu') -> jax.Array:
+  """gelu(h_up) for GELU; act(h_gate) * h_up for the gated ones (act = gelu for GEGLU, silu for
+  SwiGLU), times `mult_bias` if given."""
+  act = NONLINEARITY[activation]
   if h_gate is None:
-    return jax.nn.gelu(h_up)
-  h = jax.nn.gelu(h_gate) * h_up
+    return act(h_up)
+  h = act(h_gate) * h_up
   return h if mult_bias is None else h * mult_bias.astype(h.dtype)
 
 
@@ -49,6 +60,7 @@ class Mlp(nnx.Module):
                       if activation == 'geglu_mult_bias' else None)
     self.w_down = layers.param(rngs, init, (d_ff, d_model), ('mlp', 'embed'))
     self.dtype = dtype
+    self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
@@ -56,7 +68,8 @@ class Mlp(nnx.Module):
     h_gate = (None if self.w_gate is None else
               layers.dense(x, self.w_gate[...].astype(self.dtype)))
     mult_bias = None if self.mult_bias is None else self.mult_bias[...]
-    return layers.dense(activate(h_up, h_gate, mult_bias), self.w_down[...].astype(self.dtype))
+    return layers.dense(activate(h_up, h_gate, mult_bias, self.activation),
+                        self.w_down[...].astype(self.dtype))
 
 
 class Experts(nnx.Module):
@@ -83,6 +96,7 @@ class Experts(nnx.Module):
                       if activation == 'geglu_mult_bias' else None)
     self.w_down = layers.param(rngs, init, shape_out, ('expert', 'mlp', 'embed'))
     self.dtype = dtype
+    self.activation = activation
     self.dropout = dropout
     self.grouped_matmul = grouped_matmul
 
@@ -96,7 +110,8 @@ class Experts(nnx.Module):
     x_ECD = remat.name(x_ECD.astype(self.dtype), remat.EXPERT_INPUTS)
     h_up = jnp.einsum('ecd,edf->ecf', x_ECD, w_up)
     h_gate = None if w_gate is None else jnp.einsum('ecd,edf->ecf', x_ECD, w_gate)
-    h_ECF = activate(h_up, h_gate, None if mult_bias is None else mult_bias[:, None, :])
+    h_ECF = activate(h_up, h_gate, None if mult_bias is None else mult_bias[:, None, :],
+                     self.activation)
     h_ECF = _dropout(h_ECF, self.dropout, dropout_rng)
     return remat.name(jnp.einsum('ecf,efd->ecd', h_ECF, w_down), remat.EXPERT_OUTPUTS)
 
@@ -121,7 +136,7 @@ class Experts(nnx.Module):
       h_up = matmul(x_NBD, w_up)
       h_gate = None if w_gate is None else matmul(x_NBD, w_gate)
       bias = None if mult_bias is None else mult_bias[layout.group_N][:, None, :]
-      h_NBF = _dropout(activate(h_up, h_gate, bias), self.dropout, dropout_rng)
+      h_NBF = _dropout(activate(h_up, h_gate, bias, self.activation), self.dropout, dropout_rng)
       return remat.name(gmm.from_blocks(matmul(h_NBF, w_down), layout), remat.EXPERT_OUTPUTS)
     matmul = gmm.BACKENDS[name].matmul
     h_up = matmul(x_XD, w_up, group_sizes_E)
@@ -129,5 +144,6 @@ class Experts(nnx.Module):
     if mult_bias is not None:  # Each row's own expert's bias: repeat expert e's row group_sizes_E[e] times.
       mult_bias = jnp.repeat(mult_bias, group_sizes_E, axis=0,
                              total_repeat_length=x_XD.shape[0])
-    h_XF = _dropout(activate(h_up, h_gate, mult_bias), self.dropout, dropout_rng)
+    h_XF = _dropout(activate(h_up, h_gate, mult_bias, self.activation), self.dropout,
+                    dropout_rng)
     return remat.name(matmul(h_XF, w_down, group_sizes_E), remat.EXPERT_OUTPUTS)

@@ -63,6 +63,7 @@ class HeadRoutedAttention(nnx.Module):
     self.w_o = layers.param(rngs, init_q, (H, K, D), ('heads', 'kv', 'embed'))
     self.num_heads, self.att = H, cfg.attention
     self.rope_max_wavelength = cfg.rope_max_wavelength
+    self.rope_layout = cfg.attention.rope_layout
     self.dtype = jnp.dtype(cfg.dtype)
 
   def capacity(self, length: int) -> int:
@@ -88,10 +89,11 @@ class HeadRoutedAttention(nnx.Module):
     x_HCD, (slot_BLR, gate_BLR) = dispatch.dispatch_scatter(x_BLD, route, H, C)
     q_HCK = jnp.einsum('hcd,hdk->hck', x_HCD, self.w_q[...].astype(self.dtype))
     q_BLRK = layers.apply_rotary(gather_choices(q_HCK, slot_BLR), positions_BL,
-                                 self.rope_max_wavelength)
+                                 self.rope_max_wavelength, self.rope_layout)
     R = q_BLRK.shape[2]
     shared = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))[:, :, None, :]
-    k_BL1K = layers.apply_rotary(shared(self.w_k), positions_BL, self.rope_max_wavelength)
+    k_BL1K = layers.apply_rotary(shared(self.w_k), positions_BL, self.rope_max_wavelength,
+                                 self.rope_layout)
     # Every chosen head of a token attends the same keys: R query heads over one key head.
     expand = lambda x: jnp.broadcast_to(x, (B, L, R, x.shape[-1]))
     out_BLRK, lse_BLR = sparse_attention.sparse_attention(
@@ -126,9 +128,11 @@ class HeadRoutedAttention(nnx.Module):
     q_XK = jax.lax.ragged_dot(x_XD, self.w_q[...].astype(self.dtype), sizes_H)
     q_BLRK = jnp.zeros_like(q_XK).at[order_X].set(q_XK).reshape(B, L, R, K)
     q_pos_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
-    q_BLRK = layers.apply_rotary(q_BLRK, q_pos_BL, self.rope_max_wavelength)
+    q_BLRK = layers.apply_rotary(q_BLRK, q_pos_BL, self.rope_max_wavelength,
+                                 self.rope_layout)
     shared = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))[:, :, None, :]
-    k_BL1K = layers.apply_rotary(shared(self.w_k), q_pos_BL, self.rope_max_wavelength)
+    k_BL1K = layers.apply_rotary(shared(self.w_k), q_pos_BL, self.rope_max_wavelength,
+                                 self.rope_layout)
     cache = cache.append(k_BL1K, shared(self.w_v))
     # One key head: the L*R chosen query heads are L*R queries of that head (no key copies).
     T = cache.k.shape[1]
@@ -145,6 +149,14 @@ def _validate(config) -> None:
   if att.head_top_k > heads:
     raise options.ConfigError(f'config.attention.head_top_k={att.head_top_k!r} is invalid: '
                               f'expected at most model.num_heads={heads}.')
+  # Its keys and values are one shared head already, projected without a norm.
+  if att.num_kv_heads:
+    raise options.invalid('attention.num_kv_heads', att.num_kv_heads,
+                          "0 with attention kind 'head_routed' (its keys and values are one "
+                          'shared head)')
+  if att.qk_norm != 'none':
+    raise options.invalid('attention.qk_norm', att.qk_norm,
+                          "'none' with attention kind 'head_routed'")
 
 
 ATTENTION_KINDS.register(AttentionKind(

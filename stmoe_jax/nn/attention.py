@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.config import options
-from stmoe_jax.config.options import Option, Satisfies
+from stmoe_jax.config.options import OneOf, Option, Range, Satisfies
 from stmoe_jax.nn import layers
 
 
@@ -32,7 +32,7 @@ class AttentionKind(options.Entry):
     make: (cfg, *, rngs) -> module, called as `attn(x_BLD, positions_BL, mask_BL=...) ->
       ([B, L, D], stats)` and decoding as `attn.decode(x_BLD, cache)`.
     cache_slots: (cfg, length) -> KV-cache slots of a layer decoding `length` positions.
-    cache_heads: cfg -> heads the cache holds (None = model.num_heads).
+    cache_heads: cfg -> heads the cache holds (None = `cfg.kv_heads`, the key/value heads).
   """
   make: Callable[..., nnx.Module]
   cache_slots: Callable[[ModelConfig, int], int] = lambda cfg, length: length
@@ -53,6 +53,30 @@ options.declare(Option(
         k.strip() in ATTENTION_KINDS for k in kinds.split(',')) if kinds else True,
         'comma-separated attention kinds (attention.kind values)')))
 
+QK_NORMS = ('none', 'per_head', 'full')
+# Read by every self-attention built on `CausalSelfAttention` (dense, the pattern kinds, the
+# encoder's); `head_routed` refuses the ones it cannot honour.
+options.declare(
+    Option('attention.num_kv_heads', int, 0, 'Key/value heads, shared by groups of query heads '
+           '(GQA: Mixtral 8, Qwen3-MoE 4; 1 = multi-query); divides model.num_heads.',
+           Range(0, note='0 = model.num_heads')),
+    Option('attention.qk_norm', str, 'none', "RMSNorm on queries and keys before rotary: over "
+           "each head ('per_head', Qwen3) or all heads at once ('full', OLMoE).",
+           OneOf(QK_NORMS)),
+    Option('attention.rope_layout', str, 'half_split', "Rotary pairs (x[i], x[i+K/2]) "
+           "('half_split', HF rotate_half) or (x[2i], x[2i+1]) ('interleaved', GPT-J).",
+           OneOf(layers.ROPE_LAYOUTS)),
+    owner='nn.attention')
+
+
+@options.add_check
+def _check_kv_heads(config) -> None:
+  kv, heads = config.attention.num_kv_heads, config.model.num_heads
+  if kv and heads % kv:
+    raise options.invalid('attention.num_kv_heads', kv,
+                          f'a divisor of model.num_heads={heads} (0 = model.num_heads)')
+
+
 @flax.struct.dataclass
 class KVCache:
   """Keys and values of the positions decoded so far, for one attention layer.
@@ -62,8 +86,9 @@ class KVCache:
   the newest T positions (`slot_positions` says which).
 
   Attributes:
-    k: [B, T, H, K] rotated keys (H = 1 for head-routed attention's shared keys).
-    v: [B, T, H, K] values.
+    k: [B, T, G, K] rotated keys of the G key/value heads (`cfg.kv_heads`; G = 1 for
+      head-routed attention's shared keys).
+    v: [B, T, G, K] values.
     end: int32 scalar, the number of positions written so far (= the position of the next token).
   """
   k: jax.Array
@@ -73,8 +98,9 @@ class KVCache:
   @classmethod
   def zeros(cls, batch: int, length: int, cfg: ModelConfig,
             num_heads: int | None = None) -> 'KVCache':
-    """An empty cache of `length` slots with `num_heads` key heads (default cfg.num_heads)."""
-    shape = (batch, length, cfg.num_heads if num_heads is None else num_heads, cfg.head_dim)
+    """An empty cache of `length` slots with `num_heads` key heads (default `cfg.kv_heads`:
+    grouped-query attention caches only its key/value heads)."""
+    shape = (batch, length, cfg.kv_heads if num_heads is None else num_heads, cfg.head_dim)
     empty = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     return cls(k=empty, v=empty, end=jnp.zeros((), jnp.int32))
 
@@ -169,31 +195,80 @@ def key_masked_attention(q_BLHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array
 
 
 def projections(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Param, ...]:
-  """Multi-head attention's weights: w_q, w_k, w_v [D, H, K] and w_o [H, K, D], Switch-style
-  truncated-normal initialised, with their logical axis names (self- and cross-attention)."""
-  D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+  """Multi-head attention's weights: w_q [D, H, K], w_k and w_v [D, G, K] (G = `cfg.kv_heads`)
+  and w_o [H, K, D], Switch-style truncated-normal initialised, with their logical axis names
+  (self- and cross-attention)."""
+  D, H, G, K = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
   init_in = layers.switch_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
-  w_qkv = [layers.param(rngs, init_in, (D, H, K), ('embed', 'heads', 'kv')) for _ in range(3)]
+  w_qkv = [layers.param(rngs, init_in, (D, heads, K), ('embed', 'heads', 'kv'))
+           for heads in (H, G, G)]
   init_out = layers.switch_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
   return (*w_qkv, layers.param(rngs, init_out, (H, K, D), ('heads', 'kv', 'embed')))
 
 
+def repeat_kv(x_BTGK: jax.Array, num_heads: int) -> jax.Array:
+  """Key or value heads [B, T, G, K] -> [B, T, H, K], query head h reading head h // (H / G):
+  HF `repeat_kv`'s grouping, and `jax.nn.dot_product_attention`'s, which takes G < H as is."""
+  G = x_BTGK.shape[2]
+  return x_BTGK if G == num_heads else jnp.repeat(x_BTGK, num_heads // G, axis=2)
+
+
+class QKNorm(nnx.Module):
+  """RMSNorm of queries or keys [B, L, H, K] with a learned scale, statistics in float32.
+
+  'per_head' (Qwen3): over each head's K features, scale [K] shared by the heads. 'full'
+  (OLMoE): over all H * K features of a position at once, scale [H, K] (HF's [H * K] vector).
+  """
+
+  def __init__(self, kind: str, num_heads: int, head_dim: int, eps: float, *, rngs: nnx.Rngs):
+    shape, axes = ((head_dim,), ('kv',)) if kind == 'per_head' else ((num_heads, head_dim),
+                                                                      ('heads', 'kv'))
+    self.scale = layers.param(rngs, jax.nn.initializers.ones, shape, axes)
+    self.axes = (-1,) if kind == 'per_head' else (-2, -1)
+    self.eps = eps
+
+  def __call__(self, x_BLHK: jax.Array) -> jax.Array:
+    x = x_BLHK.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=self.axes, keepdims=True) + self.eps)
+    return (x * self.scale[...]).astype(x_BLHK.dtype)
+
+
+def qk_norms(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[QKNorm | None, QKNorm | None]:
+  """The query and key norms `attention.qk_norm` asks for, or (None, None)."""
+  kind = cfg.attention.qk_norm
+  if kind == 'none':
+    return None, None
+  return (QKNorm(kind, cfg.num_heads, cfg.head_dim, cfg.norm_eps, rngs=rngs),
+          QKNorm(kind, cfg.kv_heads, cfg.head_dim, cfg.norm_eps, rngs=rngs))
+
+
 class CausalSelfAttention(nnx.Module):
-  """Multi-head attention where position t attends to positions <= t: [B, L, D] -> [B, L, D]."""
+  """Multi-head attention where position t attends to positions <= t: [B, L, D] -> [B, L, D].
+
+  With `attention.num_kv_heads` G < H, groups of H / G query heads share a key/value head
+  (grouped-query attention; the KV cache holds G heads); `attention.qk_norm` normalises queries
+  and keys before rotary.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.w_q, self.w_k, self.w_v, self.w_o = projections(cfg, rngs)
+    self.q_norm, self.k_norm = qk_norms(cfg, rngs)
     self.rope_max_wavelength = cfg.rope_max_wavelength
+    self.rope_layout = cfg.attention.rope_layout
     self.dtype = jnp.dtype(cfg.dtype)
     self.query_chunk = cfg.attention.query_chunk
 
   def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array):
-    """Rotated queries and keys and the values of x_BLD, each [B, L, H, K] in `self.dtype`."""
+    """Rotated queries [B, L, H, K], rotated keys and the values [B, L, G, K] of x_BLD, in
+    `self.dtype` (G = H without grouped-query attention)."""
     x_BLD = x_BLD.astype(self.dtype)
     project = lambda w: layers.dense(x_BLD, w[...].astype(self.dtype))
-    q_BLHK = layers.apply_rotary(project(self.w_q), positions_BL, self.rope_max_wavelength)
-    k_BLHK = layers.apply_rotary(project(self.w_k), positions_BL, self.rope_max_wavelength)
-    return q_BLHK, k_BLHK, project(self.w_v)
+    q_BLHK, k_BLGK = project(self.w_q), project(self.w_k)
+    if self.q_norm is not None:
+      q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
+    rotate = lambda x: layers.apply_rotary(x, positions_BL, self.rope_max_wavelength,
+                                           self.rope_layout)
+    return rotate(q_BLHK), rotate(k_BLGK), project(self.w_v)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, *,
                mask_BL: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -245,7 +320,7 @@ class CrossCache:
   per encoded input (`CrossAttention.kv`) and read by every decoding step.
 
   Attributes:
-    k, v: [B, T, H, K] keys and values of the T encoder positions.
+    k, v: [B, T, G, K] keys and values of the T encoder positions (G key/value heads).
     mask: bool [B, T], True for real (non-padding) encoder positions.
   """
   k: jax.Array
@@ -260,6 +335,7 @@ class CrossAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.w_q, self.w_k, self.w_v, self.w_o = projections(cfg, rngs)
+    self.q_norm, self.k_norm = qk_norms(cfg, rngs)
     self.dtype = jnp.dtype(cfg.dtype)
     self.query_chunk = cfg.attention.query_chunk
 
@@ -268,12 +344,15 @@ class CrossAttention(nnx.Module):
     real): this layer's `CrossCache`."""
     encoded_BTD = encoded_BTD.astype(self.dtype)
     project = lambda w: layers.dense(encoded_BTD, w[...].astype(self.dtype))
-    return CrossCache(k=project(self.w_k), v=project(self.w_v), mask=mask_BT.astype(bool))
+    k_BTGK = project(self.w_k) if self.k_norm is None else self.k_norm(project(self.w_k))
+    return CrossCache(k=k_BTGK, v=project(self.w_v), mask=mask_BT.astype(bool))
 
   def __call__(self, x_BLD: jax.Array, cache: CrossCache) -> jax.Array:
     """[B, L, D] decoder states -> [B, L, D], attending over the encoder positions of `cache`:
     the whole target in training and evaluation (query-chunked above `attention.query_chunk`
     queries, as is a long decoder prompt), one token per decoding step (the plain call)."""
     q_BLHK = layers.dense(x_BLD.astype(self.dtype), self.w_q[...].astype(self.dtype))
+    if self.q_norm is not None:
+      q_BLHK = self.q_norm(q_BLHK)
     out_BLHK = key_masked_attention(q_BLHK, cache.k, cache.v, cache.mask, self.query_chunk)
     return layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)

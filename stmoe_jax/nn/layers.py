@@ -85,15 +85,31 @@ class RMSNorm(nnx.Module):
     return (x * self.scale[...]).astype(x_BLD.dtype)
 
 
-def apply_rotary(x_BLHK: jax.Array, positions_BL: jax.Array, max_wavelength: float) -> jax.Array:
-  """Rotary position embedding (RoFormer) on the last dim of [B, L, H, K] (K even).
+ROPE_LAYOUTS = ('half_split', 'interleaved')
 
-  Rotates pairs (x[i], x[i + K/2]) by angle position / max_wavelength^(2i/K), in float32.
+
+def apply_rotary(x_BLHK: jax.Array, positions_BL: jax.Array, max_wavelength: float,
+                 layout: str = 'half_split') -> jax.Array:
+  """Rotary position embedding (RoFormer) on the last dim of [B, L, H, K] (K even), in float32.
+
+  Pair i (of K/2) rotates by angle position / max_wavelength^(2i/K). `layout` says which two
+  features form pair i: 'half_split' (x[i], x[i + K/2]): HF Llama/Mixtral/Qwen `rotate_half`;
+  'interleaved' (x[2i], x[2i + 1]): RoFormer, GPT-J and Meta's original Llama code. The two
+  are the same rotation of differently ordered features, so a checkpoint moves between them by
+  permuting the rows of W_q and W_k.
   """
-  half = x_BLHK.shape[-1] // 2
+  K = x_BLHK.shape[-1]
+  half = K // 2
   inv_freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angle_BLK)[:, :, None, :], jnp.cos(angle_BLK)[:, :, None, :]
-  x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  x = x_BLHK.astype(jnp.float32)
+  if layout == 'half_split':
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  elif layout == 'interleaved':
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
+  else:
+    raise ValueError(f'unknown rotary layout {layout!r}: expected one of {ROPE_LAYOUTS}')
   return out.astype(x_BLHK.dtype)

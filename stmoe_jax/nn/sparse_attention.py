@@ -40,7 +40,8 @@ from stmoe_jax.config import AttentionConfig, ModelConfig
 from stmoe_jax.config import options
 from stmoe_jax.config.options import Option, Range
 from stmoe_jax.nn import layers
-from stmoe_jax.nn.attention import ATTENTION_KINDS, AttentionKind, CausalSelfAttention, KVCache
+from stmoe_jax.nn.attention import (ATTENTION_KINDS, AttentionKind, CausalSelfAttention, KVCache,
+                                    repeat_kv)
 
 PATTERN_KINDS = ('dense', 'local', 'strided', 'block_sparse')
 _MASKED = -1e30  # Finite, so a fully masked row (padding) gives zeros, not NaN.
@@ -260,8 +261,10 @@ class PatternAttention(CausalSelfAttention):
 
     The pattern is over token index 0..L-1 (training/prefill); `positions_BL` feed rotary.
     """
-    q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, positions_BL)
-    out_BLHK, lse_BLH = sparse_attention(q_BLHK, k_BLHK, v_BLHK, self.kind, self.att)
+    q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, positions_BL)
+    H = q_BLHK.shape[2]
+    out_BLHK, lse_BLH = sparse_attention(q_BLHK, repeat_kv(k_BLGK, H), repeat_kv(v_BLGK, H),
+                                         self.kind, self.att)
     y_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
     return y_BLD, {'logit_z_loss': logit_z_loss(lse_BLH, mask_BL)}
 
@@ -276,15 +279,19 @@ class PatternAttention(CausalSelfAttention):
     """
     B, L, _ = x_BLD.shape
     q_pos_BL = jnp.broadcast_to(cache.end + jnp.arange(L), (B, L))
-    q_BLHK, k_BLHK, v_BLHK = self.qkv(x_BLD, q_pos_BL)
+    q_BLHK, k_BLGK, v_BLGK = self.qkv(x_BLD, q_pos_BL)
+    # The cache holds the G key/value heads; each attention call sees them repeated to H.
+    heads = lambda x: repeat_kv(x, q_BLHK.shape[2])
     if self.kind == 'local':
-      out_BLHK = _local_over_ring(q_BLHK, k_BLHK, v_BLHK, q_pos_BL[0], cache, self.att)
-      cache = cache.append(k_BLHK, v_BLHK)
+      ring = cache.replace(k=heads(cache.k), v=heads(cache.v))
+      out_BLHK = _local_over_ring(q_BLHK, heads(k_BLGK), heads(v_BLGK), q_pos_BL[0], ring,
+                                  self.att)
+      cache = cache.append(k_BLGK, v_BLGK)
     else:
-      cache = cache.append(k_BLHK, v_BLHK)
+      cache = cache.append(k_BLGK, v_BLGK)
       k_pos_BT = jnp.broadcast_to(cache.slot_positions(), (B, cache.k.shape[1]))
-      out_BLHK, _ = attend_at_positions(q_BLHK, cache.k, cache.v, q_pos_BL, k_pos_BT, self.kind,
-                                        self.att)
+      out_BLHK, _ = attend_at_positions(q_BLHK, heads(cache.k), heads(cache.v), q_pos_BL,
+                                        k_pos_BT, self.kind, self.att)
     y_BLD = layers.dense(out_BLHK, self.w_o[...].astype(self.dtype), contract=2)
     return y_BLD, cache
 

@@ -130,12 +130,25 @@ def test_mistyped_key_fails_on_a_locked_config():
     ('attention.head_top_k', 5, 'config.attention.head_top_k=5'),  # Only 4 heads.
     ('attention.num_global_blocks', -1, 'config.attention.num_global_blocks=-1'),
     ('attention.logit_z_loss_coef', -1.0, 'config.attention.logit_z_loss_coef=-1.0'),
+    ('attention.num_kv_heads', 3, r'config.attention.num_kv_heads=3 is invalid: expected a '
+     r'divisor of model.num_heads=2'),
+    ('attention.qk_norm', 'both', "config.attention.qk_norm='both'"),
+    ('attention.rope_layout', 'gptj', "config.attention.rope_layout='gptj'"),
 ])
 def test_bad_attention_values_name_the_field(field, value, message):
   config = default.get_config()
   section, _, key = field.rpartition('.')
   config[section][key] = value
   with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+    validate(config)
+
+
+@pytest.mark.parametrize('field,value', [('num_kv_heads', 1), ('qk_norm', 'per_head')])
+def test_head_routed_attention_refuses_kv_heads_and_qk_norm(field, value):
+  config = default.get_config()
+  config.attention.update(kind='head_routed', head_top_k=1, **{field: value})
+  with pytest.raises(ConfigError, match=f"config.attention.{field}={value!r} is invalid: "
+                     "expected .* with attention kind 'head_routed'"):
     validate(config)
 
 
@@ -146,6 +159,10 @@ def test_resume_allows_remat_and_compute_dtype_but_not_shapes():
   config.model.param_dtype = 'bfloat16'  # What the checkpoint holds: refused.
   with pytest.raises(ConfigError, match="^config.model.param_dtype='bfloat16' differs from "
                      "'float32' in the run saved at config.json"):
+    check_resumable(config, saved, 'config.json')
+  config = tiny.get_config()
+  config.attention.num_kv_heads = 1  # Key/value projections of another shape.
+  with pytest.raises(ConfigError, match='^config.attention.num_kv_heads=1 differs from 0'):
     check_resumable(config, saved, 'config.json')
 
 

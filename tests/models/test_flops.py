@@ -23,6 +23,10 @@ def test_forward_flops_by_hand(tiny_model_cfg):
   # The FLOP-matched dense layer: width top_k * expert_d_ff, no router.
   assert (flops.forward_flops_per_token(cfg, L) - flops.forward_flops_per_token(dense, L) ==
           2 * D * 4)
+  # Grouped-query attention: one key/value head of 8 instead of 2 in each of the 2 layers.
+  gqa = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, num_kv_heads=1))
+  assert (flops.forward_flops_per_token(cfg, L) - flops.forward_flops_per_token(gqa, L) ==
+          2 * (2 * 2 * D * 8))
 
 
 def test_peak_and_utilization():

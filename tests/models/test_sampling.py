@@ -111,12 +111,17 @@ DECODE_ATT = AttentionConfig(block_size=4, window=5, stride=3, num_local_blocks=
 
 
 # Two models cover every kind (fewer compilations than one model per kind); with the logit
-# z-loss on, 'dense' is PatternAttention's (plain dense: the test above).
-@pytest.mark.parametrize('layer_kinds,z_loss', [('local,head_routed', 0.0),
-                                                ('strided,block_sparse,dense', 1e-3)])
-def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss):
+# z-loss on, 'dense' is PatternAttention's (plain dense: the test above). The second also has
+# grouped-query attention (2 key/value heads of 4: its caches hold 2), OLMoE's QK-norm and the
+# interleaved rotary layout, which head-routed attention does not take.
+@pytest.mark.parametrize('layer_kinds,z_loss,extra', [
+    ('local,head_routed', 0.0, {}),
+    ('strided,block_sparse,dense', 1e-3,
+     dict(num_kv_heads=2, qk_norm='full', rope_layout='interleaved'))])
+def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss, extra):
   kinds = layer_kinds.split(',')
-  att = dataclasses.replace(DECODE_ATT, layer_kinds=layer_kinds, logit_z_loss_coef=z_loss)
+  att = dataclasses.replace(DECODE_ATT, layer_kinds=layer_kinds, logit_z_loss_coef=z_loss,
+                            **extra)
   cfg = dataclasses.replace(tiny_model_config(num_layers=len(kinds), num_heads=4),
                             moe=MoeConfig(enabled=False), attention=att)
   model = Transformer(cfg, rngs=nnx.Rngs(5))
@@ -141,7 +146,7 @@ def test_every_attention_kind_decodes_like_the_full_forward(layer_kinds, z_loss)
   np.testing.assert_allclose(np.concatenate(step_logits, axis=1), full_logits, atol=2e-5,
                              rtol=2e-5)
   for cache, kind in zip(caches, kinds):
-    slots, heads = 5 if kind == 'local' else 16, 1 if kind == 'head_routed' else 4
+    slots, heads = 5 if kind == 'local' else 16, 1 if kind == 'head_routed' else cfg.kv_heads
     assert cache.k.shape == cache.v.shape == (2, slots, heads, 8), kind
     assert int(cache.end) == 13
     if kind == 'local':  # The newest 5 positions, position p in slot p % 5.

@@ -51,3 +51,28 @@ def test_rotary_scores_depend_on_relative_position_only():
                                layers.apply_rotary(k, jnp.array([[j]]), 100.0))
   np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-4)
   assert not np.isclose(score(5, 2), score(5, 3))
+
+
+def rotary_reference(x, position, max_wavelength, pairs):
+  """RoFormer eq. 13-15 one pair at a time: pair i = features pairs(i), angle
+  position / max_wavelength^(2i/K)."""
+  out = np.array(x, np.float64)
+  K = x.shape[-1]
+  for i in range(K // 2):
+    a, b = pairs(i, K)
+    angle = position / max_wavelength ** (2 * i / K)
+    out[..., a] = x[..., a] * np.cos(angle) - x[..., b] * np.sin(angle)
+    out[..., b] = x[..., b] * np.cos(angle) + x[..., a] * np.sin(angle)
+  return out
+
+
+@pytest.mark.parametrize('layout,pairs', [
+    ('half_split', lambda i, K: (i, i + K // 2)),  # HF rotate_half (Llama, Mixtral, Qwen).
+    ('interleaved', lambda i, K: (2 * i, 2 * i + 1))])  # GPT-J, Meta's Llama code.
+def test_rotary_layouts_rotate_their_pairs(layout, pairs):
+  x = np.random.default_rng(0).standard_normal((1, 3, 2, 8))
+  positions = np.array([[0, 5, 17]])
+  got = layers.apply_rotary(jnp.asarray(x, jnp.float32), jnp.asarray(positions), 1e4, layout)
+  for t in range(3):
+    np.testing.assert_allclose(got[0, t], rotary_reference(x[0, t], positions[0, t], 1e4, pairs),
+                               rtol=1e-5, atol=1e-5)

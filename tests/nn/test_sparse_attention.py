@@ -106,6 +106,32 @@ def small_cfg(**att):
                            attention={**dataclasses.asdict(ATT), **att})
 
 
+def test_pattern_kinds_share_grouped_kv_heads_as_dense_attention_does():
+  """With 2 key/value heads for 4 query heads, the 'dense' pattern (PatternAttention's own
+  computation over repeated heads) equals CausalSelfAttention (dot_product_attention's
+  grouping, checked against HF's in tests/models/test_hf_arch.py) on the same parameters."""
+  cfg = small_cfg(num_kv_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 13, 16))
+  positions = jnp.broadcast_to(jnp.arange(13), (2, 13))
+  run = nnx.jit(lambda layer, x: layer(x, positions)[0])
+  dense = attention.CausalSelfAttention(cfg, rngs=nnx.Rngs(0))
+  pattern = PatternAttention(cfg, 'dense', rngs=nnx.Rngs(0))
+  assert dense.w_k.shape == pattern.w_k.shape == (16, 2, 8)
+  np.testing.assert_allclose(run(pattern, x), run(dense, x), atol=2e-6)
+  # `local` decodes over a ring of the 2 key/value heads (window 11 < 13 positions).
+  local = PatternAttention(cfg, 'local', rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  def decode(layer, x):
+    out, cache = layer.decode(x[:, :9], attention.KVCache.zeros(2, ATT.window, cfg))
+    step = lambda cache, x_B1D: layer.decode(x_B1D[:, None], cache)[::-1]
+    cache, outs = jax.lax.scan(step, cache, jnp.swapaxes(x[:, 9:], 0, 1))
+    assert cache.k.shape == (2, ATT.window, 2, 8)
+    return jnp.concatenate([out, jnp.swapaxes(outs[:, :, 0], 0, 1)], axis=1)
+
+  np.testing.assert_allclose(decode(local, x), run(local, x), atol=2e-6)
+
+
 @pytest.mark.parametrize('kind', KINDS + ('head_routed',))
 def test_changing_a_later_token_never_changes_earlier_outputs(kind):
   cfg = small_cfg(head_capacity_factor=0.75)  # Head-routed: capacity drops happen, causally.
