@@ -124,9 +124,11 @@ class ModelConfig(Section):
   """The `model` section with its `moe` and `attention` sections: what the modules take.
 
   `mesh_rules` is no option: the Trainer sets a `sharding.MeshRules` there (None = one device).
+  Nor is `pad_id`, the padding id that routing and attention skip: the tokenizer's
+  (`data.tokenizer`; 256 for bytes), set with the mesh rules.
   """
   SECTION = 'model'
-  NESTED = {'moe': MoeConfig, 'attention': AttentionConfig, 'mesh_rules': None}
+  NESTED = {'moe': MoeConfig, 'attention': AttentionConfig, 'mesh_rules': None, 'pad_id': 256}
 
   def ffn_kind(self, layer: int) -> str:
     """'moe' for a sparse layer, 'dense' otherwise; 'dense_matched' replaces MoE when disabled."""
