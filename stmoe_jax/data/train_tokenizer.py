@@ -1,9 +1,11 @@
-r"""Trains a byte-level BPE or unigram vocabulary (Hugging Face `tokenizers`) on your files or
-the embedded stdlib corpus, and writes a directory `data.tokenizer` accepts:
+r"""Trains a byte-level BPE or unigram vocabulary (Hugging Face `tokenizers`) on your files, a
+prepared dataset's train split (a corpus of `python -m stmoe_jax.data.build`) or, by default,
+the embedded stdlib corpus's, and writes a directory `data.tokenizer` accepts:
 
   python -m stmoe_jax.data.train_tokenizer --vocab_size=4096 --out=/tmp/bpe4k
   python -m stmoe_jax.data.train_tokenizer --files='src/**/*.py,notes/*.md' \
       --vocab_size=8000 --kind=unigram --out=/tmp/uni8k
+  python -m stmoe_jax.data.train_tokenizer --dataset=mycorpus --vocab_size=8192 --out=/tmp/my8k
   python train.py --config=configs/default.py --config.data.tokenizer=/tmp/bpe4k \
       --config.model.vocab_size=4099 --workdir=/tmp/run
 
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from absl import app
 from absl import flags
 
-from stmoe_jax.data import stdlib_corpus
+from stmoe_jax.data import sources
 from stmoe_jax.data import tokenizer
 
 KINDS = ('bpe', 'unigram')
@@ -47,12 +49,14 @@ def _read(files: Sequence[str]) -> Iterator[str]:
       yield f.read().decode('utf-8', errors='replace')
 
 
-def embedded_texts() -> Iterator[str]:
-  """The embedded stdlib corpus's training documents (what the default run trains on)."""
-  root = stdlib_corpus.stdlib_root()
-  for rel_path in stdlib_corpus.list_stdlib_files(root):
-    if stdlib_corpus.split_for_path(rel_path) == stdlib_corpus.TRAIN:
-      yield stdlib_corpus.read_source(root, rel_path)
+def dataset_texts(name: str = 'stdlib_py', data_dir: str | None = None,
+                  feature_key: str = 'text') -> Iterator[str]:
+  """The train split's documents of a TFDS dataset (`sources.get_data_source`; the embedded
+  stdlib corpus by default, what the default run trains on)."""
+  source = sources.get_data_source(name, 'train', data_dir)
+  for i in range(len(source)):
+    text = source[i][feature_key]
+    yield text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
 
 
 def train(texts: Iterable[str], vocab_size: int, out: str, kind: str = 'bpe'
@@ -85,7 +89,11 @@ def train(texts: Iterable[str], vocab_size: int, out: str, kind: str = 'bpe'
 
 
 _FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of text files; empty: the '
-                             'embedded stdlib corpus (its train split).')
+                             "train split of --dataset.")
+_DATASET = flags.DEFINE_string('dataset', 'stdlib_py', 'TFDS dataset to train on without '
+                               '--files (the embedded stdlib corpus, or one of '
+                               '`python -m stmoe_jax.data.build`).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', "TFDS data dir of --dataset ('' = default).")
 _VOCAB = flags.DEFINE_integer('vocab_size', 4096, 'Tokens of the vocabulary (pad/bos/eos '
                               'come on top).')
 _OUT = flags.DEFINE_string('out', None, 'Directory to write tokenizer.json to.', required=True)
@@ -95,9 +103,10 @@ _KIND = flags.DEFINE_enum('kind', 'bpe', KINDS, 'Byte-level BPE or unigram.')
 def main(argv: Sequence[str]) -> None:
   del argv
   try:
-    texts = _read(expand(_FILES.value)) if _FILES.value else embedded_texts()
+    texts = (_read(expand(_FILES.value)) if _FILES.value
+             else dataset_texts(_DATASET.value, _DATA_DIR.value or None))
     tok = train(texts, _VOCAB.value, _OUT.value, _KIND.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:  # DataError is a ValueError; a missing dataset an OSError.
     sys.exit(f'error: {e}')
   print(f'wrote {os.path.join(_OUT.value, tokenizer.HF_FILE)} ({tok.num_tokens} tokens, '
         f'{tok.content_hash}); train with --config.data.tokenizer={_OUT.value} '
