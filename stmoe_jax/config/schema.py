@@ -178,10 +178,11 @@ options.declare(
     Option('data.feature_key', str, 'text', 'Which string feature of each example to train on.'),
     Option('data.train_split', str, 'train', 'TFDS split to train on.'),
     Option('data.eval_split', str, 'validation', 'TFDS split of the periodic eval and eval.py.'),
-    Option('data.seq_len', int, 64, 'Tokens (bytes) per training sequence (the encoder input '
+    Option('data.seq_len', int, 64, 'Tokens (bytes by default) per training sequence (the encoder input '
            'under span corruption).', POSITIVE),
     # model
-    Option('model.vocab_size', int, 259, '256 bytes + pad/bos/eos (data/tokenizer.py).',
+    Option('model.vocab_size', int, 259, 'Embedded ids: 256 bytes + pad/bos/eos, or with '
+           'data.tokenizer its vocabulary + 3 (data/tokenizer.py).',
            POSITIVE),
     Option('model.d_model', int, 256, 'Width of the residual stream.', POSITIVE),
     Option('model.num_layers', int, 4, "Transformer blocks (the decoder's, for "

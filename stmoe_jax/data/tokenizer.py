@@ -43,7 +43,7 @@ options.declare(Option(
     "'bytes' (utf-8 bytes), a SentencePiece .model file, or a directory holding a Hugging "
     "Face tokenizer.json (`python -m stmoe_jax.data.train_tokenizer` writes one).",
     Satisfies(_spec_ok, "'bytes', an existing SentencePiece .model file or a directory "
-              'holding tokenizer.json')), owner='stmoe_jax.data.tokenizer')
+              'holding tokenizer.json')), owner='data.tokenizer')
 
 
 @options.add_check
