@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -199,13 +200,20 @@ class HuggingFaceTokenizer(Tokenizer):
     return self._tok.decode(ids, skip_special_tokens=False)
 
   def _token_bytes(self):
-    if self._byte_level:  # Each token is its bytes spelled in the byte-level alphabet.
-      chars = _byte_level_chars()
-      return np.array([sum(1 if c in chars else len(c.encode('utf-8'))
-                           for c in self._tok.id_to_token(i) or '')
-                       for i in range(self.num_tokens)], np.int32)
-    return np.array([len(self._tok.decode([i]).encode('utf-8'))
-                     for i in range(self.num_tokens)], np.int32)
+    chars = _byte_level_chars()
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def count(i: int) -> int:
+      piece = self._tok.id_to_token(i) or ''
+      if i in special:
+        return 0
+      if self._byte_level:  # Each token is its bytes spelled in the byte-level alphabet.
+        return sum(1 if c in chars else len(c.encode('utf-8')) for c in piece)
+      if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', piece):  # Byte fallback (Llama, Mistral).
+        return 1
+      return len(piece.replace('\u2581', ' ').encode('utf-8'))  # Metaspace: '▁' is a space.
+
+    return np.array([count(i) for i in range(self.num_tokens)], np.int32)
 
 
 @functools.cache

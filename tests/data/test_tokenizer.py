@@ -95,6 +95,21 @@ def test_unigram_and_sentencepiece_round_trip(tmp_path):
   assert sp.token_bytes[ids].sum() == len(HELD_OUT.encode('utf-8'))
 
 
+def test_metaspace_tokenizer_json_counts_pieces_and_skips_specials(tmp_path):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme='never')
+  tok.decoder = decoders.Metaspace(prepend_scheme='never')
+  tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=['<s>'],
+                                                      show_progress=False))
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  ms = tokenizer.load(str(tmp_path))
+  assert ms.token_bytes[tok.token_to_id('<s>')] == 0
+  ids = ms.encode('return [v * factor]')
+  assert ms.decode(ids) == 'return [v * factor]'
+  assert ms.token_bytes[ids].sum() == len('return [v * factor]')
+
+
 def test_config_checks(bpe):
   config = defaults()
   config.data.tokenizer = bpe.spec
