@@ -30,6 +30,7 @@ import numpy as np
 
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import span_corruption
+from stmoe_jax.data import tokenizer as tokenizer_lib
 from stmoe_jax.data.eval_pipeline import EvalIterable, SpanEvalIterable
 # pylint: disable=unused-import
 # get_data_source is called by its name in this module, so a test may replace it here.
@@ -204,8 +205,9 @@ def make_train_iterator(
   if span:
     config.update(objective=objective, noise_density=noise_density,
                   mean_noise_span_length=mean_noise_span_length)
-  if tokenizer != 'bytes':  # So that a byte run's saved iterator state still restores.
-    config.update(tokenizer=tokenizer)
+  # The vocabulary by content: a byte run's saved state restores, so does a moved vocabulary's.
+  if tokenizer != 'bytes':
+    config.update(tokenizer=tokenizer_lib.load(tokenizer).content_hash)
   return TrainIterator(it_ds, config)
 
 

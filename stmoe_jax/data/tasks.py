@@ -187,8 +187,8 @@ def task_train_iterator(source, task: str, fmt: str, *, seq_len: int, batch_size
   it_ds = it_ds.batch(batch_size, drop_remainder=True)
   config = dict(task=task, format=fmt, **(where or {}), seq_len=seq_len, seed=seed,
                 process_index=process_index, process_count=process_count)
-  if tokenizer_spec != tokenizer.BYTES:  # So that a byte run's saved state still restores.
-    config.update(tokenizer=tokenizer_spec)
+  if tokenizer_spec != tokenizer.BYTES:  # By content, as `input_pipeline.make_train_iterator`.
+    config.update(tokenizer=tokenizer.load(tokenizer_spec).content_hash)
   return input_pipeline.TrainIterator(it_ds, config)
 
 

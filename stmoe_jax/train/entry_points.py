@@ -39,7 +39,7 @@ from stmoe_jax.data import tokenizer as tokenizer_lib
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import sampling
 from stmoe_jax.train import train_state
-from stmoe_jax.config import ConfigError, model_config, with_defaults
+from stmoe_jax.config import ConfigError, model_config, with_defaults  # pylint: disable=unused-import
 
 
 def config_path(workdir: str) -> str:

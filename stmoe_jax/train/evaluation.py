@@ -28,7 +28,8 @@ from stmoe_jax.data import tokenizer
 
 def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
              cfg: ModelConfig, exact_match: bool = False) -> dict:
-  """Runs `run_step` (a jitted eval step with params bound) over `batches` and reduces.
+  """Runs `run_step` (a jitted eval step with params bound, returning a family's eval-step sums
+  and `num_bytes`, as `make_eval_step`'s) over `batches` and reduces.
 
   Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
   z_loss (summed over MoE layers, as in the train loss), dropped_fraction (mean over layers),
