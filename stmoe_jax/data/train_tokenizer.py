@@ -88,30 +88,34 @@ def train(texts: Iterable[str], vocab_size: int, out: str, kind: str = 'bpe'
   return tokenizer.HuggingFaceTokenizer(out)
 
 
-_FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of text files; empty: the '
-                             "train split of --dataset.")
-_DATASET = flags.DEFINE_string('dataset', 'stdlib_py', 'TFDS dataset to train on without '
-                               '--files (the embedded stdlib corpus, or one of '
-                               '`python -m stmoe_jax.data.build`).')
-_DATA_DIR = flags.DEFINE_string('data_dir', '', "TFDS data dir of --dataset ('' = default).")
-_VOCAB = flags.DEFINE_integer('vocab_size', 4096, 'Tokens of the vocabulary (pad/bos/eos '
-                              'come on top).')
-_OUT = flags.DEFINE_string('out', None, 'Directory to write tokenizer.json to.', required=True)
-_KIND = flags.DEFINE_enum('kind', 'bpe', KINDS, 'Byte-level BPE or unigram.')
+def define_flags() -> None:
+  """The command's flags; defined only when it runs (`data.build` has --files and --data_dir
+  too, and absl refuses a flag defined twice in one process)."""
+  flags.DEFINE_string('files', '', 'Comma-separated globs of text files; empty: the train '
+                      'split of --dataset.')
+  flags.DEFINE_string('dataset', 'stdlib_py', 'TFDS dataset to train on without --files (the '
+                      'embedded stdlib corpus, or one of `python -m stmoe_jax.data.build`).')
+  flags.DEFINE_string('data_dir', '', "TFDS data dir of --dataset ('' = default).")
+  flags.DEFINE_integer('vocab_size', 4096, 'Tokens of the vocabulary (pad/bos/eos come on '
+                       'top).')
+  flags.DEFINE_string('out', None, 'Directory to write tokenizer.json to.', required=True)
+  flags.DEFINE_enum('kind', 'bpe', KINDS, 'Byte-level BPE or unigram.')
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  f = flags.FLAGS
   try:
-    texts = (_read(expand(_FILES.value)) if _FILES.value
-             else dataset_texts(_DATASET.value, _DATA_DIR.value or None))
-    tok = train(texts, _VOCAB.value, _OUT.value, _KIND.value)
+    texts = (_read(expand(f.files)) if f.files
+             else dataset_texts(f.dataset, f.data_dir or None))
+    tok = train(texts, f.vocab_size, f.out, f.kind)
   except (ValueError, OSError) as e:  # DataError is a ValueError; a missing dataset an OSError.
     sys.exit(f'error: {e}')
-  print(f'wrote {os.path.join(_OUT.value, tokenizer.HF_FILE)} ({tok.num_tokens} tokens, '
-        f'{tok.content_hash}); train with --config.data.tokenizer={_OUT.value} '
+  print(f'wrote {os.path.join(f.out, tokenizer.HF_FILE)} ({tok.num_tokens} tokens, '
+        f'{tok.content_hash}); train with --config.data.tokenizer={f.out} '
         f'--config.model.vocab_size={tok.vocab_size}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
