@@ -12,7 +12,7 @@ stays light):
   load_config(workdir)                      a run's config.json (newer fields get defaults)
   evaluate_workdir(workdir)                 restore a checkpoint, evaluate the validation split
   load_checkpoint(workdir) -> (config, state) a checkpoint's TrainState
-  Sampler(cfg, context_len)                 KV-cache text generation: .generate_text(state.params, ..., buffers=state.buffers)
+  Sampler(cfg, context_len, tok)            KV-cache text generation: .generate_text(state.params, ..., buffers=state.buffers)
   make_sampler(cfg, config.data)            the Sampler (or EncoderDecoderSampler) of a model family
   sample_workdir(workdir, prompt, n)        prompt + generated text from a checkpoint
   plot                                      PNG plots of runs, routing plots for notebooks

@@ -326,6 +326,9 @@ def specialization(workdir: str, num_batches: int | None = None, step: int | Non
   if not layers:
     raise ValueError(f'{workdir!r} has no MoE layer: no experts to report on')
   data = placement.config.data
+  if data.tokenizer != 'bytes':  # Its token classes are those of bytes of Python source.
+    raise ValueError(f'{workdir!r} trained with data.tokenizer={data.tokenizer!r}: the '
+                     'specialization report reads byte-level runs only')
   source = input_pipeline.get_data_source(data.name, data.eval_split, data.data_dir or None)
   tokens_T, classes_T, fallback, num_bytes = token_stream(source, data.feature_key)
   collected, routed_R = collect(placement, state, tokens_T, num_batches)

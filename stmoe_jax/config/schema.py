@@ -124,9 +124,11 @@ class ModelConfig(Section):
   """The `model` section with its `moe` and `attention` sections: what the modules take.
 
   `mesh_rules` is no option: the Trainer sets a `sharding.MeshRules` there (None = one device).
+  Nor is `pad_id`, the padding id that routing and attention skip: the tokenizer's
+  (`data.tokenizer`; 256 for bytes), set with the mesh rules.
   """
   SECTION = 'model'
-  NESTED = {'moe': MoeConfig, 'attention': AttentionConfig, 'mesh_rules': None}
+  NESTED = {'moe': MoeConfig, 'attention': AttentionConfig, 'mesh_rules': None, 'pad_id': 256}
 
   def ffn_kind(self, layer: int) -> str:
     """'moe' for a sparse layer, 'dense' otherwise; 'dense_matched' replaces MoE when disabled."""
@@ -182,10 +184,11 @@ options.declare(
     Option('data.feature_key', str, 'text', 'Which string feature of each example to train on.'),
     Option('data.train_split', str, 'train', 'TFDS split to train on.'),
     Option('data.eval_split', str, 'validation', 'TFDS split of the periodic eval and eval.py.'),
-    Option('data.seq_len', int, 64, 'Tokens (bytes) per training sequence (the encoder input '
+    Option('data.seq_len', int, 64, 'Tokens (bytes by default) per training sequence (the encoder input '
            'under span corruption).', POSITIVE),
     # model
-    Option('model.vocab_size', int, 259, '256 bytes + pad/bos/eos (data/tokenizer.py).',
+    Option('model.vocab_size', int, 259, 'Embedded ids: 256 bytes + pad/bos/eos, or with '
+           'data.tokenizer its vocabulary + 3 (data/tokenizer.py).',
            POSITIVE),
     Option('model.d_model', int, 256, 'Width of the residual stream.', POSITIVE),
     Option('model.num_layers', int, 4, "Transformer blocks (the decoder's, for "

@@ -52,7 +52,9 @@ def summary(result: local_corpus.BuildResult, data_dir_flag: str) -> str:
   lines = [
       f'{result.name}:{result.version} {state} in {result.path}',
       f'  files: {len(stats.files)}, documents: {docs} (train {stats.documents[train]}, '
-      f'validation {stats.documents[val]})',
+      f'validation {stats.documents[val]}' + (
+          f': none hashed below validation_share, so the {stats.moved_to_validation} with the '
+          'smallest hash went there' if stats.moved_to_validation else '') + ')',
       f'  text: {_mb(sum(stats.bytes.values()))} (train {_mb(stats.bytes[train])}, '
       f'validation {_mb(stats.bytes[val])})',
       f'  skipped: {len(stats.skipped_empty)} empty, {len(stats.skipped_not_utf8)} not UTF-8'
@@ -65,6 +67,10 @@ def summary(result: local_corpus.BuildResult, data_dir_flag: str) -> str:
       'train on it: python train.py --config=configs/default.py --workdir=runs/'
       f'{result.name} --config.data.name={result.name}'
       + (f' --config.data.data_dir={data_dir_flag}' if data_dir_flag else ''),
+      'a subword vocabulary for it (docs/data.md): python -m stmoe_jax.data.train_tokenizer '
+      f'--dataset={result.name}'
+      + (f' --data_dir={data_dir_flag}' if data_dir_flag else '')
+      + f' --vocab_size=8192 --out=runs/{result.name}_bpe8k',
   ]
   return '\n'.join(lines)
 

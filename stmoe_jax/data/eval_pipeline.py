@@ -11,13 +11,14 @@ import grain
 import numpy as np
 
 from stmoe_jax.data import span_corruption
-from stmoe_jax.data import tokenizer
+from stmoe_jax.data import tokenizer as tokenizer_lib
 from stmoe_jax.data.sources import Batch, ToTokens, shard
 
 
-def _num_eval_batches(source, key, index, count, seq_len, batch_size) -> int:
+def _num_eval_batches(source, key, index, count, seq_len, batch_size, to_tokens) -> int:
   """Number of eval batches of one process's shard (reads every record)."""
-  stream_len = sum(len(source[i][key]) + 2
+  stream_len = sum((len(source[i][key]) if to_tokens is None
+                    else to_tokens.map(source[i])['tokens'].size - 2) + 2
                    for i in range(index, len(source), count))
   n_windows = -(-(stream_len - 1) // seq_len) if stream_len > 1 else 0
   return -(-n_windows // batch_size)
@@ -31,9 +32,9 @@ class EvalIterable:
   exactly once (non-overlapping windows would never score each window's first
   token). Targets equal to BOS get weight 0: predicting BOS after EOS is
   trivial and would dilute the per-token loss. Hence
-  sum(weights) == sum over documents of (n_bytes + 1).
+  sum(weights) == sum over documents of (n_tokens + 1).
 
-  The last window and batch are padded with PAD_ID (weight 0). With
+  The last window and batch are padded with the tokenizer's PAD (weight 0). With
   process_count > 1 every process yields the same number of batches (extra
   all-padding batches), so collective eval steps never deadlock.
 
@@ -43,8 +44,12 @@ class EvalIterable:
 
   def __init__(self, source, *, feature_key: str, seq_len: int,
                batch_size: int, process_index: int, process_count: int,
-               max_batches: int | None):
+               max_batches: int | None, tokenizer: str = tokenizer_lib.BYTES):
     self._source, self._key = source, feature_key
+    self._to_tokens = ToTokens(feature_key, tokenizer)
+    tok = tokenizer_lib.load(tokenizer)
+    self._pad_id, self._bos_id = tok.pad_id, tok.bos_id
+    self._byte_level = tokenizer == tokenizer_lib.BYTES
     self._seq_len, self._batch_size = seq_len, batch_size
     self._index, self._count = process_index, process_count
     self._max_batches = max_batches
@@ -55,7 +60,8 @@ class EvalIterable:
       # Single process: no other shard to agree with, count our own stream.
       indices = range(self._count) if self._count > 1 else [self._index]
       n = max(_num_eval_batches(self._source, self._key, i, self._count,
-                                self._seq_len, self._batch_size)
+                                self._seq_len, self._batch_size,
+                                None if self._byte_level else self._to_tokens)
               for i in indices)
       if self._max_batches is not None:
         n = min(n, self._max_batches)
@@ -66,7 +72,7 @@ class EvalIterable:
     """Yields int32[k, L + 1] blocks of windows, last one PAD-padded."""
     L = self._seq_len  # pylint: disable=invalid-name
     ds = shard(grain.MapDataset.source(self._source), self._index,
-                self._count).map(ToTokens(self._key))
+                self._count).map(self._to_tokens)
     pending: list[np.ndarray] = []
     pending_len = 0
     for doc in ds.to_iter_dataset(grain.ReadOptions(num_threads=0)):
@@ -82,17 +88,17 @@ class EvalIterable:
     if pending_len > 1:
       stream = np.concatenate(pending)
       k = -(-(stream.size - 1) // L)
-      padded = np.full(k * L + 1, tokenizer.PAD_ID, np.int32)
+      padded = np.full(k * L + 1, self._pad_id, np.int32)
       padded[:stream.size] = stream
       yield padded[np.arange(k)[:, None] * L + np.arange(L + 1)]
 
   def _make_batch(self, rows: np.ndarray) -> Batch:
     B, L = self._batch_size, self._seq_len  # pylint: disable=invalid-name
     if rows.shape[0] < B:
-      pad = np.full((B - rows.shape[0], L + 1), tokenizer.PAD_ID, np.int32)
+      pad = np.full((B - rows.shape[0], L + 1), self._pad_id, np.int32)
       rows = np.concatenate([rows, pad])
     targets = np.ascontiguousarray(rows[:, 1:])
-    weights = ((targets != tokenizer.PAD_ID) & (targets != tokenizer.BOS_ID))
+    weights = ((targets != self._pad_id) & (targets != self._bos_id))
     return {'inputs': np.ascontiguousarray(rows[:, :-1]), 'targets': targets,
             'weights': weights.astype(np.float32)}
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from stmoe_jax.config import ConfigError
 from stmoe_jax.data import span_corruption
+from stmoe_jax.data import tokenizer as tokenizer_lib
 from stmoe_jax.data.eval_pipeline import EvalIterable, SpanEvalIterable
 # pylint: disable=unused-import
 # get_data_source is called by its name in this module, so a test may replace it here.
@@ -141,7 +142,7 @@ def make_train_iterator(
     feature_key: str, seq_len: int, batch_size: int, seed: int,
     process_index: int = 0, process_count: int = 1, num_threads: int = 0,
     worker_count: int = 0, objective: str = 'causal_lm', noise_density: float = 0.15,
-    mean_noise_span_length: float = 3.0) -> TrainIterator:
+    mean_noise_span_length: float = 3.0, tokenizer: str = 'bytes') -> TrainIterator:
   """Returns an infinite, checkpointable iterator of packed LM batches.
 
   Args:
@@ -159,6 +160,8 @@ def make_train_iterator(
     objective: 'causal_lm', or 'span_corruption' (`span_corruption`: windows
       of its raw_len tokens, corrupted with noise_density and
       mean_noise_span_length, encoder inputs of seq_len tokens).
+    tokenizer: the `data.tokenizer` spec ('bytes', a SentencePiece model, a tokenizer.json
+      directory).
 
   Returns:
     A `TrainIterator` yielding {'inputs': int32[B, L], 'targets': int32[B, L],
@@ -174,7 +177,7 @@ def make_train_iterator(
                     f'{process_index} of {process_count}')
   # shuffle before repeat: repeat reseeds the shuffle per epoch, so every
   # epoch is a fresh permutation and epochs never mix.
-  ds = ds.shuffle(seed=seed).repeat(None).map(ToTokens(feature_key))
+  ds = ds.shuffle(seed=seed).repeat(None).map(ToTokens(feature_key, tokenizer))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(16, 4 * num_threads)))
   span = objective == 'span_corruption'
@@ -202,6 +205,9 @@ def make_train_iterator(
   if span:
     config.update(objective=objective, noise_density=noise_density,
                   mean_noise_span_length=mean_noise_span_length)
+  # The vocabulary by content: a byte run's saved state restores, so does a moved vocabulary's.
+  if tokenizer != 'bytes':
+    config.update(tokenizer=tokenizer_lib.load(tokenizer).content_hash)
   return TrainIterator(it_ds, config)
 
 
@@ -212,7 +218,8 @@ def make_eval_iterator(
     *, name: str, split: str, data_dir: str | os.PathLike | None,
     feature_key: str, seq_len: int, batch_size: int, process_index: int = 0,
     process_count: int = 1, max_batches: int | None = None, objective: str = 'causal_lm',
-    noise_density: float = 0.15, mean_noise_span_length: float = 3.0):
+    noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+    tokenizer: str = 'bytes'):
   """Returns a finite, deterministic, re-iterable set of eval batches.
 
   Args:
@@ -221,7 +228,7 @@ def make_eval_iterator(
     seq_len: L; batch_size: B (per process).
     process_index, process_count: documents process_index::process_count.
     max_batches: stop after this many batches (None: the whole split).
-    objective, noise_density, mean_noise_span_length: as `make_train_iterator`.
+    objective, noise_density, mean_noise_span_length, tokenizer: as `make_train_iterator`.
 
   Returns:
     An `EvalIterable`; iterating yields {'inputs': int32[B, L],
@@ -241,4 +248,5 @@ def make_eval_iterator(
                             mean_noise_span_length=mean_noise_span_length)
   return EvalIterable(source, feature_key=feature_key, seq_len=seq_len,
                       batch_size=batch_size, process_index=process_index,
-                      process_count=process_count, max_batches=max_batches)
+                      process_count=process_count, max_batches=max_batches,
+                      tokenizer=tokenizer)

@@ -13,7 +13,9 @@ UTF-8 are skipped and counted (or, with decode_errors='replace', decoded with U+
 Split: a document goes to `validation` iff the first 8 bytes of sha256(its UTF-8 text), read as
 an integer, fall below validation_share * 2**64. Hashing the text (not the path or the position)
 keeps a document in its split across rebuilds, renames and reorderings, and puts duplicates on one
-side.
+side. A small corpus whose hashes put no document there still gets one: the cut is raised to
+just above the smallest hash, so the document(s) with that hash go to validation (the build
+says how many).
 
 Versions: `metadata.json` beside dataset_info.json records the globs, the options and a
 fingerprint (sha256 over every file's path and bytes, and the options). Building again with the
@@ -105,6 +107,10 @@ class CorpusStats:
   fingerprint: str
   # Paths left out as other routes (symlinks) to a file already read (`list_files`).
   skipped_links: list[str] = dataclasses.field(default_factory=list)
+  # Hashes below it go to validation too: 0, or (when validation_share put no document there)
+  # one more than the smallest, and the documents that moved there for it.
+  validation_cut: int = 0
+  moved_to_validation: int = 0
 
 
 @dataclasses.dataclass
@@ -144,10 +150,15 @@ def list_files(globs: Iterable[str], skipped: list[str] | None = None) -> list[s
   return sorted(by_real.values())
 
 
-def split_for_text(text: str, validation_share: float) -> str:
-  """Returns 'train' or 'validation' for a document, from a hash of its text alone."""
-  value = int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
-  return VALIDATION if value < validation_share * 2**64 else TRAIN
+def _text_hash(text: str) -> int:
+  return int.from_bytes(hashlib.sha256(text.encode('utf-8')).digest()[:8], 'big')
+
+
+def split_for_text(text: str, validation_share: float, validation_cut: int = 0) -> str:
+  """Returns 'train' or 'validation' for a document, from a hash of its text alone (below
+  validation_share * 2**64, or below `CorpusStats.validation_cut`)."""
+  value = _text_hash(text)
+  return VALIDATION if value < validation_share * 2**64 or value < validation_cut else TRAIN
 
 
 def _decode(data: bytes, decode_errors: str) -> tuple[str | None, str]:
@@ -223,6 +234,7 @@ def scan(spec: CorpusSpec, files: list[str],
                       replaced_not_utf8=[], fingerprint='')
   fingerprint = hashlib.sha256(json.dumps(
       [spec.format, spec.text_field, spec.validation_share, spec.decode_errors]).encode())
+  smallest = [2**64, 0, 0]  # The smallest hash of a training document, its documents, bytes.
   for path in progress(files):
     digest = hashlib.sha256()
     try:
@@ -233,13 +245,26 @@ def scan(spec: CorpusSpec, files: list[str],
         if status == 'replaced':
           stats.replaced_not_utf8.append(key)
         split = split_for_text(text, spec.validation_share)
+        size = len(text.encode('utf-8'))
         stats.documents[split] += 1
-        stats.bytes[split] += len(text.encode('utf-8'))
+        stats.bytes[split] += size
+        value = _text_hash(text)
+        if value < smallest[0]:
+          smallest = [value, 0, 0]
+        if value == smallest[0]:
+          smallest[1:] = smallest[1] + 1, smallest[2] + size
     except OSError as e:
       raise CorpusError(f'{path}: cannot be read ({e.strerror or e})') from None
     stats.file_digests[path] = digest.hexdigest()
     fingerprint.update(f'{path}\0{digest.hexdigest()}\n'.encode())
   stats.fingerprint = 'sha256:' + fingerprint.hexdigest()
+  value, documents, size = smallest
+  if not stats.documents[VALIDATION] and stats.documents[TRAIN] > documents:
+    stats.validation_cut, stats.moved_to_validation = value + 1, documents
+    stats.documents[TRAIN] -= documents
+    stats.documents[VALIDATION] += documents
+    stats.bytes[TRAIN] -= size
+    stats.bytes[VALIDATION] += size
   return stats
 
 
@@ -394,6 +419,7 @@ class _LocalCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     spec, stats = self.SPEC, self.STATS
     metadata = dict(spec.source(), builder=_BUILDER, fingerprint=stats.fingerprint,
                     validation_share=spec.validation_share, decode_errors=spec.decode_errors,
+                    validation_cut=str(stats.validation_cut),
                     num_files=len(stats.files), documents=stats.documents, bytes=stats.bytes,
                     skipped_empty=len(stats.skipped_empty),
                     skipped_not_utf8=len(stats.skipped_not_utf8),
@@ -419,7 +445,8 @@ class _LocalCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     for path in stats.files:
       digest = hashlib.sha256()
       for key, text, _ in iter_documents(path, spec, digest):
-        if text is not None and split_for_text(text, spec.validation_share) == split:
+        if text is not None and split_for_text(text, spec.validation_share,
+                                               stats.validation_cut) == split:
           yield key, {'text': text, 'path': key}
       if digest.hexdigest() != stats.file_digests[path]:
         raise CorpusError(f'{path} changed while the corpus was being built: build it again')

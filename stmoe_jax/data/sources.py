@@ -168,13 +168,18 @@ def shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain
 
 
 class ToTokens(grain.transforms.Map):
-  """record -> {'tokens': int32[n_bytes + 2]} = [BOS] + bytes + [EOS]."""
+  """record -> {'tokens': int32[n + 2]} = [BOS] + the text's n tokens + [EOS]."""
 
-  def __init__(self, feature_key: str):
-    self._key = feature_key
+  def __init__(self, feature_key: str, tokenizer_spec: str = tokenizer.BYTES):
+    # The spec, not the tokenizer: the transform is pickled into grain's workers.
+    self._key, self._spec = feature_key, tokenizer_spec
 
   def map(self, record):
     data = record[self._key]
+    if self._spec != tokenizer.BYTES:
+      tok = tokenizer.load(self._spec)
+      return {'tokens': np.concatenate([[tok.bos_id], tok.encode(data),
+                                        [tok.eos_id]]).astype(np.int32)}
     if isinstance(data, str):
       data = data.encode('utf-8')
     raw = np.frombuffer(data, dtype=np.uint8)

@@ -67,22 +67,24 @@ def _check_task(config) -> None:
 
 
 def prefix_lm_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
-                      decoder_len: int = 0) -> dict:
+                      decoder_len: int = 0, tok: tokenizer.Tokenizer | None = None) -> dict:
   """One decoder-only row: `[BOS] prompt [SEP] answer [EOS]` as inputs/targets shifted by one.
 
   The prompt (byte ids, int [P]) is cut to its first bytes so that the answer and its EOS fit in
   the L + 1 tokens; an answer too long for the window is cut too (that example can then never
   be exactly right). Padding is PAD_ID. weights[t] = 1 iff targets[t] is an answer byte or the
   EOS after it. Returns {'inputs', 'targets': int32 [L], 'weights': float32 [L]}. `decoder_len`
-  is unused (one sequence, no decoder).
+  is unused (one sequence, no decoder). `tok` (default: bytes) gives the special ids; SEP is
+  its EOS.
   """
   del decoder_len
+  tok = tok or tokenizer.load()
   L = seq_len  # pylint: disable=invalid-name
-  answer = np.append(answer, tokenizer.EOS_ID)
+  answer = np.append(answer, tok.eos_id)
   budget = max(L + 1 - 2 - answer.size, 0)  # Room left for the prompt beside BOS and SEP.
-  row = np.concatenate([[tokenizer.BOS_ID], prompt[:budget], [SEP_ID], answer])[:L + 1]
+  row = np.concatenate([[tok.bos_id], prompt[:budget], [tok.eos_id], answer])[:L + 1]
   start = min(budget, prompt.size) + 2  # Index of the first answer token in `row`.
-  padded = np.full(L + 1, tokenizer.PAD_ID, np.int32)
+  padded = np.full(L + 1, tok.pad_id, np.int32)
   padded[:row.size] = row
   weights = np.zeros(L, np.float32)
   weights[start - 1:row.size - 1] = 1.0  # targets[t] = row[t + 1].
@@ -90,7 +92,7 @@ def prefix_lm_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
 
 
 def seq2seq_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
-                    decoder_len: int) -> dict:
+                    decoder_len: int, tok: tokenizer.Tokenizer | None = None) -> dict:
   """One encoder-decoder row: the prompt (byte ids, int [P]) and EOS to the encoder, the answer
   to the decoder behind BOS (the decoder start token, as in span corruption).
 
@@ -100,6 +102,7 @@ def seq2seq_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
   rest, weights are 1 on the answer and its EOS. Returns {'encoder_inputs': int32 [T],
   'decoder_inputs', 'targets': int32 [L], 'weights': float32 [L]}.
   """
+  del tok  # Byte ids only: encoder-decoders take the byte tokenizer (`tokenizer`).
   T, L = seq_len, decoder_len  # pylint: disable=invalid-name
   encoder = np.append(prompt, tokenizer.EOS_ID)[:T]
   targets = np.append(answer, tokenizer.EOS_ID)[:L]
@@ -115,8 +118,8 @@ def seq2seq_example(prompt: np.ndarray, answer: np.ndarray, seq_len: int,
   return row
 
 
-# Model family's task format -> (prompt ids, answer ids, seq_len, decoder_len) -> one row of
-# each of its batch keys.
+# Model family's task format -> (prompt ids, answer ids, seq_len, decoder_len, tokenizer) -> one
+# row of each of its batch keys.
 FORMATS: dict[str, Callable[[np.ndarray, np.ndarray, int, int], dict]] = {
     'prefix_lm': prefix_lm_example, 'seq2seq': seq2seq_example}
 
@@ -131,14 +134,16 @@ def seq2seq_decoder_len(seq_len: int, noise_density: float = 0.15,
 class _ToExample(grain.transforms.Map):
   """record -> one formatted row (see FORMATS)."""
 
-  def __init__(self, task: Task, fmt: str, seq_len: int, decoder_len: int):
+  def __init__(self, task: Task, fmt: str, seq_len: int, decoder_len: int,
+               tokenizer_spec: str = tokenizer.BYTES):
     self._task, self._format, self._seq_len = task, FORMATS[fmt], seq_len
-    self._decoder_len = decoder_len
+    self._decoder_len, self._spec = decoder_len, tokenizer_spec
 
   def map(self, record):
-    return self._format(tokenizer.encode(record[self._task.prompt]),
-                        tokenizer.encode(record[self._task.answer]), self._seq_len,
-                        self._decoder_len)
+    tok = tokenizer.load(self._spec)
+    return self._format(tok.encode(record[self._task.prompt]),
+                        tok.encode(record[self._task.answer]), self._seq_len,
+                        self._decoder_len, tok)
 
 
 def _source(task: str, name: str, split: str, data_dir):
@@ -155,6 +160,7 @@ def make_task_train_iterator(*, task: str, fmt: str, name: str, split: str, data
                              seq_len: int, batch_size: int, seed: int, process_index: int = 0,
                              process_count: int = 1, noise_density: float = 0.15,
                              mean_noise_span_length: float = 3.0,
+                             tokenizer: str = tokenizer.BYTES,  # pylint: disable=redefined-outer-name
                              **unused) -> input_pipeline.TrainIterator:
   """An infinite, checkpointable iterator of task batches (`task_train_iterator` of the
   dataset's split); the noise fields set only the 'seq2seq' decoder length (`decoder_len`)."""
@@ -163,23 +169,26 @@ def make_task_train_iterator(*, task: str, fmt: str, name: str, split: str, data
       _source(task, name, split, data_dir), task, fmt, seq_len=seq_len, batch_size=batch_size,
       seed=seed, process_index=process_index, process_count=process_count,
       where=dict(name=name, split=split),
-      decoder_len=seq2seq_decoder_len(seq_len, noise_density, mean_noise_span_length))
+      decoder_len=seq2seq_decoder_len(seq_len, noise_density, mean_noise_span_length),
+      tokenizer_spec=tokenizer)
 
 
 def task_train_iterator(source, task: str, fmt: str, *, seq_len: int, batch_size: int,
                         seed: int, process_index: int = 0, process_count: int = 1,
-                        where: dict | None = None,
-                        decoder_len: int = 0) -> input_pipeline.TrainIterator:
+                        where: dict | None = None, decoder_len: int = 0,
+                        tokenizer_spec: str = tokenizer.BYTES) -> input_pipeline.TrainIterator:
   """Task batches from `source` (a sequence of records): examples shuffled per epoch with
   `seed`, one per row, this process's share `process_index::process_count`; each batch as
   FORMATS[fmt] gives its rows (at seq_len, decoder_len), stacked to [batch_size, ...]."""
   ds = sources.shard(grain.MapDataset.source(source), process_index, process_count)
   ds = ds.shuffle(seed=seed).repeat(None).map(
-      _ToExample(TASK_SPECS[task], fmt, seq_len, decoder_len))
+      _ToExample(TASK_SPECS[task], fmt, seq_len, decoder_len, tokenizer_spec))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=16))
   it_ds = it_ds.batch(batch_size, drop_remainder=True)
   config = dict(task=task, format=fmt, **(where or {}), seq_len=seq_len, seed=seed,
                 process_index=process_index, process_count=process_count)
+  if tokenizer_spec != tokenizer.BYTES:  # By content, as `input_pipeline.make_train_iterator`.
+    config.update(tokenizer=tokenizer.load(tokenizer_spec).content_hash)
   return input_pipeline.TrainIterator(it_ds, config)
 
 
@@ -190,9 +199,10 @@ class TaskEvalIterable:
 
   def __init__(self, source, task: str, fmt: str, *, seq_len: int, batch_size: int,
                process_index: int, process_count: int, max_batches: int | None,
-               decoder_len: int = 0):
+               decoder_len: int = 0, tokenizer_spec: str = tokenizer.BYTES):
     self._source, self._spec = source, TASK_SPECS[task]
-    self._map = _ToExample(self._spec, fmt, seq_len, decoder_len)
+    self._map = _ToExample(self._spec, fmt, seq_len, decoder_len, tokenizer_spec)
+    self._pad_id = tokenizer.load(tokenizer_spec).pad_id
     self._seq_len, self._batch_size = seq_len, batch_size
     self._indices = range(process_index, len(source), process_count)
     longest = -(-len(source) // process_count)  # Process 0's share, the largest.
@@ -205,7 +215,7 @@ class TaskEvalIterable:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     # A padding row in the format's own layout: its integer arrays PAD, its weights 0.
     blank = self._map.map({self._spec.prompt: b'', self._spec.answer: b''})
-    blank = {k: (np.full_like(v, tokenizer.PAD_ID) if v.dtype.kind == 'i' else np.zeros_like(v))
+    blank = {k: (np.full_like(v, self._pad_id) if v.dtype.kind == 'i' else np.zeros_like(v))
              for k, v in blank.items()}
     B = self._batch_size  # pylint: disable=invalid-name
     for b in range(self._num_batches):
@@ -218,6 +228,7 @@ def make_task_eval_iterator(*, task: str, fmt: str, name: str, split: str, data_
                             seq_len: int, batch_size: int, process_index: int = 0,
                             process_count: int = 1, max_batches: int | None = None,
                             noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                            tokenizer: str = tokenizer.BYTES,  # pylint: disable=redefined-outer-name
                             **unused) -> TaskEvalIterable:
   """The `TaskEvalIterable` of a task's split (all of it, or the first `max_batches`); the noise
   fields set only the 'seq2seq' decoder length."""
@@ -226,7 +237,8 @@ def make_task_eval_iterator(*, task: str, fmt: str, name: str, split: str, data_
                           batch_size=batch_size, process_index=process_index,
                           process_count=process_count, max_batches=max_batches,
                           decoder_len=seq2seq_decoder_len(seq_len, noise_density,
-                                                          mean_noise_span_length))
+                                                          mean_noise_span_length),
+                          tokenizer_spec=tokenizer)
 
 
 # The three entry points the trainer and evaluation call, for any `data.task`.

@@ -118,7 +118,8 @@ def _check_sampling(config) -> None:
 def _decoder_only(cfg: ModelConfig) -> Model:
   return Model(cfg=cfg, make=functools.partial(Transformer, cfg),
                loss_fn=functools.partial(losses.compute_loss, cfg=cfg),
-               eval_step=losses.eval_step, batch_keys=('inputs', 'targets', 'weights'))
+               eval_step=functools.partial(losses.eval_step, pad_id=cfg.pad_id),
+               batch_keys=('inputs', 'targets', 'weights'))
 
 
 def _encoder_decoder(cfg: ModelConfig) -> Model:
@@ -215,7 +216,8 @@ def _validate_encoder_decoder(config) -> None:
 
 MODEL_FAMILIES.register(ModelFamily(
     name='decoder_only', build=_decoder_only, objective='causal_lm',
-    sampler=lambda cfg, data: sampling.Sampler(cfg, data.seq_len),
+    sampler=lambda cfg, data: sampling.Sampler(cfg, data.seq_len,
+                                               tokenizer.load(data.tokenizer)),
     validate=lambda config: _check_decoder(config, 'causal_lm', config.data.seq_len,
                                            'data.seq_len'),
     routing_groups=lambda config: (

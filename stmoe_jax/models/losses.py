@@ -28,7 +28,7 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
   """
   model = nnx.merge(graphdef, params, buffers)
   weights_BL = batch['weights']
-  real_BL = batch['inputs'] != tokenizer.PAD_ID  # Padding never takes expert capacity.
+  real_BL = batch['inputs'] != cfg.pad_id  # Padding never takes expert capacity.
   logits_BLV, moe_stats = model(batch['inputs'], train=True, rng=rng, mask_BL=real_BL)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch['targets'])
   num_tokens = jnp.maximum(jnp.sum(weights_BL), 1.0)
@@ -78,15 +78,15 @@ def shazeer_losses(moe, importance: jax.Array, load: jax.Array) -> jax.Array | f
   return total
 
 
-def eval_step(params, buffers, batch, *, graphdef) -> dict:
-  """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct, num_bytes,
+def eval_step(params, buffers, batch, *, graphdef, pad_id: int = tokenizer.PAD_ID) -> dict:
+  """Sums over one batch (eval capacity factor): ce_sum, num_tokens, num_correct,
   num_routed (non-padding inputs), num_examples (rows with a weighted target) and num_exact
   (those whose every weighted target is the argmax), and the per-MoE-layer routing stats of
   `Transformer.__call__`, which cover non-padding inputs only; `evaluation.evaluate` reduces
   them over batches."""
   model = nnx.merge(graphdef, params, buffers)
   targets_BL, weights_BL = batch['targets'], batch['weights']
-  real_BL = batch['inputs'] != tokenizer.PAD_ID
+  real_BL = batch['inputs'] != pad_id
   logits_BLV, moe_stats = model(batch['inputs'], train=False, mask_BL=real_BL)
   return {**token_sums(logits_BLV, targets_BL, weights_BL), 'num_routed': jnp.sum(real_BL),
           **moe_stats}
@@ -96,8 +96,8 @@ def token_sums(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Arr
                ) -> dict[str, jax.Array]:
   """The eval step's sums over the weighted targets of one batch, from logits [B, L, V],
   targets [B, L] and weights [B, L]: `ce_sum` (nats), `num_tokens`, `num_correct` (argmax),
-  `num_bytes` (targets that are bytes, not PAD/BOS/EOS) and `exact_match_sums`'s two counts.
-  Every model family's eval step returns these, for `evaluation.evaluate` to reduce."""
+  and `exact_match_sums`'s two counts. Every model family's eval step returns these, for
+  `evaluation.evaluate` to reduce (with `num_bytes`, which it adds from the tokenizer)."""
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
   correct_BL = jnp.argmax(logits_BLV, -1) == targets_BL
   return {
@@ -105,7 +105,6 @@ def token_sums(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Arr
       'num_tokens': jnp.sum(weights_BL),
       'num_correct': jnp.sum(correct_BL * weights_BL),
       **exact_match_sums(correct_BL, weights_BL),
-      'num_bytes': jnp.sum(weights_BL * (targets_BL < tokenizer.PAD_ID)),
   }
 
 

@@ -52,15 +52,17 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -
 
 
 def sample_token(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array,
-                 top_p: jax.Array) -> jax.Array:
+                 top_p: jax.Array,
+                 banned_ids: tuple[int, ...] = (tokenizer.PAD_ID, tokenizer.BOS_ID)) -> jax.Array:
   """Draws one token per row from float32 logits [B, V] -> int32 [B].
 
   temperature 0 is greedy (argmax). Otherwise nucleus sampling (Holtzman et al. 2020): keep the
   most probable tokens until their probability reaches `top_p` (always at least one), renormalise,
-  sample at `temperature`. PAD and BOS are never drawn: they do not occur inside a text.
+  sample at `temperature`. `banned_ids`, the tokenizer's PAD and BOS, are never drawn: they do
+  not occur inside a text.
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  logits_BV = logits_BV.at[:, jnp.array([tokenizer.PAD_ID, tokenizer.BOS_ID])].set(-jnp.inf)
+  logits_BV = logits_BV.at[:, jnp.array(banned_ids)].set(-jnp.inf)
   scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
   probs_BV = jax.nn.softmax(scaled_BV, axis=-1)
   sorted_BV = -jnp.sort(-probs_BV, axis=-1)
@@ -84,11 +86,14 @@ class Sampler:
     cfg: the model's config (routing is switched to dropless groups of one token).
     context_len: positions kept before a restart, normally the training `data.seq_len`: the KV
       cache length of every layer but `local` ones, whose ring buffers hold `window` slots.
+    tok: the `tokenizer.Tokenizer` the model was trained with (default: bytes).
   """
 
-  def __init__(self, cfg: ModelConfig, context_len: int):
+  def __init__(self, cfg: ModelConfig, context_len: int,
+               tok: tokenizer.Tokenizer | None = None):
     if context_len < 2:
       raise ValueError(f'context_len={context_len} is invalid: expected at least 2')
+    self.tok = tok or tokenizer.load()
     self.cfg = decoding_config(cfg)
     self.context_len = context_len
     self.graphdef, _, buffers = _abstract(lambda: Transformer(self.cfg, rngs=nnx.Rngs(0)))
@@ -97,7 +102,8 @@ class Sampler:
     self._zero_buffers = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                                       nnx.to_pure_dict(buffers))
     self._forward = jax.jit(functools.partial(_last_logits, self.graphdef))
-    self._sample = jax.jit(sample_token)
+    self._sample = jax.jit(functools.partial(
+        sample_token, banned_ids=(self.tok.pad_id, self.tok.bos_id)))
 
   def generate_tokens(self, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8,
                       top_p: float = 0.95, seed: int = 0, stop_at_eos: bool = True,
@@ -111,7 +117,7 @@ class Sampler:
     the EOS is not included).
     """
     check_sampling_args(max_new_tokens, temperature, top_p)
-    context = [int(t) for t in prompt_ids] or [tokenizer.BOS_ID]
+    context = [int(t) for t in prompt_ids] or [self.tok.bos_id]
     variables = (params, self._zero_buffers if buffers is None else buffers)
     # Counted in text, not cache slots: a `local` layer's ring never fills, the others would.
     context_len, keep = self.context_len, self.context_len // 2
@@ -123,7 +129,7 @@ class Sampler:
     new_tokens = []
     for i in range(max_new_tokens):
       token = int(self._sample(logits_BV, jax.random.fold_in(rng, i), temperature, top_p)[0])
-      if stop_at_eos and token == tokenizer.EOS_ID:
+      if stop_at_eos and token == self.tok.eos_id:
         break
       new_tokens.append(token)
       context.append(token)
@@ -136,9 +142,9 @@ class Sampler:
 
   def generate_text(self, params, prompt: str, max_new_tokens: int, **kwargs) -> str:
     """The generated continuation of `prompt` (read as the start of a file: BOS first), decoded
-    as utf-8 (invalid bytes become U+FFFD). kwargs as `generate_tokens`."""
-    prompt_ids = [tokenizer.BOS_ID, *tokenizer.encode(prompt).tolist()]
-    return tokenizer.decode(self.generate_tokens(params, prompt_ids, max_new_tokens, **kwargs))
+    with the tokenizer (invalid utf-8 becomes U+FFFD). kwargs as `generate_tokens`."""
+    prompt_ids = [self.tok.bos_id, *self.tok.encode(prompt).tolist()]
+    return self.tok.decode(self.generate_tokens(params, prompt_ids, max_new_tokens, **kwargs))
 
   def _prefill(self, variables, context: list[int]):
     caches = init_caches(self.cfg, 1, self.context_len)

@@ -81,7 +81,7 @@ def compute_loss(params, buffers, graphdef, batch, rng, cfg: ModelConfig):
 
 def eval_step(params, buffers, batch, *, graphdef) -> dict:
   """Sums over one batch (eval capacity factor) as `losses.eval_step`: ce_sum, num_tokens,
-  num_correct, num_bytes (byte targets; sentinels and EOS are not bytes), num_exact and
+  num_correct, num_exact and
   num_examples (`losses.exact_match_sums`: exact match of 'seq2seq' task rows), and per stack
   `layer_stats.key('num_routed', stack)` and its `layer_stats.MOE` stats [M, ...] over real
   tokens, which `evaluation.evaluate` reduces per stack."""

@@ -12,6 +12,10 @@ one line, old -> new. A config.json written before an option existed loads with 
 declared default and one warning line naming it; a field that no longer exists is
 refused by `config.validate`.
 
+`vocabulary.json` records the vocabulary a run trained with (`data.tokenizer`'s content hash);
+resuming, `init_from`, eval.py and sample.py refuse a tokenizer whose hash differs
+(`check_tokenizer`). A workdir without it trained on bytes.
+
 Readers (eval.py, sample.py) restore through `checkpointing.read_checkpoint`: they fall back
 past damaged steps (reported on stderr) and create, rename or clean up nothing.
 """
@@ -31,10 +35,11 @@ from stmoe_jax.train import checkpointing
 from stmoe_jax import errors
 from stmoe_jax.train import evaluation
 from stmoe_jax.train import records
+from stmoe_jax.data import tokenizer as tokenizer_lib
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import sampling
 from stmoe_jax.train import train_state
-from stmoe_jax.config import ConfigError, model_config, with_defaults
+from stmoe_jax.config import ConfigError, model_config, with_defaults  # pylint: disable=unused-import
 
 
 def config_path(workdir: str) -> str:
@@ -91,6 +96,42 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, start_step: i
   if not start_step or changes:
     records.write_file_atomically(os.path.join(workdir, f'config.{start_step}.json'), text)
   records.write_file_atomically(path, text)
+
+
+def tokenizer_path(workdir: str) -> str:
+  """The tokenizer a run trained with: `<workdir>/vocabulary.json` ({spec, content_hash,
+  vocab_size})."""
+  return os.path.join(workdir, 'vocabulary.json')
+
+
+def record_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `tokenizer_path(workdir)` for `config.data.tokenizer` (process 0)."""
+  if jax.process_index() != 0:
+    return
+  tok = tokenizer_lib.load(config.data.tokenizer)
+  records.write_file_atomically(tokenizer_path(workdir), json.dumps(
+      {'spec': tok.spec, 'content_hash': tok.content_hash, 'vocab_size': tok.vocab_size},
+      indent=2))
+
+
+def trained_tokenizer_hash(workdir: str) -> str:
+  """The content hash of the tokenizer `workdir` trained with ('bytes' for a workdir from
+  before tokenizers were recorded)."""
+  path = tokenizer_path(workdir)
+  if not os.path.exists(path):
+    return tokenizer_lib.BYTES
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)['content_hash']
+
+
+def check_tokenizer(workdir: str, spec: str, what: str) -> None:
+  """ConfigError in one line naming both hashes if the tokenizer of `data.tokenizer=spec` is not
+  the one `workdir` trained with; `what` says who asks ('resuming', 'init_from=...')."""
+  have, trained = tokenizer_lib.load(spec).content_hash, trained_tokenizer_hash(workdir)
+  if have != trained:
+    raise ConfigError(f'{what}: {workdir} was trained with tokenizer {trained}, but '
+                      f'data.tokenizer={spec!r} is {have}; use the vocabulary it was trained '
+                      'with')
 
 
 def _read_config_json(path: str) -> dict:
@@ -163,6 +204,7 @@ def restore_workdir(workdir: str, step: int | None = None,
   missing, checkpointing.CheckpointError when no checkpoint is readable.
   """
   placement = workdir_placement(workdir, mesh)
+  check_tokenizer(workdir, placement.config.data.tokenizer, f'restoring {workdir}')
   step, state, _ = checkpointing.read_checkpoint(
       os.path.join(os.path.abspath(workdir), 'checkpoints'), placement.abstract_state, step)
   return placement, step, state
@@ -214,7 +256,7 @@ def sample_workdir(workdir: str, prompt: str, max_new_tokens: int, *, step: int 
   named (ValueError) before anything is restored."""
   sampling.check_sampling_args(max_new_tokens, kwargs.get('temperature', 0.8),
                                kwargs.get('top_p', 0.95))
-  config, state = load_checkpoint(workdir, step)
-  sampler = model_factory.make_sampler(model_config(config), config.data)
+  placement, _, state = restore_workdir(workdir, step)
+  sampler = model_factory.make_sampler(placement.model_cfg, placement.config.data)
   return prompt + sampler.generate_text(state.params, prompt, max_new_tokens,
                                         buffers=state.buffers, **kwargs)

@@ -1,9 +1,11 @@
 """Validation metrics at the eval capacity factor: run a model's eval step over the validation
 split and reduce. (`entry_points.evaluate_workdir` is eval.py's logic.)
 
-bits/byte = total cross-entropy over all target tokens (in bits) / number of byte targets; the
-EOS target ending each document costs bits but is not a byte, so it counts against the model
-(BOS targets carry weight 0 in evaluation batches: predicting BOS after EOS is trivial).
+bits/byte = total cross-entropy over all target tokens (in bits) / the utf-8 bytes those targets
+stand for (`Tokenizer.token_bytes`: 1 per byte target for the byte tokenizer, a subword's
+length in bytes otherwise), so runs with different vocabularies compare. The EOS target ending
+each document costs bits but is no byte, so it counts against the model (BOS targets carry
+weight 0 in evaluation batches: predicting BOS after EOS is trivial).
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ import math
 from collections.abc import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from stmoe_jax.moe import layer_stats
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.config import ModelConfig
 from stmoe_jax.data import tasks
+from stmoe_jax.data import tokenizer
 
 
 def evaluate(run_step: Callable[[dict], dict], batches: Iterable[dict],
              cfg: ModelConfig, exact_match: bool = False) -> dict:
-  """Runs `run_step` (a jitted eval step with params bound) over `batches` and reduces.
+  """Runs `run_step` (a jitted eval step with params bound, returning a family's eval-step sums
+  and `num_bytes`, as `make_eval_step`'s) over `batches` and reduces.
 
   Returns a dict: loss (nats/token), bits_per_byte, accuracy, num_tokens, balance_loss and
   z_loss (summed over MoE layers, as in the train loss), dropped_fraction (mean over layers),
@@ -137,12 +142,32 @@ def with_eval_capacity(cfg: ModelConfig, factor: float | str) -> ModelConfig:
 def make_eval_step(placement, model_cfg: ModelConfig | None = None) -> Callable:
   """The jitted eval step (params, buffers, batch) -> sums of a `train_state.Placement`'s model,
   or, with `model_cfg`, of the same parameters under other routing settings (e.g. another
-  eval capacity factor or dropless dispatch; parameter shapes must not change)."""
+  eval capacity factor or dropless dispatch; parameter shapes must not change); with
+  `num_bytes` (`count_bytes`) of the config's tokenizer."""
   model = placement.model if model_cfg is None else model_factory.get_model(model_cfg)
   graphdef = placement.graphdef if model_cfg is None else model.abstract()[0]
   shardings = placement.state_shardings
-  return jax.jit(functools.partial(model.eval_step, graphdef=graphdef),
-                 in_shardings=(shardings.params, shardings.buffers, placement.batch_sharding))
+  token_bytes = byte_table(tokenizer.load(placement.config.data.tokenizer),
+                           (model_cfg or placement.model_cfg).vocab_size)
+
+  def step(params, buffers, batch):
+    return {**model.eval_step(params, buffers, batch, graphdef=graphdef),
+            'num_bytes': count_bytes(batch, token_bytes)}
+
+  return jax.jit(step, in_shardings=(shardings.params, shardings.buffers,
+                                     placement.batch_sharding))
+
+
+def byte_table(tok: tokenizer.Tokenizer, vocab_size: int) -> np.ndarray:
+  """float32 [vocab_size]: `tok.token_bytes`, zero for ids past it (sentinels, unused rows)."""
+  table = np.zeros(max(vocab_size, tok.vocab_size), np.float32)
+  table[:tok.vocab_size] = tok.token_bytes
+  return table
+
+
+def count_bytes(batch: dict, token_bytes: np.ndarray) -> jax.Array:
+  """The utf-8 bytes of a batch's weighted targets: sum of weights * token_bytes[targets]."""
+  return jnp.sum(batch['weights'] * jnp.asarray(token_bytes)[batch['targets']])
 
 
 def evaluate_split(placement, state, eval_step: Callable, max_batches: int | None = None,

@@ -119,6 +119,7 @@ def plan(spec: str, target: Placement) -> Plan:
   """
   workdir, step = parse_init_from(spec)
   source = entry_points.workdir_placement(workdir, mesh=dict(target.config.mesh))
+  entry_points.check_tokenizer(workdir, target.config.data.tokenizer, f'init_from={spec!r}')
   upcycled = _upcycled_layers(spec, source, target)
   try:
     have = _shapes(jax.eval_shape(lambda t: _relayout(t, source, target),

@@ -155,6 +155,7 @@ def restore_or_init(trainer: Trainer, train_iter, log) -> TrainState:
     return trainer.init()
   check_resumable(trainer.config, entry_points.load_config(workdir),
                   entry_points.config_path(workdir))
+  entry_points.check_tokenizer(workdir, trainer.config.data.tokenizer, 'resuming')
   restored, state, data_state = ckpt.restore_latest(trainer.abstract_state,
                                                     set_aside_damaged=True, warn=log)
   train_iter.set_state(data_state)
@@ -331,4 +332,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {}
     # Recorded only after the restore, so config.json always matches the checkpoints.
     entry_points.record_config(config, workdir, int(state.step), log)
+    entry_points.record_tokenizer(config, workdir)
     return _TrainLoop(trainer, train_iter, state, log).run()

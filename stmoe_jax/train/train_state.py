@@ -22,6 +22,7 @@ from flax import nnx
 
 from stmoe_jax.config import options
 from stmoe_jax.config.options import Option, Range
+from stmoe_jax.data import tokenizer
 from stmoe_jax.moe import expert_parallel
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.nn import sharding
@@ -237,7 +238,7 @@ class Placement:
                 batch_size=self.local_batch_size, process_index=jax.process_index(),
                 process_count=jax.process_count(), objective=data.objective,
                 noise_density=data.noise_density,
-                mean_noise_span_length=data.mean_noise_span_length)
+                mean_noise_span_length=data.mean_noise_span_length, tokenizer=data.tokenizer)
 
 
 def _moment_shardings(opt_state, params, param_shardings, replicated):
@@ -274,8 +275,9 @@ def place(config: ml_collections.ConfigDict) -> Placement:
   mesh = sharding.make_mesh(config.mesh)
   # The MoE layers read mesh and rules from the model config (expert parallelism).
   mesh_rules = sharding.MeshRules(mesh, rules)
-  model = model_factory.get_model(dataclasses.replace(model_config(config),
-                                                      mesh_rules=mesh_rules))
+  model = model_factory.get_model(dataclasses.replace(
+      model_config(config), mesh_rules=mesh_rules,
+      pad_id=tokenizer.load(config.data.tokenizer).pad_id))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   batch_shards = sharding.num_shards(mesh, batch_sharding.spec[0])
   shards = max(batch_shards, jax.process_count())

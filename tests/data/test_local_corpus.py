@@ -180,6 +180,26 @@ def test_empty_split_and_file_changed_midway_leave_no_dataset(corpus, tmp_path, 
   assert not (data_dir / 'mycorpus').exists() or not any((data_dir / 'mycorpus').iterdir())
 
 
+def test_small_corpus_gets_one_validation_document(tmp_path):
+  # A hundred documents none of which hashes below the 2% share: the smallest hash goes.
+  hashes = lambda t: int.from_bytes(hashlib.sha256(t.encode('utf-8')).digest()[:8], 'big')
+  texts = [t for t in (f'note {i}: tea and toast\n' for i in range(200))
+           if hashes(t) >= 0.02 * 2**64][:100]
+  path = tmp_path / 'notes.jsonl'
+  _write(str(path), ''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  data_dir = str(tmp_path / 'tfds')
+  spec = CorpusSpec(name='notes', files=(str(path),), format='jsonl')
+  result = local_corpus.build(spec, data_dir)
+  assert result.stats.documents == {'train': 99, 'validation': 1}
+  assert result.stats.moved_to_validation == 1
+  got = _read('notes', data_dir)
+  assert list(got['validation']) == [min(texts, key=hashes)]
+  assert sorted(got['train']) == sorted(set(texts) - set(got['validation']))
+  from stmoe_jax.data import build  # pylint: disable=g-import-not-at-top
+  assert ('validation 1: none hashed below validation_share, so the 1 with the smallest hash '
+          'went there)') in build.summary(result, data_dir)
+
+
 def _run(*args):
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=600)

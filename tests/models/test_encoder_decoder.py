@@ -173,7 +173,9 @@ def test_loss_and_eval_report_routing_per_stack():
   np.testing.assert_allclose(float(loss), float(ce + 1e-2 * balance + 1e-3 * z +
                                                 0.5 * importance + 0.25 * seq_balance), rtol=1e-5)
   assert metrics['expert_load/encoder'].shape == metrics['expert_load/decoder'].shape == (1, 4)
-  out = jax.jit(lambda b: model.eval_step(params, buffers, b, graphdef=graphdef))
+  table = evaluation.byte_table(tokenizer.load(), cfg.vocab_size)  # As `make_eval_step` adds.
+  out = jax.jit(lambda b: {**model.eval_step(params, buffers, b, graphdef=graphdef),
+                           'num_bytes': evaluation.count_bytes(b, table)})
   report = evaluation.evaluate(out, [batch, batch], cfg)
   assert [(l['stack'], l['layer']) for l in report['moe_layers']] == [('encoder', 1),
                                                                       ('decoder', 1)]

@@ -68,7 +68,7 @@ def test_eval_step_sums(tiny_model_cfg):
       losses.eval_step(p, bf, b, graphdef=graphdef),
       nnx.merge(graphdef, p, bf)(b['inputs'], mask_BL=b['inputs'] != tokenizer.PAD_ID)))(
           params, buffers)
-  assert out['num_tokens'] == 13 and out['num_routed'] == 14 and out['num_bytes'] == 12
+  assert out['num_tokens'] == 13 and out['num_routed'] == 14
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, b['targets'])
   np.testing.assert_allclose(out['ce_sum'], jnp.sum(ce * b['weights']), rtol=1e-5)
   assert out['expert_load'].shape == (1, 4)  # The per-layer stats ride along.
