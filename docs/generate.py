@@ -199,6 +199,18 @@ def study_routing(link: Link) -> str:
           + f'\n\nChosen for every MoE arm: `{chosen}`.' + source(link, 'results.csv', 'tuned.json'))
 
 
+@generator('tokenizer_bpb')
+def tokenizer_bpb(link: Link) -> str:
+  """experiments/tokenizer_bpb.py: bytes vs BPE vocabularies at equal training time."""
+  name = 'tokenizer_bpb.json'
+  record = _json(name)
+  rows = [[r['tokenizer'], f"{r['vocab_size']:,}", r['steps'], f"{r['train_seconds']:.0f}",
+           f"{r['validation_bits_per_byte']:.3f}", f"{r['validation_loss_nats_per_token']:.3f}"]
+          for r in record['runs']]
+  return table(['vocabulary', 'model.vocab_size', 'steps', 'train seconds',
+                'validation bits/byte', 'nats/token'], rows) + source(link, name)
+
+
 @generator('routers_study')
 def routers_study(link: Link) -> str:
   """experiments/routers.py: every router on fine64, seed for seed against its own gating."""
