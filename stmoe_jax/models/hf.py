@@ -122,7 +122,8 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   if arch == 'llama':
     config.moe.every = 0
     return config
-  experts = _get(hf, 'num_local_experts' if arch == 'mixtral' else 'num_experts')
+  # transformers >= 5 writes num_local_experts for every architecture (num_experts an alias).
+  experts = hf.get('num_local_experts') or _get(hf, 'num_experts')
   d_ff = _get(hf, 'moe_intermediate_size' if arch == 'qwen3_moe' else 'intermediate_size')
   # HF routes every choice of every token: dropless, one softmax over all experts (Mixtral's
   # softmax over the top-k logits is the same renormalised weights).
@@ -175,16 +176,18 @@ def hf_config(config: ml_collections.ConfigDict, arch: str, base: dict | None = 
   else:
     hf['rope_theta'] = m.rope_max_wavelength
   hf.setdefault('max_position_embeddings', 4096)
-  hf.setdefault('torch_dtype', 'float32')
+  hf['dtype' if 'dtype' in hf else 'torch_dtype'] = 'float32'  # What write_safetensors gets.
   if arch == 'llama':
     hf.update(intermediate_size=m.d_ff, mlp_bias=False)
     return hf
   hf.update(num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef)
+  for field in {'num_local_experts' if arch == 'mixtral' else 'num_experts'} | (
+      {'num_local_experts', 'num_experts'} & set(hf)):
+    hf[field] = moe.num_experts
   if arch == 'mixtral':
-    hf.update(num_local_experts=moe.num_experts, intermediate_size=moe.expert_d_ff,
-              sliding_window=None, router_jitter_noise=0.0)
+    hf.update(intermediate_size=moe.expert_d_ff, sliding_window=None, router_jitter_noise=0.0)
   else:
-    hf.update(num_experts=moe.num_experts, norm_topk_prob=moe.renormalize_gates)
+    hf.update(norm_topk_prob=moe.renormalize_gates)
   if arch == 'olmoe':
     hf.update(intermediate_size=moe.expert_d_ff, clip_qkv=None)
   if arch == 'qwen3_moe':

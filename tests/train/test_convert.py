@@ -38,13 +38,15 @@ HF_CONFIGS = {
                   num_experts_per_tok=3, norm_topk_prob=False, rms_norm_eps=1e-5,
                   rope_theta=10000.0, rope_scaling=None, clip_qkv=None,
                   router_aux_loss_coef=0.01, tie_word_embeddings=False),
-    'qwen3_moe': dict(COMMON, model_type='qwen3_moe', architectures=['Qwen3MoeForCausalLM'],
-                      num_key_value_heads=1, head_dim=8, intermediate_size=48,
-                      moe_intermediate_size=10, num_experts=5, num_experts_per_tok=2,
+    # As transformers >= 5 writes it: rope_parameters, dtype, num_local_experts.
+    'qwen3_moe': dict({k: v for k, v in COMMON.items() if k != 'torch_dtype'},
+                      model_type='qwen3_moe', architectures=['Qwen3MoeForCausalLM'],
+                      dtype='float32', num_key_value_heads=1, head_dim=8, intermediate_size=48,
+                      moe_intermediate_size=10, num_local_experts=5, num_experts_per_tok=2,
                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                       use_sliding_window=False, sliding_window=None, rms_norm_eps=1e-6,
-                      rope_theta=1e6, rope_scaling=None, router_aux_loss_coef=0.001,
-                      tie_word_embeddings=False),
+                      rope_parameters={'rope_type': 'default', 'rope_theta': 1e6},
+                      router_aux_loss_coef=0.001, tie_word_embeddings=False),
 }
 
 
@@ -82,7 +84,7 @@ def random_hf_tensors(c: dict, seed: int = 0) -> dict[str, np.ndarray]:
                  linear(F, D), f'{p}.mlp.down_proj.weight': linear(D, F)})
       continue
     ffn = 'block_sparse_moe' if arch == 'mixtral' else 'mlp'
-    E = c.get('num_local_experts', c.get('num_experts'))
+    E = c.get('num_local_experts') or c['num_experts']
     F = c['moe_intermediate_size'] if arch == 'qwen3_moe' else c['intermediate_size']
     names = ('w1', 'w3', 'w2') if arch == 'mixtral' else ('gate_proj', 'up_proj', 'down_proj')
     sd[f'{p}.{ffn}.gate.weight'] = linear(E, D)
@@ -116,7 +118,8 @@ def hyper_of(c: dict) -> dict:
   return dict(layers=c['num_hidden_layers'], heads=c['num_attention_heads'],
               kv_heads=c['num_key_value_heads'],
               head_dim=c.get('head_dim', c['hidden_size'] // c['num_attention_heads']),
-              eps=c['rms_norm_eps'], theta=c['rope_theta'],
+              eps=c['rms_norm_eps'],
+              theta=c.get('rope_theta') or c['rope_parameters']['rope_theta'],
               top_k=c.get('num_experts_per_tok'), norm_topk_prob=c.get('norm_topk_prob'))
 
 
