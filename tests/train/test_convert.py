@@ -7,7 +7,9 @@ for bit, every config.json field kept).
 
 import json
 import os
+import re
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -219,3 +221,27 @@ def test_eval_reads_a_converted_workdir(tmp_path):
   assert metrics['step'] == 0
   # Random weights: about the entropy of a uniform guess over the 300 tokens, in nats.
   assert abs(metrics['loss'] - np.log(300)) < 1.0, metrics['loss']
+
+
+def test_fused_experts_read_as_the_per_expert_tensors():
+  """transformers >= 5 in memory: mlp.experts.gate_up_proj [E, 2F, D] (gate rows first) and
+  mlp.experts.down_proj [E, D, F] per layer."""
+  from stmoe_jax.train import train_state  # pylint: disable=import-outside-toplevel
+  c = HF_CONFIGS['olmoe']
+  tensors = random_hf_tensors(c, seed=2)
+  placement = train_state.place(hf.config_from_hf(c))
+  args = (placement.abstract_state.params, placement.model_cfg, 'olmoe')
+  fused = {}
+  for name, value in tensors.items():
+    found = re.fullmatch(r'(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight', name)
+    if not found:
+      fused[name] = value
+  for i in range(c['num_hidden_layers']):
+    p = f'model.layers.{i}.mlp.experts'
+    each = lambda kind: np.stack([tensors[f'{p}.{e}.{kind}.weight'] for e in range(6)])
+    fused[f'{p}.gate_up_proj'] = np.concatenate([each('gate_proj'), each('up_proj')], axis=1)
+    fused[f'{p}.down_proj'] = each('down_proj')
+  want = hf.from_hf_state_dict(tensors, *args)
+  got = hf.from_hf_state_dict(fused, *args)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b, err_msg=str(path))
