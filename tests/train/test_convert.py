@@ -245,3 +245,20 @@ def test_fused_experts_read_as_the_per_expert_tensors():
   got = hf.from_hf_state_dict(fused, *args)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def test_a_scanned_layer_stack_maps_the_same_tensors():
+  """model.scan_layers: the mapping unstacks and restacks the 'layers' axis."""
+  from stmoe_jax.train import train_state  # pylint: disable=import-outside-toplevel
+  c = HF_CONFIGS['qwen3_moe']
+  tensors = random_hf_tensors(c, seed=4)
+  config = hf.config_from_hf(c)
+  config.model.scan_layers = True
+  placement = train_state.place(config)
+  params = hf.from_hf_state_dict(tensors, placement.abstract_state.params,
+                                 placement.model_cfg, 'qwen3_moe')
+  assert params['blocks'][0]['ffn']['experts']['w_up'].shape == (2, 5, 24, 10)  # [U, E, D, F]
+  back = hf.to_hf_state_dict(params, placement.model_cfg, 'qwen3_moe')
+  assert sorted(back) == sorted(tensors)
+  for name, value in tensors.items():
+    assert back[name].tobytes() == value.tobytes(), name
