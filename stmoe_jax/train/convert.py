@@ -1,0 +1,162 @@
+r"""Converts Hugging Face checkpoints (Llama, Mixtral, OLMoE, Qwen3-MoE) to train.py workdirs
+and back (docs/open_models.md).
+
+  python -m stmoe_jax.convert --from_hf=DIR --workdir=W [--check]
+  python -m stmoe_jax.convert --to_hf --workdir=W --out=DIR [--step=S] [--check]
+
+`--from_hf` reads DIR's config.json and safetensors (one file or a sharded index) and writes W:
+config.json (the model's options, `models.hf.config_from_hf`; everything else at its declared
+default), hf_config.json (DIR's config.json as it was, so a later `--to_hf` keeps the fields we
+do not model), and checkpoint step 0 in train.py's format: the parameters in float32, fresh
+optimizer moments, no data position. eval.py and sample.py read W; train.py starts from it
+with `--config.init_from=W`. `--to_hf` writes DIR/config.json and DIR/model.safetensors
+(per-expert tensors, float32) from W's newest (or `--step`) checkpoint; a config with an option
+HF cannot express is refused naming it.
+
+`--check` loads both sides on a fixed batch of token ids, the HF one with `transformers`
+(PyTorch, CPU, float32), and prints one JSON line with the largest absolute logit difference;
+without `torch` and `transformers` it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stmoe_jax.config import ConfigError
+from stmoe_jax.models import factory as model_factory
+from stmoe_jax.models import hf
+from stmoe_jax.train import entry_points
+from stmoe_jax.train import train_state
+from stmoe_jax.train import workdir as workdir_lib
+
+HF_CONFIG = 'hf_config.json'  # In a converted workdir: the source's config.json, verbatim.
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print) -> None:
+  """Writes train.py workdir `workdir` from HF checkpoint directory `hf_dir` (see the module
+  docstring). ConfigError naming an unsupported field or a missing or misshapen tensor;
+  FileExistsError if `workdir` already has checkpoints."""
+  source = _read_json(os.path.join(hf_dir, 'config.json'))
+  config = hf.config_from_hf(source)
+  arch = source['model_type']
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise FileExistsError(f'workdir {workdir} already has checkpoints: choose a new --workdir')
+  placement = train_state.place(config)
+  shardings, abstract = placement.state_shardings, placement.abstract_state
+  params = hf.from_hf_state_dict(hf.read_safetensors(hf_dir), abstract.params,
+                                 placement.model_cfg, arch)
+  params = jax.device_put(params, shardings.params)
+  buffers = jax.tree.map(lambda a, s: jax.device_put(jnp.zeros(a.shape, a.dtype), s),
+                         abstract.buffers, shardings.buffers)
+  _, rng = jax.random.split(jax.random.PRNGKey(config.seed))  # As `train_state.init_state`.
+  zero = jnp.zeros((), jnp.int32)
+  state = train_state.TrainState(
+      step=zero, params=params, buffers=buffers,
+      opt_state=jax.jit(placement.tx.init, out_shardings=shardings.opt_state)(params),
+      rng=rng, skipped_steps=zero, halted_at=zero)
+  workdir_lib.prepare(workdir)
+  ckpt = entry_points.checkpointer(config, workdir)
+  try:
+    ckpt.save(0, state, {}, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  entry_points.record_config(config, workdir)
+  shutil.copyfile(os.path.join(hf_dir, 'config.json'), os.path.join(workdir, HF_CONFIG))
+  log(f'Converted {arch} from {hf_dir} to {workdir} (checkpoint step 0, '
+      f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters)')
+
+
+def to_hf(workdir: str, out: str, step: int | None = None,
+          log: Callable[[str], None] = print) -> None:
+  """Writes `out`/config.json and `out`/model.safetensors from checkpoint `step` (default: the
+  newest) of `workdir`. ConfigError naming an option HF cannot express."""
+  config = entry_points.load_config(workdir)
+  arch = hf.arch_of(config)  # Refused before anything is restored.
+  placement, step, state = entry_points.restore_workdir(workdir, step)
+  base_path = os.path.join(workdir, HF_CONFIG)
+  base = _read_json(base_path) if os.path.exists(base_path) else None
+  if base is not None and base.get('model_type') != arch:
+    base = None  # Converted from another architecture, since changed: nothing to keep.
+  tensors = hf.to_hf_state_dict(jax.device_get(state.params), placement.model_cfg, arch)
+  os.makedirs(out, exist_ok=True)
+  hf.write_safetensors(out, tensors)
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    json.dump(hf.hf_config(placement.config, arch, base), f, indent=2)
+  log(f'Wrote {arch} checkpoint step {step} of {workdir} to {out}')
+
+
+# ---- --check ----
+
+def check_tokens(vocab_size: int) -> np.ndarray:
+  """The fixed batch `--check` compares on: [2, 16] ids."""
+  return np.random.default_rng(0).integers(0, vocab_size, (2, 16))
+
+
+def our_logits(workdir: str, tokens: np.ndarray, step: int | None = None) -> np.ndarray:
+  """float32 [B, L, V] logits of a workdir's checkpoint on `tokens`, every MoE layer routing
+  as HF does, whatever the run trained with: every choice of every token kept. (One sequence
+  a routing group, each expert with room for all of it: the einsum dispatch with nothing
+  dropped computes what dropless does, and compiles faster on CPU.)"""
+  placement, _, state = entry_points.restore_workdir(workdir, step)
+  cfg = placement.model_cfg
+  cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+      cfg.moe, dispatch='einsum', second_policy_eval='all', group_size=tokens.shape[1],
+      eval_capacity_factor=float(cfg.moe.num_experts), min_capacity=tokens.shape[1]))
+  graphdef, _, _ = model_factory.get_model(cfg).abstract()
+
+  @jax.jit
+  def forward(params, buffers, tokens):
+    logits, _ = nnx.merge(graphdef, params, buffers)(tokens, train=False)
+    return logits
+
+  return np.asarray(forward(state.params, state.buffers, jnp.asarray(tokens, jnp.int32)),
+                    np.float32)
+
+
+def check(hf_dir: str, workdir: str, step: int | None = None) -> dict:
+  """{'max_abs_logit_diff', ...} of `transformers`' model of `hf_dir` against `workdir`'s;
+  ImportError when torch or transformers is missing."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  source = _read_json(os.path.join(hf_dir, 'config.json'))
+  tokens = check_tokens(source['vocab_size'])
+  # The reference loops: torch's grouped matmul refuses (on CPU) experts whose width is no
+  # multiple of 16 bytes.
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      hf_dir, dtype=torch.float32, attn_implementation='eager', experts_implementation='eager')
+  model.eval()
+  with torch.no_grad():
+    theirs = model(torch.as_tensor(tokens)).logits.float().numpy()
+  ours = our_logits(workdir, tokens, step)
+  return {'model_type': source['model_type'], 'tokens': list(tokens.shape),
+          'max_abs_logit_diff': float(np.abs(ours - theirs).max()),
+          'max_abs_logit': float(np.abs(theirs).max()), 'transformers': transformers.__version__}
+
+
+def run_check(hf_dir: str, workdir: str, step: int | None = None) -> int:
+  """`--check`: prints the JSON line (exit status 0), or why it cannot (exit status 2)."""
+  try:
+    result = check(hf_dir, workdir, step)
+  except ImportError as e:
+    print(f'--check needs torch and transformers ({e.name or e} is not importable)',
+          file=sys.stderr)
+    return 2
+  print(json.dumps(result))
+  return 0
