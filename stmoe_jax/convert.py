@@ -27,6 +27,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The train.py workdir to write (
 _OUT = flags.DEFINE_string('out', None, '--to_hf: the directory to write.')
 _STEP = flags.DEFINE_integer('step', None, '--to_hf: checkpoint step; default: the latest.')
 _CHECK = flags.DEFINE_bool('check', False, 'Compare logits with transformers (PyTorch, CPU).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', "--from_hf: the TFDS data_dir the workdir's "
+                                'config records for training and evaluation (the TFDS default).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -41,7 +43,7 @@ def main(argv):
   errors.quiet_orbax_errors()
   with errors.one_line_errors(ConfigError, OSError, ValueError, checkpointing.CheckpointError):
     if _FROM_HF.value:
-      convert.from_hf(_FROM_HF.value, _WORKDIR.value)
+      convert.from_hf(_FROM_HF.value, _WORKDIR.value, data_dir=_DATA_DIR.value)
     else:
       convert.to_hf(_WORKDIR.value, _OUT.value, _STEP.value)
   if _CHECK.value:

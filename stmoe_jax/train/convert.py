@@ -9,7 +9,7 @@ config.json (the model's options, `models.hf.config_from_hf`; everything else at
 default), hf_config.json (DIR's config.json as it was, so a later `--to_hf` keeps the fields we
 do not model), and checkpoint step 0 in train.py's format: the parameters in float32, fresh
 optimizer moments, no data position. eval.py and sample.py read W; train.py starts from it
-with `--config.init_from=W`. `--to_hf` writes DIR/config.json and DIR/model.safetensors
+with `--config.init_from=W`, or resumes W itself from step 0 (the data from its beginning). `--to_hf` writes DIR/config.json and DIR/model.safetensors
 (per-expert tensors, float32) from W's newest (or `--step`) checkpoint; a config with an option
 HF cannot express is refused naming it.
 
@@ -47,12 +47,14 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print) -> None:
+def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
+            data_dir: str = '') -> None:
   """Writes train.py workdir `workdir` from HF checkpoint directory `hf_dir` (see the module
-  docstring). ConfigError naming an unsupported field or a missing or misshapen tensor;
+  docstring), its config reading data from TFDS `data_dir` ('' = the TFDS default). ConfigError naming an unsupported field or a missing or misshapen tensor;
   FileExistsError if `workdir` already has checkpoints."""
   source = _read_json(os.path.join(hf_dir, 'config.json'))
   config = hf.config_from_hf(source)
+  config.data.data_dir = data_dir
   arch = source['model_type']
   checkpoints = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):

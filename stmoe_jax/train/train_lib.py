@@ -158,7 +158,8 @@ def restore_or_init(trainer: Trainer, train_iter, log) -> TrainState:
   entry_points.check_tokenizer(workdir, trainer.config.data.tokenizer, 'resuming')
   restored, state, data_state = ckpt.restore_latest(trainer.abstract_state,
                                                     set_aside_damaged=True, warn=log)
-  train_iter.set_state(data_state)
+  if data_state or restored:  # A converted checkpoint (step 0) starts the data at its beginning.
+    train_iter.set_state(data_state)
   print(f'Resumed from {ckpt.step_path(restored)}', flush=True)
   return state
 

@@ -19,6 +19,8 @@ from stmoe_jax.config import ConfigError
 from stmoe_jax.models import hf
 from stmoe_jax.train import convert
 from stmoe_jax.train import entry_points
+from stmoe_jax.train import records
+from stmoe_jax.train import train_lib
 from hf_reference import hf_logits
 
 # Sizes no other test uses: 4 query heads of 6 (Qwen3: of 8, wider than D / H), 300 tokens.
@@ -212,15 +214,36 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     hf.from_hf_state_dict(broken, abstract, placement.model_cfg, 'llama')
 
 
-def test_eval_reads_a_converted_workdir(tmp_path):
+def test_eval_reads_a_converted_workdir(tmp_path, stdlib_data_dir):
   c = HF_CONFIGS['olmoe']
   source, workdir = str(tmp_path / 'hf'), str(tmp_path / 'workdir')
   write_hf_checkpoint(source, c, random_hf_tensors(c, seed=1))
-  convert.from_hf(source, workdir, log=lambda _: None)
+  convert.from_hf(source, workdir, log=lambda _: None, data_dir=stdlib_data_dir)
   metrics = entry_points.evaluate_workdir(workdir, max_batches=1)
   assert metrics['step'] == 0
   # Random weights: about the entropy of a uniform guess over the 300 tokens, in nats.
   assert abs(metrics['loss'] - np.log(300)) < 1.0, metrics['loss']
+
+
+def test_train_resumes_a_converted_workdir_as_init_from_starts_from_it(tmp_path, stdlib_data_dir):
+  """Resuming the converted step 0 and a fresh run with init_from=it train the same steps: the
+  same parameters, optimizer state and data from its beginning."""
+  c = HF_CONFIGS['mixtral']
+  source, converted = str(tmp_path / 'hf'), str(tmp_path / 'converted')
+  write_hf_checkpoint(source, c, random_hf_tensors(c, seed=2))
+  convert.from_hf(source, converted, log=lambda _: None, data_dir=stdlib_data_dir)
+  config = entry_points.load_config(converted)
+  config.update(num_train_steps=2, log_every_steps=1, eval_every_steps=2, eval_batches=1,
+                checkpoint_every_steps=2, eval_sample_tokens=0, batch_size=2)
+  config.moe.group_size = 2 * config.data.seq_len  # Not a resume field: a smaller step.
+  train_lib.train_and_evaluate(config, converted)
+  fresh = str(tmp_path / 'fresh')
+  config.init_from = f'{converted}:0'
+  train_lib.train_and_evaluate(config, fresh)
+  losses = lambda w: [(r['step'], r['loss']) for r in records.read_jsonl(
+      os.path.join(w, 'metrics.jsonl'), keys=('step', 'kind')) if r['kind'] == 'train']
+  assert [s for s, _ in losses(converted)] == [1, 2]
+  assert losses(converted) == losses(fresh)
 
 
 def test_fused_experts_read_as_the_per_expert_tensors():
