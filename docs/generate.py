@@ -218,7 +218,9 @@ def routers_study(link: Link) -> str:
   record = _json(name)
   rows = []
   for e in record['routers']:
-    overrides = ', '.join(f'{k}={v}' for k, v in e['overrides'].items()) or "fine64's own"
+    shown = lambda v: (f"({', '.join(f'{x:.3g}' for x in v)})" if isinstance(v, list) else
+                       f'{v:g}' if isinstance(v, float) else str(v))
+    overrides = ', '.join(f'{k}={shown(v)}' for k, v in e['overrides'].items()) or "fine64's own"
     delta = e['delta_vs_baseline']
     metric = lambda k, fmt: format(e[k], fmt) if k in e else '-'
     rows.append([
