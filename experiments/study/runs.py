@@ -130,9 +130,13 @@ def load_run(run: plan.Run, root: str, size: str) -> dict:
   records = sweep.read_records(os.path.join(root, run.name))
   config = moe_vs_dense.get_config(f'arm={run.arm},size={size},lr={run.lr}' +
                                    (f',router={run.router}' if run.router else ''))
-  total, active = parameter_counts(config)
-  train = [r for r in records if r['kind'] == 'train']
-  late = [r['dropped_fraction'] for r in train if 'dropped_fraction' in r]
+  return loaded_run(run, records, *parameter_counts(config))
+
+
+def loaded_run(run: plan.Run, records: list[dict], total: int, active: int) -> dict:
+  """`load_run`'s dict from a run's records and parameter counts."""
+  late = [r['dropped_fraction'] for r in records
+          if r['kind'] == 'train' and 'dropped_fraction' in r]
   return {'run': run, 'records': records, 'params': total, 'active_params': active,
           'dropped_fraction': round(float(np.mean(late[-5:])), 5) if late else 0.0,
           'first_dropped_fraction': round(float(late[0]), 5) if late else 0.0}

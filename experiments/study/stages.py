@@ -151,11 +151,7 @@ def _loaded_from_rows(run_name: str, rows: list[dict], size: str) -> dict:
     train = {k: float(r[k]) for k in ('tokens_per_sec', 'dropped_fraction') if r[k]}
     if train:
       records.append({'kind': 'train', 'step': int(r['step']), **train})
-  total, active = _parameter_counts(run.arm, size)
-  late = [r['dropped_fraction'] for r in records if 'dropped_fraction' in r]
-  return {'run': run, 'records': records, 'params': total, 'active_params': active,
-          'dropped_fraction': round(float(np.mean(late[-5:])), 5) if late else 0.0,
-          'first_dropped_fraction': round(float(late[0]), 5) if late else 0.0}
+  return runs.loaded_run(run, records, *_parameter_counts(run.arm, size))
 
 
 def reanalyze(directory: str, size: str = 'full') -> str:
