@@ -237,6 +237,50 @@ def routers_study(link: Link) -> str:
                     link, name)
 
 
+# Published findings reproduced (experiments/findings) ---------------------------------------------
+
+FINDINGS = ('capacity_factor', 'z_loss', 'granularity', 'load_balance', 'upcycling')
+
+
+def _finding(name: str) -> dict:
+  return _json(f'findings/{name}.json')
+
+
+@generator('findings_summary')
+def findings_summary(link: Link) -> str:
+  """One row per finding: the paper, its claim and our verdict."""
+  rows = []
+  for name in FINDINGS:
+    r = _finding(name)
+    rows.append([f"[{r['title']}](#{name.replace('_', '-')})", r['paper'], r['claim'],
+                 f"**{r['verdict']}**"])
+  return table(['finding', 'paper', "the paper's claim", 'here'], rows) + source(
+      link, *(f'findings/{n}.json' for n in FINDINGS))
+
+
+def _finding_table(name: str, link: Link) -> str:
+  r = _finding(name)
+  fmt = lambda v, f: '-' if v is None else format(v, f)
+  rows = []
+  for v in r['rows']:
+    extra = (f"{v['stable_runs']}/{v['runs_total']}" if 'stable_runs' in v else
+             ', '.join(f'{x:.2f}' for x in v['max_loss_spike']))
+    rows.append([v['variant'], r['paper_rows'].get(v['variant'], ''),
+                 ', '.join(f'{x:.4f}' for x in v['final_val_loss']),
+                 fmt(v['final_val_loss_mean'], '.4f'), fmt(v['tokens_per_sec'], ',.0f'),
+                 fmt(v['train_dropped_fraction'], '.3f'), fmt(v['usage_entropy'], '.3f'),
+                 extra])
+  last = 'stable runs' if 'stable_runs' in r['rows'][0] else 'largest loss spike (nats)'
+  return (table(['variant', 'paper', 'final val loss (per seed)', 'mean', 'tokens/s (runs)',
+                 'dropped (train)', 'usage entropy', last], rows) +
+          f"\n\n**Verdict: {r['verdict']}.** {r['why'][0].upper() + r['why'][1:]}." +
+          source(link, f'findings/{name}.json'))
+
+
+for _name_ in FINDINGS:
+  generator(f'finding_{_name_}')(lambda link, n=_name_: _finding_table(n, link))
+
+
 # Expert specialization -----------------------------------------------------------------------------
 
 @generator('specialization')

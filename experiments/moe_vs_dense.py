@@ -34,6 +34,10 @@ final evaluation is logged are skipped, so rerunning resumes the study.
 
   python experiments/moe_vs_dense.py --reanalyze=docs/results    # summary from results.csv
 
+  python experiments/moe_vs_dense.py --complete_seeds=docs/results --root=runs/mvd --cores=0,1
+
+`--complete_seeds=DIR` trains (in --root) the main runs and branches of every arm and seed of
+plan.SEEDS that DIR/results.csv lacks, appends their evaluations and reanalyzes.
 `--reanalyze=DIR` rewrites DIR/summary.json and DIR/results.md from DIR/results.csv and
 DIR/tuned.json with the current analysis, training nothing (the seeds every arm shares).
 
@@ -68,7 +72,14 @@ def main(argv: list[str] | None = None) -> None:
                       "time, e.g. '0,1'; '' = one run at a time, unpinned.")
   parser.add_argument('--reanalyze', default='', help='A directory holding a finished study\'s '
                       'results.csv and tuned.json: rewrite its summary.json and results.md.')
+  parser.add_argument('--complete_seeds', default='', help='A directory holding a finished '
+                      "study's results.csv and tuned.json: train (in --root) the main runs of "
+                      'the arms and seeds it lacks, append them and reanalyze.')
   args = parser.parse_args(argv)
+  if args.complete_seeds:
+    print(stages.complete_seeds(args.complete_seeds, args.root, 'quick' if args.quick else 'full',
+                                args.data_dir, [c for c in args.cores.split(',') if c]))
+    return
   if args.reanalyze:
     print(stages.reanalyze(args.reanalyze, 'quick' if args.quick else 'full'))
     return

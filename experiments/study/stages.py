@@ -154,6 +154,32 @@ def _loaded_from_rows(run_name: str, rows: list[dict], size: str) -> dict:
   return runs.loaded_run(run, records, *_parameter_counts(run.arm, size))
 
 
+def complete_seeds(directory: str, root: str, size: str, data_dir: str, cores: list[str]) -> str:
+  """Trains, in `root`, the main runs (with their branches) of every arm and seed of
+  plan.SEEDS that directory/results.csv lacks, at directory/tuned.json's choices; appends their
+  evaluations to results.csv and reanalyzes (`reanalyze`); returns the markdown tables.
+
+  The recorded runs stay as they are: a finished study gains seeds without rerunning them.
+  """
+  path = os.path.join(directory, 'results.csv')
+  with open(path, newline='') as f:
+    have = {(r['arm'], int(r['seed'])) for r in csv.DictReader(f) if r['stage'] == 'main'}
+  with open(os.path.join(directory, 'tuned.json')) as f:
+    tuned = json.load(f)
+  groups = [plan.main_group(arm, seed, size, tuned)
+            for arm in sorted(plan.MAIN_ARMS[size], key=plan.RELATIVE_COST.get, reverse=True)
+            for seed in plan.SEEDS[size] if (arm, seed) not in have]
+  runs.Runner(size, root, data_dir, cores).run_all(groups)
+  if groups:
+    new = os.path.join(root, 'new_results.csv')
+    report.write_csv(load_runs([r for g in groups for r in g], root, size), new)
+    with open(new) as f:
+      rows = f.readlines()[1:]  # Without the header, which results.csv has.
+    with open(path, 'a') as f:
+      f.writelines(rows)
+  return reanalyze(directory, size)
+
+
 def reanalyze(directory: str, size: str = 'full') -> str:
   """Rewrites directory/summary.json and results.md from its results.csv and tuned.json with
   the current analysis, over the seeds every arm ran; returns the markdown tables."""
