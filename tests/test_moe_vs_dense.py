@@ -157,3 +157,31 @@ def test_quick_study_summary_matches_the_logged_losses(quick_study):
   # Equal active parameters: the MoE differs from dense only by its router (d_model 32 x 16).
   assert entry['active_params'] == summary['dense']['active_params'] + 32 * 16
   assert entry['params'] > entry['active_params']
+
+
+def test_complete_seeds_adds_the_missing_seed_and_reanalyzes(quick_study, tmp_path):
+  """A records directory missing stmoe16's seed 1 gets it back from the runs (trained already,
+  so nothing trains), and the reanalysis then equals the study's own summary."""
+  from experiments.study import stages  # pylint: disable=g-import-not-at-top
+  root, _ = quick_study
+  with open(os.path.join(root, 'results.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  kept = [r for r in rows if not (r['arm'] == 'stmoe16' and r['seed'] == '1' and
+                                  r['stage'] in ('main', 'branch'))]
+  assert len(kept) < len(rows)
+  with open(tmp_path / 'results.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(kept)
+  shutil.copy(os.path.join(root, 'tuned.json'), tmp_path / 'tuned.json')
+  stages.reanalyze(str(tmp_path), 'quick')  # Only the seeds every arm ran: 0.
+  with open(tmp_path / 'summary.json') as f:
+    assert [e['seeds'] for e in json.load(f)] == [[0], [0]]
+  stages.complete_seeds(str(tmp_path), root, 'quick', '', [])
+  with open(tmp_path / 'summary.json') as f, open(os.path.join(root, 'summary.json')) as g:
+    ours, theirs = json.load(f), json.load(g)
+  for a, b in zip(ours, theirs):
+    assert a['seeds'] == b['seeds'] == [0, 1]
+    for key in ('per_seed_step_speedup', 'final_val_loss_mean', 'step_speedup'):
+      # results.csv keeps losses to 5 decimals.
+      assert a[key] == pytest.approx(b[key], abs=2e-5), (a['arm'], key)
