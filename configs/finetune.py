@@ -12,9 +12,9 @@ only; eval reports exact match (docs/finetuning.md).
       --config.init_from=runs/default
   python train.py --config=configs/finetune.py --workdir=runs/ft_scratch
 
-`from=W[:<step>]` takes the whole model (every model, attention and MoE option, the tokenizer
-and data directory) from W's config.json and sets init_from=W: the architecture of the
-checkpoint, whatever its sizes, with this file's task and schedule (docs/open_models.md):
+`from=W[:<step>]` starts from W's config.json instead of default.py's (the checkpoint's model
+whatever its sizes, its tokenizer and data directory) and sets init_from=W; this file's task
+and schedule go on top (docs/open_models.md):
 
   python -m stmoe_jax.convert --from_hf=path/to/mixtral --workdir=runs/mixtral
   python train.py --config=configs/finetune.py:from=runs/mixtral,trainable=non_moe \
