@@ -1,8 +1,11 @@
 """Starting from imported Hugging Face checkpoints (#29 item 4), without torch: a tiny
-numpy-written Mixtral fine-tuned on func_name with each `finetune.trainable`
-(configs/finetune.py:from=W), and a tiny Llama sparse-upcycled into a Mixtral-routed MoE
-(configs/upcycle.py:stage=moe,from=W) whose step-0 loss is the dense model's.
+numpy-written Mixtral with its own tokenizer (<unk>, <s>, </s> first) fine-tuned on func_name
+with each `finetune.trainable` (configs/finetune.py:from=W), and a tiny Llama on bytes
+sparse-upcycled into a Mixtral-routed MoE (configs/upcycle.py:stage=moe,from=W) whose step-0
+loss is the dense model's.
 """
+
+import os
 
 import jax
 import numpy as np
@@ -10,12 +13,14 @@ import pytest
 
 from configs import finetune as finetune_config
 from configs import upcycle
+from stmoe_jax.data import tokenizer
 from stmoe_jax.models import hf
 from stmoe_jax.train import convert
 from stmoe_jax.train import entry_points
 from stmoe_jax.train import train_lib
 from stmoe_jax.train import trainable
 from hf_reference import hf_logits
+from hf_reference import write_model_tokenizer
 from test_convert import HF_CONFIGS, hyper_of, random_hf_tensors, write_hf_checkpoint
 
 LOG = lambda line: None
@@ -26,12 +31,20 @@ def _flat(tree):
           for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
-def _converted(root, arch: str, data_dir: str, seed: int):
-  """A numpy-written HF checkpoint of HF_CONFIGS[arch] converted to a workdir: (its float32
-  HF tensors, the workdir)."""
+MISTRAL_SPECIALS = {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
+                    'pad_token': None}
+TEXTS = [f'def f_{i}(values):\n    return [v * {i} for v in values if v > {i % 3}]\n'
+         for i in range(50)]
+
+
+def _converted(root, arch: str, data_dir: str, seed: int, tokenizer: bool = False):
+  """A numpy-written HF checkpoint of HF_CONFIGS[arch] (with a tokenizer of its 300 ids)
+  converted to a workdir: (its float32 HF tensors, the workdir)."""
   c = HF_CONFIGS[arch]
   tensors = random_hf_tensors(c, seed=seed)
   write_hf_checkpoint(str(root / 'hf'), c, tensors)
+  if tokenizer:
+    write_model_tokenizer(str(root / 'hf'), TEXTS, c['vocab_size'], MISTRAL_SPECIALS)
   convert.from_hf(str(root / 'hf'), str(root / 'w'), log=LOG, data_dir=data_dir)
   return tensors, str(root / 'w')
 
@@ -47,7 +60,8 @@ def _cross_entropy(logits_BLV, batch) -> float:
 
 @pytest.fixture(scope='module')
 def mixtral(task_data_dir, tmp_path_factory):
-  return _converted(tmp_path_factory.mktemp('mixtral'), 'mixtral', task_data_dir, seed=5)
+  return _converted(tmp_path_factory.mktemp('mixtral'), 'mixtral', task_data_dir, seed=5,
+                    tokenizer=True)
 
 
 # Mixtral's 3 experts and router per layer are the MoE; the q/k/v/o projections the attention.
@@ -79,7 +93,11 @@ def test_an_imported_mixtral_finetunes_on_func_name(kind, mixtral, tmp_path):
   state = train_lib.restore_or_init(trainer, data, LOG)
   before = _flat(state.params)
   batch = next(data)
-  assert batch['inputs'][0, 0] == 257 and batch['weights'].sum() > 0  # [BOS] body [EOS] name
+  # [<s>] body [</s>] name [</s>] in the checkpoint's own ids, <unk> padding.
+  assert config.data.tokenizer == os.path.join(workdir, 'tokenizer')
+  inputs = batch['inputs']
+  assert (inputs[:, 0] == 1).all() and (inputs == 2).any(axis=1).all()
+  assert batch['weights'].sum() > 0 and inputs.max() > 258  # Subword ids, not bytes.
   state, metrics = trainer.train_step(state, trainer.global_batch(batch))
   want = _cross_entropy(hf_logits({k: v.astype(np.float64) for k, v in tensors.items()},
                                   batch['inputs'], 'mixtral', hyper_of(HF_CONFIGS['mixtral'])),
@@ -151,3 +169,26 @@ def test_from_needs_a_dense_model_and_stage_moe(mixtral):
     upcycle.get_config(f'stage=moe,from={mixtral[1]}')
   with pytest.raises(FileNotFoundError, match='is .* a train.py workdir'):
     finetune_config.get_config(f'from={mixtral[1]}/nowhere')
+
+
+def test_the_checkpoint_tokenizer_travels_in_and_out(mixtral, tmp_path):
+  _, workdir = mixtral
+  source = os.path.join(os.path.dirname(workdir), 'hf')
+  assert entry_points.load_config(workdir).data.tokenizer == os.path.join(workdir, 'tokenizer')
+  assert entry_points.trained_tokenizer_hash(workdir) == tokenizer.load(source).content_hash
+  convert.to_hf(workdir, str(tmp_path / 'out'), log=LOG)
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    with open(os.path.join(source, name), 'rb') as a, open(tmp_path / 'out' / name, 'rb') as b:
+      assert a.read() == b.read(), name
+
+
+def test_a_tokenizer_wider_than_the_model_is_left_out(tmp_path, stdlib_data_dir):
+  """Its ids would not fit the embeddings (here the appended layout: 300 + 3 > 300)."""
+  c = HF_CONFIGS['llama']
+  write_hf_checkpoint(str(tmp_path / 'hf'), c, random_hf_tensors(c))
+  write_model_tokenizer(str(tmp_path / 'hf'), TEXTS, c['vocab_size'], {})
+  lines = []
+  convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'w'), log=lines.append,
+                  data_dir=stdlib_data_dir)
+  assert "its 303 ids exceed the model's vocab_size=300; the workdir reads bytes" in lines[0]
+  assert entry_points.load_config(str(tmp_path / 'w')).data.tokenizer == 'bytes'
