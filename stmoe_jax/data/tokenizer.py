@@ -79,8 +79,9 @@ class Tokenizer:
   Attributes:
     spec: the `data.tokenizer` value it was loaded from.
     num_tokens: n, the vocabulary's own ids.
-    content_hash: 'bytes', or 'sha256:<16 hex>' of the vocabulary file: what a checkpoint
-      records and resuming, evaluating and sampling compare.
+    content_hash: 'bytes', or 'sha256:<16 hex>' of the vocabulary file (with its own special
+      ids, where it keeps them): what a checkpoint records and resuming, evaluating and
+      sampling compare.
   """
   spec: str
   num_tokens: int
