@@ -31,3 +31,14 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
       raise ValueError(f'config argument {key}={text!r} is invalid: expected a '
                        f'{type(default).__name__}') from None
   return ml_collections.ConfigDict(values)
+
+
+def workdir_config(spec: str) -> ml_collections.ConfigDict:
+  """The config train.py workdir `spec` = '<workdir>[:<step>]' saved (a converted Hugging Face
+  checkpoint, `python -m stmoe_jax.convert --from_hf`, or any run): the model a preset's
+  `from=` argument starts from. FileNotFoundError naming the path when it has none."""
+  # Imported here: presets without `from=` need no workdir machinery.
+  from stmoe_jax.config import parse_init_from  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.train import entry_points  # pylint: disable=g-import-not-at-top
+  workdir, _ = parse_init_from(spec)
+  return entry_points.load_config(workdir)

@@ -93,11 +93,17 @@ def get_config(arg: str | None = None):
     moe.every = 0
     return config
   model.d_ff = sizes['d_ff']  # Read by nothing while every FFN is an MoE layer.
-  # HF routes every choice of every token: dropless, no later-choice policy, one softmax over
-  # all experts; its balance loss is over the whole batch.
-  moe.update(every=1, num_experts=sizes['num_experts'], top_k=sizes['top_k'],
-             expert_d_ff=sizes['d_ff'], dispatch='dropless', router='tokens_choose',
-             score_fn='softmax', renormalize_gates=RENORMALIZE[arg.arch],
-             second_policy_train='all', second_policy_eval='all', balance_scope='global',
-             aux_loss_coef=AUX_LOSS[arg.arch], z_loss_coef=Z_LOSS.get(arg.arch, 0.0))
+  route_as_hf(config, arg.arch, sizes['num_experts'], sizes['top_k'], sizes['d_ff'])
   return config
+
+
+def route_as_hf(config, arch: str, num_experts: int, top_k: int, expert_d_ff: int) -> None:
+  """Makes every FFN of `config` an MoE layer of `num_experts` experts of width `expert_d_ff`
+  (the model's activation), routed as HF's `arch` (mixtral, olmoe or qwen3_moe) routes: every
+  choice of every token (dropless, no later-choice policy), one softmax over all experts, its
+  top-k renormalisation or not, its balance loss over the whole batch and coefficients."""
+  config.moe.update(every=1, num_experts=num_experts, top_k=top_k, expert_d_ff=expert_d_ff,
+                    dispatch='dropless', router='tokens_choose', score_fn='softmax',
+                    renormalize_gates=RENORMALIZE[arch], second_policy_train='all',
+                    second_policy_eval='all', balance_scope='global',
+                    aux_loss_coef=AUX_LOSS[arch], z_loss_coef=Z_LOSS.get(arch, 0.0))

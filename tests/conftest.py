@@ -68,6 +68,34 @@ def stdlib_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope='session')
+def task_data_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir with stdlib_func_name prepared from four small files (5 functions, two of
+  them, two() and three(), in the validation split), so the pipeline reads it by name as it
+  would the real one."""
+  from stmoe_jax.data import func_name_corpus  # pylint: disable=g-import-not-at-top
+  from stmoe_jax.data import stdlib_corpus  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('stdlib')
+  sources = {'a.py': 'def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n',
+             'b.py': 'def neg(x):\n    return -x\n', 'pkg/c.py': 'def one():\n    return 1\n'}
+  val = next(f'm{i}.py' for i in range(1000)
+             if stdlib_corpus.split_for_path(f'm{i}.py') == 'validation')
+  sources[val] = 'def two():\n    return 2\n\ndef three():\n    return 3\n'
+  for rel, text in sources.items():
+    os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+    (root / rel).write_text(text)
+
+  # The real builder, reading these files in place of the standard library's.
+  list_files, read_source = stdlib_corpus.list_stdlib_files, stdlib_corpus.read_source
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(stdlib_corpus, 'list_stdlib_files', lambda _: list_files(str(root)))
+    patch.setattr(stdlib_corpus, 'read_source', lambda _, rel: read_source(str(root), rel))
+    func_name_corpus.StdlibFuncName(data_dir=data_dir).download_and_prepare(
+        file_format='array_record')
+  return data_dir
+
+
 def tiny_model_config(*, moe: dict | None = None, attention: dict | None = None,
                       **model):
   """The tests' tiny model, fields overridable: 2 layers of width 16 (2 heads of 8, dense FFN

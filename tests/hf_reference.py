@@ -113,3 +113,24 @@ def hyper(config) -> dict:
   return dict(layers=m.num_layers, heads=m.num_heads, kv_heads=att.num_kv_heads or m.num_heads,
               head_dim=m.head_dim, eps=m.norm_eps, theta=m.rope_max_wavelength,
               top_k=moe.top_k, norm_topk_prob=moe.renormalize_gates)
+
+
+def write_model_tokenizer(directory, texts, vocab_size, tokenizer_config,
+                          specials=('<unk>', '<s>', '</s>')):
+  """A released model's tokenizer directory in miniature: a byte-level BPE `tokenizer.json`
+  trained on `texts` with `specials` as its first ids (Llama 2 and Mixtral: <unk> 0, <s> 1,
+  </s> 2) and `tokenizer_config` (a dict) as its tokenizer_config.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=list(specials), show_progress=False))
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+  with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+    json.dump(tokenizer_config, f)
+  return tok

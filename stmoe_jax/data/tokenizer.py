@@ -4,7 +4,12 @@
 Every tokenizer has the byte tokenizer's id layout: its own n ids first, then PAD = n,
 BOS = n + 1 and EOS = n + 2 (span-corruption sentinels follow from n + 3), so `vocab_size` is
 n + 3 and the byte tokenizer is the case n = 256. The vocabulary's own special tokens (a
-SentencePiece <unk>, <s>, </s>) stay ordinary ids that the pipelines never insert.
+SentencePiece <unk>, <s>, </s>) stay ordinary ids that the pipelines never insert. One
+exception: a Hugging Face model's tokenizer directory whose `tokenizer_config.json` names a
+`bos_token` and an `eos_token` of the vocabulary (what `python -m stmoe_jax.convert --from_hf`
+copies) keeps the ids the model was trained with: BOS and EOS are those tokens, PAD its
+`pad_token`, else its `unk_token`, else its first other special token (an id no text encodes
+to), and `vocab_size` is n.
 
 A byte vocabulary needs no training data or vocabulary file, so every corpus (stdlib source,
 lm1b, ...) is tokenized identically and checkpoints stay comparable across datasets; bits per
@@ -32,6 +37,7 @@ VOCAB_SIZE = 259
 
 BYTES = 'bytes'
 HF_FILE = 'tokenizer.json'
+HF_SPECIALS_FILE = 'tokenizer_config.json'  # A model's bos_token, eos_token, pad_token, ...
 
 
 def _spec_ok(value: str) -> bool:
@@ -57,11 +63,14 @@ def _check_vocab(config) -> None:
                           f"{config.model.architecture!r} and data.objective="
                           f"{config.data.objective!r} (subword vocabularies: decoder-only, "
                           "causal_lm)")
-  size = load(spec).vocab_size if _spec_ok(spec) else VOCAB_SIZE
-  if config.model.vocab_size < size:
-    what = 'bytes' if spec == BYTES else f'the {size - 3} tokens of data.tokenizer={spec!r}'
+  tok = load(spec) if _spec_ok(spec) else load()
+  if config.model.vocab_size < tok.vocab_size:
+    what = ('bytes' if spec == BYTES else
+            f'the {tok.num_tokens} tokens of data.tokenizer={spec!r}')
+    if tok.vocab_size > tok.num_tokens:
+      what += ' + pad/bos/eos'
     raise options.invalid('model.vocab_size', config.model.vocab_size,
-                          f'at least {size} ({what} + pad/bos/eos; smaller would clip token ids)')
+                          f'at least {tok.vocab_size} ({what}; smaller would clip token ids)')
 
 
 class Tokenizer:
@@ -70,8 +79,9 @@ class Tokenizer:
   Attributes:
     spec: the `data.tokenizer` value it was loaded from.
     num_tokens: n, the vocabulary's own ids.
-    content_hash: 'bytes', or 'sha256:<16 hex>' of the vocabulary file: what a checkpoint
-      records and resuming, evaluating and sampling compare.
+    content_hash: 'bytes', or 'sha256:<16 hex>' of the vocabulary file (with its own special
+      ids, where it keeps them): what a checkpoint records and resuming, evaluating and
+      sampling compare.
   """
   spec: str
   num_tokens: int
@@ -94,6 +104,10 @@ class Tokenizer:
     """The ids a model must embed: the vocabulary's and pad/bos/eos."""
     return self.num_tokens + 3
 
+  @property
+  def special_ids(self) -> tuple[int, int, int]:
+    return self.pad_id, self.bos_id, self.eos_id
+
   def encode(self, text: str | bytes) -> np.ndarray:
     """int32[n] ids of `text` (str, or utf-8 bytes), without special tokens."""
     raise NotImplementedError
@@ -101,7 +115,8 @@ class Tokenizer:
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """The text of `ids` (any shape, flattened); PAD/BOS/EOS and ids past them are dropped."""
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return self._decode(arr[(arr >= 0) & (arr < self.num_tokens)].tolist())
+    keep = (arr >= 0) & (arr < self.num_tokens) & ~np.isin(arr, self.special_ids)
+    return self._decode(arr[keep].tolist())
 
   def _decode(self, ids: list[int]) -> str:
     raise NotImplementedError
@@ -112,6 +127,7 @@ class Tokenizer:
     bytes of a stream of targets are a sum (bits per byte, `evaluation`)."""
     table = np.zeros(self.vocab_size, np.int32)
     table[:self.num_tokens] = self._token_bytes()
+    table[list(self.special_ids)] = 0
     return table
 
   def _token_bytes(self) -> np.ndarray:
@@ -179,7 +195,8 @@ def _byte_level_chars() -> dict[str, int]:
 
 
 class HuggingFaceTokenizer(Tokenizer):
-  """A directory holding a Hugging Face `tokenizer.json` (the `tokenizers` library)."""
+  """A directory holding a Hugging Face `tokenizer.json` (the `tokenizers` library), and
+  maybe a model's `tokenizer_config.json` naming its own special tokens (module docstring)."""
 
   def __init__(self, directory: str):
     import tokenizers  # pylint: disable=g-import-not-at-top
@@ -190,6 +207,26 @@ class HuggingFaceTokenizer(Tokenizer):
     with open(path, encoding='utf-8') as f:
       decoder = json.load(f).get('decoder') or {}
     self._byte_level = decoder.get('type') == 'ByteLevel'
+    self._own = _own_special_ids(directory, self._tok)
+    if self._own:  # Another id layout: another vocabulary, as far as checkpoints go.
+      self.content_hash = 'sha256:' + hashlib.sha256(
+          f'{self.content_hash} {self._own}'.encode()).hexdigest()[:16]
+
+  @property
+  def pad_id(self) -> int:
+    return self._own[0] if self._own else self.num_tokens
+
+  @property
+  def bos_id(self) -> int:
+    return self._own[1] if self._own else self.num_tokens + 1
+
+  @property
+  def eos_id(self) -> int:
+    return self._own[2] if self._own else self.num_tokens + 2
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_tokens if self._own else self.num_tokens + 3
 
   def encode(self, text):
     if isinstance(text, bytes):
@@ -214,6 +251,33 @@ class HuggingFaceTokenizer(Tokenizer):
       return len(piece.replace('\u2581', ' ').encode('utf-8'))  # Metaspace: '▁' is a space.
 
     return np.array([count(i) for i in range(self.num_tokens)], np.int32)
+
+
+def _own_special_ids(directory: str, tok) -> tuple[int, int, int] | None:
+  """(PAD, BOS, EOS) among the vocabulary's own ids, as `directory`'s tokenizer_config.json
+  names them (module docstring); None without one naming both a BOS and an EOS token."""
+  path = os.path.join(directory, HF_SPECIALS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    names = json.load(f)
+
+  def token_id(field: str) -> int | None:
+    value = names.get(field)
+    value = value.get('content') if isinstance(value, dict) else value  # An AddedToken.
+    return tok.token_to_id(value) if isinstance(value, str) else None
+
+  bos, eos = token_id('bos_token'), token_id('eos_token')
+  if bos is None or eos is None:
+    return None
+  specials = sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+  candidates = [token_id('pad_token'), token_id('unk_token'), *specials]
+  pad = next((i for i in candidates if i is not None and i not in (bos, eos)), None)
+  if pad is None:
+    raise options.invalid('data.tokenizer', directory, f'a vocabulary with a token for padding '
+                          f'besides BOS and EOS ({HF_SPECIALS_FILE} names no pad_token or '
+                          'unk_token and it has no other special token)')
+  return pad, bos, eos
 
 
 @functools.cache

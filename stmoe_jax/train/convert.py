@@ -8,10 +8,14 @@ and back (docs/open_models.md).
 config.json (the model's options, `models.hf.config_from_hf`; everything else at its declared
 default), hf_config.json (DIR's config.json as it was, so a later `--to_hf` keeps the fields we
 do not model), and checkpoint step 0 in train.py's format: the parameters in float32, fresh
-optimizer moments, no data position. eval.py and sample.py read W; train.py starts from it
-with `--config.init_from=W`, or resumes W itself from step 0 (the data from its beginning). `--to_hf` writes DIR/config.json and DIR/model.safetensors
-(per-expert tensors, float32) from W's newest (or `--step`) checkpoint; a config with an option
-HF cannot express is refused naming it.
+optimizer moments, no data position. DIR's tokenizer (tokenizer.json, tokenizer_config.json)
+is copied to W/tokenizer and becomes data.tokenizer, keeping the model's own BOS/EOS ids
+(`data.tokenizer`), when its ids fit the model's vocab_size; else W reads bytes. eval.py and
+sample.py read W; train.py starts from it with `--config.init_from=W`, or resumes W itself
+from step 0 (the data from its beginning). `--to_hf` writes DIR/config.json and
+DIR/model.safetensors (per-expert tensors, float32) from W's newest (or `--step`) checkpoint,
+and a tokenizer directory's files; a config with an option HF cannot express is refused
+naming it.
 
 `--check` loads both sides on a fixed batch of token ids, the HF one with `transformers`
 (PyTorch, CPU, float32), and prints one JSON line with the largest absolute logit difference;
@@ -33,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from stmoe_jax.config import ConfigError
+from stmoe_jax.data import tokenizer as tokenizer_lib
 from stmoe_jax.models import factory as model_factory
 from stmoe_jax.models import hf
 from stmoe_jax.train import entry_points
@@ -40,11 +45,39 @@ from stmoe_jax.train import train_state
 from stmoe_jax.train import workdir as workdir_lib
 
 HF_CONFIG = 'hf_config.json'  # In a converted workdir: the source's config.json, verbatim.
+# A checkpoint's tokenizer, copied into `<workdir>/tokenizer` (its data.tokenizer) and back out.
+TOKENIZER_DIR = 'tokenizer'
+TOKENIZER_FILES = (tokenizer_lib.HF_FILE, tokenizer_lib.HF_SPECIALS_FILE,
+                   'special_tokens_map.json')
 
 
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+def _copy_tokenizer(source: str, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
+
+
+def _usable_tokenizer(hf_dir: str, vocab_size: int, log: Callable[[str], None]) -> bool:
+  """Whether `hf_dir`'s tokenizer.json can be the converted model's data.tokenizer: it has one
+  and its ids (`tokenizer` module docstring) fit the model's `vocab_size` embeddings."""
+  if not os.path.isfile(os.path.join(hf_dir, tokenizer_lib.HF_FILE)):
+    return False
+  try:
+    tok = tokenizer_lib.load(hf_dir)
+  except ConfigError as e:
+    log(f'Not using the tokenizer of {hf_dir} ({e}): the workdir reads bytes')
+    return False
+  if tok.vocab_size > vocab_size:
+    log(f'Not using the tokenizer of {hf_dir}: its {tok.vocab_size} ids exceed the model\'s '
+        f'vocab_size={vocab_size}; the workdir reads bytes')
+    return False
+  return True
 
 
 def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
@@ -59,6 +92,9 @@ def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
   checkpoints = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise FileExistsError(f'workdir {workdir} already has checkpoints: choose a new --workdir')
+  if _usable_tokenizer(hf_dir, config.model.vocab_size, log):
+    config.data.tokenizer = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
+    _copy_tokenizer(hf_dir, config.data.tokenizer)
   placement = train_state.place(config)
   shardings, abstract = placement.state_shardings, placement.abstract_state
   params = hf.from_hf_state_dict(hf.read_safetensors(hf_dir), abstract.params,
@@ -80,9 +116,11 @@ def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
   finally:
     ckpt.close()
   entry_points.record_config(config, workdir)
+  entry_points.record_tokenizer(config, workdir)
   shutil.copyfile(os.path.join(hf_dir, 'config.json'), os.path.join(workdir, HF_CONFIG))
   log(f'Converted {arch} from {hf_dir} to {workdir} (checkpoint step 0, '
-      f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters)')
+      f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters, tokenizer '
+      f'{config.data.tokenizer})')
 
 
 def to_hf(workdir: str, out: str, step: int | None = None,
@@ -101,6 +139,8 @@ def to_hf(workdir: str, out: str, step: int | None = None,
   hf.write_safetensors(out, tensors)
   with open(os.path.join(out, 'config.json'), 'w') as f:
     json.dump(hf.hf_config(placement.config, arch, base), f, indent=2)
+  if os.path.isdir(config.data.tokenizer):  # A tokenizer.json directory (not bytes, .model).
+    _copy_tokenizer(config.data.tokenizer, out)
   log(f'Wrote {arch} checkpoint step {step} of {workdir} to {out}')
 
 

@@ -144,3 +144,36 @@ def test_train_tokenizer_files(tmp_path):
   with open(tmp_path / 'out' / 'tokenizer.json', encoding='utf-8') as f:
     assert json.load(f)['model']['type'] == 'BPE'
   assert tok.decode(tok.encode(CORPUS[1])) == CORPUS[1]
+
+
+def test_a_model_tokenizer_keeps_its_own_special_ids(tmp_path):
+  """A tokenizer_config.json naming BOS and EOS tokens: those ids, PAD its pad_token, else its
+  unk_token, else another special token; no ids appended; another content hash."""
+  from hf_reference import write_model_tokenizer  # pylint: disable=g-import-not-at-top
+  mistral = {'bos_token': '<s>', 'eos_token': {'content': '</s>', 'special': True},
+             'unk_token': '<unk>', 'pad_token': None}
+  raw = write_model_tokenizer(str(tmp_path / 'm'), CORPUS, 300, mistral)
+  tok = tokenizer.load(str(tmp_path / 'm'))
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  assert tok.num_tokens == tok.vocab_size == raw.get_vocab_size() == 300
+  ids = tok.encode(HELD_OUT)
+  assert not np.isin(ids, [0, 1, 2]).any()
+  assert tok.decode([1, *ids, 2, 0, 0]) == HELD_OUT
+  assert tok.token_bytes[[0, 1, 2]].tolist() == [0, 0, 0]
+  assert tok.token_bytes[ids].sum() == len(HELD_OUT.encode('utf-8'))
+  (tmp_path / 'plain').mkdir()
+  (tmp_path / 'plain' / 'tokenizer.json').write_bytes((tmp_path / 'm' / 'tokenizer.json').read_bytes())
+  plain = tokenizer.load(str(tmp_path / 'plain'))  # Without the config: ids appended.
+  assert (plain.pad_id, plain.vocab_size) == (300, 303)
+  assert plain.content_hash != tok.content_hash
+  # Llama 3: no pad or unk token; padding takes the first other special token.
+  llama3 = {'bos_token': '<|begin_of_text|>', 'eos_token': '<|end_of_text|>'}
+  write_model_tokenizer(str(tmp_path / 'l'), CORPUS, 300, llama3,
+                        specials=('<|begin_of_text|>', '<|end_of_text|>', '<|reserved_0|>'))
+  tok = tokenizer.load(str(tmp_path / 'l'))
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (2, 0, 1)
+  write_model_tokenizer(str(tmp_path / 'b'), CORPUS, 300, llama3,
+                        specials=('<|begin_of_text|>', '<|end_of_text|>'))
+  with pytest.raises(ConfigError, match=r"^config.data.tokenizer='.*' is invalid: expected a "
+                                        'vocabulary with a token for padding'):
+    tokenizer.load(str(tmp_path / 'b'))

@@ -1,7 +1,7 @@
 """init_from (fine-tuning, sparse upcycling) and finetune.trainable, with tiny in-process runs.
 
 A 'pre-trained' workdir is a tiny run's real checkpoint and config.json; the task fine-tune
-reads a stdlib_func_name dataset built from a few files (not the whole standard library).
+reads a stdlib_func_name dataset built from a few files (conftest's `task_data_dir`).
 """
 
 import os
@@ -20,8 +20,6 @@ from stmoe_jax.train import train_lib
 from stmoe_jax.train import trainable
 from stmoe_jax.train.checkpointing import IncompatibleCheckpointError
 from stmoe_jax.config import ConfigError, validate
-from stmoe_jax.data import func_name_corpus
-from stmoe_jax.data import stdlib_corpus
 
 LOG = lambda line: None
 
@@ -55,31 +53,6 @@ def _config(data_dir, **moe):
 def pretrained(stdlib_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('pretrained'))
   return workdir, _pretrain(_config(stdlib_data_dir), workdir)
-
-
-@pytest.fixture(scope='module')
-def task_data_dir(tmp_path_factory):
-  """stdlib_func_name prepared from four small files, so the pipeline reads it by name as it
-  would the real one."""
-  root = tmp_path_factory.mktemp('stdlib')
-  sources = {'a.py': 'def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n',
-             'b.py': 'def neg(x):\n    return -x\n', 'pkg/c.py': 'def one():\n    return 1\n'}
-  val = next(f'm{i}.py' for i in range(1000)
-             if stdlib_corpus.split_for_path(f'm{i}.py') == 'validation')
-  sources[val] = 'def two():\n    return 2\n\ndef three():\n    return 3\n'
-  for rel, text in sources.items():
-    os.makedirs(os.path.dirname(root / rel), exist_ok=True)
-    (root / rel).write_text(text)
-
-  # The real builder, reading these files in place of the standard library's.
-  list_files, read_source = stdlib_corpus.list_stdlib_files, stdlib_corpus.read_source
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(stdlib_corpus, 'list_stdlib_files', lambda _: list_files(str(root)))
-    patch.setattr(stdlib_corpus, 'read_source', lambda _, rel: read_source(str(root), rel))
-    func_name_corpus.StdlibFuncName(data_dir=data_dir).download_and_prepare(
-        file_format='array_record')
-  return data_dir
 
 
 @pytest.fixture(scope='module')
