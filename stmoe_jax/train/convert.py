@@ -13,12 +13,14 @@ optimizer moments, no data position. DIR's tokenizer (`tokenizer.json`, with
 becomes `data.tokenizer` (recorded by content hash, `entry_points.record_tokenizer`) when the
 model embeds its ids and the pad/bos/eos this codebase appends after them; otherwise (no
 tokenizer.json, or a vocabulary that leaves no room) one line says so and `data.tokenizer`
-stays 'bytes'. eval.py and sample.py read W; train.py starts from it
-with `--config.init_from=W`, or resumes W itself from step 0 (the data from its beginning). `--to_hf` writes DIR/config.json and DIR/model.safetensors
-(per-expert tensors, float32) from W's newest (or `--step`) checkpoint, and the tokenizer files
-of W's `data.tokenizer` when it is a tokenizer.json directory (a `tokenizer_config.json` naming
-the generic fast tokenizer when it has none, so `AutoTokenizer` loads it as it is); a config
-with an option HF cannot express is refused naming it.
+stays 'bytes'. eval.py and sample.py read W; train.py starts from it with
+`--config.init_from=W`, or resumes W itself from step 0 (the data from its beginning).
+
+`--to_hf` writes DIR/config.json and DIR/model.safetensors (per-expert tensors, float32) from
+W's newest (or `--step`) checkpoint, and the tokenizer files of W's `data.tokenizer` when it is
+a tokenizer.json directory (a `tokenizer_config.json` naming the generic fast tokenizer when it
+has none, so `AutoTokenizer` loads it as it is); a config with an option HF cannot express is
+refused naming it.
 
 `--check` loads both sides on a fixed batch of token ids, the HF one with `transformers`
 (PyTorch, CPU, float32), and prints one JSON line with the largest absolute logit difference;
