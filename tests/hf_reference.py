@@ -1,6 +1,5 @@
 """Numpy transcriptions (float64) of Hugging Face transformers' Llama, Mixtral, OLMoE and
-Qwen3-MoE forward passes, read from an HF-named state dict (tests/models/test_hf_arch.py,
-tests/train/test_convert.py)."""
+Qwen3-MoE forward passes, read from an HF-named state dict (tests/models/test_hf_arch.py)."""
 
 import numpy as np
 

@@ -175,6 +175,9 @@ def hf_config(config: ml_collections.ConfigDict, arch: str, base: dict | None = 
                              'rope_theta': m.rope_max_wavelength}
   else:
     hf['rope_theta'] = m.rope_max_wavelength
+  if 'head_dim' in (base or {}) and base['head_dim'] is None and (
+      m.head_dim == m.d_model // m.num_heads):
+    hf['head_dim'] = None  # As transformers writes it (Mixtral): the default, D / H.
   hf.setdefault('max_position_embeddings', 4096)
   hf['dtype' if 'dtype' in hf else 'torch_dtype'] = 'float32'  # What write_safetensors gets.
   if arch == 'llama':

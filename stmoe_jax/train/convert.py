@@ -8,14 +8,20 @@ and back (docs/open_models.md).
 config.json (the model's options, `models.hf.config_from_hf`; everything else at its declared
 default), hf_config.json (DIR's config.json as it was, so a later `--to_hf` keeps the fields we
 do not model), and checkpoint step 0 in train.py's format: the parameters in float32, fresh
-optimizer moments, no data position. DIR's tokenizer (tokenizer.json, tokenizer_config.json)
-is copied to W/tokenizer and becomes data.tokenizer, keeping the model's own BOS/EOS ids
-(`data.tokenizer`), when its ids fit the model's vocab_size; else W reads bytes. eval.py and
-sample.py read W; train.py starts from it with `--config.init_from=W`, or resumes W itself
-from step 0 (the data from its beginning). `--to_hf` writes DIR/config.json and
-DIR/model.safetensors (per-expert tensors, float32) from W's newest (or `--step`) checkpoint,
-and a tokenizer directory's files; a config with an option HF cannot express is refused
-naming it.
+optimizer moments, no data position. DIR's tokenizer (`tokenizer.json`, with
+`tokenizer_config.json` and `special_tokens_map.json` when present) is copied to W/tokenizer and
+becomes `data.tokenizer` (recorded by content hash, `entry_points.record_tokenizer`) when the
+model embeds its ids: with the bos/eos its tokenizer_config.json names, or else with the
+pad/bos/eos this codebase appends after them (`data.tokenizer`); otherwise (no
+tokenizer.json, or a vocabulary that leaves no room) one line says so and `data.tokenizer`
+stays 'bytes'. eval.py and sample.py read W; train.py starts from it with
+`--config.init_from=W`, or resumes W itself from step 0 (the data from its beginning).
+
+`--to_hf` writes DIR/config.json and DIR/model.safetensors (per-expert tensors, float32) from
+W's newest (or `--step`) checkpoint, and the tokenizer files of W's `data.tokenizer` when it is
+a tokenizer.json directory (a `tokenizer_config.json` naming the generic fast tokenizer when it
+has none, so `AutoTokenizer` loads it as it is); a config with an option HF cannot express is
+refused naming it.
 
 `--check` loads both sides on a fixed batch of token ids, the HF one with `transformers`
 (PyTorch, CPU, float32), and prints one JSON line with the largest absolute logit difference;
@@ -45,8 +51,9 @@ from stmoe_jax.train import train_state
 from stmoe_jax.train import workdir as workdir_lib
 
 HF_CONFIG = 'hf_config.json'  # In a converted workdir: the source's config.json, verbatim.
-# A checkpoint's tokenizer, copied into `<workdir>/tokenizer` (its data.tokenizer) and back out.
-TOKENIZER_DIR = 'tokenizer'
+TOKENIZER_DIR = 'tokenizer'  # In a converted workdir: the source's tokenizer files.
+# What AutoTokenizer reads of a tokenizer.json tokenizer (the rest of a checkpoint's files are
+# the model's).
 TOKENIZER_FILES = (tokenizer_lib.HF_FILE, tokenizer_lib.HF_SPECIALS_FILE,
                    'special_tokens_map.json')
 
@@ -56,35 +63,40 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _copy_tokenizer(source: str, out: str) -> None:
-  os.makedirs(out, exist_ok=True)
-  for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(source, name)):
-      shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-
-
-def _usable_tokenizer(hf_dir: str, vocab_size: int, log: Callable[[str], None]) -> bool:
-  """Whether `hf_dir`'s tokenizer.json can be the converted model's data.tokenizer: it has one
-  and its ids (`tokenizer` module docstring) fit the model's `vocab_size` embeddings."""
-  if not os.path.isfile(os.path.join(hf_dir, tokenizer_lib.HF_FILE)):
-    return False
+def _copy_tokenizer(hf_dir: str, workdir: str, vocab_size: int) -> tuple[str, str]:
+  """(the `data.tokenizer` of a workdir converted from `hf_dir`, one line saying which): its
+  tokenizer files copied to `workdir`/tokenizer if the model embeds their ids (with the model's
+  own bos/eos when tokenizer_config.json names them, else the pad/bos/eos this codebase appends),
+  else 'bytes'."""
+  source = os.path.join(hf_dir, tokenizer_lib.HF_FILE)
+  if not os.path.isfile(source):
+    return tokenizer_lib.BYTES, (
+        f'{hf_dir} has no {tokenizer_lib.HF_FILE}: no tokenizer converted, data.tokenizer stays '
+        "'bytes' (ids 0-255 read as utf-8 bytes, whatever this model was trained on)")
   try:
     tok = tokenizer_lib.load(hf_dir)
   except ConfigError as e:
-    log(f'Not using the tokenizer of {hf_dir} ({e}): the workdir reads bytes')
-    return False
+    return tokenizer_lib.BYTES, f"{source} not converted ({e}); data.tokenizer stays 'bytes'"
   if tok.vocab_size > vocab_size:
-    log(f'Not using the tokenizer of {hf_dir}: its {tok.vocab_size} ids exceed the model\'s '
-        f'vocab_size={vocab_size}; the workdir reads bytes')
-    return False
-  return True
+    return tokenizer_lib.BYTES, (
+        f"{source} not converted: its {tok.vocab_size} ids exceed the model's "
+        f'vocab_size={vocab_size} (need vocab_size >= {tok.vocab_size}); data.tokenizer stays '
+        "'bytes'")
+  directory = os.path.abspath(os.path.join(workdir, TOKENIZER_DIR))
+  os.makedirs(directory, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
+  return directory, (f'tokenizer {source} ({tok.num_tokens} tokens, {tok.content_hash}) copied '
+                     f'to {directory}: data.tokenizer={directory}')
 
 
 def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
             data_dir: str = '') -> None:
   """Writes train.py workdir `workdir` from HF checkpoint directory `hf_dir` (see the module
-  docstring), its config reading data from TFDS `data_dir` ('' = the TFDS default). ConfigError naming an unsupported field or a missing or misshapen tensor;
-  FileExistsError if `workdir` already has checkpoints."""
+  docstring), its config reading data from TFDS `data_dir` ('' = the TFDS default).
+  ConfigError naming an unsupported field or a missing or misshapen tensor; FileExistsError if
+  `workdir` already has checkpoints."""
   source = _read_json(os.path.join(hf_dir, 'config.json'))
   config = hf.config_from_hf(source)
   config.data.data_dir = data_dir
@@ -92,9 +104,9 @@ def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
   checkpoints = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise FileExistsError(f'workdir {workdir} already has checkpoints: choose a new --workdir')
-  if _usable_tokenizer(hf_dir, config.model.vocab_size, log):
-    config.data.tokenizer = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
-    _copy_tokenizer(hf_dir, config.data.tokenizer)
+  workdir_lib.prepare(workdir)
+  config.data.tokenizer, tokenizer_line = _copy_tokenizer(hf_dir, workdir,
+                                                          config.model.vocab_size)
   placement = train_state.place(config)
   shardings, abstract = placement.state_shardings, placement.abstract_state
   params = hf.from_hf_state_dict(hf.read_safetensors(hf_dir), abstract.params,
@@ -108,7 +120,6 @@ def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
       step=zero, params=params, buffers=buffers,
       opt_state=jax.jit(placement.tx.init, out_shardings=shardings.opt_state)(params),
       rng=rng, skipped_steps=zero, halted_at=zero)
-  workdir_lib.prepare(workdir)
   ckpt = entry_points.checkpointer(config, workdir)
   try:
     ckpt.save(0, state, {}, force=True)
@@ -116,11 +127,12 @@ def from_hf(hf_dir: str, workdir: str, log: Callable[[str], None] = print,
   finally:
     ckpt.close()
   entry_points.record_config(config, workdir)
-  entry_points.record_tokenizer(config, workdir)
+  if config.data.tokenizer != tokenizer_lib.BYTES:
+    entry_points.record_tokenizer(config, workdir)
   shutil.copyfile(os.path.join(hf_dir, 'config.json'), os.path.join(workdir, HF_CONFIG))
   log(f'Converted {arch} from {hf_dir} to {workdir} (checkpoint step 0, '
-      f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters, tokenizer '
-      f'{config.data.tokenizer})')
+      f'{sum(x.size for x in jax.tree.leaves(params)):,} parameters)')
+  log(tokenizer_line)
 
 
 def to_hf(workdir: str, out: str, step: int | None = None,
@@ -137,11 +149,31 @@ def to_hf(workdir: str, out: str, step: int | None = None,
   tensors = hf.to_hf_state_dict(jax.device_get(state.params), placement.model_cfg, arch)
   os.makedirs(out, exist_ok=True)
   hf.write_safetensors(out, tensors)
+  hf_cfg = hf.hf_config(placement.config, arch, base)
+  spec = placement.config.data.tokenizer  # restore_workdir checked it is the one trained with.
+  tok = tokenizer_lib.load(spec)
+  if base is None:  # Trained here: the special ids our pipelines used.
+    hf_cfg.update(pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
   with open(os.path.join(out, 'config.json'), 'w') as f:
-    json.dump(hf.hf_config(placement.config, arch, base), f, indent=2)
-  if os.path.isdir(config.data.tokenizer):  # A tokenizer.json directory (not bytes, .model).
-    _copy_tokenizer(config.data.tokenizer, out)
+    json.dump(hf_cfg, f, indent=2)
   log(f'Wrote {arch} checkpoint step {step} of {workdir} to {out}')
+  log(_write_tokenizer(tok, out))
+
+
+def _write_tokenizer(tok: tokenizer_lib.Tokenizer, out: str) -> str:
+  """Copies the tokenizer files of `tok` (a tokenizer.json directory) to `out`; one line
+  saying what was written."""
+  if not isinstance(tok, tokenizer_lib.HuggingFaceTokenizer):
+    return (f'no tokenizer written: data.tokenizer={tok.spec!r} is not a '
+            f'{tokenizer_lib.HF_FILE} directory')
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(tok.spec, name)):
+      shutil.copyfile(os.path.join(tok.spec, name), os.path.join(out, name))
+  config_path = os.path.join(out, TOKENIZER_FILES[1])
+  if not os.path.exists(config_path):  # Else AutoTokenizer picks the class of the model_type.
+    with open(config_path, 'w') as f:
+      json.dump({'tokenizer_class': 'PreTrainedTokenizerFast'}, f, indent=2)
+  return f'Wrote tokenizer {tok.spec} ({tok.num_tokens} tokens, {tok.content_hash}) to {out}'
 
 
 # ---- --check ----

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint conversion (stmoe_jax/train/convert.py, stmoe_jax/models/hf.py)
 without torch: tiny random checkpoints written with safetensors from numpy, under HF's tensor
-names and an HF-style config.json written here by hand, converted in (our logits against the
-numpy transcription of the HF model, tests/hf_reference.py) and out again (every tensor bit
-for bit, every config.json field kept).
+names and an HF-style config.json written here by hand (as transformers 4 wrote them), for what
+transformers' own models do not check: refused fields and options, missing tensors, the fused
+expert layout, scanned stacks, and converted workdirs in eval and train. Logits and round trips
+against transformers: test_convert_transformers.py.
 """
 
 import json
@@ -21,7 +22,6 @@ from stmoe_jax.train import convert
 from stmoe_jax.train import entry_points
 from stmoe_jax.train import records
 from stmoe_jax.train import train_lib
-from hf_reference import hf_logits
 
 # Sizes no other test uses: 4 query heads of 6 (Qwen3: of 8, wider than D / H), 300 tokens.
 COMMON = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
@@ -125,32 +125,6 @@ def hyper_of(c: dict) -> dict:
               eps=c['rms_norm_eps'],
               theta=c.get('rope_theta') or c['rope_parameters']['rope_theta'],
               top_k=c.get('num_experts_per_tok'), norm_topk_prob=c.get('norm_topk_prob'))
-
-
-@pytest.mark.parametrize('arch', hf.ARCHS)
-def test_converting_in_and_out_keeps_the_logits_and_every_tensor(arch, tmp_path):
-  c = HF_CONFIGS[arch]
-  tensors = random_hf_tensors(c)
-  source, workdir, out = (str(tmp_path / n) for n in ('hf', 'workdir', 'out'))
-  write_hf_checkpoint(source, c, tensors, shards=2 if arch == 'mixtral' else 1)
-  convert.from_hf(source, workdir, log=lambda _: None)
-
-  tokens = convert.check_tokens(c['vocab_size'])
-  want = hf_logits({k: v.astype(np.float64) for k, v in tensors.items()}, tokens, arch,
-                   hyper_of(c))
-  assert np.abs(want).max() > 1  # Not a trivially small comparison.
-  np.testing.assert_allclose(convert.our_logits(workdir, tokens), want, rtol=1e-4, atol=1e-4)
-
-  convert.to_hf(workdir, out, log=lambda _: None)
-  back = safetensors.numpy.load_file(os.path.join(out, 'model.safetensors'))
-  assert sorted(back) == sorted(tensors)
-  for name, value in tensors.items():
-    assert back[name].dtype == np.float32 and back[name].shape == value.shape, name
-    assert back[name].tobytes() == value.tobytes(), name
-  with open(os.path.join(out, 'config.json')) as f:
-    written = json.load(f)
-  for field, value in c.items():
-    assert written.get(field, 'absent') == value, field
 
 
 def test_the_presets_are_what_their_hf_configs_convert_to():

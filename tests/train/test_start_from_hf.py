@@ -180,15 +180,3 @@ def test_the_checkpoint_tokenizer_travels_in_and_out(mixtral, tmp_path):
   for name in ('tokenizer.json', 'tokenizer_config.json'):
     with open(os.path.join(source, name), 'rb') as a, open(tmp_path / 'out' / name, 'rb') as b:
       assert a.read() == b.read(), name
-
-
-def test_a_tokenizer_wider_than_the_model_is_left_out(tmp_path, stdlib_data_dir):
-  """Its ids would not fit the embeddings (here the appended layout: 300 + 3 > 300)."""
-  c = HF_CONFIGS['llama']
-  write_hf_checkpoint(str(tmp_path / 'hf'), c, random_hf_tensors(c))
-  write_model_tokenizer(str(tmp_path / 'hf'), TEXTS, c['vocab_size'], {})
-  lines = []
-  convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'w'), log=lines.append,
-                  data_dir=stdlib_data_dir)
-  assert "its 303 ids exceed the model's vocab_size=300; the workdir reads bytes" in lines[0]
-  assert entry_points.load_config(str(tmp_path / 'w')).data.tokenizer == 'bytes'
