@@ -64,11 +64,11 @@ def _refusal(field: str, value) -> str:
      "config.logical_axis_rules=('batch', 'data', 'x') is invalid"),
     # Ranges and combinations that cannot work.
     ('model.vocab_size', 256, 'config.model.vocab_size=256 is invalid: expected at least 259'),
-    ('stop_at_step', 1001, 'config.stop_at_step=1001 is invalid: expected at most num_train_steps'),
+    ('stop_at_step', 9001, 'config.stop_at_step=9001 is invalid: expected at most num_train_steps'),
     ('moe.every', 5, 'config.moe.every=5 is invalid: expected at most model.num_layers=2'),
     ('on_nonfinite', 'ignore', "config.on_nonfinite='ignore' is invalid: expected one of 'skip'"),
     ('loss_spike_factor', 0.5, 'config.loss_spike_factor=0.5 is invalid'),
-    ('debug.nan_at_step', 1001, 'config.debug.nan_at_step=1001 is invalid'),
+    ('debug.nan_at_step', 9001, 'config.debug.nan_at_step=9001 is invalid'),
     ('debug.nan_term', 'loss', "config.debug.nan_term='loss' is invalid: expected one of"),
     ('debug.step_sleep_s', -1.0, 'config.debug.step_sleep_s=-1.0 is invalid'),
     ('opt.warmup_steps', -1, 'config.opt.warmup_steps=-1'),

@@ -317,10 +317,11 @@ def test_good_gating_settings_and_json_lists_pass():
 
 
 def with_moe(overrides):
-  """The default config with `overrides` in its moe section, of any type (as a config.json
-  would give them: ConfigDict.update refuses a type change)."""
+  """The default config at 64 experts, top-8, with `overrides` in its moe section, of any type
+  (as a config.json would give them: ConfigDict.update refuses a type change)."""
   config = default.get_config()
-  config.moe = ml_collections.ConfigDict({**config.moe.to_dict(), **overrides})
+  config.moe = ml_collections.ConfigDict({**config.moe.to_dict(), 'num_experts': 64,
+                                          'top_k': 8, 'expert_d_ff': 32, **overrides})
   return config
 
 

@@ -141,7 +141,7 @@ def test_moe_layer_losses_and_their_gradients_to_gate_and_noise_weights():
     ({'load_loss_coef': 0.1, 'router_noise': 'gumbel'}, "moe.router_noise='noisy_top_k' (it is "
                                                         "'gumbel'"),
     ({'load_loss_coef': 0.1, 'router_noise': 'noisy_top_k', 'router': 'hierarchical',
-      'hierarchy': (8, 8)}, "config.moe.load_loss_coef=0.1 is invalid: expected 0 unless every "
+      'hierarchy': (2, 4)}, "config.moe.load_loss_coef=0.1 is invalid: expected 0 unless every "
                             "MoE layer routes with moe.router='tokens_choose'"),
     ({'importance_loss_coef': -1.0}, 'config.moe.importance_loss_coef=-1.0 is invalid'),
 ])
