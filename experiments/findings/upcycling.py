@@ -29,8 +29,8 @@ def _run(name, arm, seed, lr, steps, data_seed=None, **overrides) -> plan.Run:
 
 def runs(size: str, tuned: dict, root: str):
   """Per seed, in order on one core: the dense run (the sunk cost), then its continuations as
-  dense (N and 2N more steps) and as the upcycled MoE (N); the MoE from scratch for N and 2N
-  (the dense run's steps plus the continuation's) in their own groups."""
+  dense (N and 2N more steps) and as the upcycled MoE (N); the MoE from scratch for N in its
+  own group."""
   n, dense_lr = common.STEPS[size], tuned['lr']['dense']
   routing = {**common.tuned_moe(tuned, MOE_ARM), **moe_shape(size)}
   groups = []
@@ -43,9 +43,8 @@ def runs(size: str, tuned: dict, root: str):
         _run('dense_continued', 'dense', seed, dense_lr, n, **data),
         _run('dense_continued_2n', 'dense', seed, dense_lr, 2 * n, **data),
         _run('upcycled', MOE_ARM, seed, dense_lr, n, **data, **routing)])
-    for steps, name in ((n, 'moe_scratch'), (2 * n, 'moe_scratch_2n')):
-      groups.append([_run(name, MOE_ARM, seed, tuned['lr']['stmoe'], steps,
-                          data_seed=seed + DATA_SEED, **routing)])
+    groups.append([_run('moe_scratch', MOE_ARM, seed, tuned['lr']['stmoe'], n,
+                        data_seed=seed + DATA_SEED, **routing)])
   return groups
 
 
@@ -54,7 +53,6 @@ ROWS = {  # label -> run name; the extra steps after the dense run's N.
     'dense, continued 2N steps': 'dense_continued_2n',
     'upcycled MoE, N steps': 'upcycled',
     'MoE from scratch, N steps': 'moe_scratch',
-    'MoE from scratch, 2N steps (= dense + continuation)': 'moe_scratch_2n',
 }
 
 
@@ -64,14 +62,13 @@ def summarize(loaded: dict[str, dict], size: str) -> dict:
                                                            for s in seeds], loaded)
   rows = [base] + [common.variant_row(label, [f'findings/{name}_s{s}' for s in seeds], loaded)
                    for label, name in ROWS.items()]
-  _, cont, cont2, up, scratch, scratch2 = rows
+  _, cont, cont2, up, scratch = rows
   beats = {r['variant']: common.lower_on_every_seed(up, r) for r in (cont, scratch)}
   verdict = ('reproduced' if all(beats.values()) else
              'partly reproduced' if any(beats.values()) else 'not reproduced')
   why = (f"upcycled {up['final_val_loss_mean']:.4f} vs dense continued "
          f"{cont['final_val_loss_mean']:.4f} (2N: {cont2['final_val_loss_mean']:.4f}) and MoE "
-         f"from scratch {scratch['final_val_loss_mean']:.4f} (2N: "
-         f"{scratch2['final_val_loss_mean']:.4f}) at N extra steps; the MoE does about twice the "
+         f"from scratch {scratch['final_val_loss_mean']:.4f} at N extra steps; the MoE does about twice the "
          "FFN work per token of the dense model (top-2 of FFN-wide experts)")
   return {'rows': rows, 'verdict': verdict, 'why': why}
 
