@@ -21,9 +21,11 @@ import os
 import re
 import sys
 
-# Before JAX starts: measure the programs as users run them, not as the tests compile them.
-os.environ['XLA_FLAGS'] = re.sub(r'--xla_backend_optimization_level=\S+', '',
-                                 os.environ.get('XLA_FLAGS', '')).strip()
+if __name__ == '__main__':
+  # Before JAX starts: measure the programs as users run them, not as the tests compile them.
+  # (Only as a script: an importer's later subprocesses keep its flags.)
+  os.environ['XLA_FLAGS'] = re.sub(r'--xla_backend_optimization_level=\S+', '',
+                                   os.environ.get('XLA_FLAGS', '')).strip()
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 from flax import nnx  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -1,5 +1,10 @@
-"""The benchmarks still run (tiny sizes) and their numbers are self-consistent. Not timed."""
+"""The benchmarks still run (tiny sizes) and their numbers are self-consistent. Not timed.
 
+Each runs in-process through its `main(argv)` (printing what its command line prints), except
+where the point is the process: simulated devices (the flag must precede JAX start-up) and the
+ratio guard (timed at XLA's own optimisation level, not the tests')."""
+
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +15,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_in_process(capsys, script, *flags):
+  """benchmarks/<script>'s main(flags): its JSON lines, as `run_benchmark` returns them."""
+  module = importlib.import_module(f'benchmarks.{script.removesuffix(".py")}')
+  capsys.readouterr()
+  module.main(list(flags))
+  stdout = capsys.readouterr().out
+  return [json.loads(line) for line in stdout.splitlines() if line.startswith('{')]
+
+
 def run_benchmark(script, *flags):
   result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -17,8 +31,8 @@ def run_benchmark(script, *flags):
   return [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
 
 
-def test_moe_layer_benchmark_quick():
-  records = run_benchmark('moe_layer.py', '--quick')
+def test_moe_layer_benchmark_quick(capsys):
+  records = run_in_process(capsys, 'moe_layer.py', '--quick')
   peak = [r for r in records if r['kind'] == 'matmul_peak']
   layers = [r for r in records if r['kind'] == 'layer']
   assert len(peak) == 1 and peak[0]['flops_per_sec'] > 0
@@ -33,11 +47,11 @@ def test_moe_layer_benchmark_quick():
     assert r['temp_bytes'] > 0
 
 
-def test_device_check_quick(tmp_path):
+def test_device_check_quick(tmp_path, capsys):
   """benchmarks/device_check.py at tiny sizes on CPU: every backend and dispatch path agrees with
   its loop reference, the timings and the train step are recorded, and the JSON file is the
   record printed."""
-  (record,) = run_benchmark('device_check.py', '--quick', f'--out_dir={tmp_path}')
+  (record,) = run_in_process(capsys, 'device_check.py', '--quick', f'--out_dir={tmp_path}')
   (path,) = tmp_path.iterdir()
   assert json.loads(path.read_text()) == record
   assert path.name == f"cpu_cpu_{record['date'][:10]}.json"
@@ -74,7 +88,10 @@ def test_moe_dense_ratios_have_not_dropped_a_third_below_the_baseline():
 
 
 def test_ratio_guard_fails_on_a_drop_of_more_than_a_third():
+  flags = os.environ.get('XLA_FLAGS')
   from benchmarks.ratio_guard import compare  # pylint: disable=g-import-not-at-top
+  # Only its script drops the tests' optimisation level: this worker's later subprocesses keep it.
+  assert os.environ.get('XLA_FLAGS') == flags
   baseline = {'scatter': 0.6, 'dropless:auto': 0.3}
   assert compare({'scatter': 0.41, 'dropless:auto': 0.3}, baseline, 1 / 3) == []
   assert compare({'scatter': 0.39, 'dropless:auto': 0.1}, baseline, 1 / 3) == [
@@ -82,8 +99,8 @@ def test_ratio_guard_fails_on_a_drop_of_more_than_a_third():
       'dropless:auto: MoE/dense tokens/s ratio 0.100 is more than 33% below the baseline 0.300']
 
 
-def test_train_step_benchmark_quick():
-  records = run_benchmark('train_step.py', '--quick')
+def test_train_step_benchmark_quick(capsys):
+  records = run_in_process(capsys, 'train_step.py', '--quick')
   moe, dense, ratio = records
   assert (moe['config'], dense['config']) == ('tiny', 'tiny_dense')
   for r in (moe, dense):
@@ -108,8 +125,8 @@ def test_expert_parallel_benchmark_quick():
   assert records[2]['all_to_all_ops'] == 0 and records[2]['reduce_scatter_ops'] > 0
 
 
-def test_profile_step_quick():
-  records = run_benchmark('profile_step.py', '--quick', '--steps=2', '--top=50')
+def test_profile_step_quick(capsys):
+  records = run_in_process(capsys, 'profile_step.py', '--quick', '--steps=2', '--top=50')
   step, *kinds, share = records
   assert step['kind'] == 'step' and share['kind'] == 'matmul_share'
   assert step['xla_flops_per_step'] > 0 and step['model_flops_per_step'] > 0

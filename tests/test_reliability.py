@@ -93,18 +93,20 @@ def resumed_step(stdout):
 
 @pytest.fixture(scope='module')
 def background(stdlib_data_dir, tmp_path_factory):
-  """Starts the runs that need no interaction at once, so they overlap the interrupted sequence:
-  the uninterrupted reference and the two NaN-guard runs."""
+  """Starts the runs that need no interaction, so they overlap the interrupted sequence: the
+  uninterrupted reference and the two NaN-guard runs. The others start once the reference has
+  logged its first step, when the programs they share with it (all of the interrupted runs',
+  the NaN runs' initialisation) are in the session's XLA cache, not compiled again alongside."""
   base = tmp_path_factory.mktemp('background')
   flags = common_flags(stdlib_data_dir)
-  procs = {
-      'reference': start('train.py', *flags, workdir=str(base / 'reference')),
-      'nan_stop': start('train.py', *flags, '--config.on_nonfinite=stop',
-                        '--config.debug.nan_at_step=6', workdir=str(base / 'nan_stop')),
-      'nan_skip': start('train.py', *flags, '--config.on_nonfinite=skip',
-                        '--config.debug.nan_at_step=3', '--config.debug.nan_term=z_loss',
-                        '--config.stop_at_step=5', workdir=str(base / 'nan_skip')),
-  }
+  procs = {'reference': start('train.py', *flags, workdir=str(base / 'reference'))}
+  wait_for_step(procs['reference'].workdir, 1, procs['reference'])
+  procs.update(
+      nan_stop=start('train.py', *flags, '--config.on_nonfinite=stop',
+                     '--config.debug.nan_at_step=6', workdir=str(base / 'nan_stop')),
+      nan_skip=start('train.py', *flags, '--config.on_nonfinite=skip',
+                     '--config.debug.nan_at_step=3', '--config.debug.nan_term=z_loss',
+                     '--config.stop_at_step=5', workdir=str(base / 'nan_skip')))
   yield procs
   for proc in procs.values():
     if proc.poll() is None:

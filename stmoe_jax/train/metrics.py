@@ -26,12 +26,28 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 
 from stmoe_jax.train.records import append_line, repair_torn_line
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch where torch is installed but not yet
+  imported: tensorboardX imports it only to accept torch tensors (we pass numpy), and importing
+  torch costs a train.py start-up more CPU time than importing JAX."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError: tensorboardX's numpy-only path.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 def to_python(value):
@@ -101,9 +117,8 @@ class MetricsWriter:
       for name in ('metrics.jsonl', 'samples.jsonl'):
         repair_torn_line(os.path.join(workdir, name))
     if self.active and tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
-      self._summary = SummaryWriter(logdir=workdir, flush_secs=30)
+      self._summary = _summary_writer_class()(logdir=workdir, flush_secs=30)
 
   def write(self, step: int, kind: str, metrics: dict) -> None:
     """Appends `metrics` (scalars and arrays) for `step` under `kind` to both sinks."""

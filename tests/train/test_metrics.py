@@ -1,9 +1,12 @@
 """metrics.jsonl and TensorBoard events (read back from the event files), and model FLOPs."""
 
 import glob
+import importlib.util
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -75,6 +78,19 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
   writer.write_text(1, 'eval/sample', 'x')
   writer.close()
   assert not os.path.exists(tmp_path / 'w')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
+def test_the_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports an installed torch (more CPU time than JAX at each train.py start-up)
+  only for torch tensors: the writer imports it without, and still writes events."""
+  code = ('import sys\nfrom stmoe_jax.train.metrics import MetricsWriter\n'
+          f'w = MetricsWriter({str(tmp_path)!r})\nw.write(3, "train", {{"loss": 1.5}})\n'
+          'w.close()\nprint("torch" in sys.modules)')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert result.stdout.split() == ['False'], result.stderr[-3000:]
+  assert read_events(str(tmp_path))['train/loss'] == [(3, 1.5)]
 
 
 @pytest.mark.parametrize('enabled', [True, False])
