@@ -237,6 +237,23 @@ def routers_study(link: Link) -> str:
                     link, name)
 
 
+# The default run (experiments/default_run.py) --------------------------------------------------------
+
+@generator('default_run')
+def default_run(link: Link) -> str:
+  """configs/default.py and its dense twin (at equal steps and at equal train.py time), each
+  train.py from an empty workdir, then eval.py on the whole validation split."""
+  name = 'default_run.json'
+  record = _json(name)
+  labels = {'moe': 'the default (MoE)', 'dense': 'dense twin, same steps',
+            'dense_equal_time': "dense twin, the MoE's time"}
+  rows = [[labels[key], f"`{r['config']}`", f"{r['steps']:,}", f"{r['train_py_seconds']:.0f}",
+           f"{r['tokens_per_sec_median']:,.0f}", f"{r['validation_bits_per_byte']:.3f}"]
+          for key, r in record['runs'].items()]
+  return table(['run', 'config', 'steps', 'train.py seconds (all in)', 'tokens/s (run)',
+                'validation bits/byte (whole split)'], rows) + source(link, name)
+
+
 # Published findings reproduced (experiments/findings) ---------------------------------------------
 
 FINDINGS = ('capacity_factor', 'z_loss', 'granularity', 'load_balance', 'upcycling')

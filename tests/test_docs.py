@@ -48,7 +48,8 @@ def test_check_names_a_stale_file_and_fill_repairs_it(tmp_path, monkeypatch):
   assert '| old | table |' not in text
   # The dense row, formatted here from the record itself.
   loss = f"{dense['final_val_loss_mean']:.4f} ± {dense['final_val_loss_spread'] / 2:.4f}"
-  assert f"| dense | {dense['active_params']:,} / {dense['params']:,} | 0,1 | {loss} |" in text
+  seeds = ','.join(map(str, dense['seeds']))
+  assert f"| dense | {dense['active_params']:,} / {dense['params']:,} | {seeds} | {loss} |" in text
   # Links in a generated block are relative to the page that holds it.
   link = os.path.relpath(ROOT / 'docs' / 'results' / 'summary.json', tmp_path)
   assert f'[`summary.json`]({link})' in text
@@ -82,7 +83,8 @@ def test_every_record_names_its_command_machine_and_date():
   assert files == set(records)
   for name, r in records.items():
     assert r['command'] and r['machine'], name
-    assert re.fullmatch(r'\d{4}-\d{2}-\d{2}', r['date']), name
+    # A record whose runs took more than one day names each day.
+    assert re.fullmatch(r'\d{4}-\d{2}-\d{2}(, \d{4}-\d{2}-\d{2})*', r['date']), name
 
 
 def test_readme_is_short():
