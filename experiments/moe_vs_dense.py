@@ -38,6 +38,12 @@ final evaluation is logged are skipped, so rerunning resumes the study.
 
 `--complete_seeds=DIR` trains (in --root) the main runs and branches of every arm and seed of
 plan.SEEDS that DIR/results.csv lacks, appends their evaluations and reanalyzes.
+  python experiments/moe_vs_dense.py --horizon=docs/results --root=runs/mvd --cores=0,1 --seeds=0
+
+`--horizon=DIR` trains (in --root) the longer horizon (experiments/study/horizon.py): dense and
+the two best MoE arms as complete runs of N/4, N/2, N, 2N and 4N at DIR/tuned.json's choices,
+for --seeds, and writes DIR/horizon.json (step and time speedups at each horizon, seed for seed)
+and DIR/horizon.png. Rerunning resumes it, and a later call with more seeds adds them.
 `--reanalyze=DIR` rewrites DIR/summary.json and DIR/results.md from DIR/results.csv and
 DIR/tuned.json with the current analysis, training nothing (the seeds every arm shares).
 
@@ -75,16 +81,26 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--complete_seeds', default='', help='A directory holding a finished '
                       "study's results.csv and tuned.json: train (in --root) the main runs of "
                       'the arms and seeds it lacks, append them and reanalyze.')
+  parser.add_argument('--horizon', default='', help='A directory holding a finished study\'s '
+                      'tuned.json: train (in --root) the N/4..4N horizon runs and write '
+                      'horizon.json and horizon.png there.')
+  parser.add_argument('--seeds', default='0,1,2', help='--horizon only: the seeds to train.')
   args = parser.parse_args(argv)
+  size = 'quick' if args.quick else 'full'
+  cores = [c for c in args.cores.split(',') if c]
+  if args.horizon:
+    seeds = [int(s) for s in args.seeds.split(',') if s]
+    command = 'python experiments/moe_vs_dense.py ' + ' '.join(sys.argv[1:] if argv is None
+                                                               else argv)
+    print(stages.run_horizon(args.horizon, args.root, size, args.data_dir, cores, seeds, command))
+    return
   if args.complete_seeds:
-    print(stages.complete_seeds(args.complete_seeds, args.root, 'quick' if args.quick else 'full',
-                                args.data_dir, [c for c in args.cores.split(',') if c]))
+    print(stages.complete_seeds(args.complete_seeds, args.root, size, args.data_dir, cores))
     return
   if args.reanalyze:
-    print(stages.reanalyze(args.reanalyze, 'quick' if args.quick else 'full'))
+    print(stages.reanalyze(args.reanalyze, size))
     return
-  stages.run_study(args.root, 'quick' if args.quick else 'full', args.data_dir,
-                   [c for c in args.cores.split(',') if c])
+  stages.run_study(args.root, size, args.data_dir, cores)
 
 
 if __name__ == '__main__':

@@ -58,6 +58,61 @@ def test_committed_summary_is_the_reanalysis_of_the_committed_runs(tmp_path):
     assert json.load(f) == json.load(g)
 
 
+def test_horizon_branches_start_from_kept_checkpoints():
+  """Each branch of a 4N run starts where its own decay starts, on a checkpoint the 4N run
+  writes and keeps, and the complete lengths are N/4 .. 4N."""
+  from configs import moe_vs_dense  # pylint: disable=g-import-not-at-top
+  from experiments.study import horizon  # pylint: disable=g-import-not-at-top
+  tuned = {'lr': {'dense': 1e-3, 'stmoe': 6e-3, 'fine': 3e-3},
+           'routing_overrides': {'moe.aux_loss_coef': 0.1}}
+  for size in ('full', 'quick'):
+    n = plan.NUM_STEPS[size]
+    assert horizon.lengths(size) == [n // 4, n // 2, n, 2 * n, 4 * n]
+    config = moe_vs_dense.get_config(f'arm=dense,size={size}')
+    for arm in horizon.ARMS[size]:
+      main, *branches = horizon.group(arm, 0, size, tuned)
+      assert main.steps == 4 * n and dict(main.overrides)['keep_checkpoints'] >= (
+          main.steps // config.checkpoint_every_steps)
+      assert ('moe.aux_loss_coef', 0.1) in main.overrides or arm == 'dense'
+      assert sorted(b.steps for b in branches) == horizon.lengths(size)[:-1]
+      for b in branches:
+        assert b.branch_of == main.name and b.seed == 0 and b.lr == main.lr
+        start = round(b.steps * (1 - plan.DECAY_FRACTION))
+        assert start % config.checkpoint_every_steps == 0, (size, b.name, start)
+
+
+def test_horizon_speedups_by_hand():
+  """horizon.summary on made-up losses: at each horizon, dense's steps over the MoE's steps to
+  dense's loss there (linear in log steps), seed for seed; bounds at both ends."""
+  from experiments.study import horizon  # pylint: disable=g-import-not-at-top
+  steps = horizon.lengths('full')  # 400 .. 6400
+  dense = [2.0, 1.8, 1.6, 1.5, 1.4]
+  moe = [1.9, 1.7, 1.5, 1.45, 1.42]
+  def run(loss, speed):
+    return {'records': [{'kind': 'train', 'step': 1, 'tokens_per_sec': speed},
+                        {'kind': 'eval', 'step': 1, 'loss': loss}]}
+  by_name = {}
+  for arm, losses, speed in (('dense', dense, 100.0), ('fine64', moe, 50.0),
+                             ('stmoe8', [x + 0.7 for x in dense], 80.0)):
+    for i, (n, loss) in enumerate(zip(steps, losses)):
+      name = f'horizon/{arm}_s0' + ('' if i == 4 else f'_n{n}')
+      by_name[name] = run(loss, speed)
+  result = horizon.summary(by_name, [0], 'full')
+  fine = result['arms']['fine64']
+  # 400: the MoE's 400-step run (1.9) already beats dense's 2.0: 1x is a lower bound.
+  # 800: dense 1.8 is halfway (in log steps) between the MoE's 400 (1.9) and 800 (1.7).
+  # 1600: 1.6 likewise between 800 and 1600. 3200: 1.5 is the MoE's 1600 run: 2x.
+  # 6400: 1.4 is never reached (the MoE ends at 1.42): at most 6400 / 6400.
+  expected = [1.0, 800 / math.sqrt(400 * 800), 1600 / math.sqrt(800 * 1600), 2.0, 1.0]
+  assert fine['step_speedup'] == pytest.approx(expected, abs=1e-3)
+  assert fine['per_seed_bound'] == [['lower', '', '', '', 'upper']]
+  assert fine['time_speedup'] == pytest.approx([x * 0.5 for x in expected], abs=1e-3)
+  # Its best (2.1) never reaches dense's shortest run (2.0): only upper bounds.
+  assert result['arms']['stmoe8']['per_seed_bound'] == [['upper'] * 5]
+  assert result['tokens'] == [n * 64 * 64 for n in steps]
+  assert '2.00x' in horizon.markdown(result)
+
+
 @pytest.fixture(scope='module')
 def quick_study(stdlib_data_dir, tmp_path_factory):
   root = str(tmp_path_factory.mktemp('moe_vs_dense'))

@@ -21,6 +21,7 @@ import numpy as np
 
 from configs import moe_vs_dense
 from experiments.study import analysis
+from experiments.study import horizon
 from experiments.study import plan
 from experiments.study import report
 from experiments.study import runs
@@ -205,3 +206,17 @@ def reanalyze(directory: str, size: str = 'full') -> str:
   with open(os.path.join(directory, 'results.md'), 'w') as f:
     f.write(table)
   return table
+
+
+def run_horizon(directory: str, root: str, size: str, data_dir: str, cores: list[str],
+                seeds: list[int], command: str) -> str:
+  """Trains, in `root`, the horizon runs (horizon.py) of its arms at `seeds` with
+  directory/tuned.json's choices; writes directory/horizon.json and horizon.png; returns the
+  speedup table. Finished runs are skipped, so rerunning resumes it."""
+  with open(os.path.join(directory, 'tuned.json')) as f:
+    tuned = json.load(f)
+  groups = [horizon.group(arm, seed, size, tuned) for seed in seeds
+            for arm in sorted(horizon.ARMS[size], key=plan.RELATIVE_COST.get, reverse=True)]
+  runs.Runner(size, root, data_dir, cores).run_all(groups)
+  by_name = {x['run'].name: x for x in load_runs([r for g in groups for r in g], root, size)}
+  return horizon.write(horizon.summary(by_name, seeds, size), directory, command)

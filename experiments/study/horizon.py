@@ -1,0 +1,151 @@
+"""The longer horizon: complete runs from N/4 to 4N for dense and the best MoE arms.
+
+One main run of 4N steps per arm and seed keeps every checkpoint; the complete schedules of 2N,
+N, N/2 and N/4 branch off it where their decay starts (runs.start_branch), so an arm and seed
+gets five complete runs for one long run and four short decays. The stable phase is shared, so
+the N branch is the study's main run of N again (same seed, batches and schedule).
+
+At each horizon H the step speedup is dense's H over the steps the arm needs to reach dense's
+final loss at H, interpolated linearly in log(steps) over the arm's five complete runs
+(analysis.interpolate_log_steps), seed for seed against dense on the same seed. Time speedup =
+step speedup x the arm's tokens/s over dense's, both their 4N runs' own (median over the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from configs import moe_vs_dense
+from experiments.study import analysis
+from experiments.study import plan
+
+MULTIPLE = 4  # The longest complete run is 4N.
+FRACTIONS = (16, 8, 4, 2)  # Branches of the 4N run: N/4, N/2, N, 2N.
+# Dense and the two best MoE arms per step in the study (docs/results/summary.json).
+ARMS = {'full': ('dense', 'fine64', 'stmoe8'), 'quick': ('dense', 'stmoe16')}
+# Every checkpoint of the 4N run is kept: the branches start from the early ones.
+KEEP_ALL = ('keep_checkpoints', 10_000)
+
+
+def group(arm: str, seed: int, size: str, tuned: dict) -> list[plan.Run]:
+  """The 4N run of `arm` and `seed` and the complete shorter schedules that branch off it."""
+  routing = () if plan.family(arm) == 'dense' else tuple(tuned['routing_overrides'].items())
+  steps = plan.NUM_STEPS[size] * MULTIPLE
+  main = plan.Run(f'horizon/{arm}_s{seed}', arm, seed, tuned['lr'][plan.family(arm)], steps,
+                  'horizon', routing + (KEEP_ALL,))
+  return [main] + [dataclasses.replace(main, name=f'{main.name}_n{steps // f}', steps=steps // f,
+                                       branch_of=main.name, stage='horizon_branch')
+                   for f in FRACTIONS]
+
+
+def lengths(size: str) -> list[int]:
+  """The complete runs' lengths, shortest first: N/4, N/2, N, 2N, 4N."""
+  steps = plan.NUM_STEPS[size] * MULTIPLE
+  return [steps // f for f in FRACTIONS] + [steps]
+
+
+def complete_losses(by_name: dict[str, dict], arm: str, seed: int, size: str) -> list[float]:
+  """Final validation losses of `arm`'s complete runs at `seed`, in `lengths` order."""
+  steps = plan.NUM_STEPS[size] * MULTIPLE
+  names = [f'horizon/{arm}_s{seed}_n{steps // f}' for f in FRACTIONS] + [f'horizon/{arm}_s{seed}']
+  return [analysis.final_eval(by_name[n]['records'])['loss'] for n in names]
+
+
+def speedup_at(horizon: int, dense_loss: float, steps: list[int], losses: list[float]
+               ) -> tuple[float, str]:
+  """(step speedup at `horizon`, bound) for an arm whose complete runs of `steps` reached
+  `losses`, against dense's `dense_loss` after `horizon` steps.
+
+  bound: '' when interpolated; 'lower' when the arm's shortest run already reaches dense's loss
+  (the speedup is at least this); 'upper' when even its longest does not (at most this).
+  """
+  needed = analysis.interpolate_log_steps(steps, losses, dense_loss)
+  if needed is None:
+    return horizon / steps[-1], 'upper'
+  return horizon / needed, 'lower' if losses[0] <= dense_loss else ''
+
+
+def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
+  """horizon.json: per MoE arm and horizon, step and time speedups seed for seed (mean, min,
+  max, each seed's), and every arm's final losses."""
+  steps = lengths(size)
+  config = moe_vs_dense.get_config(f'arm=dense,size={size}')
+  tokens_per_step = config.batch_size * config.data.seq_len
+  speed = {arm: [analysis.run_tokens_per_sec(by_name[f'horizon/{arm}_s{s}']['records'])
+                 for s in seeds] for arm in ARMS[size]}
+  losses = {arm: [complete_losses(by_name, arm, s, size) for s in seeds] for arm in ARMS[size]}
+  rounded = lambda xs: [round(float(x), 3) for x in xs]
+  result = {'steps': steps, 'tokens': [s * tokens_per_step for s in steps], 'seeds': list(seeds),
+            'arms': {}}
+  for arm in ARMS[size]:
+    entry = {'val_loss_per_seed': [[round(x, 5) for x in row] for row in losses[arm]],
+             'val_loss_mean': rounded(np.mean(losses[arm], axis=0)),
+             'bits_per_byte_mean': [round(float(x) / math.log(2), 4)
+                                    for x in np.mean(losses[arm], axis=0)],
+             'tokens_per_sec_per_seed': [round(x, 1) for x in speed[arm]]}
+    if arm != 'dense':
+      matched = [[speedup_at(h, dense[j], steps, mine) for j, h in enumerate(steps)]
+                 for dense, mine in zip(losses['dense'], losses[arm])]
+      step_x = np.array([[x for x, _ in row] for row in matched])  # [seeds, horizons]
+      time_x = step_x * (np.array(speed[arm]) / np.array(speed['dense']))[:, None]
+      entry.update({
+          'step_speedup': rounded(step_x.mean(0)), 'step_speedup_min': rounded(step_x.min(0)),
+          'step_speedup_max': rounded(step_x.max(0)),
+          'per_seed_step_speedup': [rounded(row) for row in step_x],
+          'per_seed_bound': [[b for _, b in row] for row in matched],
+          'time_speedup': rounded(time_x.mean(0)), 'time_speedup_min': rounded(time_x.min(0)),
+          'time_speedup_max': rounded(time_x.max(0))})
+    result['arms'][arm] = entry
+  return result
+
+
+def markdown(result: dict) -> str:
+  """The step (and time) speedup table of horizon.json: one row per MoE arm, a column per
+  horizon."""
+  head = ['arm'] + [f'{s:,} steps ({t / 1e6:.1f}M tokens)'
+                    for s, t in zip(result['steps'], result['tokens'])]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for arm, entry in result['arms'].items():
+    if arm == 'dense':
+      continue
+    cells = [f"{x:.2f}x ({lo:.2f}-{hi:.2f}) / {t:.2f}x" for x, lo, hi, t in zip(
+        entry['step_speedup'], entry['step_speedup_min'], entry['step_speedup_max'],
+        entry['time_speedup'])]
+    lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(result: dict, path: str) -> None:
+  """Step speedup over dense against training tokens, a line per MoE arm, its seeds' band."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  tokens = np.array(result['tokens']) / 1e6
+  for arm, entry in result['arms'].items():
+    if arm == 'dense':
+      continue
+    ax.plot(tokens, entry['step_speedup'], marker='o', label=arm)
+    ax.fill_between(tokens, entry['step_speedup_min'], entry['step_speedup_max'], alpha=0.2)
+  ax.axhline(1.0, color='gray', lw=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('training tokens (millions)')
+  ax.set_ylabel('step speedup over dense')
+  ax.set_title(f"Complete WSD runs, seeds {', '.join(map(str, result['seeds']))}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(result: dict, directory: str, command: str) -> str:
+  """Writes directory/horizon.json and horizon.png; returns the markdown table."""
+  with open(os.path.join(directory, 'horizon.json'), 'w') as f:
+    json.dump({'command': command, **result}, f, indent=1)
+  plot(result, os.path.join(directory, 'horizon.png'))
+  return markdown(result)
