@@ -65,17 +65,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from experiments.study import runs  # pylint: disable=g-import-not-at-top
 from experiments.study import stages  # pylint: disable=g-import-not-at-top
 
 
 def main(argv: list[str] | None = None) -> None:
   """Parses the flags and runs (or resumes) the study; `--quick` is the tiny smoke-test size."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--root', default='runs/moe_vs_dense', help='Directory for runs, results.')
-  parser.add_argument('--quick', action='store_true', help='Tiny model, 20 steps: smoke test.')
-  parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
-  parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core at a "
-                      "time, e.g. '0,1'; '' = one run at a time, unpinned.")
+  runs.add_flags(parser, 'runs/moe_vs_dense')
   parser.add_argument('--reanalyze', default='', help='A directory holding a finished study\'s '
                       'results.csv and tuned.json: rewrite its summary.json and results.md.')
   parser.add_argument('--complete_seeds', default='', help='A directory holding a finished '
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--seeds', default='0,1,2', help='--horizon only: the seeds to train.')
   args = parser.parse_args(argv)
   size = 'quick' if args.quick else 'full'
-  cores = [c for c in args.cores.split(',') if c]
+  cores = runs.cores(args)
   if args.horizon:
     seeds = [int(s) for s in args.seeds.split(',') if s]
     command = 'python experiments/moe_vs_dense.py ' + ' '.join(sys.argv[1:] if argv is None

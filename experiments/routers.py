@@ -97,13 +97,8 @@ def summarize(loaded: list[dict], routers: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--root', default='runs/routers', help='Directory for runs and results.')
-  parser.add_argument('--quick', action='store_true', help='Tiny model, 20 steps: smoke test.')
-  parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
-  parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core.")
+  runs.add_flags(parser, 'runs/routers', tuned=True)
   parser.add_argument('--routers', default='', help='Comma-separated subset (default: all).')
-  parser.add_argument('--tuned', default=os.path.join(REPO, 'docs', 'results', 'tuned.json'),
-                      help="The study's tuned rates and routing (stages 1-2).")
   args = parser.parse_args(argv)
   size = 'quick' if args.quick else 'full'
   routers = [BASELINE, *moe_vs_dense.ROUTER_OPTIONS]
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
   with open(args.tuned) as f:
     tuned = json.load(f)
   start = time.time()
-  runner = runs.Runner(size, args.root, args.data_dir, [c for c in args.cores.split(',') if c])
+  runner = runs.Runner(size, args.root, args.data_dir, runs.cores(args))
   batch = router_runs(size, tuned, routers)
   runner.run_all([[r] for r in batch])
   summary = summarize([runs.load_run(r, args.root, size) for r in batch], routers)

@@ -72,14 +72,9 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--findings', default=','.join(FINDINGS),
                       help=f'Comma-separated, of {list(FINDINGS)} (default: all).')
-  parser.add_argument('--root', default='runs/findings', help='Directory for the runs.')
+  study_runs.add_flags(parser, 'runs/findings', tuned=True)
   parser.add_argument('--out', default=os.path.join(REPO, 'docs', 'results', 'findings'),
                       help='Directory for the records.')
-  parser.add_argument('--quick', action='store_true', help='Tiny model, 20 steps: smoke test.')
-  parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
-  parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core.")
-  parser.add_argument('--tuned', default=os.path.join(REPO, 'docs', 'results', 'tuned.json'),
-                      help="The study's tuned rates and routing.")
   args = parser.parse_args(argv)
   names = [n for n in args.findings.split(',') if n]
   unknown = [n for n in names if n not in FINDINGS]
@@ -89,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
   with open(args.tuned) as f:
     tuned = json.load(f)
   root = os.path.abspath(args.root)
-  runner = study_runs.Runner(size, root, args.data_dir,
-                             [c for c in args.cores.split(',') if c])
+  runner = study_runs.Runner(size, root, args.data_dir, study_runs.cores(args))
   runner.run_all(queue(names, size, tuned, root))
   os.makedirs(args.out, exist_ok=True)
   for name in names:

@@ -7,6 +7,7 @@ checkpoint where its own decay starts.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import os
@@ -23,6 +24,24 @@ from experiments.study import plan
 from stmoe_jax.analysis import sweep  # Imports no JAX: the driver stays light.
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_flags(parser: argparse.ArgumentParser, root: str, tuned: bool = False) -> None:
+  """The flags every experiment driver shares: --root, --quick, --data_dir, --cores and, with
+  `tuned`, --tuned (the study's tuned rates and routing)."""
+  parser.add_argument('--root', default=root, help='Directory for the runs (and results).')
+  parser.add_argument('--quick', action='store_true', help='Tiny model, 20 steps: smoke test.')
+  parser.add_argument('--data_dir', default='', help="TFDS data dir ('' = the TFDS default).")
+  parser.add_argument('--cores', default='', help="Cores to pin runs to, one run per core at a "
+                      "time, e.g. '0,1'; '' = one run at a time, unpinned.")
+  if tuned:
+    parser.add_argument('--tuned', default=os.path.join(REPO, 'docs', 'results', 'tuned.json'),
+                        help="The study's tuned rates and routing (its stages 1-2).")
+
+
+def cores(args: argparse.Namespace) -> list[str]:
+  """--cores as a list ([] = unpinned)."""
+  return [c for c in args.cores.split(',') if c]
 
 
 def train_argv(run: plan.Run, size: str, root: str, data_dir: str) -> list[str]:
