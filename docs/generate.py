@@ -237,6 +237,31 @@ def routers_study(link: Link) -> str:
                     link, name)
 
 
+# The longer horizon (experiments/moe_vs_dense.py --horizon) -------------------------------------
+
+@generator('horizon')
+def horizon(link: Link) -> str:
+  """Step and time speedups over dense at each complete-run length, N/4 to 4N."""
+  name = 'horizon.json'
+  record = _json(name)
+  dense = record['arms']['dense']
+  head = ['arm'] + [f"{s:,} steps ({t / 1e6:.1f}M tokens)"
+                    for s, t in zip(record['steps'], record['tokens'])]
+  rows = [['dense: val loss (nats/byte)'] + [f'{x:.4f}' for x in dense['val_loss_mean']]]
+  marks = {'lower': '>=', 'upper': '<=', '': ''}
+  for arm, e in record['arms'].items():
+    if arm == 'dense':
+      continue
+    bounds = [{row[j] for row in e['per_seed_bound']} for j in range(len(record['steps']))]
+    rows.append([f'{arm}: val loss'] + [f'{x:.4f}' for x in e['val_loss_mean']])
+    rows.append([f'{arm}: step speedup'] + [
+        f"{marks[b.pop()] if len(b) == 1 else ''}{x:.2f}x ({lo:.2f}-{hi:.2f})"
+        for x, lo, hi, b in zip(e['step_speedup'], e['step_speedup_min'],
+                                e['step_speedup_max'], bounds)])
+    rows.append([f'{arm}: time speedup'] + [f'{x:.2f}x' for x in e['time_speedup']])
+  return table(head, rows) + source(link, name)
+
+
 # The default run (experiments/default_run.py) --------------------------------------------------------
 
 @generator('default_run')

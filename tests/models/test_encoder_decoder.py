@@ -404,7 +404,10 @@ def test_routing_groups_per_batch_count_each_stack():
   assert model_factory.routing_groups_per_batch(_t5_tiny()) == (1, 1)
   assert model_factory.routing_groups_per_batch(_t5_tiny(**{'moe.encoder_group_size': 32,
                                                          'moe.group_size': 16})) == (8, 4)
-  assert model_factory.routing_groups_per_batch(t5_stmoe.default.get_config()) == (64 * 64 // 512,)
+  # A decoder-only config has one stack: the default's 64 x 64 tokens in groups of 512.
+  decoder_only = t5_stmoe.default.get_config()
+  decoder_only.moe.group_size = 512
+  assert model_factory.routing_groups_per_batch(decoder_only) == (64 * 64 // 512,)
 
 
 def test_param_dtype_stores_every_encoder_decoder_parameter():
