@@ -254,11 +254,14 @@ def horizon(link: Link) -> str:
       continue
     bounds = [{row[j] for row in e['per_seed_bound']} for j in range(len(record['steps']))]
     rows.append([f'{arm}: val loss'] + [f'{x:.4f}' for x in e['val_loss_mean']])
+    spread = lambda lo, hi: f' ({lo:.2f}-{hi:.2f})' if len(record['seeds']) > 1 else ''
+    mark = lambda b: marks[next(iter(b))] if len(b) == 1 else ''
     rows.append([f'{arm}: step speedup'] + [
-        f"{marks[b.pop()] if len(b) == 1 else ''}{x:.2f}x ({lo:.2f}-{hi:.2f})"
-        for x, lo, hi, b in zip(e['step_speedup'], e['step_speedup_min'],
-                                e['step_speedup_max'], bounds)])
-    rows.append([f'{arm}: time speedup'] + [f'{x:.2f}x' for x in e['time_speedup']])
+        f'{mark(b)}{x:.2f}x{spread(lo, hi)}' for x, lo, hi, b in zip(
+            e['step_speedup'], e['step_speedup_min'], e['step_speedup_max'], bounds)])
+    rows.append([f'{arm}: time speedup'] + [
+        f'{mark(b)}{x:.2f}x{spread(lo, hi)}' for x, lo, hi, b in zip(
+            e['time_speedup'], e['time_speedup_min'], e['time_speedup_max'], bounds)])
   return table(head, rows) + source(link, name)
 
 

@@ -1,5 +1,6 @@
 """Shared pytest fixtures (session-scoped, CPU only)."""
 
+import collections
 import json
 import os
 import shutil
@@ -51,6 +52,23 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order kept
   for item in items:
     item.add_marker(pytest.mark.xdist_group(group(item)))
+
+
+# Seconds per group (file), summed over its tests' setup, call and teardown: what to list in
+# _SLOWEST_FIRST, printed after pytest's own slowest tests.
+_GROUP_SECONDS: collections.Counter = collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+  name = os.path.basename(report.nodeid.split('::')[0])
+  _GROUP_SECONDS[_SHARED_GROUPS.get(name, name)] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _GROUP_SECONDS:
+    terminalreporter.write_sep('=', 'slowest files (seconds of setup, call and teardown)')
+    for name, seconds in _GROUP_SECONDS.most_common(20):
+      terminalreporter.write_line(f'{seconds:8.1f}s {name}')
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -84,7 +84,7 @@ def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
             'arms': {}}
   for arm in ARMS[size]:
     entry = {'val_loss_per_seed': [[round(x, 5) for x in row] for row in losses[arm]],
-             'val_loss_mean': rounded(np.mean(losses[arm], axis=0)),
+             'val_loss_mean': [round(float(x), 5) for x in np.mean(losses[arm], axis=0)],
              'bits_per_byte_mean': [round(float(x) / math.log(2), 4)
                                     for x in np.mean(losses[arm], axis=0)],
              'tokens_per_sec_per_seed': [round(x, 1) for x in speed[arm]]}
@@ -134,9 +134,13 @@ def plot(result: dict, path: str) -> None:
     ax.fill_between(tokens, entry['step_speedup_min'], entry['step_speedup_max'], alpha=0.2)
   ax.axhline(1.0, color='gray', lw=0.8)
   ax.set_xscale('log')
+  ax.set_xticks(tokens, [f'{t:.1f}' for t in tokens])
+  ax.minorticks_off()
   ax.set_xlabel('training tokens (millions)')
   ax.set_ylabel('step speedup over dense')
-  ax.set_title(f"Complete WSD runs, seeds {', '.join(map(str, result['seeds']))}")
+  seeds = result['seeds']
+  ax.set_title(f"Complete WSD runs, seed{'s' if len(seeds) > 1 else ''} "
+               f"{', '.join(map(str, seeds))} (band: min-max over seeds)")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
