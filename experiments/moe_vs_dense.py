@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   size = 'quick' if args.quick else 'full'
   cores = runs.cores(args)
+  if args.seeds != parser.get_default('seeds') and not args.horizon:
+    parser.error(f'--seeds={args.seeds!r} is read by --horizon only')
   if args.horizon:
     seeds = [int(s) for s in args.seeds.split(',') if s]
     command = 'python experiments/moe_vs_dense.py ' + ' '.join(sys.argv[1:] if argv is None

@@ -42,12 +42,16 @@ _SLOWEST_FIRST = ('test_moe_vs_dense.py', 'test_multihost.py', 'test_faults.py',
                   'test_dispatch.py', 'sharding_checks', 'test_sampling.py', 'test_entry_points.py')
 
 
+def _group(path: str) -> str:
+  """The xdist group of the test file at `path`: its name, or the group it shares."""
+  name = os.path.basename(path)
+  return _SHARED_GROUPS.get(name, name)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   del config
-  def group(item):
-    name = os.path.basename(str(item.path))
-    return _SHARED_GROUPS.get(name, name)
+  group = lambda item: _group(str(item.path))
   rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order kept
   for item in items:
@@ -60,8 +64,7 @@ _GROUP_SECONDS: collections.Counter = collections.Counter()
 
 
 def pytest_runtest_logreport(report):
-  name = os.path.basename(report.nodeid.split('::')[0])
-  _GROUP_SECONDS[_SHARED_GROUPS.get(name, name)] += report.duration
+  _GROUP_SECONDS[_group(report.nodeid.split('::')[0])] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter):

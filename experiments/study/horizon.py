@@ -32,28 +32,33 @@ ARMS = {'full': ('dense', 'fine64', 'stmoe8'), 'quick': ('dense', 'stmoe16')}
 KEEP_ALL = ('keep_checkpoints', 10_000)
 
 
-def group(arm: str, seed: int, size: str, tuned: dict) -> list[plan.Run]:
-  """The 4N run of `arm` and `seed` and the complete shorter schedules that branch off it."""
-  routing = () if plan.family(arm) == 'dense' else tuple(tuned['routing_overrides'].items())
-  steps = plan.NUM_STEPS[size] * MULTIPLE
-  main = plan.Run(f'horizon/{arm}_s{seed}', arm, seed, tuned['lr'][plan.family(arm)], steps,
-                  'horizon', routing + (KEEP_ALL,))
-  return [main] + [dataclasses.replace(main, name=f'{main.name}_n{steps // f}', steps=steps // f,
-                                       branch_of=main.name, stage='horizon_branch')
-                   for f in FRACTIONS]
-
-
 def lengths(size: str) -> list[int]:
   """The complete runs' lengths, shortest first: N/4, N/2, N, 2N, 4N."""
   steps = plan.NUM_STEPS[size] * MULTIPLE
   return [steps // f for f in FRACTIONS] + [steps]
 
 
+def run_name(arm: str, seed: int, steps: int, size: str) -> str:
+  """The horizon run of `arm` and `seed` whose complete schedule is `steps` long."""
+  main = f'horizon/{arm}_s{seed}'
+  return main if steps == lengths(size)[-1] else f'{main}_n{steps}'
+
+
+def group(arm: str, seed: int, size: str, tuned: dict) -> list[plan.Run]:
+  """The 4N run of `arm` and `seed` and the complete shorter schedules that branch off it."""
+  routing = () if plan.family(arm) == 'dense' else tuple(tuned['routing_overrides'].items())
+  *short, steps = lengths(size)
+  main = plan.Run(run_name(arm, seed, steps, size), arm, seed, tuned['lr'][plan.family(arm)],
+                  steps, 'horizon', routing + (KEEP_ALL,))
+  return [main] + [dataclasses.replace(main, name=run_name(arm, seed, n, size), steps=n,
+                                       branch_of=main.name, stage='horizon_branch')
+                   for n in short]
+
+
 def complete_losses(by_name: dict[str, dict], arm: str, seed: int, size: str) -> list[float]:
   """Final validation losses of `arm`'s complete runs at `seed`, in `lengths` order."""
-  steps = plan.NUM_STEPS[size] * MULTIPLE
-  names = [f'horizon/{arm}_s{seed}_n{steps // f}' for f in FRACTIONS] + [f'horizon/{arm}_s{seed}']
-  return [analysis.final_eval(by_name[n]['records'])['loss'] for n in names]
+  return [analysis.final_eval(by_name[run_name(arm, seed, n, size)]['records'])['loss']
+          for n in lengths(size)]
 
 
 def speedup_at(horizon: int, dense_loss: float, steps: list[int], losses: list[float]
@@ -76,7 +81,7 @@ def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
   steps = lengths(size)
   config = moe_vs_dense.get_config(f'arm=dense,size={size}')
   tokens_per_step = config.batch_size * config.data.seq_len
-  speed = {arm: [analysis.run_tokens_per_sec(by_name[f'horizon/{arm}_s{s}']['records'])
+  speed = {arm: [analysis.run_tokens_per_sec(by_name[run_name(arm, s, steps[-1], size)]['records'])
                  for s in seeds] for arm in ARMS[size]}
   losses = {arm: [complete_losses(by_name, arm, s, size) for s in seeds] for arm in ARMS[size]}
   rounded = lambda xs: [round(float(x), 3) for x in xs]

@@ -155,6 +155,12 @@ def _loaded_from_rows(run_name: str, rows: list[dict], size: str) -> dict:
   return runs.loaded_run(run, records, *_parameter_counts(run.arm, size))
 
 
+def read_tuned(directory: str) -> dict:
+  """directory/tuned.json: the tuned rates and routing of a finished study (stages 1-2)."""
+  with open(os.path.join(directory, 'tuned.json')) as f:
+    return json.load(f)
+
+
 def complete_seeds(directory: str, root: str, size: str, data_dir: str, cores: list[str]) -> str:
   """Trains, in `root`, the main runs (with their branches) of every arm and seed of
   plan.SEEDS that directory/results.csv lacks, at directory/tuned.json's choices; appends their
@@ -165,8 +171,7 @@ def complete_seeds(directory: str, root: str, size: str, data_dir: str, cores: l
   path = os.path.join(directory, 'results.csv')
   with open(path, newline='') as f:
     have = {(r['arm'], int(r['seed'])) for r in csv.DictReader(f) if r['stage'] == 'main'}
-  with open(os.path.join(directory, 'tuned.json')) as f:
-    tuned = json.load(f)
+  tuned = read_tuned(directory)
   groups = [plan.main_group(arm, seed, size, tuned)
             for arm in sorted(plan.MAIN_ARMS[size], key=plan.RELATIVE_COST.get, reverse=True)
             for seed in plan.SEEDS[size] if (arm, seed) not in have]
@@ -186,8 +191,7 @@ def reanalyze(directory: str, size: str = 'full') -> str:
   the current analysis, over the seeds every arm ran; returns the markdown tables."""
   with open(os.path.join(directory, 'results.csv'), newline='') as f:
     rows = list(csv.DictReader(f))
-  with open(os.path.join(directory, 'tuned.json')) as f:
-    tuned = json.load(f)
+  tuned = read_tuned(directory)
   by_run: dict[str, list[dict]] = {}
   for r in rows:
     by_run.setdefault(r['run'], []).append(r)
@@ -213,8 +217,7 @@ def run_horizon(directory: str, root: str, size: str, data_dir: str, cores: list
   """Trains, in `root`, the horizon runs (horizon.py) of its arms at `seeds` with
   directory/tuned.json's choices; writes directory/horizon.json and horizon.png; returns the
   speedup table. Finished runs are skipped, so rerunning resumes it."""
-  with open(os.path.join(directory, 'tuned.json')) as f:
-    tuned = json.load(f)
+  tuned = read_tuned(directory)
   groups = [horizon.group(arm, seed, size, tuned) for seed in seeds
             for arm in sorted(horizon.ARMS[size], key=plan.RELATIVE_COST.get, reverse=True)]
   runs.Runner(size, root, data_dir, cores).run_all(groups)
