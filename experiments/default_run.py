@@ -83,9 +83,10 @@ def main() -> None:
       'bits_per_byte_below_dense': round(dense['validation_bits_per_byte'] -
                                          moe['validation_bits_per_byte'], 4),
       'train_py_seconds_ratio': round(moe['train_py_seconds'] / dense['train_py_seconds'], 3),
+      'equal_time_bits_per_byte_below_dense': round(
+          runs['dense_equal_time']['validation_bits_per_byte'] -
+          moe['validation_bits_per_byte'], 4),
   }
-  record['equal_time_bits_per_byte_below_dense'] = round(
-      runs['dense_equal_time']['validation_bits_per_byte'] - moe['validation_bits_per_byte'], 4)
   print(json.dumps(record, indent=1))
   if args.out:
     with open(args.out, 'w') as f:
