@@ -262,7 +262,18 @@ def horizon(link: Link) -> str:
     rows.append([f'{arm}: time speedup'] + [
         f'{mark(b)}{x:.2f}x{spread(lo, hi)}' for x, lo, hi, b in zip(
             e['time_speedup'], e['time_speedup_min'], e['time_speedup_max'], bounds)])
-  return table(head, rows) + source(link, name)
+  growth = []
+  for arm, e in record['arms'].items():
+    if arm == 'dense' or e.get('step_speedup_per_doubling') is None:
+      continue
+    seeds = ', '.join(f'{x:+.3f}' for x in e['step_speedup_per_doubling_per_seed'])
+    to_2x = (f", so 2x would take {e['doublings_to_2x']:.1f} more doublings of the "
+             f"{record['tokens'][-1] / 1e6:.0f}M tokens" if e['doublings_to_2x'] else '')
+    growth.append(f"{arm} {e['step_speedup_per_doubling']:+.3f} (seeds: {seeds}){to_2x}")
+  note = ('\n\nStep speedup gained per doubling of training tokens (a least-squares line through '
+          'each seed\'s interpolated horizons, then the mean): ' + '; '.join(growth) + '.'
+          if growth else '')
+  return table(head, rows) + note + source(link, name)
 
 
 # The default run (experiments/default_run.py) --------------------------------------------------------

@@ -107,8 +107,14 @@ def test_horizon_speedups_by_hand():
   assert fine['step_speedup'] == pytest.approx(expected, abs=1e-3)
   assert fine['per_seed_bound'] == [['lower', '', '', '', 'upper']]
   assert fine['time_speedup'] == pytest.approx([x * 0.5 for x in expected], abs=1e-3)
+  # Growth per doubling of tokens: a line through the three interpolated horizons (800, 1600,
+  # 3200: one doubling apart), slope (last - first) / 2; 2x from the 4N mean (1.0) at that rate.
+  slope = (2.0 - math.sqrt(2)) / 2
+  assert fine['step_speedup_per_doubling'] == pytest.approx(slope, abs=1e-3)
+  assert fine['doublings_to_2x'] == pytest.approx(1.0 / slope, abs=0.05)
   # Its best (2.1) never reaches dense's shortest run (2.0): only upper bounds.
   assert result['arms']['stmoe8']['per_seed_bound'] == [['upper'] * 5]
+  assert result['arms']['stmoe8']['step_speedup_per_doubling'] is None
   assert result['tokens'] == [n * 64 * 64 for n in steps]
   assert '2.00x' in horizon.markdown(result)
 

@@ -75,6 +75,17 @@ def speedup_at(horizon: int, dense_loss: float, steps: list[int], losses: list[f
   return horizon / needed, 'lower' if losses[0] <= dense_loss else ''
 
 
+def per_doubling(tokens: list[int], speedups: list[float], bounds: list[str]) -> float | None:
+  """Least-squares slope of the step speedup against log2(tokens): the gain per doubling of
+  training tokens, over the horizons where the speedup is interpolated (not a bound); None with
+  fewer than two."""
+  points = [(math.log2(t), x) for t, x, b in zip(tokens, speedups, bounds) if not b]
+  if len(points) < 2:
+    return None
+  xs, ys = np.array(points).T
+  return float(np.polyfit(xs, ys, 1)[0])
+
+
 def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
   """horizon.json: per MoE arm and horizon, step and time speedups seed for seed (mean, min,
   max, each seed's), and every arm's final losses."""
@@ -105,6 +116,18 @@ def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
           'per_seed_bound': [[b for _, b in row] for row in matched],
           'time_speedup': rounded(time_x.mean(0)), 'time_speedup_min': rounded(time_x.min(0)),
           'time_speedup_max': rounded(time_x.max(0))})
+      # How fast the gain grows with tokens, and how many more doublings of the longest run the
+      # mean would need to reach 2x at that rate (None where it does not grow).
+      tokens = result['tokens']
+      slopes = [per_doubling(tokens, list(row), [b for _, b in m])
+                for row, m in zip(step_x, matched)]
+      slope = (None if None in slopes else float(np.mean(slopes)))
+      entry.update({
+          'step_speedup_per_doubling_per_seed': [None if x is None else round(x, 3)
+                                                 for x in slopes],
+          'step_speedup_per_doubling': None if slope is None else round(slope, 3),
+          'doublings_to_2x': (round((2 - float(step_x.mean(0)[-1])) / slope, 1)
+                              if slope and slope > 0 and step_x.mean(0)[-1] < 2 else None)})
     result['arms'][arm] = entry
   return result
 
