@@ -276,6 +276,29 @@ def horizon(link: Link) -> str:
   return table(head, rows) + note + source(link, name)
 
 
+@generator('horizon_summary')
+def horizon_summary(link: Link) -> str:
+  """One sentence for the README: the best arm's step speedup from the first interpolated
+  horizon to the longest, and its growth per doubling of tokens."""
+  name = 'horizon.json'
+  record = _json(name)
+  moe = {arm: e for arm, e in record['arms'].items() if arm != 'dense'}
+  arm, e = max(moe.items(), key=lambda item: item[1]['step_speedup'][-1])
+  first = next(j for j in range(len(record['steps']))
+               if not any(row[j] for row in e['per_seed_bound']))
+  seeds = record['seeds']
+  growth = (f", {e['step_speedup_per_doubling']:+.2f} per doubling of tokens"
+            if e.get('step_speedup_per_doubling') is not None else '')
+  spread = (f" (seeds {e['step_speedup_min'][-1]:.2f}-{e['step_speedup_max'][-1]:.2f})"
+            if len(seeds) > 1 else '')
+  return (f"Trained up to {record['steps'][-1] // record['steps'][2]}x longer "
+          f"({record['tokens'][-1] / 1e6:.0f}M tokens, seed{'s' if len(seeds) > 1 else ''} "
+          f"{', '.join(map(str, seeds))}), the best arm's step speedup ({arm}) goes from "
+          f"{e['step_speedup'][first]:.2f}x at {record['steps'][first]:,} steps to "
+          f"{e['step_speedup'][-1]:.2f}x{spread} at {record['steps'][-1]:,}{growth} "
+          f"([docs/results.md]({link('docs/results.md')}#a-longer-horizon)).")
+
+
 # The default run (experiments/default_run.py) --------------------------------------------------------
 
 @generator('default_run')
