@@ -48,14 +48,23 @@ def test_speedups_refuse_unmatched_seeds():
 
 
 def test_committed_summary_is_the_reanalysis_of_the_committed_runs(tmp_path):
-  """docs/results/summary.json is what `--reanalyze` computes from results.csv and tuned.json."""
+  """docs/results/summary.json is what `--reanalyze` computes from results.csv and tuned.json,
+  with each horizon arm's speedups from horizon.json."""
   from experiments.study import stages  # pylint: disable=g-import-not-at-top
   results = os.path.join(ROOT, 'docs', 'results')
-  for name in ('results.csv', 'tuned.json'):
+  for name in ('results.csv', 'tuned.json', 'horizon.json'):
     shutil.copy(os.path.join(results, name), tmp_path / name)
   stages.reanalyze(str(tmp_path))
   with open(tmp_path / 'summary.json') as f, open(os.path.join(results, 'summary.json')) as g:
-    assert json.load(f) == json.load(g)
+    ours = json.load(f)
+    assert ours == json.load(g)
+  with open(tmp_path / 'horizon.json') as f:
+    result = json.load(f)
+  with_horizon = {e['arm']: e['horizon'] for e in ours if 'horizon' in e}
+  assert set(with_horizon) == set(result['arms']) - {'dense'}
+  for arm, entry in with_horizon.items():
+    assert entry['seeds'] == result['seeds'] and entry['steps'] == result['steps']
+    assert entry['per_seed_step_speedup'] == result['arms'][arm]['per_seed_step_speedup']
 
 
 def test_horizon_branches_start_from_kept_checkpoints():

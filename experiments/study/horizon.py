@@ -114,6 +114,7 @@ def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
           'step_speedup_max': rounded(step_x.max(0)),
           'per_seed_step_speedup': [rounded(row) for row in step_x],
           'per_seed_bound': [[b for _, b in row] for row in matched],
+          'per_seed_time_speedup': [rounded(row) for row in time_x],
           'time_speedup': rounded(time_x.mean(0)), 'time_speedup_min': rounded(time_x.min(0)),
           'time_speedup_max': rounded(time_x.max(0))})
       # How fast the gain grows with tokens, and how many more doublings of the longest run the
@@ -175,9 +176,30 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
+def attach_to_summary(directory: str) -> None:
+  """Adds to each arm of directory/summary.json that the horizon ran its `horizon` entry (the
+  horizons, seeds, and step and time speedups seed for seed), so that the study's headline file
+  holds every speedup; leaves it alone where either file is missing."""
+  paths = [os.path.join(directory, name) for name in ('summary.json', 'horizon.json')]
+  if not all(os.path.exists(p) for p in paths):
+    return
+  with open(paths[0]) as f, open(paths[1]) as g:
+    summary, result = json.load(f), json.load(g)
+  keys = ('per_seed_step_speedup', 'per_seed_bound', 'step_speedup', 'per_seed_time_speedup',
+          'time_speedup', 'step_speedup_per_doubling')
+  for entry in summary:
+    arm = result['arms'].get(entry['arm'])
+    if arm is not None and entry['arm'] != 'dense':
+      entry['horizon'] = {'steps': result['steps'], 'tokens': result['tokens'],
+                          'seeds': result['seeds'], **{k: arm.get(k) for k in keys}}
+  with open(paths[0], 'w') as f:
+    json.dump(summary, f, indent=1)
+
+
 def write(result: dict, directory: str, command: str) -> str:
   """Writes directory/horizon.json and horizon.png; returns the markdown table."""
   with open(os.path.join(directory, 'horizon.json'), 'w') as f:
     json.dump({'command': command, **result}, f, indent=1)
   plot(result, os.path.join(directory, 'horizon.png'))
+  attach_to_summary(directory)
   return markdown(result)

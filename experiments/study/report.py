@@ -11,6 +11,7 @@ import numpy as np
 
 from configs import moe_vs_dense
 from experiments.study import analysis
+from experiments.study import horizon
 from experiments.study import plan
 
 
@@ -164,14 +165,20 @@ def plot(summary: list[dict], main_loaded: list[dict], root: str, size: str) -> 
 
 
 
+def write_summary(directory: str, summary: list[dict]) -> None:
+  """Writes directory/summary.json, with the horizon's speedups where it holds horizon.json."""
+  with open(os.path.join(directory, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  horizon.attach_to_summary(directory)
+
+
 def write_results(root: str, summary: list[dict], tuned: dict, loaded: list[dict],
                   sweep_loaded: list[dict], routing_loaded: list[dict],
                   main_loaded: list[dict], size: str) -> tuple[str, list[str]]:
   """Writes results.csv (every run in `loaded`), summary.json, results.md and the plots to
   `root`; returns (the markdown tables, the plots' paths)."""
   write_csv(loaded, os.path.join(root, 'results.csv'))
-  with open(os.path.join(root, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  write_summary(root, summary)
   table = markdown(summary, tuned, sweep_loaded, routing_loaded, size)
   with open(os.path.join(root, 'results.md'), 'w') as f:
     f.write(table)

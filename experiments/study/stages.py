@@ -203,8 +203,7 @@ def reanalyze(directory: str, size: str = 'full') -> str:
   summary = [analysis.arm_summary(loaded, arm, seeds, seeds, size) for arm in arms]
   summary[0]['best_moe_arm'] = min(
       (e for e in summary if e['arm'] != 'dense'), key=lambda e: e['final_val_loss_mean'])['arm']
-  with open(os.path.join(directory, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  report.write_summary(directory, summary)
   by_stage = lambda stage: [x for x in loaded.values() if x['run'].stage == stage]
   table = report.markdown(summary, tuned, by_stage('sweep'), by_stage('routing'), size)
   with open(os.path.join(directory, 'results.md'), 'w') as f:
