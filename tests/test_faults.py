@@ -8,6 +8,7 @@ entry point prints.
 """
 
 import errno
+import gc
 import json
 import os
 import shutil
@@ -34,6 +35,10 @@ from stmoe_jax.config import ConfigError
 from stmoe_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Restoring a truncated array in-process (test_damaged_checkpoint_messages) leaves Orbax's failed
+# shard reads as coroutines that raise again when collected, in whichever test runs then; the
+# entry points silence them (errors.quiet_orbax_errors); a test's in-process reads do not.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
 
 def tiny_config(data_dir, **overrides):
@@ -368,6 +373,7 @@ def test_damaged_checkpoint_messages(copy):
   assert warnings[1] == (f'warning: checkpoint {ckpt_dir}/6 is unreadable: state/_METADATA (the '
                          'list of its arrays) is missing or empty; falling back to an older '
                          'checkpoint')
+  gc.collect()  # Orbax's abandoned reads of step 8 (see pytestmark) go now, not in a later file.
 
 
 def test_sample_falls_back_and_creates_nothing(copy, tmp_path, capsys):
