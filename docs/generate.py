@@ -291,6 +291,7 @@ def horizon_summary(link: Link) -> str:
             if e.get('step_speedup_per_doubling') is not None else '')
   spread = (f" (seeds {e['step_speedup_min'][-1]:.2f}-{e['step_speedup_max'][-1]:.2f})"
             if len(seeds) > 1 else '')
+  # steps are N/4, N/2, N, 2N, 4N, N the study's length.
   return (f"Trained up to {record['steps'][-1] // record['steps'][2]}x longer "
           f"({record['tokens'][-1] / 1e6:.0f}M tokens, seed{'s' if len(seeds) > 1 else ''} "
           f"{', '.join(map(str, seeds))}), the best arm's step speedup ({arm}) goes from "

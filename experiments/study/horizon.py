@@ -122,13 +122,14 @@ def summary(by_name: dict[str, dict], seeds: list[int], size: str) -> dict:
       tokens = result['tokens']
       slopes = [per_doubling(tokens, list(row), [b for _, b in m])
                 for row, m in zip(step_x, matched)]
-      slope = (None if None in slopes else float(np.mean(slopes)))
+      slope = None if None in slopes else float(np.mean(slopes))
+      final = float(step_x.mean(0)[-1])  # The mean step speedup at the longest horizon.
       entry.update({
           'step_speedup_per_doubling_per_seed': [None if x is None else round(x, 3)
                                                  for x in slopes],
           'step_speedup_per_doubling': None if slope is None else round(slope, 3),
-          'doublings_to_2x': (round((2 - float(step_x.mean(0)[-1])) / slope, 1)
-                              if slope and slope > 0 and step_x.mean(0)[-1] < 2 else None)})
+          'doublings_to_2x': (round((2 - final) / slope, 1)
+                              if slope and slope > 0 and final < 2 else None)})
     result['arms'][arm] = entry
   return result
 
@@ -176,24 +177,31 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def attach_to_summary(directory: str) -> None:
-  """Adds to each arm of directory/summary.json that the horizon ran its `horizon` entry (the
-  horizons, seeds, and step and time speedups seed for seed), so that the study's headline file
-  holds every speedup; leaves it alone where either file is missing."""
-  paths = [os.path.join(directory, name) for name in ('summary.json', 'horizon.json')]
-  if not all(os.path.exists(p) for p in paths):
-    return
-  with open(paths[0]) as f, open(paths[1]) as g:
-    summary, result = json.load(f), json.load(g)
+def with_horizon(summary: list[dict], result: dict) -> list[dict]:
+  """summary.json's entries, each MoE arm that `result` (horizon.json) ran given its `horizon`
+  entry: the horizons, seeds, and step and time speedups seed for seed, so that the study's
+  headline file holds every speedup."""
   keys = ('per_seed_step_speedup', 'per_seed_bound', 'step_speedup', 'per_seed_time_speedup',
           'time_speedup', 'step_speedup_per_doubling')
+  out = []
   for entry in summary:
     arm = result['arms'].get(entry['arm'])
     if arm is not None and entry['arm'] != 'dense':
-      entry['horizon'] = {'steps': result['steps'], 'tokens': result['tokens'],
-                          'seeds': result['seeds'], **{k: arm.get(k) for k in keys}}
-  with open(paths[0], 'w') as f:
-    json.dump(summary, f, indent=1)
+      entry = {**entry, 'horizon': {'steps': result['steps'], 'tokens': result['tokens'],
+                                    'seeds': result['seeds'], **{k: arm.get(k) for k in keys}}}
+    out.append(entry)
+  return out
+
+
+def _attach_to_summary(directory: str, result: dict) -> None:
+  """Rewrites directory/summary.json, where there is one, `with_horizon` of `result`."""
+  path = os.path.join(directory, 'summary.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    summary = json.load(f)
+  with open(path, 'w') as f:
+    json.dump(with_horizon(summary, result), f, indent=1)
 
 
 def write(result: dict, directory: str, command: str) -> str:
@@ -201,5 +209,5 @@ def write(result: dict, directory: str, command: str) -> str:
   with open(os.path.join(directory, 'horizon.json'), 'w') as f:
     json.dump({'command': command, **result}, f, indent=1)
   plot(result, os.path.join(directory, 'horizon.png'))
-  attach_to_summary(directory)
+  _attach_to_summary(directory, result)
   return markdown(result)

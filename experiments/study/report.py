@@ -167,9 +167,12 @@ def plot(summary: list[dict], main_loaded: list[dict], root: str, size: str) -> 
 
 def write_summary(directory: str, summary: list[dict]) -> None:
   """Writes directory/summary.json, with the horizon's speedups where it holds horizon.json."""
+  horizon_path = os.path.join(directory, 'horizon.json')
+  if os.path.exists(horizon_path):
+    with open(horizon_path) as f:
+      summary = horizon.with_horizon(summary, json.load(f))
   with open(os.path.join(directory, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
-  horizon.attach_to_summary(directory)
 
 
 def write_results(root: str, summary: list[dict], tuned: dict, loaded: list[dict],
